@@ -1,0 +1,52 @@
+"""mmpersona: teach general vision-language and text-to-image models about one person.
+
+The public API is re-exported here and imported lazily, so `import mmpersona` stays fast and does not import
+torch or any model library.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# name -> module that defines it
+_EXPORTS = {
+    "ClipEmbedder": "mmpersona.embedder",
+    "load_image": "mmpersona.images",
+    "MmpersonaError": "mmpersona.errors",
+    "ImageLoadError": "mmpersona.errors",
+    "ModelUnavailableError": "mmpersona.errors",
+    "UnknownPresetError": "mmpersona.errors",
+    "MissingDependencyError": "mmpersona.errors",
+    "ModelSpec": "mmpersona.models",
+    "resolve": "mmpersona.models",
+    "load_embedder": "mmpersona.models",
+    "load_vlm": "mmpersona.models",
+    "load_detector": "mmpersona.models",
+    "load_t2i": "mmpersona.models",
+    "build_tiny": "mmpersona.models",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:
+    from .embedder import ClipEmbedder
+    from .errors import (ImageLoadError, MissingDependencyError, MmpersonaError, ModelUnavailableError,
+                         UnknownPresetError)
+    from .images import load_image
+    from .models import (ModelSpec, build_tiny, load_detector, load_embedder, load_t2i, load_vlm, resolve)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmpersona' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,154 @@
+"""The `mmpersona` command line. Library code logs; only this module prints.
+
+Global options come before the command: `mmpersona --preset tiny --json models list`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .errors import MmpersonaError
+
+app = typer.Typer(
+    name="mmpersona",
+    help="Multimodal personalization: concept databases for VLMs, preference profiles for text-to-image.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="The model registry: which model serves each role.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@dataclass
+class Settings:
+    """Global options, shared by every command."""
+
+    db: Path
+    user: str
+    preset: str
+    device: str
+    dtype: Optional[str]
+    json: bool
+    overrides: dict[str, str] = field(default_factory=dict)
+
+
+def settings(ctx: typer.Context) -> Settings:
+    return ctx.find_root().obj
+
+
+def emit(s: Settings, data: Any, text: str) -> None:
+    """Print `data` as one JSON document with `--json`, else the human `text`."""
+    if s.json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+    else:
+        typer.echo(text)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    db: Optional[Path] = typer.Option(None, "--db", help="Concept database path [default: user data dir]."),
+    user: str = typer.Option(os.environ.get("MMPERSONA_USER", "default"), "--user",
+                             help="Whose data to use (env MMPERSONA_USER)."),
+    preset: str = typer.Option(os.environ.get("MMPERSONA_PRESET", "default"), "--preset",
+                               help="Model preset: 'default' (real models) or 'tiny' (offline test models)."),
+    model: Optional[list[str]] = typer.Option(None, "--model", metavar="ROLE=ID",
+                                              help="Use a hub id or local directory for one role (repeatable)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 [default: auto]."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr."),
+) -> None:
+    from .models import parse_overrides
+    from .models.registry import check_preset
+    from .paths import default_db_path
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    check_preset(preset)
+    ctx.obj = Settings(db=db or default_db_path(), user=user, preset=preset, device=device, dtype=dtype,
+                       json=as_json, overrides=parse_overrides(model))
+
+
+@models_app.command("list")
+def models_list(ctx: typer.Context) -> None:
+    """Each role, the model that serves it, and whether it is available locally (no download, no build)."""
+    from .models import ROLES, TINY_MODELS, model_status, resolve
+
+    s = settings(ctx)
+    rows = []
+    for role in ROLES:
+        spec = resolve(role, s.overrides.get(role), preset=s.preset)
+        st = model_status(spec)
+        rows.append({"role": role, "id": spec.id, "source": st.source, "available": st.available,
+                     "location": st.location,
+                     "ip_adapter": None if spec.ip_adapter is None else
+                     f"{spec.ip_adapter.id}/{spec.ip_adapter.subfolder}/{spec.ip_adapter.weight_name}"})
+    lines = [f"preset: {s.preset}", f"{'role':<9} {'available':<10} {'source':<6} id"]
+    for r in rows:
+        extra = f"  (+ IP-Adapter {r['ip_adapter']})" if r["ip_adapter"] else ""
+        lines.append(f"{r['role']:<9} {'yes' if r['available'] else 'no':<10} {r['source']:<6} {r['id']}{extra}")
+    lines.append("tiny models: " + ", ".join(m.id for m in TINY_MODELS.values()))
+    emit(s, {"preset": s.preset, "roles": rows}, "\n".join(lines))
+
+
+@models_app.command("build-tiny")
+def models_build_tiny(ctx: typer.Context) -> None:
+    """Build every tiny model into the cache (offline, seconds); already built ones are reused."""
+    from .models import TINY_MODELS, ensure_tiny
+
+    s = settings(ctx)
+    rows = []
+    for name, entry in TINY_MODELS.items():
+        path = ensure_tiny(name)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        rows.append({"id": entry.id, "role": entry.role, "path": str(path), "bytes": size})
+    total = sum(r["bytes"] for r in rows)
+    text = "\n".join(f"{r['id']:<16} {r['bytes'] / 1e6:6.2f} MB  {r['path']}" for r in rows)
+    emit(s, {"models": rows, "total_bytes": total}, f"{text}\ntotal {total / 1e6:.2f} MB")
+
+
+@app.command("demo")
+def demo(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("mmpersona-demo"), "--out", help="Where to write the generated image."),
+    steps: int = typer.Option(4, "--steps", min=1, help="Denoising steps for the image."),
+) -> None:
+    """Run every role once, end to end: retrieve a concept, detect, answer a question, generate an image."""
+    from .demo import run_demo
+
+    s = settings(ctx)
+    report = run_demo(preset=s.preset, out_dir=out, device=s.device, dtype=s.dtype, overrides=s.overrides,
+                      steps=steps)
+    lines = [f"preset {report.preset}: " + ", ".join(f"{k}={v}" for k, v in report.models.items()),
+             "retrieval for a photo of <red-ball>: "
+             + ", ".join(f"{r['concept']} {r['score']:.3f}" for r in report.retrieval),
+             f"detections: {len(report.detections)}",
+             f"answer: {report.answer!r}",
+             f"image: {report.image_path}",
+             "timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings_s.items())]
+    emit(s, report.to_dict(), "\n".join(lines))
+
+
+def main() -> None:
+    """Console entry point: our own errors become one clear line on stderr and exit code 2.
+
+    Usage errors, `--help` and exit codes stay click's (standalone mode)."""
+    try:
+        app()
+    except MmpersonaError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Device and dtype resolution shared by every loader; nothing in the project hard-codes a device."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import MmpersonaError
+
+if TYPE_CHECKING:
+    import torch
+
+_DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+
+
+def resolve_device(device: Any = "auto") -> "torch.device":
+    """`"auto"` picks CUDA, then MPS, then CPU; any torch device string or object is passed through."""
+    import torch
+
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise MmpersonaError(f"`device` must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from e
+
+
+def resolve_dtype(dtype: Any, device: "torch.device") -> "torch.dtype":
+    """`None`/`"auto"`: float32 on CPU, bfloat16 on CUDA when supported else float16, float16 on MPS."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    name = _DTYPES.get(str(dtype).lower().removeprefix("torch."))
+    if name is None:
+        raise MmpersonaError(f"`dtype` must be one of auto, {', '.join(sorted(set(_DTYPES)))}; got {dtype!r}")
+    return getattr(torch, name)
