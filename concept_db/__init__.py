@@ -1,7 +1,40 @@
-"""The concept database: concepts, reference images, embeddings and learned tensors, scoped by owner.
+"""The concept database: concepts, reference images, embeddings and learned tensors, always scoped by owner.
 
-The store and its backends arrive with the concept-database issue; this package is importable now so that the
-distribution's layout is fixed from the start.
+    from concept_db import open_store
+    store = open_store("~/.local/share/mmpersona/concepts.db")     # embedded SQLite (default)
+
+One `ConceptStore` protocol, backends chosen by URL: a path or `sqlite:///path` today; PostgreSQL + pgvector
+(`postgresql://...`) joins later behind the same protocol. Importing this package does not import numpy.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .store import ConceptStore
+from .types import (Concept, ConceptDBError, ConceptNotFound, DuplicateConceptError, InvalidConceptError, Match,
+                    StoredTensor, UnknownBackendError, normalize_name)
+
+if TYPE_CHECKING:
+    from .sqlite import SQLiteStore
+
+__all__ = ["Concept", "ConceptDBError", "ConceptNotFound", "ConceptStore", "DuplicateConceptError",
+           "InvalidConceptError", "Match", "StoredTensor", "UnknownBackendError", "normalize_name", "open_store"]
+
+BACKENDS = ("sqlite",)
+
+
+def open_store(url: str | Path) -> "SQLiteStore":
+    """Open (creating if needed) the concept database at `url`: a file path or `sqlite:///path`."""
+    text = str(url)
+    scheme, sep, rest = text.partition("://")
+    if not sep or len(scheme) == 1:  # a plain path (Windows drive letters included)
+        scheme, rest = "sqlite", text
+    if scheme == "sqlite":
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore(rest)
+    raise UnknownBackendError(
+        f"no concept database backend for {scheme!r} URLs; valid: a file path or sqlite:///path"
+        + ("; the PostgreSQL backend is not built yet" if scheme.startswith("postgres") else ""))

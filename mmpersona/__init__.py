@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 # name -> module that defines it
 _EXPORTS = {
     "ClipEmbedder": "mmpersona.embedder",
+    "ConceptDB": "mmpersona.conceptdb",
     "load_image": "mmpersona.images",
     "MmpersonaError": "mmpersona.errors",
     "ImageLoadError": "mmpersona.errors",
@@ -32,6 +33,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
+    from .conceptdb import ConceptDB
     from .embedder import ClipEmbedder
     from .errors import (ImageLoadError, MissingDependencyError, MmpersonaError, ModelUnavailableError,
                          UnknownPresetError)

@@ -87,7 +87,33 @@ def load_image(
     if isinstance(source, Image.Image):
         _check_pixels(source, label, max_pixels)
         return to_rgb(source)
+    return _decode(read_image_bytes(source, max_bytes=max_bytes), label, max_pixels)
+
+
+def load_image_bytes(
+    source: ImageInput,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> bytes:
+    """The encoded bytes of `source`, after checking that they decode safely (errors name `source`).
+
+    A PIL image is encoded as PNG. Use this to store what the user gave while refusing bad input up front.
+    """
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        buf = io.BytesIO()
+        load_image(source, max_pixels=max_pixels).save(buf, format="PNG")
+        return buf.getvalue()
     data = read_image_bytes(source, max_bytes=max_bytes)
+    _decode(data, describe(source), max_pixels)
+    return data
+
+
+def _decode(data: bytes, label: str, max_pixels: int) -> "Image.Image":
+    from PIL import Image
+
     try:
         with warnings.catch_warnings():
             # We apply our own pixel limit below; PIL's warning (or error at 2x its limit) must not fire first.
@@ -96,7 +122,7 @@ def load_image(
             _check_pixels(img, label, max_pixels)
             img.seek(0)  # first frame of an animation
             img.load()
-            img = to_rgb(img)
+            return to_rgb(img)
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as e:  # PIL's own ceiling, hit while reading the header
@@ -105,7 +131,6 @@ def load_image(
         if type(e).__name__ == "UnidentifiedImageError":
             raise ImageLoadError(f"image {label!r}: not a recognised image format") from e
         raise ImageLoadError(f"image {label!r}: truncated or corrupt ({type(e).__name__}: {e})") from e
-    return img
 
 
 def _check_pixels(img: "Image.Image", label: str, max_pixels: int) -> None:

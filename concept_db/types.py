@@ -1,0 +1,134 @@
+"""Records of the concept database, its errors, and the validation every backend shares."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmpersona.errors import MmpersonaError
+
+
+class ConceptDBError(MmpersonaError):
+    """Base class of concept database errors."""
+
+
+class ConceptNotFound(ConceptDBError, KeyError):
+    """No concept with that id or name for this owner."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "concept not found"
+
+
+class DuplicateConceptError(ConceptDBError):
+    """The owner already has a concept with that name or alias."""
+
+
+class InvalidConceptError(ConceptDBError, ValueError):
+    """A name, owner, field or vector that the database refuses."""
+
+
+class UnknownBackendError(ConceptDBError):
+    """A database URL whose scheme no backend handles."""
+
+
+def content_hash(data: bytes) -> str:
+    """The key under which an image's bytes are stored (and embedded) once."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+_NAME = re.compile(r"^<?([^<>]+)>?$")
+MAX_NAME = 64
+MAX_INFO = 20_000
+
+
+def normalize_name(name: Any, what: str = "name") -> str:
+    """The canonical handle of a concept: `<bo>` and `bo` are the same concept, stored as `bo`.
+
+    Refuses empty names, path separators, `..`, control characters and overlong names.
+    """
+    if not isinstance(name, str):
+        raise InvalidConceptError(f"concept {what} must be a string, got {type(name).__name__}")
+    text = name.strip()
+    m = _NAME.match(text)
+    bare = m.group(1).strip() if m else ""
+    if not bare:
+        raise InvalidConceptError(f"concept {what} {name!r} is empty")
+    if "/" in bare or "\\" in bare or ".." in bare or bare in {".", "~"}:
+        raise InvalidConceptError(f"concept {what} {name!r} must not contain path separators or '..'")
+    if any(ord(c) < 32 or ord(c) == 127 for c in bare):
+        raise InvalidConceptError(f"concept {what} {name!r} contains control characters")
+    if len(bare) > MAX_NAME:
+        raise InvalidConceptError(f"concept {what} {name[:20]!r}... is longer than {MAX_NAME} characters")
+    return bare
+
+
+def check_owner(owner: Any) -> str:
+    if not isinstance(owner, str) or not owner.strip():
+        raise InvalidConceptError(f"owner must be a non-empty string, got {owner!r}")
+    if any(ord(c) < 32 for c in owner) or len(owner) > 256:
+        raise InvalidConceptError(f"owner {owner[:40]!r} is not a valid user id")
+    return owner
+
+
+def check_text(value: Any, what: str, limit: int = MAX_INFO) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidConceptError(f"concept {what} must be a string, got {type(value).__name__}")
+    if len(value) > limit:
+        raise InvalidConceptError(f"concept {what} is {len(value)} characters, over the limit of {limit}")
+    return value
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A user's concept. `name` is the bare handle (`bo`), written `<bo>` in prompts."""
+
+    id: str
+    owner: str
+    name: str
+    category: str = ""
+    info: str = ""
+    aliases: tuple[str, ...] = ()
+    attributes: dict[str, Any] = field(default_factory=dict)
+    images: tuple[str, ...] = ()  # content hashes of the reference images, in order
+    created: float = 0.0
+    updated: float = 0.0
+    version: int = 1
+
+    @property
+    def handle(self) -> str:
+        return f"<{self.name}>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "owner": self.owner, "name": self.name, "handle": self.handle,
+                "category": self.category, "info": self.info, "aliases": list(self.aliases),
+                "attributes": dict(self.attributes), "images": list(self.images), "created": self.created,
+                "updated": self.updated, "version": self.version}
+
+
+@dataclass(frozen=True)
+class Match:
+    """A search hit: the concept, its best cosine score, and which of its images scored it."""
+
+    concept: Concept
+    score: float
+    image: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"concept": self.concept.to_dict(), "score": self.score, "image": self.image}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A learned tensor blob (safetensors bytes) attached to a concept, tagged with the model it fits."""
+
+    concept_id: str
+    name: str
+    model: str
+    fingerprint: str
+    data: bytes
+    created: float

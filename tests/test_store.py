@@ -1,0 +1,217 @@
+"""The store suite: written once, run on every backend (the PostgreSQL backend joins the parameter list)."""
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+from concept_db import (ConceptNotFound, DuplicateConceptError, InvalidConceptError, UnknownBackendError,
+                        open_store)
+
+DIM = 16
+
+
+@pytest.fixture(params=["sqlite"])
+def store(request, tmp_path):
+    s = open_store(tmp_path / "concepts.db")
+    yield s
+    s.close()
+
+
+def vecs(n: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def add(store, owner, name, n_images=2, seed=0, **kw):
+    images = [f"{owner}-{name}-{i}".encode() for i in range(n_images)]
+    return store.add(owner, name, images=images, embeddings={"e": vecs(n_images, seed)}, **kw)
+
+
+def test_add_get_find_and_handles(store):
+    c = add(store, "alice", "<bo>", category="dog", info="my shiba inu", aliases=["bobo", "<Bo-dog>"],
+            attributes={"color": "red"})
+    assert (c.name, c.handle, c.category, c.version) == ("bo", "<bo>", "dog", 1)
+    assert c.aliases == ("Bo-dog", "bobo") and c.attributes == {"color": "red"} and len(c.images) == 2
+    assert store.get("alice", c.id) == c
+    assert store.find("alice", "<bobo>").id == c.id and store.find("alice", "bo").id == c.id
+    assert store.find("alice", "nobody") is None
+
+
+@pytest.mark.parametrize("name", ["", "<>", "  ", "a/b", "..", "x\\y", "../etc", "a\x00b", "n" * 65])
+def test_bad_names_rejected_and_nothing_written(store, name):
+    with pytest.raises(InvalidConceptError):
+        store.add("alice", name, images=[b"x"])
+    assert store.count("alice") == 0
+
+
+def test_duplicate_name_or_alias(store):
+    add(store, "alice", "bo", aliases=["shiba"])
+    with pytest.raises(DuplicateConceptError, match="<bo>"):
+        add(store, "alice", "<bo>")
+    with pytest.raises(DuplicateConceptError, match="<shiba>"):
+        add(store, "alice", "other", aliases=["shiba"])
+    assert store.count("alice") == 1
+    add(store, "bob", "bo")  # names are per owner
+
+
+def test_failed_add_leaves_nothing(store):
+    with pytest.raises(InvalidConceptError, match="shape"):
+        store.add("alice", "bo", images=[b"a", b"b"], embeddings={"e": vecs(3)})
+    bad = vecs(2)
+    bad[1, 0] = np.nan
+    with pytest.raises(InvalidConceptError, match="NaN"):
+        store.add("alice", "bo", images=[b"a", b"b"], embeddings={"e": bad})
+    assert store.count("alice") == 0 and store.find("alice", "bo") is None
+    add(store, "alice", "bo")  # the name is still free
+    with pytest.raises(InvalidConceptError, match="dimension 16"):
+        store.add("alice", "cat", images=[b"c"], embeddings={"e": np.ones((1, 8), np.float32)})
+    assert store.count("alice") == 1
+
+
+def test_update_and_versions(store):
+    c = add(store, "alice", "bo", aliases=["shiba"])
+    c2 = store.update("alice", c.id, info="now older", aliases=["doggo"], expected_version=1)
+    assert c2.version == 2 and c2.info == "now older" and c2.aliases == ("doggo",)
+    assert store.find("alice", "shiba") is None and store.find("alice", "doggo").id == c.id
+    with pytest.raises(InvalidConceptError, match="changed since version 1"):
+        store.update("alice", c.id, info="stale", expected_version=1)
+    c3 = store.update("alice", c.id, name="<bobo>")
+    assert c3.name == "bobo" and store.find("alice", "bo") is None
+
+
+def test_list_paging_and_category(store):
+    for i in range(7):
+        add(store, "alice", f"c{i}", category="dog" if i % 2 else "cat", seed=i)
+    names = [c.name for c in store.list("alice", limit=3)] + [c.name for c in store.list("alice", limit=3, offset=3)]
+    assert names == [f"c{i}" for i in range(6)]
+    assert {c.name for c in store.list("alice", category="dog")} == {"c1", "c3", "c5"}
+    assert store.categories("alice") == ["cat", "dog"]
+
+
+def test_search_topk_by_concept_category_min_score(store):
+    data = {f"c{i}": vecs(3, seed=i) for i in range(20)}
+    for i, (name, v) in enumerate(data.items()):
+        store.add("alice", name, category="even" if i % 2 == 0 else "odd",
+                  images=[f"{name}-{j}".encode() for j in range(3)], embeddings={"e": v})
+    query = data["c7"][2]
+    hits = store.search("alice", query, embedder="e", k=5)
+    assert hits[0].concept.name == "c7" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].image == store.find("alice", "c7").images[2]
+    assert len({h.concept.id for h in hits}) == 5  # de-duplicated by concept
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    # exact: compare with brute force over best image per concept
+    brute = sorted(((float(np.max(v @ query)), n) for n, v in data.items()), reverse=True)[:5]
+    assert [h.concept.name for h in hits] == [n for _, n in brute]
+    assert all(h.concept.category == "even" for h in store.search("alice", query, embedder="e", k=3,
+                                                                    category="even"))
+    assert [h.concept.name for h in store.search("alice", query, embedder="e", k=5, min_score=0.99)] == ["c7"]
+    with pytest.raises(InvalidConceptError, match="dimension"):
+        store.search("alice", np.ones(8), embedder="e")
+    assert store.search("alice", query, embedder="other-embedder") == []
+
+
+def test_edits_visible_to_next_query(store):
+    c = add(store, "alice", "bo", seed=1)
+    q = vecs(2, seed=1)[0]
+    assert store.search("alice", q, embedder="e")[0].concept.id == c.id
+    store.update("alice", c.id, info="changed")
+    assert store.search("alice", q, embedder="e")[0].concept.info == "changed"
+    store.delete("alice", c.id)
+    assert store.search("alice", q, embedder="e") == []
+    new = add(store, "alice", "bo2", seed=1)
+    assert store.search("alice", q, embedder="e")[0].concept.id == new.id
+
+
+def _writer(path, q):
+    s = open_store(path)
+    s.add("alice", "from-child", images=[b"child-image"], embeddings={"e": q[None, :]})
+    s.close()
+
+
+def test_other_process_writes_are_seen(store, tmp_path):
+    add(store, "alice", "bo", seed=3)
+    q = vecs(1, seed=99)[0]
+    store.search("alice", q, embedder="e")  # warm the in-process index
+    proc = multiprocessing.get_context("spawn").Process(target=_writer, args=(str(store.path), q))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    assert store.search("alice", q, embedder="e")[0].concept.name == "from-child"
+
+
+def test_images_stored_once_and_garbage_collected(store):
+    a = store.add("alice", "a", images=[b"shared", b"only-a"])
+    b = store.add("alice", "b", images=[b"shared"])
+    n_images = store._conn.execute("SELECT count(*) FROM images").fetchone()[0]
+    assert n_images == 2 and a.images[0] == b.images[0]
+    assert store.image_bytes("alice", a.images[1]) == b"only-a"
+    store.delete("alice", a.id)
+    assert store._conn.execute("SELECT count(*) FROM images").fetchone()[0] == 1
+    with pytest.raises(ConceptNotFound):
+        store.image_bytes("alice", a.images[1])
+    c = store.add_images("alice", b.id, [b"more", b"shared"])
+    assert len(c.images) == 2 and c.version == 2
+    c = store.remove_image("alice", b.id, c.images[1])
+    assert len(c.images) == 1
+
+
+def test_known_vectors_reuse(store):
+    c = add(store, "alice", "bo")
+    known = store.known_vectors("e", list(c.images) + ["0" * 64])
+    assert set(known) == set(c.images) and known[c.images[0]].shape == (DIM,)
+    assert store.missing_embeddings("alice", "e") == []
+    assert len(store.missing_embeddings("alice", "other")) == 2
+
+
+def test_owner_isolation(store):
+    a = add(store, "alice", "bo", seed=5)
+    q = vecs(2, seed=5)[0]
+    assert store.search("bob", q, embedder="e") == []
+    for call in (lambda: store.get("bob", a.id), lambda: store.update("bob", a.id, info="x"),
+                 lambda: store.delete("bob", a.id), lambda: store.image_bytes("bob", a.images[0]),
+                 lambda: store.add_images("bob", a.id, [b"x"]), lambda: store.remove_image("bob", a.id, a.images[0]),
+                 lambda: store.get_tensor("bob", a.id, "t")):
+        with pytest.raises(ConceptNotFound):
+            call()
+    assert store.find("bob", "bo") is None and store.list("bob") == [] and store.erase_owner("bob") == 0
+    assert store.get("alice", a.id).info == ""
+
+
+def test_erase_owner(store):
+    add(store, "alice", "bo")
+    b = add(store, "bob", "rex", seed=2)
+    assert store.erase_owner("alice") == 1
+    assert store.count("alice") == 0 and store.search("alice", vecs(1)[0], embedder="e") == []
+    assert store._conn.execute("SELECT count(*) FROM embeddings WHERE owner = 'alice'").fetchone()[0] == 0
+    assert store._conn.execute("SELECT count(*) FROM images").fetchone()[0] == 2  # bob's two remain
+    assert store.get("bob", b.id).name == "rex"
+
+
+def test_tensors(store):
+    from safetensors.numpy import save
+
+    c = add(store, "alice", "bo")
+    blob = save({"rows": np.ones((2, 4), np.float32)})
+    store.put_tensor("alice", c.id, "tokens", blob, model="tiny:qwen2-vl", fingerprint="abc")
+    t = store.get_tensor("alice", c.id, "tokens")
+    assert (t.data, t.model, t.fingerprint) == (blob, "tiny:qwen2-vl", "abc")
+    with pytest.raises(InvalidConceptError, match="safetensors"):
+        store.put_tensor("alice", c.id, "bad", b"\x80\x03pickle", model="m", fingerprint="f")
+
+
+def test_reopen_keeps_everything_and_migrations_are_numbered(store, tmp_path):
+    c = add(store, "alice", "bo")
+    path = store.path
+    store.close()
+    again = open_store(path)
+    assert again.get("alice", c.id) == c and again.schema_version == 1
+    assert again.search("alice", vecs(2)[0], embedder="e")[0].concept.id == c.id
+    again.close()
+
+
+def test_unknown_backend(tmp_path):
+    with pytest.raises(UnknownBackendError, match="valid: a file path"):
+        open_store("mongodb://localhost/x")
+    assert os.path.exists(open_store(f"sqlite://{tmp_path}/x.db").path)
