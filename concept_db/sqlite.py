@@ -11,17 +11,18 @@ faster than the approximate indexes we measured (see shared/STORAGE_FACTS.md).
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
-import uuid
+import secrets
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from .types import (Concept, content_hash, ConceptNotFound, DuplicateConceptError, InvalidConceptError, Match, StoredTensor,
-                    check_owner, check_text, normalize_name)
+from .types import (BulkResult, Concept, ConceptNotFound, DuplicateConceptError, InvalidConceptError, Match,
+                    NewConcept, StoredTensor, check_owner, check_text, content_hash, normalize_name)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,6 +50,7 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
         is_alias INTEGER NOT NULL,
         PRIMARY KEY (owner, handle)
     ) WITHOUT ROWID;
+    CREATE INDEX handles_concept ON handles (concept_id);
     CREATE TABLE images (
         hash TEXT PRIMARY KEY,
         data BLOB NOT NULL,
@@ -61,15 +63,15 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
         PRIMARY KEY (concept_id, hash)
     ) WITHOUT ROWID;
     CREATE INDEX concept_images_hash ON concept_images (hash);
+    -- a rowid table so that bulk inserts append, with a unique index that lists an owner's rows by concept
     CREATE TABLE embeddings (
         owner TEXT NOT NULL,
         embedder TEXT NOT NULL,
         concept_id TEXT NOT NULL REFERENCES concepts (id) ON DELETE CASCADE,
         image_hash TEXT NOT NULL,
         vector BLOB NOT NULL,
-        PRIMARY KEY (owner, embedder, concept_id, image_hash)
-    ) WITHOUT ROWID;
-    CREATE INDEX embeddings_by_image ON embeddings (image_hash, embedder);
+        UNIQUE (owner, embedder, concept_id, image_hash)
+    );
     CREATE TABLE embedders (name TEXT PRIMARY KEY, dim INTEGER NOT NULL);
     CREATE TABLE tensors (
         concept_id TEXT NOT NULL REFERENCES concepts (id) ON DELETE CASCADE,
@@ -93,6 +95,10 @@ class _OwnerIndex:
     concept_ids: list[str]  # one per group
     starts: "np.ndarray"  # first row of each concept group
     image_hashes: list[str]  # one per row
+    categories: "np.ndarray"  # one per concept group (object array of str)
+    ends: "np.ndarray"  # one past the last row of each concept group
+    single: bool  # one vector per concept: rows are groups, no reduction needed
+    records: dict[str, Concept] = field(default_factory=dict)  # the owner's concepts, dropped with the index
 
 
 class SQLiteStore:
@@ -106,7 +112,9 @@ class SQLiteStore:
         self._conn.execute("PRAGMA page_size = 16384")  # 2 KB vectors waste half of a 4 KB page
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: bulk inserts touch many index pages
         self._conn.execute("PRAGMA foreign_keys = ON")
+        self._depth = 0
         self._migrate()
         self._indexes: dict[tuple[str, str], _OwnerIndex] = {}
         self._data_version = self._read_data_version()
@@ -129,15 +137,31 @@ class SQLiteStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; everything in it is committed together or not at all."""
+        """One write transaction; everything in it is committed together or not at all.
+
+        Nested inside `transaction()` it becomes a savepoint: a failed write undoes only itself."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            nested = self._depth > 0
+            self._depth += 1
+            self._conn.execute("SAVEPOINT w" if nested else "BEGIN IMMEDIATE")
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if nested:
+                    self._conn.execute("ROLLBACK TO w")
+                    self._conn.execute("RELEASE w")
+                else:
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
+            finally:
+                self._depth -= 1
+            self._conn.execute("RELEASE w" if nested else "COMMIT")
+
+    @contextmanager
+    def transaction(self) -> Iterator["SQLiteStore"]:
+        """Group many writes into one commit (bulk imports): all of them land, or none."""
+        with self._tx():
+            yield self
 
     def _read_data_version(self) -> int:
         return self._conn.execute("PRAGMA data_version").fetchone()[0]
@@ -160,38 +184,60 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ reading concepts
 
-    def _concept(self, row: sqlite3.Row | tuple) -> Concept:
-        cid, owner, name, category, info, attributes, created, updated, version = row
-        aliases = tuple(r[0] for r in self._conn.execute(
-            "SELECT handle FROM handles WHERE concept_id = ? AND is_alias = 1 ORDER BY handle", (cid,)))
-        images = tuple(r[0] for r in self._conn.execute(
-            "SELECT hash FROM concept_images WHERE concept_id = ? ORDER BY position", (cid,)))
-        return Concept(id=cid, owner=owner, name=name, category=category, info=info, aliases=aliases,
-                       attributes=json.loads(attributes), images=images, created=created, updated=updated,
-                       version=version)
-
     _COLUMNS = "id, owner, name, category, info, attributes, created, updated, version"
+
+    def _concepts(self, rows: Sequence[tuple]) -> list[Concept]:
+        """Materialise concept rows with their aliases and images, in three queries whatever their number."""
+        if not rows:
+            return []
+        ids = [r[0] for r in rows]
+        aliases: dict[str, list[str]] = {i: [] for i in ids}
+        images: dict[str, list[str]] = {i: [] for i in ids}
+        for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for cid, handle in self._conn.execute(
+                    f"SELECT concept_id, handle FROM handles WHERE concept_id IN ({marks}) AND is_alias = 1 "
+                    "ORDER BY handle", chunk):
+                aliases[cid].append(handle)
+            for cid, h in self._conn.execute(
+                    f"SELECT concept_id, hash FROM concept_images WHERE concept_id IN ({marks}) ORDER BY position",
+                    chunk):
+                images[cid].append(h)
+        return [Concept(id=cid, owner=owner, name=name, category=category, info=info, aliases=tuple(aliases[cid]),
+                        attributes=json.loads(attributes), images=tuple(images[cid]), created=created,
+                        updated=updated, version=version)
+                for cid, owner, name, category, info, attributes, created, updated, version in rows]
+
+    def get_many(self, owner: str, concept_ids: Sequence[str]) -> dict[str, Concept]:
+        """The owner's concepts among `concept_ids` (others' and missing ids are simply absent)."""
+        check_owner(owner)
+        rows = []
+        with self._lock:
+            for start in range(0, len(concept_ids), 500):
+                chunk = list(concept_ids[start : start + 500])
+                # look up by primary key, then keep only the owner's rows (an owner filter in SQL would make
+                # the planner scan the owner's index instead)
+                rows += [r for r in self._conn.execute(
+                    f"SELECT {self._COLUMNS} FROM concepts WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+                    if r[1] == owner]
+            return {c.id: c for c in self._concepts(rows)}
 
     def get(self, owner: str, concept_id: str) -> Concept:
         """The owner's concept with this id; another owner's id raises `ConceptNotFound` like a missing one."""
-        check_owner(owner)
-        with self._lock:
-            row = self._conn.execute(f"SELECT {self._COLUMNS} FROM concepts WHERE id = ? AND owner = ?",
-                                     (concept_id, owner)).fetchone()
-            if row is None:
-                raise ConceptNotFound(f"no concept {concept_id!r} for user {owner!r}")
-            return self._concept(row)
+        found = self.get_many(owner, [concept_id])
+        if concept_id not in found:
+            raise ConceptNotFound(f"no concept {concept_id!r} for user {owner!r}")
+        return found[concept_id]
 
     def find(self, owner: str, name_or_alias: str) -> Concept | None:
         """Look a concept up by name or alias (`<bo>` or `bo`); None when the owner has none."""
         check_owner(owner)
         handle = normalize_name(name_or_alias)
         with self._lock:
-            row = self._conn.execute(
-                f"SELECT {', '.join('c.' + c for c in self._COLUMNS.split(', '))} FROM handles h "
-                "JOIN concepts c ON c.id = h.concept_id WHERE h.owner = ? AND h.handle = ?", (owner, handle),
-            ).fetchone()
-            return self._concept(row) if row else None
+            row = self._conn.execute("SELECT concept_id FROM handles WHERE owner = ? AND handle = ?",
+                                     (owner, handle)).fetchone()
+            return self.get_many(owner, [row[0]]).get(row[0]) if row else None
 
     def list(self, owner: str, *, category: str | None = None, limit: int = 100, offset: int = 0) -> list[Concept]:
         """The owner's concepts by name, a page at a time, optionally of one category."""
@@ -204,8 +250,8 @@ class SQLiteStore:
             sql += " AND category = ?"
             args.append(category)
         with self._lock:
-            rows = self._conn.execute(sql + " ORDER BY name LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
-            return [self._concept(r) for r in rows]
+            return self._concepts(self._conn.execute(sql + " ORDER BY name LIMIT ? OFFSET ?",
+                                                     (*args, limit, offset)).fetchall())
 
     def count(self, owner: str) -> int:
         check_owner(owner)
@@ -231,23 +277,86 @@ class SQLiteStore:
 
         All or nothing: a failure anywhere leaves the database as it was.
         """
+        item = NewConcept(name, category, info, tuple(aliases) if not isinstance(aliases, str) else (aliases,),
+                          attributes, tuple(images), embeddings)
+        result = self.add_many(owner, [item])
+        return self.get(owner, result.added[0])
+
+    def add_many(self, owner: str, items: Iterable[NewConcept], *, skip_invalid: bool = False) -> BulkResult:
+        """Add many concepts in one transaction (the fast path for imports).
+
+        Every item is validated before anything is written. With `skip_invalid`, invalid or duplicate items are
+        skipped and reported in the result; otherwise the first one raises and nothing is written.
+        """
         check_owner(owner)
-        name = normalize_name(name)
-        alias_list = _aliases(aliases, name)
-        category, info = check_text(category, "category", 200), check_text(info, "info")
-        attrs = _attributes(attributes)
+        result = BulkResult()
+
+        def reject(name: str, error: Exception) -> None:
+            if not skip_invalid:
+                raise error
+            result.skipped.append((name, str(error)))
+
+        prepared = []
+        for item in items:
+            try:
+                prepared.append(_prepare(item))
+            except InvalidConceptError as e:
+                reject(str(getattr(item, "name", item)), e)
+        prepared = _normalize_all(prepared, reject)
         now = time.time()
-        cid = uuid.uuid4().hex
+        rows: dict[str, list[tuple]] = {"concepts": [], "handles": [], "images": [], "concept_images": [],
+                                        "embeddings": []}
         with self._tx() as c:
-            self._check_handles_free(c, owner, [name, *alias_list], None)
-            c.execute("INSERT INTO concepts VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)",
-                      (cid, owner, name, category, info, attrs, now, now))
-            c.executemany("INSERT INTO handles VALUES (?, ?, ?, ?)",
-                          [(owner, name, cid, 0)] + [(owner, a, cid, 1) for a in alias_list])
-            hashes = self._insert_images(c, cid, images, start=0)
-            self._insert_embeddings(c, owner, cid, hashes, embeddings)
+            taken = self._taken_handles(c, owner, [h for p in prepared for h in (p["name"], *p["aliases"])])
+            dims: dict[str, int] = {}
+            taken_ids: set[str] = set()
+            for p in prepared:
+                handles = [p["name"], *p["aliases"]]
+                try:
+                    dup = next((h for h in handles if h in taken), None)
+                    if dup is not None:
+                        raise DuplicateConceptError(f"user {owner!r} already has a concept named or aliased <{dup}>")
+                    for embedder, vecs in p["embeddings"].items():
+                        self._check_dim(c, dims, embedder, vecs.shape[1])
+                except (DuplicateConceptError, InvalidConceptError) as e:
+                    reject(p["name"], e)
+                    continue
+                taken.update(handles)
+                # a restored id is kept when free; an id in use (e.g. the same archive imported for another
+                # user of this database) gets a fresh one
+                cid = p["id"]
+                if cid is None or cid in taken_ids or c.execute("SELECT 1 FROM concepts WHERE id = ?",
+                                                                (cid,)).fetchone():
+                    cid = new_id()
+                taken_ids.add(cid)
+                rows["concepts"].append((cid, owner, p["name"], p["category"], p["info"], p["attributes"],
+                                         p["created"] or now, p["updated"] or now, p["version"] or 1))
+                rows["handles"] += [(owner, h, cid, int(i > 0)) for i, h in enumerate(handles)]
+                for position, (h, data) in enumerate(zip(p["hashes"], p["images"], strict=True)):
+                    rows["images"].append((h, data, len(data)))
+                    rows["concept_images"].append((cid, h, position))
+                for embedder, vecs in p["embeddings"].items():
+                    rows["embeddings"] += [(owner, embedder, cid, h, v.tobytes())
+                                           for h, v in zip(p["hashes"], vecs, strict=True)]
+                result.added.append(cid)
+            c.executemany("INSERT INTO concepts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows["concepts"])
+            c.executemany("INSERT INTO handles VALUES (?, ?, ?, ?)", rows["handles"])
+            c.executemany("INSERT OR IGNORE INTO images VALUES (?, ?, ?)", rows["images"])
+            c.executemany("INSERT OR IGNORE INTO concept_images VALUES (?, ?, ?)", rows["concept_images"])
+            c.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?, ?)", rows["embeddings"])
             self._bump(c, owner)
-        return self.get(owner, cid)
+        return result
+
+    def _taken_handles(self, c, owner: str, handles: Sequence[str]) -> set[str]:
+        """Which of `handles` the owner already uses (as a name or an alias)."""
+        taken: set[str] = set()
+        unique = list(dict.fromkeys(handles))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            taken.update(r[0] for r in c.execute(
+                f"SELECT handle FROM handles WHERE owner = ? AND handle IN ({','.join('?' * len(chunk))})",
+                (owner, *chunk)))
+        return taken
 
     def update(self, owner: str, concept_id: str, *, name: str | None = None, category: str | None = None,
                info: str | None = None, aliases: Sequence[str] | None = None, attributes: dict | None = None,
@@ -299,11 +408,9 @@ class SQLiteStore:
 
     def _insert_images(self, c, concept_id: str, images: Sequence[bytes], start: int) -> list[str]:
         hashes = []
-        for offset, data in enumerate(images):
-            if not isinstance(data, (bytes, bytearray)) or not data:
-                raise InvalidConceptError(f"image {offset} must be non-empty encoded bytes")
-            h = content_hash(bytes(data))
-            c.execute("INSERT OR IGNORE INTO images VALUES (?, ?, ?)", (h, bytes(data), len(data)))
+        for offset, data in enumerate(_image_blobs(images)):
+            h = content_hash(data)
+            c.execute("INSERT OR IGNORE INTO images VALUES (?, ?, ?)", (h, data, len(data)))
             c.execute("INSERT OR IGNORE INTO concept_images VALUES (?, ?, ?)", (concept_id, h, start + offset))
             hashes.append(h)
         return hashes
@@ -311,29 +418,24 @@ class SQLiteStore:
     def _insert_embeddings(self, c, owner: str, concept_id: str, hashes: Sequence[str],
                            embeddings: "dict[str, np.ndarray] | None") -> None:
         for embedder, vectors in (embeddings or {}).items():
-            vecs = self._check_vectors(c, embedder, vectors, len(hashes))
+            vecs = _normalized(embedder, vectors, len(hashes))
+            self._check_dim(c, {}, embedder, vecs.shape[1])
             c.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?, ?)",
                           [(owner, embedder, concept_id, h, v.tobytes()) for h, v in zip(hashes, vecs, strict=True)])
 
-    def _check_vectors(self, c, embedder: str, vectors: Any, n: int) -> "np.ndarray":
-        import numpy as np
-
-        if not isinstance(embedder, str) or not embedder:
-            raise InvalidConceptError("embedder name must be a non-empty string")
-        arr = np.asarray(vectors, dtype=np.float32)
-        if arr.ndim != 2 or arr.shape[0] != n:
-            raise InvalidConceptError(f"expected {n} vectors for {embedder!r}, got an array of shape {arr.shape}")
-        row = c.execute("SELECT dim FROM embedders WHERE name = ?", (embedder,)).fetchone()
-        if row is None:
-            c.execute("INSERT INTO embedders VALUES (?, ?)", (embedder, arr.shape[1]))
-        elif row[0] != arr.shape[1]:
-            raise InvalidConceptError(f"embedder {embedder!r} has dimension {row[0]}, got vectors of {arr.shape[1]}")
-        if not np.isfinite(arr).all():
-            raise InvalidConceptError(f"vectors for {embedder!r} contain NaN or infinity")
-        norms = np.linalg.norm(arr, axis=1, keepdims=True)
-        if (norms < 1e-12).any():
-            raise InvalidConceptError(f"vectors for {embedder!r} contain a zero vector")
-        return np.ascontiguousarray(arr / norms, dtype=np.float32)
+    def _check_dim(self, c, seen: dict[str, int], embedder: str, dim: int) -> None:
+        """Every vector of one embedder has the dimension recorded for it the first time."""
+        known = seen.get(embedder)
+        if known is None:
+            row = c.execute("SELECT dim FROM embedders WHERE name = ?", (embedder,)).fetchone()
+            if row is None:
+                c.execute("INSERT INTO embedders VALUES (?, ?)", (embedder, dim))
+                known = dim
+            else:
+                known = row[0]
+            seen[embedder] = known
+        if known != dim:
+            raise InvalidConceptError(f"embedder {embedder!r} has dimension {known}, got vectors of {dim}")
 
     def add_images(self, owner: str, concept_id: str, images: Sequence[bytes],
                    embeddings: "dict[str, np.ndarray] | None" = None) -> Concept:
@@ -374,13 +476,18 @@ class SQLiteStore:
         return row[0]
 
     def known_vectors(self, embedder: str, hashes: Sequence[str]) -> "dict[str, np.ndarray]":
-        """Vectors already computed by `embedder` for these content hashes (an image is embedded only once)."""
+        """Vectors already computed by `embedder` for these content hashes (an image is embedded only once).
+
+        A vector is a function of the image bytes alone, so reusing one computed for another owner's identical
+        image reveals nothing the caller does not already hold."""
         import numpy as np
 
         out = {}
         for h in set(hashes):
-            row = self._conn.execute("SELECT vector FROM embeddings WHERE image_hash = ? AND embedder = ? LIMIT 1",
-                                     (h, embedder)).fetchone()
+            row = self._conn.execute(
+                "SELECT e.vector FROM concept_images ci JOIN concepts c ON c.id = ci.concept_id "
+                "JOIN embeddings e ON e.owner = c.owner AND e.embedder = ? AND e.concept_id = ci.concept_id "
+                "AND e.image_hash = ci.hash WHERE ci.hash = ? LIMIT 1", (embedder, h)).fetchone()
             if row is not None:
                 out[h] = np.frombuffer(row[0], dtype=np.float32)
         return out
@@ -395,6 +502,24 @@ class SQLiteStore:
         with self._tx() as c:
             self._insert_embeddings(c, owner, concept_id, list(image_hashes), {embedder: vectors})
             self._bump(c, owner)
+
+    def vectors(self, owner: str, concept_id: str) -> "dict[str, tuple[list[str], np.ndarray]]":
+        """Every stored vector of one concept: embedder -> (image hashes, (n, dim) matrix)."""
+        import numpy as np
+
+        self.get(owner, concept_id)
+        out: dict[str, tuple[list[str], list[bytes]]] = {}
+        for embedder, h, blob in self._conn.execute(
+                "SELECT embedder, image_hash, vector FROM embeddings WHERE owner = ? AND concept_id = ? "
+                "ORDER BY embedder, image_hash", (owner, concept_id)):
+            hashes, blobs = out.setdefault(embedder, ([], []))
+            hashes.append(h)
+            blobs.append(blob)
+        return {e: (hs, np.frombuffer(b"".join(bs), dtype=np.float32).reshape(len(hs), -1))
+                for e, (hs, bs) in out.items()}
+
+    def embedder_dims(self) -> dict[str, int]:
+        return dict(self._conn.execute("SELECT name, dim FROM embedders"))
 
     def missing_embeddings(self, owner: str, embedder: str) -> list[tuple[str, str]]:
         """(concept id, image hash) pairs of the owner that have no vector from `embedder` yet."""
@@ -422,10 +547,12 @@ class SQLiteStore:
                 return cached
             revision_row = self._conn.execute("SELECT revision FROM owner_revisions WHERE owner = ?",
                                               (owner,)).fetchone()
-            rows = self._conn.execute(
-                "SELECT concept_id, image_hash, vector FROM embeddings WHERE owner = ? AND embedder = ?",
-                (owner, embedder)).fetchall()
             dim_row = self._conn.execute("SELECT dim FROM embedders WHERE name = ?", (embedder,)).fetchone()
+            # one index range scan, grouped by concept
+            rows = self._conn.execute(
+                "SELECT concept_id, image_hash, vector FROM embeddings WHERE owner = ? AND embedder = ? "
+                "ORDER BY concept_id", (owner, embedder)).fetchall()
+            records = self._owner_records(owner)
             dim = dim_row[0] if dim_row else 0
             matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
             concept_ids, starts = [], []
@@ -433,8 +560,12 @@ class SQLiteStore:
                 if not concept_ids or concept_ids[-1] != r[0]:
                     concept_ids.append(r[0])
                     starts.append(i)
-            index = _OwnerIndex(revision_row[0] if revision_row else 0, matrix, concept_ids,
-                                np.asarray(starts, dtype=np.int64), [r[1] for r in rows])
+            starts_arr = np.asarray(starts, dtype=np.int64)
+            index = _OwnerIndex(revision_row[0] if revision_row else 0, matrix, concept_ids, starts_arr,
+                                [r[1] for r in rows],
+                                np.asarray([records[cid].category if cid in records else "" for cid in concept_ids],
+                                           dtype=object),
+                                np.append(starts_arr[1:], len(rows)), len(concept_ids) == len(rows), records)
             self._indexes[(owner, embedder)] = index
             return index
 
@@ -442,7 +573,7 @@ class SQLiteStore:
                min_score: float | None = None) -> list[Match]:
         """The owner's top-k concepts by cosine similarity of their best image, best first.
 
-        Exact over the owner's vectors. Optional category filter and minimum score.
+        Exact over the owner's vectors; optional category filter and minimum score.
         """
         import numpy as np
 
@@ -462,30 +593,47 @@ class SQLiteStore:
         if norm < 1e-12:
             raise InvalidConceptError("query vector is zero")
         scores = index.matrix @ (q / norm)
-        best = np.maximum.reduceat(scores, index.starts)  # best image per concept
-        candidates = best.shape[0]
+        best = scores if index.single else np.maximum.reduceat(scores, index.starts)  # best image per concept
+        n = best.shape[0]
         if category is None and min_score is None:
-            top = np.argpartition(-best, min(k, candidates) - 1)[:k] if candidates > k else np.arange(candidates)
-            order = top[np.argsort(-best[top], kind="stable")]
+            groups = np.argpartition(best, n - k)[-k:] if n > k else np.arange(n)
         else:
-            order = np.argsort(-best, kind="stable")
-        matches: list[Match] = []
-        for g in order:
-            score = float(best[g])
-            if min_score is not None and score < min_score:
-                break
-            try:
-                concept = self.get(owner, index.concept_ids[g])
-            except ConceptNotFound:  # deleted by another process since the index was read
+            eligible = np.ones(best.shape[0], dtype=bool)
+            if category is not None:
+                eligible &= index.categories == category
+            if min_score is not None:
+                eligible &= best >= min_score
+            groups = np.flatnonzero(eligible)
+            if groups.shape[0] > k:
+                groups = groups[np.argpartition(best[groups], groups.shape[0] - k)[-k:]]
+        groups = groups[np.argsort(-best[groups], kind="stable")]
+        matches = []
+        for g in groups:
+            concept = index.records.get(index.concept_ids[g])
+            if concept is None:  # deleted by another process after the index was read
                 continue
-            if category is not None and concept.category != category:
-                continue
-            end = index.starts[g + 1] if g + 1 < len(index.starts) else index.matrix.shape[0]
-            row = int(index.starts[g] + np.argmax(scores[index.starts[g]:end]))
-            matches.append(Match(concept, score, index.image_hashes[row]))
-            if len(matches) == k:
-                break
+            start, end = index.starts[g], index.ends[g]
+            row = int(start if index.single else start + np.argmax(scores[start:end]))
+            matches.append(Match(concept, float(best[g]), index.image_hashes[row]))
         return matches
+
+    def _owner_records(self, owner: str) -> dict[str, Concept]:
+        """All of an owner's concept records in three range scans (built with the owner's search index, so
+        that a search answers from memory; any write to the owner drops both)."""
+        rows = self._conn.execute(f"SELECT {self._COLUMNS} FROM concepts WHERE owner = ?", (owner,)).fetchall()
+        aliases: dict[str, list[str]] = {}
+        for handle, cid in self._conn.execute(
+                "SELECT handle, concept_id FROM handles WHERE owner = ? AND is_alias = 1 ORDER BY handle", (owner,)):
+            aliases.setdefault(cid, []).append(handle)
+        images: dict[str, list[str]] = {}
+        for cid, h in self._conn.execute(
+                "SELECT ci.concept_id, ci.hash FROM concepts c JOIN concept_images ci ON ci.concept_id = c.id "
+                "WHERE c.owner = ? ORDER BY ci.concept_id, ci.position", (owner,)):
+            images.setdefault(cid, []).append(h)
+        return {cid: Concept(id=cid, owner=o, name=name, category=category, info=info,
+                             aliases=tuple(aliases.get(cid, ())), attributes=json.loads(attributes),
+                             images=tuple(images.get(cid, ())), created=created, updated=updated, version=version)
+                for cid, o, name, category, info, attributes, created, updated, version in rows}
 
     # ------------------------------------------------------------------ learned tensors
 
@@ -519,8 +667,115 @@ class SQLiteStore:
                                                  (concept_id,))]
 
 
+def new_id() -> str:
+    """Time-ordered ids (nanoseconds, then randomness): new rows append to the id indexes instead of landing
+    at random places in them, which keeps bulk inserts fast."""
+    return f"{time.time_ns():016x}{secrets.token_hex(8)}"
+
+
 class ConceptDBConflict(InvalidConceptError):
     """An update's `expected_version` no longer matches: someone else changed the concept first."""
+
+
+def _image_blobs(images: Sequence[bytes]) -> list[bytes]:
+    out = []
+    for i, data in enumerate(images):
+        if not isinstance(data, (bytes, bytearray)) or not data:
+            raise InvalidConceptError(f"image {i} must be non-empty encoded bytes")
+        out.append(bytes(data))
+    return out
+
+
+def _as_matrix(embedder: str, vectors: Any, n: int) -> "np.ndarray":
+    import numpy as np
+
+    if not isinstance(embedder, str) or not embedder:
+        raise InvalidConceptError("embedder name must be a non-empty string")
+    arr = np.asarray(vectors, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[0] != n:
+        raise InvalidConceptError(f"expected {n} vectors for {embedder!r}, got an array of shape {arr.shape}")
+    return arr
+
+
+def _normalized(embedder: str, vectors: Any, n: int) -> "np.ndarray":
+    """Vectors as a contiguous float32 (n, dim) array, L2-normalised; NaN, infinity and zero vectors refused."""
+    import numpy as np
+
+    arr = _as_matrix(embedder, vectors, n)
+    if not np.isfinite(arr).all():
+        raise InvalidConceptError(f"vectors for {embedder!r} contain NaN or infinity")
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    if (norms < 1e-12).any():
+        raise InvalidConceptError(f"vectors for {embedder!r} contain a zero vector")
+    return np.ascontiguousarray(arr / _divisors(norms[:, 0], np.ones(n, dtype=bool))[:, None], dtype=np.float32)
+
+
+def _divisors(norms: "np.ndarray", ok: "np.ndarray") -> "np.ndarray":
+    """Row norms to divide by; rows already unit length (to float32 precision) are left bit-identical, so that
+    stored vectors survive an export/import round trip unchanged."""
+    import numpy as np
+
+    return np.where(ok & (np.abs(norms - 1.0) > 1e-6), norms, 1.0).astype(np.float32)
+
+
+def _normalize_all(prepared: list[dict[str, Any]], reject) -> list[dict[str, Any]]:
+    """L2-normalise every item's vectors, one numpy pass per embedder and dimension for the whole batch.
+
+    Items holding a NaN, infinite or zero vector are rejected (raised, or skipped and reported)."""
+    import numpy as np
+
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, p in enumerate(prepared):
+        for embedder, arr in p["embeddings"].items():
+            groups.setdefault((embedder, arr.shape[1]), []).append(i)
+    bad: set[int] = set()
+    for (embedder, _dim), members in groups.items():
+        arrays = [prepared[i]["embeddings"][embedder] for i in members]
+        stacked = np.concatenate(arrays) if arrays else np.empty((0, _dim), np.float32)
+        norms = np.linalg.norm(stacked, axis=1)
+        ok_rows = np.isfinite(stacked).all(axis=1) & (norms > 1e-12)
+        normalized = stacked / _divisors(norms, ok_rows)[:, None]
+        start = 0
+        for i, arr in zip(members, arrays, strict=True):
+            end = start + arr.shape[0]
+            if ok_rows[start:end].all():
+                prepared[i]["embeddings"][embedder] = normalized[start:end]
+            elif i not in bad:
+                bad.add(i)
+                reject(prepared[i]["name"], InvalidConceptError(
+                    f"vectors for {embedder!r} contain NaN, infinity or a zero vector"))
+            start = end
+    return [p for i, p in enumerate(prepared) if i not in bad]
+
+
+def _prepare(item: NewConcept) -> dict[str, Any]:
+    """Validate one new concept completely, before any write."""
+    if not isinstance(item, NewConcept):
+        raise InvalidConceptError(f"expected a NewConcept, got {type(item).__name__}")
+    name = normalize_name(item.name)
+    images = _image_blobs(item.images)
+    return {
+        "name": name,
+        "aliases": _aliases(item.aliases, name),
+        "category": check_text(item.category, "category", 200),
+        "info": check_text(item.info, "info"),
+        "attributes": _attributes(item.attributes),
+        "images": images,
+        "hashes": [content_hash(d) for d in images],
+        "embeddings": {e: _as_matrix(e, v, len(images)) for e, v in (item.embeddings or {}).items()},
+        "id": _restored_id(item.id),
+        "created": float(item.created) if item.created is not None else None,
+        "updated": float(item.updated) if item.updated is not None else None,
+        "version": int(item.version) if item.version is not None else None,
+    }
+
+
+def _restored_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{16,64}", value):
+        raise InvalidConceptError(f"concept id {value!r} is not a valid id")
+    return value
 
 
 def _aliases(aliases: Sequence[str], name: str) -> list[str]:

@@ -40,6 +40,7 @@ def content_hash(data: bytes) -> str:
 
 
 _NAME = re.compile(r"^<?([^<>]+)>?$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_NAME = 64
 MAX_INFO = 20_000
 
@@ -58,7 +59,7 @@ def normalize_name(name: Any, what: str = "name") -> str:
         raise InvalidConceptError(f"concept {what} {name!r} is empty")
     if "/" in bare or "\\" in bare or ".." in bare or bare in {".", "~"}:
         raise InvalidConceptError(f"concept {what} {name!r} must not contain path separators or '..'")
-    if any(ord(c) < 32 or ord(c) == 127 for c in bare):
+    if _CONTROL.search(bare):
         raise InvalidConceptError(f"concept {what} {name!r} contains control characters")
     if len(bare) > MAX_NAME:
         raise InvalidConceptError(f"concept {what} {name[:20]!r}... is longer than {MAX_NAME} characters")
@@ -68,7 +69,7 @@ def normalize_name(name: Any, what: str = "name") -> str:
 def check_owner(owner: Any) -> str:
     if not isinstance(owner, str) or not owner.strip():
         raise InvalidConceptError(f"owner must be a non-empty string, got {owner!r}")
-    if any(ord(c) < 32 for c in owner) or len(owner) > 256:
+    if _CONTROL.search(owner) or len(owner) > 256:
         raise InvalidConceptError(f"owner {owner[:40]!r} is not a valid user id")
     return owner
 
@@ -132,3 +133,32 @@ class StoredTensor:
     fingerprint: str
     data: bytes
     created: float
+
+
+@dataclass
+class NewConcept:
+    """One concept to add: its fields, reference images (encoded bytes) and per-embedder vectors (one per image)."""
+
+    name: str
+    category: str = ""
+    info: str = ""
+    aliases: tuple[str, ...] | list[str] = ()
+    attributes: dict[str, Any] | None = None
+    images: list[bytes] | tuple[bytes, ...] = ()
+    embeddings: dict[str, Any] | None = None
+    # set only when restoring an exported concept as it was (lossless archive round trip)
+    id: str | None = None
+    created: float | None = None
+    updated: float | None = None
+    version: int | None = None
+
+
+@dataclass
+class BulkResult:
+    """What a bulk write did: ids of the concepts added, and `(name, reason)` for each item it skipped."""
+
+    added: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"added": len(self.added), "skipped": [{"name": n, "reason": r} for n, r in self.skipped]}

@@ -26,6 +26,9 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="The model registry: which model serves each role.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+concepts_app = typer.Typer(help="The concept database: your concepts, their images and retrieval.",
+                           no_args_is_help=True)
+app.add_typer(concepts_app, name="concepts")
 
 
 @dataclass
@@ -137,6 +140,143 @@ def demo(
              f"image: {report.image_path}",
              "timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings_s.items())]
     emit(s, report.to_dict(), "\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------ concepts
+
+
+def open_db(s: Settings):
+    from .conceptdb import ConceptDB
+
+    return ConceptDB(s.db, embedder=s.overrides.get("embedder"), preset=s.preset, device=s.device, dtype=s.dtype)
+
+
+def concept_line(c) -> str:
+    extra = f" aka {', '.join('<' + a + '>' for a in c.aliases)}" if c.aliases else ""
+    info = (c.info[:60] + "...") if len(c.info) > 60 else c.info
+    return f"{c.handle:<20} {c.category or '-':<12} {len(c.images)} image(s){extra}  {info}"
+
+
+@concepts_app.command("add")
+def concepts_add(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The concept's handle, e.g. '<bo>' or bo."),
+    image: list[Path] = typer.Option(..., "--image", help="A reference image (repeatable)."),
+    category: str = typer.Option("", "--category", help="e.g. dog, person, mug."),
+    info: str = typer.Option("", "--info", help="What the model should know about it."),
+    alias: Optional[list[str]] = typer.Option(None, "--alias", help="Another handle for it (repeatable)."),
+) -> None:
+    """Register a concept with its reference images (embedded once, stored by content hash)."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        c = db.add(s.user, name, image, category=category, info=info, aliases=alias or [])
+    emit(s, c.to_dict(), f"added {concept_line(c)}")
+
+
+@concepts_app.command("list")
+def concepts_list(
+    ctx: typer.Context,
+    category: Optional[str] = typer.Option(None, "--category"),
+    limit: int = typer.Option(100, "--limit", min=0),
+    offset: int = typer.Option(0, "--offset", min=0),
+) -> None:
+    """The user's concepts, by name."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        items = db.list(s.user, category=category, limit=limit, offset=offset)
+        total = db.store.count(s.user)
+    emit(s, {"user": s.user, "total": total, "concepts": [c.to_dict() for c in items]},
+         "\n".join([concept_line(c) for c in items] + [f"{len(items)} of {total} concept(s) of {s.user!r}"]))
+
+
+@concepts_app.command("show")
+def concepts_show(ctx: typer.Context, name: str = typer.Argument(..., help="Name, alias or id.")) -> None:
+    """Everything about one concept."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        c = db.get(s.user, name)
+        tensors = db.store.list_tensors(s.user, c.id)
+    data = {**c.to_dict(), "tensors": tensors}
+    emit(s, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+
+
+@concepts_app.command("edit")
+def concepts_edit(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Name, alias or id."),
+    new_name: Optional[str] = typer.Option(None, "--name", help="Rename the concept."),
+    category: Optional[str] = typer.Option(None, "--category"),
+    info: Optional[str] = typer.Option(None, "--info"),
+    alias: Optional[list[str]] = typer.Option(None, "--alias", help="Replace the aliases (repeatable)."),
+    add_image: Optional[list[Path]] = typer.Option(None, "--add-image", help="Attach another image."),
+) -> None:
+    """Change a concept; the change is visible to the very next query."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        c = db.update(s.user, name, name=new_name, category=category, info=info, aliases=alias)
+        if add_image:
+            c = db.add_images(s.user, c.id, add_image)
+    emit(s, c.to_dict(), f"updated {concept_line(c)}")
+
+
+@concepts_app.command("rm")
+def concepts_rm(ctx: typer.Context, name: str = typer.Argument(..., help="Name, alias or id.")) -> None:
+    """Delete a concept with its embeddings, learned tensors and no-longer-used images."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        c = db.get(s.user, name)
+        db.delete(s.user, c.id)
+    emit(s, {"deleted": c.to_dict()}, f"deleted {c.handle}")
+
+
+@concepts_app.command("search")
+def concepts_search(
+    ctx: typer.Context,
+    image: Optional[Path] = typer.Option(None, "--image", help="Find concepts that look like this image."),
+    text: Optional[str] = typer.Option(None, "--text", help="Find concepts matching a description."),
+    k: int = typer.Option(5, "-k", min=1, help="How many concepts."),
+    category: Optional[str] = typer.Option(None, "--category"),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Cosine similarity threshold."),
+) -> None:
+    """Retrieve the user's closest concepts (exact cosine search over their images)."""
+    s = settings(ctx)
+    if (image is None) == (text is None):
+        raise MmpersonaError("concepts search needs exactly one of --image or --text")
+    with open_db(s) as db:
+        kwargs = {"k": k, "category": category, "min_score": min_score}
+        hits = db.search_image(s.user, image, **kwargs) if image is not None else db.search_text(s.user, text,
+                                                                                                   **kwargs)
+    emit(s, {"user": s.user, "matches": [m.to_dict() for m in hits]},
+         "\n".join(f"{m.score:.4f}  {concept_line(m.concept)}" for m in hits) or "no match")
+
+
+@concepts_app.command("import")
+def concepts_import(
+    ctx: typer.Context,
+    path: Path = typer.Argument(..., help="database.json (or its folder), a folder of folders, or an archive."),
+    fmt: str = typer.Option(..., "--format", help="rap, folder or archive."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on the first bad item instead of skipping it."),
+) -> None:
+    """Bulk import; embeds in batches and reports what it skipped and why."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        report = db.import_concepts(s.user, path, fmt, strict=strict, progress=not s.json)
+    lines = [f"imported {len(report.added)} concept(s) from {path}"]
+    lines += [f"skipped {item}: {reason}" for item, reason in report.skipped]
+    emit(s, report.to_dict(), "\n".join(lines))
+
+
+@concepts_app.command("export")
+def concepts_export(
+    ctx: typer.Context,
+    path: Path = typer.Argument(..., help="Archive file (.zip) or output folder."),
+    fmt: str = typer.Option("archive", "--format", help="archive (lossless), rap or folder."),
+) -> None:
+    """Export the user's concepts."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        n = db.export_concepts(s.user, path, fmt)
+    emit(s, {"exported": n, "path": str(path), "format": fmt}, f"exported {n} concept(s) to {path}")
 
 
 def main() -> None:

@@ -96,6 +96,23 @@ class ConceptDB:
         datas, embeddings = self._prepare(images)
         return self.store.add_images(user, concept.id, datas, embeddings)
 
+    # ------------------------------------------------------------------ import / export
+
+    def import_concepts(self, user: str, path: str | Path, format: str, *, strict: bool = False,
+                        progress: bool = True):
+        """Import from a RAP `database.json`, a folder of per-concept folders, or our archive.
+
+        Returns an `ImportReport` (added names, skipped items with reasons)."""
+        from .concept_io import import_concepts
+
+        return import_concepts(self, user, path, format, strict=strict, progress=progress)
+
+    def export_concepts(self, user: str, path: str | Path, format: str = "archive") -> int:
+        """Export `user`'s concepts (`archive`: lossless zip; `rap`; `folder`); returns the count."""
+        from .concept_io import export_concepts
+
+        return export_concepts(self, user, path, format)
+
     # ------------------------------------------------------------------ retrieval
 
     def search_image(self, user: str, image: ImageInput, *, k: int = 5, category: str | None = None,

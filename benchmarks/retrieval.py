@@ -1,0 +1,154 @@
+"""Owner-filtered retrieval speed of the concept database against a numpy baseline measured in the same run.
+
+    python benchmarks/retrieval.py --n 100000          # also 10000, 1000000
+    python benchmarks/retrieval.py --n 1000000 --db /tmp/r.db --keep   # reuse a built database
+
+Synthetic L2-normalised vectors (clustered, as real embeddings are), `--dim` 512, `--owners` 100; one concept with
+one reference image per vector. Prints one final JSON line with
+n, owners, dim, insert_per_s, open_s, query_p50_ms, query_p95_ms, baseline_p50_ms, ratio, recall_at_5, peak_rss_mb.
+
+- insert_per_s: vectors written per second through the bulk write path (`add_many`), batches of `--batch`.
+- open_s: open the database in a fresh store object and answer one query (its owner's vectors load lazily).
+- query_*: `store.search(owner, q, k=5)` over `--query-owners` owners already loaded (warm), `--queries` queries.
+- baseline_p50_ms: numpy matmul + argpartition over the same owner's vectors held contiguously in memory.
+- ratio: query_p50_ms / baseline_p50_ms. recall_at_5: against the exact top-5 of the baseline.
+Targets at 1M: ratio <= 2, recall_at_5 = 1.0, insert_per_s >= 20000, open_s <= 0.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from concept_db import open_store  # noqa: E402
+from concept_db.types import NewConcept  # noqa: E402
+
+EMBEDDER = "bench-512"
+
+
+def owner_name(i: int) -> str:
+    return f"user{i:03d}"
+
+
+def make_vectors(rng: np.random.Generator, n: int, dim: int, centers: np.ndarray) -> np.ndarray:
+    picks = rng.integers(0, centers.shape[0], n)
+    v = centers[picks] + 0.35 * rng.standard_normal((n, dim), dtype=np.float32)
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def build(path: Path, n: int, owners: int, dim: int, batch: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((64, dim), dtype=np.float32)
+    store = open_store(path)
+    start = time.perf_counter()
+    written = 0
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, unit="vec", desc="insert", file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        bar = None
+    while written < n:
+        size = min(batch, n - written)
+        vectors = make_vectors(rng, size, dim, centers)
+        owner_ids = rng.integers(0, owners, size)
+        with store.transaction():  # one commit per batch, as a bulk import does
+            for o in np.unique(owner_ids):
+                rows = np.flatnonzero(owner_ids == o)
+                items = [NewConcept(name=f"c{written + int(r)}", category=f"cat{int(r) % 5}",
+                                    images=[f"img-{written + int(r)}".encode()],
+                                    embeddings={EMBEDDER: vectors[r : r + 1]}) for r in rows]
+                store.add_many(owner_name(int(o)), items)
+        written += size
+        if bar:
+            bar.update(size)
+    if bar:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    store.close()
+    return n / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--owners", type=int, default=100)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=20_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--query-owners", type=int, default=5)
+    parser.add_argument("--db", type=Path, default=None, help="database path (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep (and reuse) the database at --db")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    workdir = None
+    if args.db is None:
+        workdir = Path(tempfile.mkdtemp(prefix="mmpersona-bench-"))
+        args.db = workdir / "concepts.db"
+    insert_per_s = None
+    if not (args.keep and args.db.exists()):
+        args.db.unlink(missing_ok=True)
+        insert_per_s = build(args.db, args.n, args.owners, args.dim, args.batch, args.seed)
+
+    rng = np.random.default_rng(args.seed + 1)
+    centers = np.random.default_rng(args.seed).standard_normal((64, args.dim), dtype=np.float32)
+    queries = make_vectors(rng, args.queries, args.dim, centers)
+    query_owners = [owner_name(int(o)) for o in rng.choice(args.owners, args.query_owners, replace=False)]
+
+    start = time.perf_counter()
+    store = open_store(args.db)
+    store.search(query_owners[0], queries[0], embedder=EMBEDDER, k=5)
+    open_s = time.perf_counter() - start
+
+    for o in query_owners:  # warm: load each queried owner once
+        store.search(o, queries[0], embedder=EMBEDDER, k=5)
+    # the baseline holds the same owners' vectors contiguously in memory, as plain numpy arrays
+    baseline = {o: (idx.matrix.copy(), idx.concept_ids) for o in query_owners
+                for idx in [store._index(o, EMBEDDER)]}
+
+    times, base_times, hits = [], [], 0
+    for i, q in enumerate(queries):
+        o = query_owners[i % len(query_owners)]
+        t = time.perf_counter()
+        result = store.search(o, q, embedder=EMBEDDER, k=5)
+        times.append(time.perf_counter() - t)
+        matrix, ids = baseline[o]
+        t = time.perf_counter()
+        scores = matrix @ q
+        top = np.argpartition(-scores, 4)[:5]
+        top = top[np.argsort(-scores[top])]
+        base_times.append(time.perf_counter() - t)
+        hits += len({m.concept.id for m in result} & {ids[j] for j in top})
+    store.close()
+
+    p50 = float(np.percentile(times, 50)) * 1000
+    base_p50 = float(np.percentile(base_times, 50)) * 1000
+    result = {
+        "n": args.n, "owners": args.owners, "dim": args.dim,
+        "insert_per_s": round(insert_per_s, 1) if insert_per_s else None,
+        "open_s": round(open_s, 4),
+        "query_p50_ms": round(p50, 4), "query_p95_ms": round(float(np.percentile(times, 95)) * 1000, 4),
+        "baseline_p50_ms": round(base_p50, 4), "ratio": round(p50 / base_p50, 3),
+        "recall_at_5": round(hits / (5 * len(queries)), 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    print(f"{args.n} vectors, {args.owners} owners: query p50 {p50:.3f} ms vs numpy {base_p50:.3f} ms",
+          file=sys.stderr)
+    print(json.dumps(result))
+    if workdir is not None and not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""Import and export of concept databases: RAP's `database.json`, a Yo'LLaVA-style folder, and our archive.
+
+Every import first reads and checks the whole source (structure, paths inside the source folder, image
+readability), then embeds in batches with a progress bar and writes in one transaction. Structural problems
+(malformed JSON, a path outside the folder, an unreadable archive) raise `ImportFormatError` and write
+nothing; a concept that cannot be added (unreadable image, invalid or duplicate name) is skipped and reported
+in the `ImportReport`, or raises with `strict=True`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from concept_db.types import ConceptDBError, InvalidConceptError, NewConcept, content_hash, normalize_name
+
+from .errors import ImageLoadError
+from .images import DEFAULT_MAX_BYTES, load_image_bytes
+
+if TYPE_CHECKING:
+    from .conceptdb import ConceptDB
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("rap", "folder", "archive")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+ARCHIVE_FORMAT = "mmpersona-concepts"
+ARCHIVE_VERSION = 1
+
+
+class ImportFormatError(ConceptDBError, ValueError):
+    """An import source that is malformed as a whole; nothing was written."""
+
+
+@dataclass
+class ImportReport:
+    """What an import did: concepts added, and `(item, reason)` for everything skipped."""
+
+    format: str
+    source: str
+    added: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "source": self.source, "added": self.added,
+                "skipped": [{"item": i, "reason": r} for i, r in self.skipped]}
+
+
+@dataclass
+class _Pending:
+    """A concept read from a source, before its images are checked and embedded."""
+
+    name: str
+    category: str = ""
+    info: str = ""
+    images: list[Any] = field(default_factory=list)  # paths or bytes
+    labels: list[str] = field(default_factory=list)  # how each image is named in messages
+    restore: dict[str, Any] = field(default_factory=dict)  # archive: id, timestamps, aliases, vectors...
+
+
+# ------------------------------------------------------------------------------------------- readers
+
+
+def _inside(root: Path, candidate: Path, label: str) -> Path:
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ImportFormatError(f"{label}: image path {str(candidate)!r} points outside the database folder {str(root)!r}")
+    return resolved
+
+
+def read_rap(path: str | Path) -> list[_Pending]:
+    """RAP's `database.json` (or the folder holding it).
+
+    Image paths are relative, as RAP writes them: starting with the database folder's own name (resolved from its
+    parent), or else relative to the folder itself. Paths may not leave the folder.
+    """
+    path = Path(path)
+    file = path / "database.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ImportFormatError(f"no RAP database.json at {str(path)!r}")
+    root = file.parent
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ImportFormatError(f"{str(file)!r} is not valid JSON ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("concept_dict"), dict):
+        raise ImportFormatError(f"{str(file)!r}: expected an object with a 'concept_dict' object")
+    path_to_concept = data.get("path_to_concept", {})
+    if not isinstance(path_to_concept, dict):
+        raise ImportFormatError(f"{str(file)!r}: 'path_to_concept' must be an object")
+
+    def resolve(rel: Any, label: str) -> Path:
+        if not isinstance(rel, str) or not rel.strip():
+            raise ImportFormatError(f"{label}: image path must be a non-empty string, got {rel!r}")
+        p = PurePosixPath(rel.replace("\\", "/"))
+        if p.is_absolute():
+            raise ImportFormatError(f"{label}: image path {rel!r} must be relative to the database folder")
+        base = root.parent if p.parts and p.parts[0] == root.name else root
+        return _inside(root, base.joinpath(*p.parts), label)
+
+    pending: dict[str, _Pending] = {}
+    for key, entry in data["concept_dict"].items():
+        label = f"concept_dict[{key!r}]"
+        if not isinstance(entry, dict):
+            raise ImportFormatError(f"{str(file)!r}: {label} must be an object")
+        images = entry.get("image", [])
+        images = [images] if isinstance(images, str) else images
+        if not isinstance(images, list):
+            raise ImportFormatError(f"{str(file)!r}: {label}.image must be a path or a list of paths")
+        for field_name in ("info", "category", "name"):
+            if field_name in entry and not isinstance(entry[field_name], str):
+                raise ImportFormatError(f"{str(file)!r}: {label}.{field_name} must be a string")
+        item = _Pending(name=str(key), category=entry.get("category", ""), info=entry.get("info", ""))
+        for rel in images:
+            item.images.append(resolve(rel, f"{file.name} {label}"))
+            item.labels.append(str(rel))
+        pending[key] = item
+    for rel, key in path_to_concept.items():
+        if key not in pending:
+            raise ImportFormatError(f"{str(file)!r}: path_to_concept[{rel!r}] names {key!r}, not in concept_dict")
+        resolved = resolve(rel, f"{file.name} path_to_concept[{rel!r}]")
+        if resolved not in pending[key].images:
+            pending[key].images.append(resolved)
+            pending[key].labels.append(str(rel))
+    return list(pending.values())
+
+
+def read_folder(path: str | Path) -> tuple[list[_Pending], list[tuple[str, str]]]:
+    """A Yo'LLaVA-style folder: one sub-folder of images per concept, named after the concept."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ImportFormatError(f"{str(root)!r} is not a folder")
+    pending, skipped = [], []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        item = _Pending(name=sub.name)
+        for f in sorted(sub.iterdir()):
+            if f.name.startswith("."):
+                continue
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                item.images.append(_inside(root, f, sub.name))
+                item.labels.append(f"{sub.name}/{f.name}")
+            else:
+                skipped.append((f"{sub.name}/{f.name}", "not an image file"))
+        pending.append(item)
+    for f in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        skipped.append((f.name, "files at the top level belong to no concept"))
+    return pending, skipped
+
+
+def read_archive(path: str | Path, *, max_member_bytes: int = DEFAULT_MAX_BYTES) -> list[_Pending]:
+    """Our archive: a zip of manifest.json, images/<hash>.<ext>, embeddings.safetensors and tensors."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as load_safetensors
+
+    path = Path(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ImportFormatError(f"{str(path)!r} is not a readable archive ({e})") from e
+    with zf:
+        members = {info.filename: info for info in zf.infolist()}
+
+        def read(name: str, limit: int = max_member_bytes) -> bytes:
+            info = members.get(name)
+            if info is None:
+                raise ImportFormatError(f"{str(path)!r}: member {name!r} is missing")
+            if info.file_size > limit:
+                raise ImportFormatError(f"{str(path)!r}: member {name!r} is {info.file_size} bytes, over {limit}")
+            return zf.read(info)
+
+        try:
+            manifest = json.loads(read("manifest.json"))
+        except json.JSONDecodeError as e:
+            raise ImportFormatError(f"{str(path)!r}: manifest.json is not valid JSON ({e})") from e
+        if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
+            raise ImportFormatError(f"{str(path)!r} is not an mmpersona concept archive")
+        if manifest.get("version") != ARCHIVE_VERSION:
+            raise ImportFormatError(f"{str(path)!r}: archive version {manifest.get('version')!r} is not supported")
+        concepts = manifest.get("concepts")
+        if not isinstance(concepts, list):
+            raise ImportFormatError(f"{str(path)!r}: manifest 'concepts' must be a list")
+        vectors: dict[str, Any] = {}
+        if "embeddings.safetensors" in members:
+            try:
+                vectors = load_safetensors(read("embeddings.safetensors", 1 << 34))
+            except (SafetensorError, ValueError) as e:
+                raise ImportFormatError(f"{str(path)!r}: embeddings.safetensors is corrupt ({e})") from e
+        pending = []
+        for i, entry in enumerate(concepts):
+            label = f"concepts[{i}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise ImportFormatError(f"{str(path)!r}: {label} must be an object with a 'name'")
+            item = _Pending(name=entry["name"], category=entry.get("category", ""), info=entry.get("info", ""))
+            for image in entry.get("images", []):
+                h, member = image.get("hash"), image.get("file")
+                if not isinstance(h, str) or not isinstance(member, str) or not member.startswith("images/"):
+                    raise ImportFormatError(f"{str(path)!r}: {label} has a malformed image entry")
+                data = read(member)
+                if content_hash(data) != h:
+                    raise ImportFormatError(f"{str(path)!r}: {member} does not match its hash (corrupt archive)")
+                item.images.append(data)
+                item.labels.append(member)
+            tensors = []
+            for t in entry.get("tensors", []):
+                member = t.get("file", "")
+                if not isinstance(member, str) or not member.startswith("tensors/"):
+                    raise ImportFormatError(f"{str(path)!r}: {label} has a malformed tensor entry")
+                tensors.append({**t, "data": read(member, 1 << 34)})
+            item.restore = {
+                "id": entry.get("id"), "created": entry.get("created"), "updated": entry.get("updated"),
+                "version": entry.get("version"), "aliases": entry.get("aliases", []),
+                "attributes": entry.get("attributes") or {}, "tensors": tensors,
+                "vectors": {e: (hashes, vectors[key]) for e, (hashes, key) in
+                            ((e, (v.get("images"), v.get("key"))) for e, v in entry.get("embeddings", {}).items())
+                            if key in vectors},
+            }
+            pending.append(item)
+        return pending
+
+
+# ------------------------------------------------------------------------------------------- import
+
+
+def import_concepts(db: "ConceptDB", user: str, path: str | Path, fmt: str, *, strict: bool = False,
+                    batch_size: int = 32, progress: bool = True) -> ImportReport:
+    """Import concepts for `user` from `path` in format `fmt` (one of `FORMATS`)."""
+    if fmt not in FORMATS:
+        raise ImportFormatError(f"unknown import format {fmt!r}; valid: {', '.join(FORMATS)}")
+    report = ImportReport(fmt, str(path))
+    if fmt == "rap":
+        pending = read_rap(path)
+    elif fmt == "folder":
+        pending, skipped = read_folder(path)
+        report.skipped += skipped
+    else:
+        pending = read_archive(path)
+
+    def skip(item: str, reason: str) -> None:
+        if strict:
+            raise InvalidConceptError(f"{item}: {reason}")
+        report.skipped.append((item, reason))
+
+    # check every name and image before any embedding or write
+    ready: list[tuple[_Pending, list[bytes]]] = []
+    for item in pending:
+        try:
+            normalize_name(item.name)
+            datas = [load_image_bytes(img) for img in item.images]
+        except (InvalidConceptError, ImageLoadError) as e:
+            skip(item.name, str(e))
+            continue
+        if not datas and not item.restore:
+            skip(item.name, "no images")
+            continue
+        ready.append((item, datas))
+
+    embeddings = _embed_all(db, ready, batch_size, progress, fmt)
+    new = []
+    for (item, datas), vecs in zip(ready, embeddings, strict=True):
+        r = item.restore
+        new.append(NewConcept(name=item.name, category=item.category, info=item.info, aliases=r.get("aliases", ()),
+                              attributes=r.get("attributes"), images=datas, embeddings=vecs, id=r.get("id"),
+                              created=r.get("created"), updated=r.get("updated"), version=r.get("version")))
+    store = db.store
+    with store.transaction():
+        result = store.add_many(user, new, skip_invalid=not strict)
+        for cid in result.added:  # restore learned tensors of archived concepts
+            concept = store.get(user, cid)
+            item = next(i for i, _ in ready if normalize_name(i.name) == concept.name)
+            for t in item.restore.get("tensors", []):
+                store.put_tensor(user, cid, t["name"], t["data"], model=t["model"], fingerprint=t["fingerprint"])
+    report.skipped += result.skipped
+    report.added = [store.get(user, cid).name for cid in result.added]
+    logger.info("imported %d concepts from %s (%d skipped)", len(report.added), path, len(report.skipped))
+    return report
+
+
+def _embed_all(db: "ConceptDB", ready: list[tuple[_Pending, list[bytes]]], batch_size: int, progress: bool,
+               fmt: str) -> list[dict[str, Any]]:
+    """Per concept, {embedder: vectors}: restored from an archive when complete, else embedded in batches."""
+    import numpy as np
+
+    out: list[dict[str, Any]] = [{} for _ in ready]
+    todo: list[tuple[int, int, bytes]] = []  # (concept, image, bytes) still needing the current embedder
+    for ci, (item, datas) in enumerate(ready):
+        hashes = [content_hash(d) for d in datas]
+        for embedder, (stored_hashes, matrix) in item.restore.get("vectors", {}).items():
+            if isinstance(stored_hashes, list) and sorted(stored_hashes) == sorted(hashes) and len(hashes):
+                order = [stored_hashes.index(h) for h in hashes]
+                out[ci][embedder] = np.asarray(matrix)[order]
+        if fmt != "archive" or not out[ci]:
+            todo += [(ci, ii, d) for ii, d in enumerate(datas)]
+    if not todo:
+        return out
+    emb = db.embedder
+    known = db.store.known_vectors(emb.name, [content_hash(d) for _, _, d in todo])
+    fresh = [t for t in todo if content_hash(t[2]) not in known]
+    vectors = {}
+    if fresh:
+        computed = emb.embed_images([d for _, _, d in fresh], batch_size=batch_size, progress=progress)
+        vectors = {content_hash(d): v for (_, _, d), v in zip(fresh, computed, strict=True)}
+    vectors.update(known)
+    for ci, (_, datas) in enumerate(ready):
+        if any(t[0] == ci for t in todo):
+            out[ci][emb.name] = np.stack([vectors[content_hash(d)] for d in datas]) if datas else np.empty(
+                (0, emb.dim), np.float32)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def _extension(data: bytes) -> str:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = (img.format or "png").lower()
+    return {"jpeg": "jpg"}.get(fmt, fmt)
+
+
+def export_concepts(db: "ConceptDB", user: str, path: str | Path, fmt: str = "archive") -> int:
+    """Export all of `user`'s concepts to `path`; returns how many were exported."""
+    if fmt not in FORMATS:
+        raise ImportFormatError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    store = db.store
+    concepts = []
+    offset = 0
+    while page := store.list(user, limit=500, offset=offset):
+        concepts += page
+        offset += len(page)
+    path = Path(path)
+    if fmt == "archive":
+        _write_archive(store, user, concepts, path)
+        return len(concepts)
+    root = path
+    root.mkdir(parents=True, exist_ok=True)
+    concept_dict, path_to_concept = {}, {}
+    for c in concepts:
+        folder = root / c.name  # names never hold separators or '..' (checked on write)
+        folder.mkdir(exist_ok=True)
+        rels = []
+        for i, h in enumerate(c.images):
+            data = store.image_bytes(user, h)
+            file = folder / f"{i}.{_extension(data)}"
+            file.write_bytes(data)
+            rels.append(f"{root.name}/{c.name}/{file.name}")
+        if fmt == "rap":
+            concept_dict[c.handle] = {"name": c.name, "image": rels, "info": c.info, "category": c.category}
+            path_to_concept.update({rel: c.handle for rel in rels})
+    if fmt == "rap":
+        (root / "database.json").write_text(
+            json.dumps({"concept_dict": concept_dict, "path_to_concept": path_to_concept}, indent=2), encoding="utf-8")
+    return len(concepts)
+
+
+def _write_archive(store, user: str, concepts, path: Path) -> None:
+    from safetensors.numpy import save as save_safetensors
+
+    entries, arrays, written = [], {}, set()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for c in concepts:
+            images = []
+            for h in c.images:
+                data = store.image_bytes(user, h)
+                member = f"images/{h}.{_extension(data)}"
+                if member not in written:
+                    zf.writestr(member, data, compress_type=zipfile.ZIP_STORED)
+                    written.add(member)
+                images.append({"hash": h, "file": member})
+            embeddings = {}
+            for embedder, (hashes, matrix) in store.vectors(user, c.id).items():
+                key = f"{c.id}/{embedder}"
+                arrays[key] = matrix
+                embeddings[embedder] = {"images": hashes, "key": key}
+            tensors = []
+            for name in store.list_tensors(user, c.id):
+                t = store.get_tensor(user, c.id, name)
+                member = f"tensors/{c.id}/{len(tensors)}.safetensors"
+                zf.writestr(member, t.data)
+                tensors.append({"name": name, "model": t.model, "fingerprint": t.fingerprint, "file": member})
+            entries.append({"id": c.id, "name": c.name, "category": c.category, "info": c.info,
+                            "aliases": list(c.aliases), "attributes": c.attributes, "created": c.created,
+                            "updated": c.updated, "version": c.version, "images": images,
+                            "embeddings": embeddings, "tensors": tensors})
+        if arrays:
+            zf.writestr("embeddings.safetensors", save_safetensors(arrays))
+        zf.writestr("manifest.json", json.dumps({"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION,
+                                                 "concepts": entries}, indent=1))
+    tmp.replace(path)
