@@ -8,7 +8,9 @@ one reference image per vector. Prints one final JSON line with
 n, owners, dim, insert_per_s, open_s, query_p50_ms, query_p95_ms, baseline_p50_ms, ratio, recall_at_5, peak_rss_mb.
 
 - insert_per_s: vectors written per second through the bulk write path (`add_many`), batches of `--batch`.
-- open_s: open the database in a fresh store object and answer one query (its owner's vectors load lazily).
+- open_s: open the database in a fresh store object and answer one query (its owner's vectors load lazily),
+  after `store.optimize()` (VACUUM: each owner's vectors contiguous on disk), which a fresh build runs;
+  open_before_optimize_s and optimize_s are reported beside it.
 - query_*: `store.search(owner, q, k=5)` over `--query-owners` owners already loaded (warm), `--queries` queries.
 - baseline_p50_ms: numpy matmul + argpartition over the same owner's vectors held contiguously in memory.
 - ratio: query_p50_ms / baseline_p50_ms. recall_at_5: against the exact top-5 of the baseline.
@@ -96,20 +98,32 @@ def main() -> None:
     if args.db is None:
         workdir = Path(tempfile.mkdtemp(prefix="mmpersona-bench-"))
         args.db = workdir / "concepts.db"
-    insert_per_s = None
-    if not (args.keep and args.db.exists()):
-        args.db.unlink(missing_ok=True)
-        insert_per_s = build(args.db, args.n, args.owners, args.dim, args.batch, args.seed)
-
     rng = np.random.default_rng(args.seed + 1)
     centers = np.random.default_rng(args.seed).standard_normal((64, args.dim), dtype=np.float32)
     queries = make_vectors(rng, args.queries, args.dim, centers)
-    query_owners = [owner_name(int(o)) for o in rng.choice(args.owners, args.query_owners, replace=False)]
+    owner_order = rng.permutation(args.owners)
+    query_owners = [owner_name(int(o)) for o in owner_order[: args.query_owners]]
 
-    start = time.perf_counter()
+    def open_and_query(owner: str) -> float:
+        start = time.perf_counter()
+        s = open_store(args.db)
+        s.search(owner, queries[0], embedder=EMBEDDER, k=5)
+        elapsed = time.perf_counter() - start
+        s.close()
+        return elapsed
+
+    insert_per_s = open_before = optimize_s = None
+    if not (args.keep and args.db.exists()):
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(args.db) + suffix).unlink(missing_ok=True)
+        insert_per_s = build(args.db, args.n, args.owners, args.dim, args.batch, args.seed)
+        open_before = open_and_query(owner_name(int(owner_order[-1])))
+        start = time.perf_counter()
+        with open_store(args.db) as s:
+            s.optimize()
+        optimize_s = time.perf_counter() - start
+    open_s = open_and_query(owner_name(int(owner_order[-2])))
     store = open_store(args.db)
-    store.search(query_owners[0], queries[0], embedder=EMBEDDER, k=5)
-    open_s = time.perf_counter() - start
 
     for o in query_owners:  # warm: load each queried owner once
         store.search(o, queries[0], embedder=EMBEDDER, k=5)
@@ -138,6 +152,8 @@ def main() -> None:
         "n": args.n, "owners": args.owners, "dim": args.dim,
         "insert_per_s": round(insert_per_s, 1) if insert_per_s else None,
         "open_s": round(open_s, 4),
+        "open_before_optimize_s": round(open_before, 4) if open_before is not None else None,
+        "optimize_s": round(optimize_s, 2) if optimize_s is not None else None,
         "query_p50_ms": round(p50, 4), "query_p95_ms": round(float(np.percentile(times, 95)) * 1000, 4),
         "baseline_p50_ms": round(base_p50, 4), "ratio": round(p50 / base_p50, 3),
         "recall_at_5": round(hits / (5 * len(queries)), 4),

@@ -40,8 +40,7 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
         updated REAL NOT NULL,
         version INTEGER NOT NULL DEFAULT 1,
         UNIQUE (owner, name)
-    );
-    CREATE INDEX concepts_owner_category ON concepts (owner, category, name);
+    ) WITHOUT ROWID;
     -- names and aliases share one namespace per owner
     CREATE TABLE handles (
         owner TEXT NOT NULL,
@@ -55,7 +54,7 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
         hash TEXT PRIMARY KEY,
         data BLOB NOT NULL,
         size INTEGER NOT NULL
-    );
+    ) WITHOUT ROWID;
     CREATE TABLE concept_images (
         concept_id TEXT NOT NULL REFERENCES concepts (id) ON DELETE CASCADE,
         hash TEXT NOT NULL REFERENCES images (hash),
@@ -63,15 +62,15 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
         PRIMARY KEY (concept_id, hash)
     ) WITHOUT ROWID;
     CREATE INDEX concept_images_hash ON concept_images (hash);
-    -- a rowid table so that bulk inserts append, with a unique index that lists an owner's rows by concept
+    -- keyed by owner first: one owner's vectors are stored together and load with one range scan
     CREATE TABLE embeddings (
         owner TEXT NOT NULL,
         embedder TEXT NOT NULL,
-        concept_id TEXT NOT NULL REFERENCES concepts (id) ON DELETE CASCADE,
+        concept_id TEXT NOT NULL,  -- no foreign key: a cascade would scan; deletes name the rows by key
         image_hash TEXT NOT NULL,
         vector BLOB NOT NULL,
-        UNIQUE (owner, embedder, concept_id, image_hash)
-    );
+        PRIMARY KEY (owner, embedder, concept_id, image_hash)
+    ) WITHOUT ROWID;
     CREATE TABLE embedders (name TEXT PRIMARY KEY, dim INTEGER NOT NULL);
     CREATE TABLE tensors (
         concept_id TEXT NOT NULL REFERENCES concepts (id) ON DELETE CASCADE,
@@ -98,7 +97,7 @@ class _OwnerIndex:
     categories: "np.ndarray"  # one per concept group (object array of str)
     ends: "np.ndarray"  # one past the last row of each concept group
     single: bool  # one vector per concept: rows are groups, no reduction needed
-    records: dict[str, Concept] = field(default_factory=dict)  # the owner's concepts, dropped with the index
+    records: dict[str, Concept] = field(default_factory=dict)  # concepts already read for this owner
 
 
 class SQLiteStore:
@@ -127,7 +126,7 @@ class SQLiteStore:
             done = {row[0] for row in c.execute("SELECT version FROM schema_migrations")}
             for version, sql in SCHEMA_MIGRATIONS:
                 if version not in done:
-                    for statement in filter(str.strip, sql.split(";")):
+                    for statement in _statements(sql):
                         c.execute(statement)
                     c.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
 
@@ -172,6 +171,14 @@ class SQLiteStore:
         for key in [k for k in self._indexes if k[0] == owner]:
             del self._indexes[key]
 
+    def optimize(self) -> None:
+        """Rewrite the database file (VACUUM) so that each owner's vectors are contiguous on disk again after
+        bulk imports, and refresh the query planner's statistics. Takes about 30 s per GB."""
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.execute("VACUUM")
+            self._conn.execute("PRAGMA optimize")
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
@@ -184,44 +191,34 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ reading concepts
 
-    _COLUMNS = "id, owner, name, category, info, attributes, created, updated, version"
+    # a concept row with its aliases and images, in one statement
+    _SELECT = (
+        "SELECT c.id, c.owner, c.name, c.category, c.info, c.attributes, c.created, c.updated, c.version, "
+        "(SELECT json_group_array(handle) FROM (SELECT handle FROM handles "
+        "WHERE concept_id = c.id AND is_alias = 1 ORDER BY handle)), "
+        "(SELECT json_group_array(hash) FROM (SELECT hash FROM concept_images "
+        "WHERE concept_id = c.id ORDER BY position)) FROM concepts c"
+    )
 
-    def _concepts(self, rows: Sequence[tuple]) -> list[Concept]:
-        """Materialise concept rows with their aliases and images, in three queries whatever their number."""
-        if not rows:
-            return []
-        ids = [r[0] for r in rows]
-        aliases: dict[str, list[str]] = {i: [] for i in ids}
-        images: dict[str, list[str]] = {i: [] for i in ids}
-        for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for cid, handle in self._conn.execute(
-                    f"SELECT concept_id, handle FROM handles WHERE concept_id IN ({marks}) AND is_alias = 1 "
-                    "ORDER BY handle", chunk):
-                aliases[cid].append(handle)
-            for cid, h in self._conn.execute(
-                    f"SELECT concept_id, hash FROM concept_images WHERE concept_id IN ({marks}) ORDER BY position",
-                    chunk):
-                images[cid].append(h)
-        return [Concept(id=cid, owner=owner, name=name, category=category, info=info, aliases=tuple(aliases[cid]),
-                        attributes=json.loads(attributes), images=tuple(images[cid]), created=created,
+    @staticmethod
+    def _concepts(rows: Sequence[tuple]) -> list[Concept]:
+        return [Concept(id=cid, owner=owner, name=name, category=category, info=info, aliases=tuple(json.loads(al)),
+                        attributes=json.loads(attributes), images=tuple(json.loads(imgs)), created=created,
                         updated=updated, version=version)
-                for cid, owner, name, category, info, attributes, created, updated, version in rows]
+                for cid, owner, name, category, info, attributes, created, updated, version, al, imgs in rows]
 
     def get_many(self, owner: str, concept_ids: Sequence[str]) -> dict[str, Concept]:
         """The owner's concepts among `concept_ids` (others' and missing ids are simply absent)."""
         check_owner(owner)
         rows = []
         with self._lock:
-            for start in range(0, len(concept_ids), 500):
+            for start in range(0, len(concept_ids), 500):  # stay under SQLite's bound-parameter limit
                 chunk = list(concept_ids[start : start + 500])
                 # look up by primary key, then keep only the owner's rows (an owner filter in SQL would make
                 # the planner scan the owner's index instead)
                 rows += [r for r in self._conn.execute(
-                    f"SELECT {self._COLUMNS} FROM concepts WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-                    if r[1] == owner]
-            return {c.id: c for c in self._concepts(rows)}
+                    f"{self._SELECT} WHERE c.id IN ({','.join('?' * len(chunk))})", chunk) if r[1] == owner]
+        return {c.id: c for c in self._concepts(rows)}
 
     def get(self, owner: str, concept_id: str) -> Concept:
         """The owner's concept with this id; another owner's id raises `ConceptNotFound` like a missing one."""
@@ -244,13 +241,13 @@ class SQLiteStore:
         check_owner(owner)
         if limit < 0 or offset < 0:
             raise InvalidConceptError("limit and offset must not be negative")
-        sql = f"SELECT {self._COLUMNS} FROM concepts WHERE owner = ?"
+        sql = f"{self._SELECT} WHERE c.owner = ?"
         args: list[Any] = [owner]
         if category is not None:
-            sql += " AND category = ?"
+            sql += " AND c.category = ?"
             args.append(category)
         with self._lock:
-            return self._concepts(self._conn.execute(sql + " ORDER BY name LIMIT ? OFFSET ?",
+            return self._concepts(self._conn.execute(sql + " ORDER BY c.name LIMIT ? OFFSET ?",
                                                      (*args, limit, offset)).fetchall())
 
     def count(self, owner: str) -> int:
@@ -387,20 +384,34 @@ class SQLiteStore:
 
     def delete(self, owner: str, concept_id: str) -> None:
         """Delete the owner's concept with its embeddings and tensors; images no longer used are removed."""
-        self.get(owner, concept_id)
+        concept = self.get(owner, concept_id)
         with self._tx() as c:
+            self._delete_vectors(c, owner, concept_id)
             c.execute("DELETE FROM concepts WHERE id = ? AND owner = ?", (concept_id, owner))
-            self._drop_orphan_images(c)
+            self._drop_orphan_images(c, concept.images)
             self._bump(c, owner)
+
+    def _delete_vectors(self, c, owner: str, concept_id: str, image_hash: str | None = None) -> None:
+        """Delete a concept's vectors (or one image's) through primary-key seeks, one per embedder."""
+        for (embedder,) in c.execute("SELECT name FROM embedders").fetchall():
+            if image_hash is None:
+                c.execute("DELETE FROM embeddings WHERE owner = ? AND embedder = ? AND concept_id = ?",
+                          (owner, embedder, concept_id))
+            else:
+                c.execute("DELETE FROM embeddings WHERE owner = ? AND embedder = ? AND concept_id = ? "
+                          "AND image_hash = ?", (owner, embedder, concept_id, image_hash))
 
     def erase_owner(self, owner: str) -> int:
         """Remove everything of one owner; returns how many concepts were removed."""
         check_owner(owner)
         with self._tx() as c:
-            n = c.execute("DELETE FROM concepts WHERE owner = ?", (owner,)).rowcount
+            hashes = [r[0] for r in c.execute(
+                "SELECT ci.hash FROM concepts c JOIN concept_images ci ON ci.concept_id = c.id WHERE c.owner = ?",
+                (owner,))]
             c.execute("DELETE FROM embeddings WHERE owner = ?", (owner,))
+            n = c.execute("DELETE FROM concepts WHERE owner = ?", (owner,)).rowcount
             c.execute("DELETE FROM handles WHERE owner = ?", (owner,))
-            self._drop_orphan_images(c)
+            self._drop_orphan_images(c, hashes)
             self._bump(c, owner)
         return n
 
@@ -454,15 +465,16 @@ class SQLiteStore:
             raise ConceptNotFound(f"concept <{concept.name}> has no image {image_hash[:12]}")
         with self._tx() as c:
             c.execute("DELETE FROM concept_images WHERE concept_id = ? AND hash = ?", (concept_id, image_hash))
-            c.execute("DELETE FROM embeddings WHERE owner = ? AND concept_id = ? AND image_hash = ?",
-                      (owner, concept_id, image_hash))
+            self._delete_vectors(c, owner, concept_id, image_hash)
             c.execute("UPDATE concepts SET updated = ?, version = version + 1 WHERE id = ?", (time.time(), concept_id))
-            self._drop_orphan_images(c)
+            self._drop_orphan_images(c, [image_hash])
             self._bump(c, owner)
         return self.get(owner, concept_id)
 
-    def _drop_orphan_images(self, c) -> None:
-        c.execute("DELETE FROM images WHERE hash NOT IN (SELECT hash FROM concept_images)")
+    def _drop_orphan_images(self, c, hashes: Sequence[str]) -> None:
+        """Remove those of `hashes` that no concept uses any more (images are shared by content hash)."""
+        c.executemany("DELETE FROM images WHERE hash = ? AND NOT EXISTS "
+                      "(SELECT 1 FROM concept_images WHERE hash = ?)", [(h, h) for h in set(hashes)])
 
     def image_bytes(self, owner: str, image_hash: str) -> bytes:
         """The encoded bytes of one of the owner's reference images."""
@@ -548,11 +560,11 @@ class SQLiteStore:
             revision_row = self._conn.execute("SELECT revision FROM owner_revisions WHERE owner = ?",
                                               (owner,)).fetchone()
             dim_row = self._conn.execute("SELECT dim FROM embedders WHERE name = ?", (embedder,)).fetchone()
-            # one index range scan, grouped by concept
+            # one range scan of the primary key, grouped by concept
             rows = self._conn.execute(
                 "SELECT concept_id, image_hash, vector FROM embeddings WHERE owner = ? AND embedder = ? "
                 "ORDER BY concept_id", (owner, embedder)).fetchall()
-            records = self._owner_records(owner)
+            category_of = dict(self._conn.execute("SELECT id, category FROM concepts WHERE owner = ?", (owner,)))
             dim = dim_row[0] if dim_row else 0
             matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
             concept_ids, starts = [], []
@@ -563,9 +575,8 @@ class SQLiteStore:
             starts_arr = np.asarray(starts, dtype=np.int64)
             index = _OwnerIndex(revision_row[0] if revision_row else 0, matrix, concept_ids, starts_arr,
                                 [r[1] for r in rows],
-                                np.asarray([records[cid].category if cid in records else "" for cid in concept_ids],
-                                           dtype=object),
-                                np.append(starts_arr[1:], len(rows)), len(concept_ids) == len(rows), records)
+                                np.asarray([category_of.get(cid, "") for cid in concept_ids], dtype=object),
+                                np.append(starts_arr[1:], len(rows)), len(concept_ids) == len(rows))
             self._indexes[(owner, embedder)] = index
             return index
 
@@ -607,9 +618,10 @@ class SQLiteStore:
             if groups.shape[0] > k:
                 groups = groups[np.argpartition(best[groups], groups.shape[0] - k)[-k:]]
         groups = groups[np.argsort(-best[groups], kind="stable")]
+        records = self._records(owner, index, [index.concept_ids[g] for g in groups])
         matches = []
         for g in groups:
-            concept = index.records.get(index.concept_ids[g])
+            concept = records.get(index.concept_ids[g])
             if concept is None:  # deleted by another process after the index was read
                 continue
             start, end = index.starts[g], index.ends[g]
@@ -617,23 +629,12 @@ class SQLiteStore:
             matches.append(Match(concept, float(best[g]), index.image_hashes[row]))
         return matches
 
-    def _owner_records(self, owner: str) -> dict[str, Concept]:
-        """All of an owner's concept records in three range scans (built with the owner's search index, so
-        that a search answers from memory; any write to the owner drops both)."""
-        rows = self._conn.execute(f"SELECT {self._COLUMNS} FROM concepts WHERE owner = ?", (owner,)).fetchall()
-        aliases: dict[str, list[str]] = {}
-        for handle, cid in self._conn.execute(
-                "SELECT handle, concept_id FROM handles WHERE owner = ? AND is_alias = 1 ORDER BY handle", (owner,)):
-            aliases.setdefault(cid, []).append(handle)
-        images: dict[str, list[str]] = {}
-        for cid, h in self._conn.execute(
-                "SELECT ci.concept_id, ci.hash FROM concepts c JOIN concept_images ci ON ci.concept_id = c.id "
-                "WHERE c.owner = ? ORDER BY ci.concept_id, ci.position", (owner,)):
-            images.setdefault(cid, []).append(h)
-        return {cid: Concept(id=cid, owner=o, name=name, category=category, info=info,
-                             aliases=tuple(aliases.get(cid, ())), attributes=json.loads(attributes),
-                             images=tuple(images.get(cid, ())), created=created, updated=updated, version=version)
-                for cid, o, name, category, info, attributes, created, updated, version in rows}
+    def _records(self, owner: str, index: _OwnerIndex, ids: list[str]) -> dict[str, Concept]:
+        """Concept records of search hits, each read once per index lifetime (any write drops the index)."""
+        missing = [i for i in ids if i not in index.records]
+        if missing:
+            index.records.update(self.get_many(owner, missing))
+        return index.records
 
     # ------------------------------------------------------------------ learned tensors
 
@@ -665,6 +666,19 @@ class SQLiteStore:
         self.get(owner, concept_id)
         return [r[0] for r in self._conn.execute("SELECT name FROM tensors WHERE concept_id = ? ORDER BY name",
                                                  (concept_id,))]
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (semicolons inside comments or strings do not split)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip() and not all(ln.strip().startswith("--") or not ln.strip() for ln in buf.splitlines()):
+        raise ValueError(f"incomplete SQL statement in migration: {buf.strip()[:80]!r}")
+    return out
 
 
 def new_id() -> str:

@@ -64,3 +64,45 @@ def test_errors_are_one_clear_line(args, needle, tmp_path):
 def test_usage_error_exit_code():
     out = run_cli("models", "nonsense", check=False)
     assert out.returncode == 2 and "No such command" in out.stderr
+
+
+def test_concepts_commands_end_to_end(tiny_cache, tmp_path):
+    from PIL import Image, ImageDraw
+
+    paths = []
+    for name, color in (("red", (210, 30, 30)), ("blue", (30, 60, 200))):
+        img = Image.new("RGB", (64, 64), (240, 240, 240))
+        ImageDraw.Draw(img).ellipse((10, 10, 54, 54), fill=color)
+        img.save(tmp_path / f"{name}.png")
+        paths.append(str(tmp_path / f"{name}.png"))
+    base = ["--preset", "tiny", "--device", "cpu", "--db", str(tmp_path / "c.db"), "--user", "alice", "--json"]
+
+    def cli(*args, check=True):
+        out = run_cli(*base, *args, check=check)
+        return json.loads(out.stdout) if check else out
+
+    added = cli("concepts", "add", "<bo>", "--image", paths[0], "--category", "dog", "--info", "my shiba",
+                "--alias", "shiba")
+    assert added["name"] == "bo" and added["aliases"] == ["shiba"] and len(added["images"]) == 1
+    cli("concepts", "add", "mam", "--image", paths[1], "--category", "cat")
+    listing = cli("concepts", "list", "--category", "dog")
+    assert [c["name"] for c in listing["concepts"]] == ["bo"] and listing["total"] == 2
+    hits = cli("concepts", "search", "--image", paths[0], "-k", "2")["matches"]
+    assert hits[0]["concept"]["name"] == "bo" and len(hits) == 2
+    assert cli("concepts", "edit", "shiba", "--info", "older now")["info"] == "older now"
+    assert cli("concepts", "show", "<bo>")["info"] == "older now"
+    archive = tmp_path / "alice.zip"
+    assert cli("concepts", "export", str(archive))["exported"] == 2
+    assert cli("concepts", "rm", "bo")["deleted"]["name"] == "bo"
+    assert [c["name"] for c in cli("concepts", "list")["concepts"]] == ["mam"]
+    report = json.loads(run_cli(*base[:-3], "--user", "bob", "--json", "concepts", "import", str(archive),
+                                "--format", "archive").stdout)
+    assert sorted(report["added"]) == ["bo", "mam"] and report["skipped"] == []
+    # errors: one line, exit code 2, nothing written
+    out = cli("concepts", "add", "a/b", "--image", paths[0], check=False)
+    assert out.returncode == 2 and "path separators" in out.stderr
+    out = cli("concepts", "show", "ghost", check=False)
+    assert out.returncode == 2 and "no concept 'ghost'" in out.stderr
+    out = cli("concepts", "search", check=False)
+    assert out.returncode == 2 and "exactly one of --image or --text" in out.stderr
+    assert cli("concepts", "list")["total"] == 1
