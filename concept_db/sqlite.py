@@ -45,7 +45,7 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     CREATE TABLE handles (
         owner TEXT NOT NULL,
         handle TEXT NOT NULL,
-        concept_id TEXT NOT NULL REFERENCES concepts (id) ON DELETE CASCADE,
+        concept_id TEXT NOT NULL,
         is_alias INTEGER NOT NULL,
         PRIMARY KEY (owner, handle)
     ) WITHOUT ROWID;
@@ -55,9 +55,11 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
         data BLOB NOT NULL,
         size INTEGER NOT NULL
     ) WITHOUT ROWID;
+    -- handles, concept_images and embeddings carry no foreign keys: checking them cost more than half of a
+    -- bulk insert, and every delete in this module removes child rows itself, in the same transaction
     CREATE TABLE concept_images (
-        concept_id TEXT NOT NULL REFERENCES concepts (id) ON DELETE CASCADE,
-        hash TEXT NOT NULL REFERENCES images (hash),
+        concept_id TEXT NOT NULL,
+        hash TEXT NOT NULL,
         position INTEGER NOT NULL,
         PRIMARY KEY (concept_id, hash)
     ) WITHOUT ROWID;
@@ -66,7 +68,7 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     CREATE TABLE embeddings (
         owner TEXT NOT NULL,
         embedder TEXT NOT NULL,
-        concept_id TEXT NOT NULL,  -- no foreign key: a cascade would scan; deletes name the rows by key
+        concept_id TEXT NOT NULL,
         image_hash TEXT NOT NULL,
         vector BLOB NOT NULL,
         PRIMARY KEY (owner, embedder, concept_id, image_hash)
@@ -387,6 +389,8 @@ class SQLiteStore:
         concept = self.get(owner, concept_id)
         with self._tx() as c:
             self._delete_vectors(c, owner, concept_id)
+            c.execute("DELETE FROM handles WHERE concept_id = ?", (concept_id,))
+            c.execute("DELETE FROM concept_images WHERE concept_id = ?", (concept_id,))
             c.execute("DELETE FROM concepts WHERE id = ? AND owner = ?", (concept_id, owner))
             self._drop_orphan_images(c, concept.images)
             self._bump(c, owner)
@@ -409,8 +413,10 @@ class SQLiteStore:
                 "SELECT ci.hash FROM concepts c JOIN concept_images ci ON ci.concept_id = c.id WHERE c.owner = ?",
                 (owner,))]
             c.execute("DELETE FROM embeddings WHERE owner = ?", (owner,))
-            n = c.execute("DELETE FROM concepts WHERE owner = ?", (owner,)).rowcount
+            c.execute("DELETE FROM concept_images WHERE concept_id IN (SELECT id FROM concepts WHERE owner = ?)",
+                      (owner,))
             c.execute("DELETE FROM handles WHERE owner = ?", (owner,))
+            n = c.execute("DELETE FROM concepts WHERE owner = ?", (owner,)).rowcount
             self._drop_orphan_images(c, hashes)
             self._bump(c, owner)
         return n

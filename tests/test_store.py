@@ -24,6 +24,17 @@ def vecs(n: int, seed: int = 0) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+def assert_consistent(store):
+    """No child row outlives its concept, and every stored image is used (checked straight in SQL)."""
+    q = store._conn.execute
+    for table, column in (("handles", "concept_id"), ("concept_images", "concept_id"),
+                          ("embeddings", "concept_id"), ("tensors", "concept_id")):
+        orphans = q(f"SELECT count(*) FROM {table} WHERE {column} NOT IN (SELECT id FROM concepts)").fetchone()[0]
+        assert orphans == 0, f"{orphans} orphan rows in {table}"
+    assert q("SELECT count(*) FROM images WHERE hash NOT IN (SELECT hash FROM concept_images)").fetchone()[0] == 0
+    assert q("SELECT count(*) FROM concept_images WHERE hash NOT IN (SELECT hash FROM images)").fetchone()[0] == 0
+
+
 def add(store, owner, name, n_images=2, seed=0, **kw):
     images = [f"{owner}-{name}-{i}".encode() for i in range(n_images)]
     return store.add(owner, name, images=images, embeddings={"e": vecs(n_images, seed)}, **kw)
@@ -120,6 +131,7 @@ def test_edits_visible_to_next_query(store):
     assert store.search("alice", q, embedder="e")[0].concept.info == "changed"
     store.delete("alice", c.id)
     assert store.search("alice", q, embedder="e") == []
+    assert_consistent(store)
     new = add(store, "alice", "bo2", seed=1)
     assert store.search("alice", q, embedder="e")[0].concept.id == new.id
 
@@ -155,6 +167,7 @@ def test_images_stored_once_and_garbage_collected(store):
     assert len(c.images) == 2 and c.version == 2
     c = store.remove_image("alice", b.id, c.images[1])
     assert len(c.images) == 1
+    assert_consistent(store)
 
 
 def test_known_vectors_reuse(store):
@@ -187,6 +200,7 @@ def test_erase_owner(store):
     assert store._conn.execute("SELECT count(*) FROM embeddings WHERE owner = 'alice'").fetchone()[0] == 0
     assert store._conn.execute("SELECT count(*) FROM images").fetchone()[0] == 2  # bob's two remain
     assert store.get("bob", b.id).name == "rex"
+    assert_consistent(store)
 
 
 def test_tensors(store):
@@ -199,6 +213,9 @@ def test_tensors(store):
     assert (t.data, t.model, t.fingerprint) == (blob, "tiny:qwen2-vl", "abc")
     with pytest.raises(InvalidConceptError, match="safetensors"):
         store.put_tensor("alice", c.id, "bad", b"\x80\x03pickle", model="m", fingerprint="f")
+    assert store.list_tensors("alice", c.id) == ["tokens"]
+    store.delete("alice", c.id)
+    assert_consistent(store)
 
 
 def test_reopen_keeps_everything_and_migrations_are_numbered(store, tmp_path):
