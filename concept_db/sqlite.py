@@ -86,6 +86,15 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     -- bumped on every write of an owner's data: lets other processes reload only what changed
     CREATE TABLE owner_revisions (owner TEXT PRIMARY KEY, revision INTEGER NOT NULL);
     """),
+    (2, """
+    -- per-user settings, e.g. the retrieval threshold chosen by `concepts calibrate`
+    CREATE TABLE owner_settings (
+        owner TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (owner, key)
+    ) WITHOUT ROWID;
+    """),
 ]
 
 
@@ -237,6 +246,40 @@ class SQLiteStore:
             row = self._conn.execute("SELECT concept_id FROM handles WHERE owner = ? AND handle = ?",
                                      (owner, handle)).fetchone()
             return self.get_many(owner, [row[0]]).get(row[0]) if row else None
+
+    def find_many(self, owner: str, handles: Sequence[str]) -> dict[str, Concept]:
+        """Concepts of the owner named or aliased by any of `handles` (exact, already normalised), by handle."""
+        check_owner(owner)
+        unique = list(dict.fromkeys(handles))
+        if not unique:
+            return {}
+        with self._lock:
+            pairs = []
+            for start in range(0, len(unique), 500):
+                chunk = unique[start : start + 500]
+                pairs += self._conn.execute(
+                    f"SELECT handle, concept_id FROM handles WHERE owner = ? AND handle IN ({','.join('?' * len(chunk))})",
+                    (owner, *chunk)).fetchall()
+            concepts = self.get_many(owner, [cid for _, cid in pairs])
+        return {h: concepts[cid] for h, cid in pairs if cid in concepts}
+
+    def has_owner(self, owner: str) -> bool:
+        """Whether this database has ever held data of `owner` (concepts now, or settings)."""
+        check_owner(owner)
+        return self._conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM concepts WHERE owner = ?) OR EXISTS "
+            "(SELECT 1 FROM owner_settings WHERE owner = ?)", (owner, owner)).fetchone()[0] == 1
+
+    def get_setting(self, owner: str, key: str, default: Any = None) -> Any:
+        check_owner(owner)
+        row = self._conn.execute("SELECT value FROM owner_settings WHERE owner = ? AND key = ?",
+                                 (owner, key)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_setting(self, owner: str, key: str, value: Any) -> None:
+        check_owner(owner)
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO owner_settings VALUES (?, ?, ?)", (owner, key, json.dumps(value)))
 
     def list(self, owner: str, *, category: str | None = None, limit: int = 100, offset: int = 0) -> list[Concept]:
         """The owner's concepts by name, a page at a time, optionally of one category."""
@@ -416,6 +459,7 @@ class SQLiteStore:
             c.execute("DELETE FROM concept_images WHERE concept_id IN (SELECT id FROM concepts WHERE owner = ?)",
                       (owner,))
             c.execute("DELETE FROM handles WHERE owner = ?", (owner,))
+            c.execute("DELETE FROM owner_settings WHERE owner = ?", (owner,))
             n = c.execute("DELETE FROM concepts WHERE owner = ?", (owner,)).rowcount
             self._drop_orphan_images(c, hashes)
             self._bump(c, owner)

@@ -28,6 +28,9 @@ _EXPORTS = {
     "load_detector": "mmpersona.models",
     "load_t2i": "mmpersona.models",
     "build_tiny": "mmpersona.models",
+    "PersonalizedVLMPipeline": "pipelines.vlm",
+    "VLMAnswer": "pipelines.vlm",
+    "PromptBudget": "pipelines.prompt",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -38,6 +41,9 @@ if TYPE_CHECKING:
     from .errors import (ImageLoadError, MissingDependencyError, MmpersonaError, ModelUnavailableError,
                          UnknownPresetError)
     from .images import load_image
+    from pipelines.prompt import PromptBudget
+    from pipelines.vlm import PersonalizedVLMPipeline, VLMAnswer
+
     from .models import (ModelSpec, build_tiny, load_detector, load_embedder, load_t2i, load_vlm, resolve)
 
 

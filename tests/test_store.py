@@ -223,7 +223,7 @@ def test_reopen_keeps_everything_and_migrations_are_numbered(store, tmp_path):
     path = store.path
     store.close()
     again = open_store(path)
-    assert again.get("alice", c.id) == c and again.schema_version == 1
+    assert again.get("alice", c.id) == c and again.schema_version == 2
     assert again.search("alice", vecs(2)[0], embedder="e")[0].concept.id == c.id
     again.close()
 
@@ -232,3 +232,16 @@ def test_unknown_backend(tmp_path):
     with pytest.raises(UnknownBackendError, match="valid: a file path"):
         open_store("mongodb://localhost/x")
     assert os.path.exists(open_store(f"sqlite://{tmp_path}/x.db").path)
+
+
+def test_find_many_settings_and_owner_presence(store):
+    c = add(store, "alice", "bo", aliases=["shiba"])
+    found = store.find_many("alice", ["bo", "shiba", "nobody"])
+    assert set(found) == {"bo", "shiba"} and found["shiba"].id == c.id
+    assert store.find_many("bob", ["bo"]) == {}
+    assert store.has_owner("alice") and not store.has_owner("bob")
+    store.set_setting("bob", "threshold", 0.42)
+    assert store.has_owner("bob") and store.get_setting("bob", "threshold") == 0.42
+    assert store.get_setting("alice", "threshold", 0.1) == 0.1
+    store.erase_owner("bob")
+    assert store.get_setting("bob", "threshold") is None and not store.has_owner("bob")

@@ -27,7 +27,7 @@ from ..paths import cache_dir
 logger = logging.getLogger(__name__)
 
 #: Bump when a builder changes, so stale builds in users' caches are not reused.
-TINY_VERSION = 1
+TINY_VERSION = 2
 SEED = 0
 
 # Chat templates of the tiny VLMs, written in the style of their real counterparts (ChatML for Qwen2-VL,
@@ -304,6 +304,7 @@ def build_llava(folder: Path) -> None:
 
 def build_owlv2(folder: Path) -> None:
     """OWLv2 open-vocabulary detector with a small CLIP tokenizer."""
+    import torch
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
     tok = clip_tokenizer(folder / "_tok", max_length=16)
@@ -317,6 +318,11 @@ def build_owlv2(folder: Path) -> None:
     )
     _seed()
     model = Owlv2ForObjectDetection(config).eval()
+    # Random box regressors predict zero-height boxes; a zero last layer leaves OWLv2's own per-patch box prior,
+    # so the tiny detector proposes real grid-cell regions that the region pipeline can crop.
+    with torch.no_grad():
+        model.box_head.dense2.weight.zero_()
+        model.box_head.dense2.bias.zero_()
     processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok)
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))

@@ -1,0 +1,126 @@
+"""Which of a user's concepts a question and an image are about: typed results, no prompt text.
+
+Three sources, each a method of its own:
+- mentions: `<name>`, the bare name or an alias written in the question (every turn of a chat);
+- the whole image, embedded and searched in the user's concepts;
+- regions: boxes from an open-vocabulary detector prompted with the categories in the user's database, each
+  crop embedded and searched.
+`merge` de-duplicates by concept (not by image), keeping each concept's best evidence.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from concept_db.types import InvalidConceptError, normalize_name
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from concept_db import Concept
+    from mmpersona.conceptdb import ConceptDB
+    from mmpersona.models import Detector
+
+MENTION = re.compile(r"<([^<>\n]{1,64})>")
+WORD = re.compile(r"[\w][\w'\-]*", re.UNICODE)
+SOURCES = ("mention", "image", "region")
+
+
+@dataclass(frozen=True)
+class RetrievedConcept:
+    """One retrieved concept and the evidence for it.
+
+    `score` is a cosine similarity for image and region hits, and 1.0 for a mention. `box` is the region
+    `(x0, y0, x1, y1)` for region hits; `image` the content hash of the reference image that matched.
+    """
+
+    concept: "Concept"
+    score: float
+    source: str
+    box: tuple[int, int, int, int] | None = None
+    image: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"concept": self.concept.to_dict(), "score": round(self.score, 6), "source": self.source,
+                "box": list(self.box) if self.box else None, "image": self.image}
+
+
+def mention_candidates(text: str, max_words: int = 3) -> list[str]:
+    """Handles a question may name: `<...>` spans, and word n-grams (as written, lower-case, capitalised)."""
+    out: list[str] = []
+    for m in MENTION.finditer(text):
+        try:
+            out.append(normalize_name(m.group(1)))
+        except InvalidConceptError:
+            continue
+    words = WORD.findall(MENTION.sub(" ", text))
+    for n in range(1, max_words + 1):
+        for i in range(len(words) - n + 1):
+            phrase = " ".join(words[i : i + n])
+            if len(phrase) < 2:
+                continue
+            out += [phrase, phrase.lower(), phrase.capitalize()]
+    return list(dict.fromkeys(out))
+
+
+class Retriever:
+    """Retrieval over one `ConceptDB` (and, for regions, a detector)."""
+
+    def __init__(self, db: "ConceptDB", detector: "Detector | None" = None, *, detector_threshold: float = 0.1,
+                 max_regions: int = 8):
+        self.db = db
+        self.detector = detector
+        self.detector_threshold = detector_threshold
+        self.max_regions = max_regions
+
+    def by_mention(self, user: str, text: str) -> list[RetrievedConcept]:
+        """Concepts named in `text` by `<name>`, bare name or alias, in order of first mention."""
+        found = self.db.store.find_many(user, mention_candidates(text))
+        seen: dict[str, RetrievedConcept] = {}
+        for concept in found.values():
+            seen.setdefault(concept.id, RetrievedConcept(concept, 1.0, "mention"))
+        return list(seen.values())
+
+    def by_image(self, user: str, image: "Image.Image", *, k: int = 3,
+                 min_score: float | None = None) -> list[RetrievedConcept]:
+        """The user's concepts that look most like the whole image."""
+        vector = self.db.embedder.embed_images([image])[0]
+        return [RetrievedConcept(m.concept, m.score, "image", None, m.image)
+                for m in self.db.store.search(user, vector, embedder=self.db.embedder.name, k=k,
+                                              min_score=min_score)]
+
+    def by_regions(self, user: str, image: "Image.Image", *, k: int = 3,
+                   min_score: float | None = None) -> list[RetrievedConcept]:
+        """Detect regions of the user's categories, embed each crop in one batch, search each."""
+        if self.detector is None:
+            raise InvalidConceptError("region retrieval needs a detector (pass one, or regions=False)")
+        labels = self.db.store.categories(user)
+        if not labels:
+            return []
+        detections = self.detector.detect(image, labels, threshold=self.detector_threshold, top_k=self.max_regions)
+        if not detections:
+            return []
+        crops = [image.crop(d.box) for d in detections]
+        vectors = self.db.embedder.embed_images(crops)
+        out = []
+        for det, vector in zip(detections, vectors, strict=True):
+            for m in self.db.store.search(user, vector, embedder=self.db.embedder.name, k=k, min_score=min_score):
+                out.append(RetrievedConcept(m.concept, m.score, "region", det.box, m.image))
+        return out
+
+    @staticmethod
+    def merge(*groups: list[RetrievedConcept]) -> list[RetrievedConcept]:
+        """One entry per concept: mentions first, then by best score."""
+        best: dict[str, RetrievedConcept] = {}
+        for group in groups:
+            for r in group:
+                current = best.get(r.concept.id)
+                if current is None or _rank(r) > _rank(current):
+                    best[r.concept.id] = r
+        return sorted(best.values(), key=_rank, reverse=True)
+
+
+def _rank(r: RetrievedConcept) -> tuple[int, float]:
+    return (1 if r.source == "mention" else 0, r.score)

@@ -1,0 +1,261 @@
+"""Personalized answers from any transformers image-text-to-text model (RAP style, training-free).
+
+    from pipelines import PersonalizedVLMPipeline
+    pipe = PersonalizedVLMPipeline("concepts.db", preset="tiny")
+    answer = pipe("photo.jpg", "What is <bo> doing?", user="alice")
+    answer.answer, answer.retrieved, answer.abstained, answer.timings
+
+Read top to bottom, a call is: check inputs -> retrieve (mentions, image, optional regions) -> render the
+retrieved concepts into the model's own chat template within a budget -> generate -> `VLMAnswer`. Each step is
+a method of its own. Edits to the concept database take effect on the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from concept_db.types import ConceptDBError
+from mmpersona.errors import MmpersonaError
+from mmpersona.images import ImageInput, load_image
+
+from .prompt import PromptBudget, PromptBuilder, printable_messages
+from .retrieval import RetrievedConcept, Retriever
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from mmpersona.conceptdb import ConceptDB
+    from mmpersona.models import Detector, LoadedVLM
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD_SETTING = "retrieval_min_score"
+
+
+class UnknownUserError(ConceptDBError):
+    """The user has no data in this concept database."""
+
+
+@dataclass
+class VLMAnswer:
+    """What a personalized question produced.
+
+    Attributes:
+        answer: the model's reply.
+        retrieved: the concepts injected into the prompt, best first, with score, source and box.
+        abstained: True when no concept passed retrieval (none was injected).
+        messages: the chat sent to the model (images described, not embedded).
+        timings: milliseconds per stage: retrieval_ms, prompt_ms, generate_ms, total_ms.
+        candidates: everything retrieval found, before the prompt budget.
+    """
+
+    answer: str
+    retrieved: list[RetrievedConcept]
+    abstained: bool
+    messages: list[dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+    candidates: list[RetrievedConcept] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"answer": self.answer, "abstained": self.abstained,
+                "retrieved": [r.to_dict() for r in self.retrieved],
+                "candidates": [r.to_dict() for r in self.candidates],
+                "messages": self.messages, "timings": {k: round(v, 3) for k, v in self.timings.items()}}
+
+
+class PersonalizedVLMPipeline:
+    """Answer questions about images with a user's concepts retrieved and injected into the prompt.
+
+    Args:
+        db: a `ConceptDB`, or a database path (None: the default path).
+        vlm: a `LoadedVLM`, or a model id / preset choice for the `vlm` role.
+        detector: a `Detector` or model id; used when `regions=True` (loaded from the preset if None).
+        regions: also retrieve per detected region (prompted with the user's categories).
+        preset, device, dtype: for models loaded here.
+        k: concepts retrieved per source.
+        min_score: cosine threshold for image/region hits; None uses the user's calibrated threshold if any.
+        budget: limits on what concepts add to the prompt.
+        max_new_tokens: answer length limit.
+    """
+
+    def __init__(self, db: "ConceptDB | str | Path | None" = None, *, vlm: "LoadedVLM | str | None" = None,
+                 detector: "Detector | str | None" = None, embedder: Any = None, regions: bool = False,
+                 preset: str = "default", device: Any = "auto", dtype: Any = None, k: int = 3,
+                 min_score: float | None = None, budget: PromptBudget | None = None, max_new_tokens: int = 128):
+        from mmpersona.conceptdb import ConceptDB
+        from mmpersona.models import LoadedVLM, load_detector, load_vlm
+
+        if k < 1:
+            raise MmpersonaError(f"`k` must be at least 1, got {k}")
+        self.db = db if isinstance(db, ConceptDB) else ConceptDB(db, embedder=embedder, preset=preset,
+                                                                  device=device, dtype=dtype)
+        self.vlm = vlm if isinstance(vlm, LoadedVLM) else load_vlm(vlm, preset=preset, device=device, dtype=dtype)
+        if regions and detector is None or isinstance(detector, str):
+            detector = load_detector(detector, preset=preset, device=device, dtype=dtype)
+        self.regions = regions
+        self.retriever = Retriever(self.db, detector)
+        self.k = k
+        self.min_score = min_score
+        tokenizer = getattr(self.vlm.processor, "tokenizer", None)
+        specials = list(getattr(tokenizer, "all_special_tokens", [])) + list(
+            getattr(tokenizer, "get_added_vocab", lambda: {})().keys())
+        self.prompts = PromptBuilder(budget, specials)
+        self.max_new_tokens = max_new_tokens
+
+    # ------------------------------------------------------------------ steps
+
+    def check_inputs(self, image: ImageInput | None, question: Any, user: Any) -> "Image.Image":
+        if not isinstance(question, str) or not question.strip():
+            raise MmpersonaError(f"`question` must be a non-empty string, got {question!r}")
+        if image is None:
+            raise MmpersonaError("`image` is required: pass the photo the question is about")
+        if not isinstance(user, str) or not user.strip():
+            raise MmpersonaError(f"`user` must be a non-empty string, got {user!r}")
+        if not self.db.store.has_owner(user):
+            raise UnknownUserError(f"user {user!r} has no concepts in this database (add some with "
+                                   "`mmpersona concepts add`, or check --user)")
+        return load_image(image)
+
+    def threshold(self, user: str) -> float | None:
+        return self.min_score if self.min_score is not None else self.db.store.get_setting(user, THRESHOLD_SETTING)
+
+    def retrieve(self, user: str, question: str, image: "Image.Image | None") -> list[RetrievedConcept]:
+        """Concepts named in the question, plus those the image (and its regions) look like, merged by concept."""
+        threshold = self.threshold(user)
+        groups = [self.retriever.by_mention(user, question)]
+        if image is not None:
+            groups.append(self.retriever.by_image(user, image, k=self.k, min_score=threshold))
+            if self.regions:
+                groups.append(self.retriever.by_regions(user, image, k=self.k, min_score=threshold))
+        return Retriever.merge(*groups)
+
+    def reference_images(self, user: str, retrieved: list[RetrievedConcept]) -> dict[str, "Image.Image"]:
+        """One reference image per concept (the one that matched, else the first), for the budget to use."""
+        if not self.prompts.budget.max_images:
+            return {}
+        out = {}
+        for r in retrieved[: self.prompts.budget.max_images]:
+            h = r.image or (r.concept.images[0] if r.concept.images else None)
+            if h is not None:
+                out[r.concept.id] = load_image(self.db.store.image_bytes(user, h))
+        return out
+
+    def generate(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        return self.vlm.generate(messages, max_new_tokens=kwargs.pop("max_new_tokens", self.max_new_tokens), **kwargs)
+
+    # ------------------------------------------------------------------ one call
+
+    def prepare(self, image: ImageInput | None, question: str, *, user: str,
+                history: list[dict[str, Any]] | None = None):
+        """Everything before generation: checked inputs, retrieval, prompt. Returns (prompt, candidates, timings)."""
+        t0 = time.perf_counter()
+        img = self.check_inputs(image, question, user)
+        candidates = self.retrieve(user, question, img)
+        t1 = time.perf_counter()
+        prompt = self.prompts.build(question, img, candidates, history=history,
+                                    reference_images=self.reference_images(user, candidates))
+        t2 = time.perf_counter()
+        return prompt, candidates, {"retrieval_ms": (t1 - t0) * 1000, "prompt_ms": (t2 - t1) * 1000}
+
+    def __call__(self, image: ImageInput | None, question: str, *, user: str,
+                 history: list[dict[str, Any]] | None = None, **generate_kwargs: Any) -> VLMAnswer:
+        """Answer `question` about `image` for `user`."""
+        start = time.perf_counter()
+        prompt, candidates, timings = self.prepare(image, question, user=user, history=history)
+        t = time.perf_counter()
+        answer = self.generate(prompt.messages, **generate_kwargs)
+        timings["generate_ms"] = (time.perf_counter() - t) * 1000
+        timings["total_ms"] = (time.perf_counter() - start) * 1000
+        return VLMAnswer(answer, prompt.injected, not prompt.injected, printable_messages(prompt.messages),
+                         timings, candidates)
+
+    def stream(self, image: ImageInput | None, question: str, *, user: str,
+               history: list[dict[str, Any]] | None = None, **generate_kwargs: Any) -> "AnswerStream":
+        """Like calling the pipeline, but the answer arrives as text pieces while it is generated."""
+        start = time.perf_counter()
+        prompt, candidates, timings = self.prepare(image, question, user=user, history=history)
+        return AnswerStream(self, prompt, candidates, timings, start, generate_kwargs)
+
+    def chat(self, user: str, image: ImageInput | None = None) -> "ChatSession":
+        """A multi-turn conversation; retrieval runs on every turn."""
+        return ChatSession(self, user, image)
+
+
+class AnswerStream:
+    """Iterate to receive the answer piece by piece; `.result` holds the `VLMAnswer` once iteration ends."""
+
+    def __init__(self, pipe: PersonalizedVLMPipeline, prompt, candidates, timings, start, generate_kwargs):
+        self.pipe, self.prompt, self.candidates = pipe, prompt, candidates
+        self.timings, self.start, self.generate_kwargs = timings, start, generate_kwargs
+        self.result: VLMAnswer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        vlm = self.pipe.vlm
+        inputs = vlm.inputs(self.prompt.messages)
+        tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        kwargs = {"max_new_tokens": self.pipe.max_new_tokens, **self.generate_kwargs}
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    vlm.model.generate(**inputs, streamer=streamer, **kwargs)
+            except BaseException as e:  # surfaced in the consumer's thread below
+                errors.append(e)
+                streamer.end()
+
+        t = time.perf_counter()
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            yield piece
+        worker.join()
+        if errors:
+            raise errors[0]
+        self.timings["generate_ms"] = (time.perf_counter() - t) * 1000
+        self.timings["total_ms"] = (time.perf_counter() - self.start) * 1000
+        self.result = VLMAnswer("".join(pieces).strip(), self.prompt.injected, not self.prompt.injected,
+                                printable_messages(self.prompt.messages), self.timings, self.candidates)
+
+
+class ChatSession:
+    """A conversation about one image (which a turn may replace); every turn retrieves again."""
+
+    def __init__(self, pipe: PersonalizedVLMPipeline, user: str, image: ImageInput | None = None):
+        self.pipe = pipe
+        self.user = user
+        self.image = load_image(image) if image is not None else None
+        self.history: list[dict[str, Any]] = []
+        self.answers: list[VLMAnswer] = []
+
+    def ask(self, question: str, image: ImageInput | None = None, **generate_kwargs: Any) -> VLMAnswer:
+        """Ask the next question; `image` replaces the conversation's image from this turn on."""
+        if image is not None:
+            self.image = load_image(image)
+        answer = self.pipe(self.image, question, user=self.user, history=self.history, **generate_kwargs)
+        self._remember(question, answer)
+        return answer
+
+    def stream(self, question: str, image: ImageInput | None = None, **generate_kwargs: Any) -> Iterator[str]:
+        if image is not None:
+            self.image = load_image(image)
+        stream = self.pipe.stream(self.image, question, user=self.user, history=self.history, **generate_kwargs)
+        yield from stream
+        self._remember(question, stream.result)
+
+    def _remember(self, question: str, answer: VLMAnswer) -> None:
+        # earlier turns stay as text: the current image is attached to the current turn only
+        self.history += [{"role": "user", "content": [{"type": "text", "text": question}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer.answer}]}]
+        self.answers.append(answer)
