@@ -279,6 +279,145 @@ def concepts_export(
     emit(s, {"exported": n, "path": str(path), "format": fmt}, f"exported {n} concept(s) to {path}")
 
 
+@concepts_app.command("calibrate")
+def concepts_calibrate(
+    ctx: typer.Context,
+    positives: Path = typer.Option(..., "--positives", help="Folder of <concept name>/ sub-folders of held-out images."),
+    negatives: Path = typer.Option(..., "--negatives", help="Folder of images showing none of the concepts."),
+    precision: float = typer.Option(0.9, "--precision", help="Target precision of image retrieval."),
+) -> None:
+    """Pick the user's retrieval threshold for a target precision, and store it."""
+    from pipelines.calibrate import calibrate, images_in, positives_from_folder
+
+    s = settings(ctx)
+    with open_db(s) as db:
+        result = calibrate(db, s.user, positives_from_folder(positives), images_in(negatives),
+                           target_precision=precision)
+    text = (f"threshold {result.threshold:.4f}: precision {result.precision:.3f}, recall {result.recall:.3f} "
+            f"on {result.positives} positive / {result.negatives} negative images")
+    if not result.reached:
+        text += f" (target {precision} not reachable: the user's retrieval will abstain)"
+    emit(s, result.to_dict(), text)
+
+
+# ------------------------------------------------------------------------------------------ chat
+
+
+@app.command("chat")
+def chat(
+    ctx: typer.Context,
+    question: Optional[str] = typer.Argument(None, help="Ask once and exit; omit for an interactive chat."),
+    image: Path = typer.Option(..., "--image", help="The photo the question is about."),
+    k: int = typer.Option(3, "-k", min=1, help="Concepts retrieved per source."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Threshold (default: calibrated)."),
+    regions: bool = typer.Option(False, "--regions", help="Also retrieve per detected region."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+) -> None:
+    """Ask a VLM about an image with your concepts retrieved and injected (RAP style)."""
+    from pipelines.vlm import PersonalizedVLMPipeline
+
+    from .images import load_image
+
+    s = settings(ctx)
+    with open_db(s) as db:
+        pipe = PersonalizedVLMPipeline(db, vlm=s.overrides.get("vlm"), detector=s.overrides.get("detector"),
+                                       regions=regions, preset=s.preset, device=s.device, dtype=s.dtype, k=k,
+                                       min_score=min_score, max_new_tokens=max_new_tokens)
+        if question is not None:
+            answer = pipe(image, question, user=s.user)
+            emit(s, answer.to_dict(), _answer_text(answer))
+            return
+        session = pipe.chat(s.user, image)
+        typer.echo("Interactive chat: type a question; '/image PATH' changes the photo; '/quit' or Ctrl-D ends.",
+                   err=True)
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                break
+            if not line:
+                continue
+            if line in {"/quit", "/exit"}:
+                break
+            if line.startswith("/image "):
+                try:
+                    session.image = load_image(line[7:].strip())
+                except MmpersonaError as e:
+                    typer.echo(f"error: {e}", err=True)
+                    continue
+                typer.echo(f"image: {line[7:].strip()}", err=True)
+                continue
+            try:
+                pieces = session.stream(line) if not s.json else None
+                if pieces is None:
+                    typer.echo(json.dumps(session.ask(line).to_dict(), default=str))
+                    continue
+                typer.echo("assistant> ", nl=False)
+                for piece in pieces:
+                    typer.echo(piece, nl=False)
+                typer.echo("")
+                typer.echo(_retrieved_line(session.answers[-1]), err=True)
+            except MmpersonaError as e:  # one bad turn does not end the conversation
+                typer.echo(f"error: {e}", err=True)
+
+
+@app.command("eval")
+def evaluate_cmd(
+    ctx: typer.Context,
+    dataset: Path = typer.Argument(..., help="Dataset folder: concepts/, test/, questions.json (see README)."),
+    protocol: Optional[list[str]] = typer.Option(None, "--protocol",
+                                                 help="recognition, mcqa, caption, mmpb (repeatable; default all)."),
+    fillers: int = typer.Option(3, "--fillers", min=0, help="Filler turns before the query (mmpb)."),
+    use_db: bool = typer.Option(False, "--use-db", help="Use --db/--user as they are instead of a fresh database "
+                                                          "with the dataset's concepts."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON report here."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1),
+) -> None:
+    """Evaluate personalized answering (recognition, multiple-choice QA, caption recall, MMPB-style)."""
+    import tempfile
+
+    from pipelines.evaluation import PROTOCOLS, evaluate, load_dataset, pipeline_answerer, register_concepts
+    from pipelines.vlm import PersonalizedVLMPipeline
+
+    from .conceptdb import ConceptDB
+
+    s = settings(ctx)
+    data = load_dataset(dataset)
+    with tempfile.TemporaryDirectory(prefix="mmpersona-eval-") as tmp:
+        db = open_db(s) if use_db else ConceptDB(Path(tmp) / "eval.db", embedder=s.overrides.get("embedder"),
+                                                 preset=s.preset, device=s.device, dtype=s.dtype)
+        with db:
+            if not use_db:
+                register_concepts(db, s.user, data)
+            pipe = PersonalizedVLMPipeline(db, vlm=s.overrides.get("vlm"), preset=s.preset, device=s.device,
+                                           dtype=s.dtype, max_new_tokens=max_new_tokens)
+            report = evaluate(pipeline_answerer(pipe, s.user), data, protocol or PROTOCOLS, fillers=fillers)
+    if out is not None:
+        out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    lines = []
+    for name in ("recognition", "mmpb"):
+        if name in report:
+            o = report[name]["overall"]
+            lines.append(f"{name}: weighted accuracy {o['weighted_accuracy']}, positive {o['positive_accuracy']}, "
+                         f"negative {o['negative_accuracy']}")
+    if "mcqa" in report:
+        lines.append(f"mcqa: accuracy {report['mcqa']['overall']['accuracy']}")
+    if "caption" in report:
+        o = report["caption"]["overall"]
+        lines.append(f"caption: precision {o['precision']}, recall {o['recall']}, f1 {o['f1']}")
+    emit(s, report, "\n".join(lines))
+
+
+def _retrieved_line(answer) -> str:
+    if answer.abstained:
+        return "(no concept recognised: answered without personal context)"
+    return "(used " + ", ".join(f"{r.concept.handle} {r.source} {r.score:.3f}" for r in answer.retrieved) + ")"
+
+
+def _answer_text(answer) -> str:
+    return f"{answer.answer}\n{_retrieved_line(answer)}"
+
+
 def main() -> None:
     """Console entry point: our own errors become one clear line on stderr and exit code 2.
 

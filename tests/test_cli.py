@@ -106,3 +106,35 @@ def test_concepts_commands_end_to_end(tiny_cache, tmp_path):
     out = cli("concepts", "search", check=False)
     assert out.returncode == 2 and "exactly one of --image or --text" in out.stderr
     assert cli("concepts", "list")["total"] == 1
+
+
+def test_chat_one_shot_interactive_and_calibrate(tiny_cache, tmp_path):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (64, 64), (240, 240, 240))
+    ImageDraw.Draw(img).ellipse((10, 10, 54, 54), fill=(210, 30, 30))
+    photo = tmp_path / "bo.png"
+    img.save(photo)
+    base = ["--preset", "tiny", "--device", "cpu", "--db", str(tmp_path / "c.db"), "--user", "alice"]
+    run_cli(*base, "concepts", "add", "bo", "--image", str(photo), "--info", "my shiba")
+    answer = json.loads(run_cli(*base, "--json", "chat", "--image", str(photo), "What is <bo> doing?",
+                                "--max-new-tokens", "3").stdout)
+    assert answer["retrieved"][0]["concept"]["name"] == "bo" and answer["abstained"] is False
+    assert isinstance(answer["answer"], str) and answer["messages"][0]["role"] == "system"
+
+    proc = subprocess.run([sys.executable, "-m", "mmpersona", *base, "chat", "--image", str(photo),
+                           "--max-new-tokens", "2"], input="is <bo> here?\n/image /no/such.png\nand now?\n/quit\n",
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 2  # the bad /image line did not end the chat
+    assert "used <bo> mention" in proc.stderr and "error: image '/no/such.png'" in proc.stderr
+
+    (tmp_path / "pos" / "bo").mkdir(parents=True)
+    (tmp_path / "neg").mkdir()
+    img.rotate(5).save(tmp_path / "pos" / "bo" / "1.png")
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(tmp_path / "neg" / "1.png")
+    result = json.loads(run_cli(*base, "--json", "concepts", "calibrate", "--positives", str(tmp_path / "pos"),
+                                "--negatives", str(tmp_path / "neg"), "--precision", "0.9").stdout)
+    assert result["positives"] == 1 and result["negatives"] == 1 and 0 < result["threshold"] <= 1.01
+    out = run_cli(*base, "chat", "--image", "/no/such.png", "hi", check=False)
+    assert out.returncode == 2 and "file not found" in out.stderr
