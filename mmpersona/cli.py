@@ -123,19 +123,19 @@ def models_build_tiny(ctx: typer.Context) -> None:
 @app.command("demo")
 def demo(
     ctx: typer.Context,
-    out: Path = typer.Option(Path("mmpersona-demo"), "--out", help="Where to write the generated image."),
+    out: Path = typer.Option(Path("mmpersona-demo"), "--out", help="Folder for the demo database and image."),
     steps: int = typer.Option(4, "--steps", min=1, help="Denoising steps for the image."),
 ) -> None:
-    """Run every role once, end to end: retrieve a concept, detect, answer a question, generate an image."""
+    """The main job end to end: register concepts, ask about a photo (retrieval + VLM), generate an image."""
     from .demo import run_demo
 
     s = settings(ctx)
     report = run_demo(preset=s.preset, out_dir=out, device=s.device, dtype=s.dtype, overrides=s.overrides,
                       steps=steps)
+    used = ", ".join(f"{r['concept']} ({r['source']} {r['score']:.3f})" for r in report.retrieved)
     lines = [f"preset {report.preset}: " + ", ".join(f"{k}={v}" for k, v in report.models.items()),
-             "retrieval for a photo of <red-ball>: "
-             + ", ".join(f"{r['concept']} {r['score']:.3f}" for r in report.retrieval),
-             f"detections: {len(report.detections)}",
+             f"question: {report.question}",
+             f"retrieved: {used or 'nothing (abstained)'}",
              f"answer: {report.answer!r}",
              f"image: {report.image_path}",
              "timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings_s.items())]

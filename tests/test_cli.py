@@ -40,12 +40,16 @@ def test_build_tiny_json(tiny_cache):
 def test_demo_end_to_end(tiny_cache, tmp_path):
     data = json.loads(run_cli("--preset", "tiny", "--device", "cpu", "--json", "demo", "--out", str(tmp_path),
                               "--steps", "2").stdout)
-    assert data["retrieval"][0]["concept"] == "<red-ball>"  # the rotated red ball finds itself first
+    assert data["retrieved"][0]["concept"] == "<red-ball>"  # the rotated red ball finds itself first
+    assert data["abstained"] is False and isinstance(data["answer"], str)
     assert os.path.getsize(data["image_path"]) > 0
     from PIL import Image
 
     assert Image.open(data["image_path"]).size == (64, 64)
-    assert set(data["timings_s"]) == {"embedder", "detector", "vlm", "t2i"}
+    assert set(data["timings_s"]) == {"register", "answer", "t2i"}
+    again = json.loads(run_cli("--preset", "tiny", "--device", "cpu", "--json", "demo", "--out", str(tmp_path),
+                               "--steps", "2").stdout)
+    assert again["retrieved"] == data["retrieved"]  # a re-run starts from the same state
 
 
 @pytest.mark.parametrize("args,needle", [
