@@ -11,11 +11,13 @@ faster than the approximate indexes we measured (see shared/STORAGE_FACTS.md).
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import threading
 import time
 import secrets
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +100,43 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
 ]
 
 
+class _Rows(list):
+    """A fully fetched result with the cursor methods this module uses."""
+
+    rowcount = -1
+
+    def fetchone(self):
+        return self[0] if self else None
+
+    def fetchall(self):
+        return list(self)
+
+
+class _LockedConnection:
+    def __init__(self, conn: sqlite3.Connection, lock: threading.RLock):
+        self._conn, self._lock = conn, lock
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> _Rows:
+        with self._lock:
+            cur = self._conn.execute(sql, args)
+            rows = _Rows(cur.fetchall())
+            rows.rowcount = cur.rowcount
+            return rows
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self._lock:
+            self._conn.executemany(sql, rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+#: Memory for owners' vectors held between queries (`MMPERSONA_VECTOR_CACHE_MB` overrides); at 512-d float32
+#: the default holds about 500k vectors, i.e. 50 owners of 10k concepts.
+DEFAULT_CACHE_BYTES = int(float(os.environ.get("MMPERSONA_VECTOR_CACHE_MB", "1024")) * 1024 * 1024)
+
+
 @dataclass
 class _OwnerIndex:
     revision: int
@@ -114,11 +153,14 @@ class _OwnerIndex:
 class SQLiteStore:
     """The embedded `ConceptStore`. Thread-safe; several processes may share one file."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        # every statement runs under the store's lock and is fully fetched before the lock is released, so one
+        # store can serve many threads (the app's workers) through its single connection
+        self._conn = _LockedConnection(sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
+                                                       check_same_thread=False), self._lock)
         self._conn.execute("PRAGMA page_size = 16384")  # 2 KB vectors waste half of a 4 KB page
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = NORMAL")
@@ -126,7 +168,9 @@ class SQLiteStore:
         self._conn.execute("PRAGMA foreign_keys = ON")
         self._depth = 0
         self._migrate()
-        self._indexes: dict[tuple[str, str], _OwnerIndex] = {}
+        # owners' vectors in memory, least recently searched first; bounded by `cache_bytes`
+        self._indexes: OrderedDict[tuple[str, str], _OwnerIndex] = OrderedDict()
+        self.cache_bytes = cache_bytes
         self._data_version = self._read_data_version()
 
     # ------------------------------------------------------------------ plumbing
@@ -606,6 +650,7 @@ class SQLiteStore:
                     del self._indexes[key]
             cached = self._indexes.get((owner, embedder))
             if cached is not None:
+                self._indexes.move_to_end((owner, embedder))
                 return cached
             revision_row = self._conn.execute("SELECT revision FROM owner_revisions WHERE owner = ?",
                                               (owner,)).fetchone()
@@ -628,6 +673,10 @@ class SQLiteStore:
                                 np.asarray([category_of.get(cid, "") for cid in concept_ids], dtype=object),
                                 np.append(starts_arr[1:], len(rows)), len(concept_ids) == len(rows))
             self._indexes[(owner, embedder)] = index
+            total = sum(i.matrix.nbytes for i in self._indexes.values())
+            while total > self.cache_bytes and len(self._indexes) > 1:  # keep at least the one just loaded
+                _, evicted = self._indexes.popitem(last=False)
+                total -= evicted.matrix.nbytes
             return index
 
     def search(self, owner: str, vector: Any, *, embedder: str, k: int = 5, category: str | None = None,

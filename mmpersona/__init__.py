@@ -6,8 +6,9 @@ torch or any model library.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -47,14 +48,4 @@ if TYPE_CHECKING:
     from .models import (ModelSpec, build_tiny, load_detector, load_embedder, load_t2i, load_vlm, resolve)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mmpersona' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports('mmpersona', _EXPORTS, globals())

@@ -6,8 +6,9 @@ Imported lazily: `import pipelines` does not import torch or any model library.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mmpersona._lazy import lazy_exports
 
 _EXPORTS = {
     "PersonalizedVLMPipeline": "pipelines.vlm",
@@ -28,14 +29,4 @@ if TYPE_CHECKING:
     from .vlm import AnswerStream, ChatSession, PersonalizedVLMPipeline, UnknownUserError, VLMAnswer
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports('pipelines', _EXPORTS, globals())

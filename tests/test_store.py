@@ -245,3 +245,48 @@ def test_find_many_settings_and_owner_presence(store):
     assert store.get_setting("alice", "threshold", 0.1) == 0.1
     store.erase_owner("bob")
     assert store.get_setting("bob", "threshold") is None and not store.has_owner("bob")
+
+
+def test_vector_cache_is_bounded(tmp_path):
+    store = open_store(tmp_path / "c.db")
+    for o in range(4):
+        add(store, f"user{o}", "bo", seed=o)
+    store.cache_bytes = 2 * 2 * DIM * 4  # room for two owners' two vectors
+    for o in range(4):
+        assert store.search(f"user{o}", vecs(2, seed=o)[0], embedder="e")[0].concept.owner == f"user{o}"
+    assert [k[0] for k in store._indexes] == ["user2", "user3"]
+    assert store.search("user0", vecs(2, seed=0)[0], embedder="e")[0].concept.owner == "user0"  # reloaded
+    store.close()
+
+
+def test_one_store_many_threads(store):
+    """Readers and writers sharing one store object from several threads: no errors, no lost writes."""
+    import threading
+
+    add(store, "alice", "seed")
+    errors = []
+
+    def writer(i):
+        try:
+            for j in range(10):
+                add(store, "alice", f"w{i}-{j}", n_images=1, seed=i * 100 + j)
+        except Exception as e:  # collected and asserted below
+            errors.append(e)
+
+    def reader():
+        try:
+            for _ in range(30):
+                for m in store.search("alice", vecs(1, seed=7)[0], embedder="e", k=3):
+                    assert m.concept.owner == "alice" and m.concept.images
+                store.list("alice", limit=5)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)] + [
+        threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.count("alice") == 21
