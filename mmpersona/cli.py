@@ -300,6 +300,33 @@ def concepts_calibrate(
     emit(s, result.to_dict(), text)
 
 
+@concepts_app.command("learn")
+def concepts_learn(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The concept to learn (name, alias or id)."),
+    negatives: Optional[Path] = typer.Option(None, "--negatives", help="Folder of images without the concept "
+                                                                      "(default: the user's other concepts)."),
+    tokens: int = typer.Option(16, "--tokens", min=1, help="Latent tokens for the concept."),
+    steps: int = typer.Option(100, "--steps", min=1, help="Training steps at most (early stopping may end sooner)."),
+    lr: float = typer.Option(1e-2, "--lr", help="Learning rate of the new rows."),
+) -> None:
+    """Learn soft tokens for a concept (Yo'LLaVA style): only its new embedding rows are trained and stored."""
+    from pipelines.calibrate import images_in
+    from pipelines.tokens import LearnConfig, learn_concept
+
+    from .models import load_vlm
+
+    s = settings(ctx)
+    with open_db(s) as db:
+        vlm = load_vlm(s.overrides.get("vlm"), preset=s.preset, device=s.device, dtype=s.dtype)
+        result = learn_concept(vlm, db, s.user, name, negatives=images_in(negatives) if negatives else None,
+                               config=LearnConfig(tokens=tokens, steps=steps, lr=lr), progress=not s.json)
+    data = {**result.to_dict(), "model": vlm.spec.id}
+    emit(s, data, f"learned {result.concept} for {vlm.spec.id}: {result.steps} steps in {result.seconds:.1f}s, "
+                  f"loss {data['first_loss']:.3f} -> {data['last_loss']:.3f}, training recognition accuracy "
+                  f"{result.accuracy}")
+
+
 # ------------------------------------------------------------------------------------------ chat
 
 
@@ -312,6 +339,7 @@ def chat(
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Threshold (default: calibrated)."),
     regions: bool = typer.Option(False, "--regions", help="Also retrieve per detected region."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    mode: str = typer.Option("retrieval", "--mode", help="retrieval, tokens (learned) or hybrid."),
 ) -> None:
     """Ask a VLM about an image with your concepts retrieved and injected (RAP style)."""
     from pipelines.vlm import PersonalizedVLMPipeline
@@ -322,7 +350,7 @@ def chat(
     with open_db(s) as db:
         pipe = PersonalizedVLMPipeline(db, vlm=s.overrides.get("vlm"), detector=s.overrides.get("detector"),
                                        regions=regions, preset=s.preset, device=s.device, dtype=s.dtype, k=k,
-                                       min_score=min_score, max_new_tokens=max_new_tokens)
+                                       min_score=min_score, max_new_tokens=max_new_tokens, mode=mode)
         if question is not None:
             answer = pipe(image, question, user=s.user)
             emit(s, answer.to_dict(), _answer_text(answer))

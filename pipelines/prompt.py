@@ -94,14 +94,23 @@ class PromptBuilder:
 
     def build(self, question: str, image: "Image.Image | None", retrieved: list["RetrievedConcept"], *,
               history: list[dict[str, Any]] | None = None,
-              reference_images: dict[str, "Image.Image"] | None = None) -> RenderedPrompt:
+              reference_images: dict[str, "Image.Image"] | None = None,
+              learned: list[tuple["RetrievedConcept", str]] | None = None) -> RenderedPrompt:
         """System turn (instructions + concept list), earlier turns, then the user's image and question.
 
         `reference_images` maps a concept id to one of its images, added before the user's image when the
-        budget allows (`max_images`).
+        budget allows (`max_images`). `learned` holds concepts loaded as learned tokens, each with its
+        definition line (`<bo> is <bo|0>...`), rendered as such instead of as text.
         """
-        block, kept = self.concept_block(retrieved)
-        system = INSTRUCTIONS + "\n\nUser's concepts:\n" + block if block else INSTRUCTIONS + "\n\n" + NO_CONCEPTS
+        learned = (learned or [])[: self.budget.max_concepts]
+        block, kept = self.concept_block(retrieved[: max(self.budget.max_concepts - len(learned), 0)])
+        sections = []
+        if learned:
+            sections.append("Learned concepts:\n" + "\n".join(f"- {line}" for _, line in learned))
+        if block:
+            sections.append("User's concepts:\n" + block)
+        system = INSTRUCTIONS + "\n\n" + ("\n".join(sections) if sections else NO_CONCEPTS)
+        kept = [r for r, _ in learned] + kept
         messages: list[dict[str, Any]] = [{"role": "system", "content": [{"type": "text", "text": system}]}]
         for turn in history or []:  # earlier turns are user text too
             messages.append({"role": turn["role"], "content": [

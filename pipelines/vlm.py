@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 THRESHOLD_SETTING = "retrieval_min_score"
+#: retrieval: concepts as text (RAP); tokens: only concepts with learned tokens (Yo'LLaVA); hybrid: learned
+#: tokens for concepts that have them, text for the rest.
+MODES = ("retrieval", "tokens", "hybrid")
 
 
 class UnknownUserError(ConceptDBError):
@@ -86,12 +89,16 @@ class PersonalizedVLMPipeline:
     def __init__(self, db: "ConceptDB | str | Path | None" = None, *, vlm: "LoadedVLM | str | None" = None,
                  detector: "Detector | str | None" = None, embedder: Any = None, regions: bool = False,
                  preset: str = "default", device: Any = "auto", dtype: Any = None, k: int = 3,
-                 min_score: float | None = None, budget: PromptBudget | None = None, max_new_tokens: int = 128):
+                 min_score: float | None = None, budget: PromptBudget | None = None, max_new_tokens: int = 128,
+                 mode: str = "retrieval"):
         from mmpersona.conceptdb import ConceptDB
         from mmpersona.models import LoadedVLM, load_detector, load_vlm
 
         if k < 1:
             raise MmpersonaError(f"`k` must be at least 1, got {k}")
+        if mode not in MODES:
+            raise MmpersonaError(f"`mode` must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode = mode
         self.db = db if isinstance(db, ConceptDB) else ConceptDB(db, embedder=embedder, preset=preset,
                                                                   device=device, dtype=dtype)
         self.vlm = vlm if isinstance(vlm, LoadedVLM) else load_vlm(vlm, preset=preset, device=device, dtype=dtype)
@@ -106,6 +113,7 @@ class PersonalizedVLMPipeline:
             getattr(tokenizer, "get_added_vocab", lambda: {})().keys())
         self.prompts = PromptBuilder(budget, specials)
         self.max_new_tokens = max_new_tokens
+        self._tokens = None
 
     # ------------------------------------------------------------------ steps
 
@@ -145,6 +153,34 @@ class PersonalizedVLMPipeline:
                 out[r.concept.id] = load_image(self.db.store.image_bytes(user, h))
         return out
 
+    @property
+    def tokens(self):
+        """The `TokenManager` of this pipeline's VLM (created on first use)."""
+        if self._tokens is None:
+            from .tokens import TokenManager
+
+            self._tokens = TokenManager(self.vlm)
+        return self._tokens
+
+    def load_learned(self, user: str, candidates: list[RetrievedConcept]
+                     ) -> tuple[list[RetrievedConcept], list[tuple[RetrievedConcept, str]]]:
+        """Split candidates into those rendered as text and those loaded as learned tokens (by `mode`).
+
+        Learned concepts are loaded on demand; when the set needed changes, the previous ones are unloaded."""
+        if self.mode == "retrieval":
+            if self._tokens is not None:
+                self._tokens.unload_all()
+            return candidates, []
+        from .tokens import TENSOR_NAME, latent_definition
+
+        with_tokens = [r for r in candidates if TENSOR_NAME in self.db.store.list_tensors(user, r.concept.id)]
+        wanted = {r.concept.id for r in with_tokens}
+        if set(self.tokens.loaded) != wanted:
+            self.tokens.unload_all()
+        learned = [(r, latent_definition(self.tokens.load(self.db, user, r.concept))) for r in with_tokens]
+        rest = [] if self.mode == "tokens" else [r for r in candidates if r.concept.id not in wanted]
+        return rest, learned
+
     def generate(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         return self.vlm.generate(messages, max_new_tokens=kwargs.pop("max_new_tokens", self.max_new_tokens), **kwargs)
 
@@ -156,9 +192,10 @@ class PersonalizedVLMPipeline:
         t0 = time.perf_counter()
         img = self.check_inputs(image, question, user)
         candidates = self.retrieve(user, question, img)
+        as_text, learned = self.load_learned(user, candidates)
         t1 = time.perf_counter()
-        prompt = self.prompts.build(question, img, candidates, history=history,
-                                    reference_images=self.reference_images(user, candidates))
+        prompt = self.prompts.build(question, img, as_text, history=history,
+                                    reference_images=self.reference_images(user, as_text), learned=learned)
         t2 = time.perf_counter()
         return prompt, candidates, {"retrieval_ms": (t1 - t0) * 1000, "prompt_ms": (t2 - t1) * 1000}
 
