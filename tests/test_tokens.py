@@ -122,6 +122,11 @@ def test_wrong_model_is_a_clear_error(db, tiny_cache):
     llava = load_vlm("tiny:llava", device="cpu")
     with pytest.raises(TokenMismatchError, match="trained for model 'tiny:qwen2-vl'"):
         TokenManager(llava).load(db, "alice", db.get("alice", "bo"))
+    bo = db.get("alice", "bo")
+    stored = db.store.get_tensor("alice", bo.id, TENSOR_NAME)
+    db.store.put_tensor("alice", bo.id, TENSOR_NAME, stored.data, model=stored.model, fingerprint="0" * 32)
+    with pytest.raises(TokenMismatchError, match="tokenizer 00000000"):  # same model id, another tokenizer
+        TokenManager(load_vlm("tiny:qwen2-vl", device="cpu")).load(db, "alice", bo)
     with pytest.raises(Exception, match="unknown|mode"):
         PersonalizedVLMPipeline(db, vlm=llava, preset="tiny", mode="magic")
 
