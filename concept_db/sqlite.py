@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from .types import (BulkResult, Concept, ConceptNotFound, DuplicateConceptError, InvalidConceptError, Match,
-                    NewConcept, StoredTensor, check_owner, check_text, content_hash, normalize_name)
+from .types import (PROFILE_KINDS, BulkResult, Concept, ConceptNotFound, DuplicateConceptError, InvalidConceptError,
+                    Match, NewConcept, ProfileEvent, StoredTensor, check_owner, check_text, content_hash,
+                    normalize_name)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -95,6 +96,31 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
         key TEXT NOT NULL,
         value TEXT NOT NULL,
         PRIMARY KEY (owner, key)
+    ) WITHOUT ROWID;
+    """),
+    (3, """
+    -- text-to-image preference history: likes, dislikes (with comments), pairwise choices, prompts
+    CREATE TABLE profile_events (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        prompt TEXT NOT NULL DEFAULT '',
+        image TEXT,
+        other TEXT,
+        comment TEXT NOT NULL DEFAULT '',
+        created REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX profile_events_owner ON profile_events (owner, kind, created);
+    CREATE INDEX profile_events_image ON profile_events (image);
+    CREATE INDEX profile_events_other ON profile_events (other);
+    -- per-user binary artefacts: reward model weights, LoRA weights (safetensors only)
+    CREATE TABLE owner_blobs (
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        model TEXT NOT NULL,
+        data BLOB NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (owner, name)
     ) WITHOUT ROWID;
     """),
 ]
@@ -504,6 +530,8 @@ class SQLiteStore:
                       (owner,))
             c.execute("DELETE FROM handles WHERE owner = ?", (owner,))
             c.execute("DELETE FROM owner_settings WHERE owner = ?", (owner,))
+            hashes += self._delete_profile(c, owner)
+            c.execute("DELETE FROM owner_blobs WHERE owner = ?", (owner,))
             n = c.execute("DELETE FROM concepts WHERE owner = ?", (owner,)).rowcount
             self._drop_orphan_images(c, hashes)
             self._bump(c, owner)
@@ -566,17 +594,20 @@ class SQLiteStore:
         return self.get(owner, concept_id)
 
     def _drop_orphan_images(self, c, hashes: Sequence[str]) -> None:
-        """Remove those of `hashes` that no concept uses any more (images are shared by content hash)."""
+        """Remove those of `hashes` that nothing uses any more (images are shared by content hash)."""
         c.executemany("DELETE FROM images WHERE hash = ? AND NOT EXISTS "
-                      "(SELECT 1 FROM concept_images WHERE hash = ?)", [(h, h) for h in set(hashes)])
+                      "(SELECT 1 FROM concept_images WHERE hash = ?) AND NOT EXISTS "
+                      "(SELECT 1 FROM profile_events WHERE image = ?) AND NOT EXISTS "
+                      "(SELECT 1 FROM profile_events WHERE other = ?)", [(h, h, h, h) for h in set(hashes)])
 
     def image_bytes(self, owner: str, image_hash: str) -> bytes:
-        """The encoded bytes of one of the owner's reference images."""
+        """The encoded bytes of one of the owner's images (a concept's reference image or a profile image)."""
         check_owner(owner)
         row = self._conn.execute(
-            "SELECT i.data FROM images i JOIN concept_images ci ON ci.hash = i.hash "
-            "JOIN concepts c ON c.id = ci.concept_id WHERE i.hash = ? AND c.owner = ? LIMIT 1",
-            (image_hash, owner)).fetchone()
+            "SELECT i.data FROM images i WHERE i.hash = ? AND (EXISTS (SELECT 1 FROM concept_images ci "
+            "JOIN concepts c ON c.id = ci.concept_id WHERE ci.hash = i.hash AND c.owner = ?) OR EXISTS "
+            "(SELECT 1 FROM profile_events p WHERE p.owner = ? AND (p.image = i.hash OR p.other = i.hash)))",
+            (image_hash, owner, owner)).fetchone()
         if row is None:
             raise ConceptNotFound(f"user {owner!r} has no image {image_hash[:12]}")
         return row[0]
@@ -734,6 +765,88 @@ class SQLiteStore:
         if missing:
             index.records.update(self.get_many(owner, missing))
         return index.records
+
+    # ------------------------------------------------------------------ preference profiles
+
+    def add_profile_event(self, owner: str, kind: str, *, images: Sequence[bytes] = (), prompt: str = "",
+                          comment: str = "") -> ProfileEvent:
+        """Record a like / dislike (one image), a pair (chosen, rejected images + prompt) or a prompt."""
+        check_owner(owner)
+        expected = {"like": 1, "dislike": 1, "pair": 2, "prompt": 0}.get(kind)
+        if expected is None:
+            raise InvalidConceptError(f"unknown profile event {kind!r}; valid: {', '.join(PROFILE_KINDS)}")
+        blobs = _image_blobs(images)
+        if len(blobs) != expected:
+            raise InvalidConceptError(f"a {kind} takes {expected} image(s), got {len(blobs)}")
+        prompt, comment = check_text(prompt, "prompt", 2000), check_text(comment, "comment", 2000)
+        if kind in ("pair", "prompt") and not prompt.strip():
+            raise InvalidConceptError(f"a {kind} needs a non-empty prompt")
+        hashes = [content_hash(b) for b in blobs] + [None, None]
+        event = ProfileEvent(new_id(), owner, kind, prompt, hashes[0], hashes[1], comment, time.time())
+        with self._tx() as c:
+            c.executemany("INSERT OR IGNORE INTO images VALUES (?, ?, ?)", [(content_hash(b), b, len(b)) for b in blobs])
+            c.execute("INSERT INTO profile_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                      (event.id, owner, kind, prompt, event.image, event.other, comment, event.created))
+            self._bump(c, owner)
+        return event
+
+    def profile_events(self, owner: str, kind: str | None = None) -> list[ProfileEvent]:
+        check_owner(owner)
+        sql = "SELECT id, owner, kind, prompt, image, other, comment, created FROM profile_events WHERE owner = ?"
+        args: list[Any] = [owner]
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
+        return [ProfileEvent(*r) for r in self._conn.execute(sql + " ORDER BY created, id", args)]
+
+    def delete_profile_event(self, owner: str, event_id: str) -> None:
+        check_owner(owner)
+        with self._tx() as c:
+            row = c.execute("SELECT image, other FROM profile_events WHERE id = ? AND owner = ?",
+                            (event_id, owner)).fetchone()
+            if row is None:
+                raise ConceptNotFound(f"user {owner!r} has no profile entry {event_id!r}")
+            c.execute("DELETE FROM profile_events WHERE id = ?", (event_id,))
+            self._drop_orphan_images(c, [h for h in row if h])
+            self._bump(c, owner)
+
+    def _delete_profile(self, c, owner: str) -> list[str]:
+        hashes = [h for row in c.execute("SELECT image, other FROM profile_events WHERE owner = ?", (owner,))
+                  for h in row if h]
+        c.execute("DELETE FROM profile_events WHERE owner = ?", (owner,))
+        return hashes
+
+    def reset_profile(self, owner: str) -> int:
+        """Forget the user's whole preference profile (events, derived artefacts); returns events removed."""
+        check_owner(owner)
+        with self._tx() as c:
+            n = c.execute("SELECT count(*) FROM profile_events WHERE owner = ?", (owner,)).fetchone()[0]
+            self._drop_orphan_images(c, self._delete_profile(c, owner))
+            c.execute("DELETE FROM owner_blobs WHERE owner = ?", (owner,))
+            c.execute("DELETE FROM owner_settings WHERE owner = ? AND key LIKE 'profile.%'", (owner,))
+            self._bump(c, owner)
+        return n
+
+    def put_blob(self, owner: str, name: str, data: bytes, *, model: str) -> None:
+        """Store a per-user safetensors artefact (reward model, LoRA), tagged with the model it fits."""
+        check_owner(owner)
+        from safetensors import SafetensorError
+        from safetensors.numpy import load as load_safetensors
+
+        try:
+            load_safetensors(bytes(data))
+        except (SafetensorError, ValueError, TypeError) as e:
+            raise InvalidConceptError(f"blob {name!r} is not valid safetensors data ({e})") from e
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO owner_blobs VALUES (?, ?, ?, ?, ?)",
+                      (owner, name, model, bytes(data), time.time()))
+
+    def get_blob(self, owner: str, name: str) -> tuple[bytes, str] | None:
+        """(data, model) of a per-user artefact, or None."""
+        check_owner(owner)
+        row = self._conn.execute("SELECT data, model FROM owner_blobs WHERE owner = ? AND name = ?",
+                                 (owner, name)).fetchone()
+        return (row[0], row[1]) if row else None
 
     # ------------------------------------------------------------------ learned tensors
 

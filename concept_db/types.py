@@ -162,3 +162,28 @@ class BulkResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"added": len(self.added), "skipped": [{"name": n, "reason": r} for n, r in self.skipped]}
+
+
+PROFILE_KINDS = ("like", "dislike", "pair", "prompt")
+
+
+@dataclass(frozen=True)
+class ProfileEvent:
+    """One piece of a user's text-to-image preference history.
+
+    like / dislike: `image` (content hash) and an optional `comment`; pair: `prompt`, `image` the chosen and
+    `other` the rejected image; prompt: a prompt the user generated with.
+    """
+
+    id: str
+    owner: str
+    kind: str
+    prompt: str = ""
+    image: str | None = None
+    other: str | None = None
+    comment: str = ""
+    created: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "prompt": self.prompt, "image": self.image, "other": self.other,
+                "comment": self.comment, "created": self.created}

@@ -31,7 +31,10 @@ def assert_consistent(store):
                           ("embeddings", "concept_id"), ("tensors", "concept_id")):
         orphans = q(f"SELECT count(*) FROM {table} WHERE {column} NOT IN (SELECT id FROM concepts)").fetchone()[0]
         assert orphans == 0, f"{orphans} orphan rows in {table}"
-    assert q("SELECT count(*) FROM images WHERE hash NOT IN (SELECT hash FROM concept_images)").fetchone()[0] == 0
+    unused = q("SELECT count(*) FROM images WHERE hash NOT IN (SELECT hash FROM concept_images) AND hash NOT IN "
+               "(SELECT image FROM profile_events WHERE image IS NOT NULL) AND hash NOT IN "
+               "(SELECT other FROM profile_events WHERE other IS NOT NULL)").fetchone()[0]
+    assert unused == 0
     assert q("SELECT count(*) FROM concept_images WHERE hash NOT IN (SELECT hash FROM images)").fetchone()[0] == 0
 
 
@@ -223,7 +226,9 @@ def test_reopen_keeps_everything_and_migrations_are_numbered(store, tmp_path):
     path = store.path
     store.close()
     again = open_store(path)
-    assert again.get("alice", c.id) == c and again.schema_version == 2
+    from concept_db.sqlite import SCHEMA_MIGRATIONS
+
+    assert again.get("alice", c.id) == c and again.schema_version == SCHEMA_MIGRATIONS[-1][0] == 3
     assert again.search("alice", vecs(2)[0], embedder="e")[0].concept.id == c.id
     again.close()
 
@@ -290,3 +295,33 @@ def test_one_store_many_threads(store):
         t.join()
     assert errors == []
     assert store.count("alice") == 21
+
+
+def test_profile_events_images_and_isolation(store):
+    like = store.add_profile_event("alice", "like", images=[b"liked-img"], comment="warm colours")
+    pair = store.add_profile_event("alice", "pair", images=[b"chosen", b"rejected"], prompt="a cat")
+    store.add_profile_event("alice", "prompt", prompt="a dog")
+    assert [e.kind for e in store.profile_events("alice")] == ["like", "pair", "prompt"]
+    assert store.profile_events("alice", "like")[0].comment == "warm colours"
+    assert store.image_bytes("alice", pair.other) == b"rejected"
+    with pytest.raises(ConceptNotFound):
+        store.image_bytes("bob", like.image)  # another user's profile image
+    assert store.profile_events("bob") == []
+    for bad in (lambda: store.add_profile_event("alice", "love", images=[b"x"]),
+                lambda: store.add_profile_event("alice", "pair", images=[b"x"], prompt="p"),
+                lambda: store.add_profile_event("alice", "pair", images=[b"x", b"y"], prompt=" ")):
+        with pytest.raises(InvalidConceptError):
+            bad()
+    # a profile image shared with a concept survives the profile's reset, the others go
+    add(store, "alice", "bo")
+    shared = store.add_profile_event("alice", "dislike", images=[b"alice-bo-0"])
+    assert store.reset_profile("alice") == 4
+    assert store.profile_events("alice") == []
+    assert store.image_bytes("alice", shared.image) == b"alice-bo-0"
+    assert_consistent(store)
+    assert store._conn.execute("SELECT count(*) FROM images WHERE data IN (?, ?)",
+                               (b"liked-img", b"rejected")).fetchone()[0] == 0
+    store.add_profile_event("bob", "like", images=[b"bob-img"])
+    store.erase_owner("bob")
+    assert store.profile_events("bob") == []
+    assert store._conn.execute("SELECT count(*) FROM images WHERE data = ?", (b"bob-img",)).fetchone()[0] == 0
