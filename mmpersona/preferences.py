@@ -1,0 +1,156 @@
+"""`PreferenceProfile`: a user's text-to-image taste, kept in the concept database.
+
+    from mmpersona import ConceptDB, PreferenceProfile
+    profile = PreferenceProfile(ConceptDB("concepts.db", preset="tiny"), "alice")
+    profile.like("sunset.jpg", comment="warm light, film grain")
+    profile.compare("a cat on a sofa", chosen="a.png", rejected="b.png")
+    profile.attributes            # {"liked": [...], "disliked": [...]}, editable
+    profile.embeddings()          # mean CLIP embeddings of liked and disliked images
+    profile.train_reward()        # the personal reward model, stored for later
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .attributes import Attributes, clean_list
+from .errors import MmpersonaError
+from .images import ImageInput, load_image_bytes
+from .reward import BLOB_NAME, RewardModel, cold_start, train_reward
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from concept_db.types import ProfileEvent
+
+    from .conceptdb import ConceptDB
+    from .models import LoadedVLM
+
+ATTRIBUTES_KEY = "profile.attributes"
+
+
+class PreferenceProfile:
+    """Likes, dislikes, comments, pairwise choices and prompts of one user, and what is derived from them."""
+
+    def __init__(self, db: "ConceptDB", user: str):
+        from concept_db.types import check_owner
+
+        self.db = db
+        self.user = check_owner(user)
+        self._vectors: dict[str, "np.ndarray"] = {}
+
+    # ------------------------------------------------------------------ recording
+
+    def like(self, image: ImageInput, comment: str = "") -> "ProfileEvent":
+        return self.db.store.add_profile_event(self.user, "like", images=[load_image_bytes(image)], comment=comment)
+
+    def dislike(self, image: ImageInput, comment: str = "") -> "ProfileEvent":
+        return self.db.store.add_profile_event(self.user, "dislike", images=[load_image_bytes(image)],
+                                               comment=comment)
+
+    def compare(self, prompt: str, chosen: ImageInput, rejected: ImageInput) -> "ProfileEvent":
+        """Record that for `prompt` the user preferred `chosen` over `rejected`."""
+        a, b = load_image_bytes(chosen), load_image_bytes(rejected)
+        if a == b:
+            raise MmpersonaError("chosen and rejected are the same image")
+        return self.db.store.add_profile_event(self.user, "pair", images=[a, b], prompt=prompt)
+
+    def add_prompt(self, prompt: str) -> "ProfileEvent":
+        return self.db.store.add_profile_event(self.user, "prompt", prompt=prompt)
+
+    def events(self, kind: str | None = None) -> "list[ProfileEvent]":
+        return self.db.store.profile_events(self.user, kind)
+
+    def comments(self) -> list[tuple[str, str]]:
+        return [(e.kind, e.comment) for e in self.events() if e.kind in ("like", "dislike") and e.comment]
+
+    def reset(self) -> int:
+        self._vectors.clear()
+        return self.db.store.reset_profile(self.user)
+
+    # ------------------------------------------------------------------ attributes
+
+    @property
+    def attributes(self) -> Attributes:
+        data = self.db.store.get_setting(self.user, ATTRIBUTES_KEY) or {}
+        return Attributes(list(data.get("liked", [])), list(data.get("disliked", [])))
+
+    def set_attributes(self, liked: list[str] | None = None, disliked: list[str] | None = None) -> Attributes:
+        """Replace the liked and/or disliked attributes (the user's own edits), validated like model output."""
+        current = self.attributes
+        new = Attributes(clean_list(liked, "liked") if liked is not None else current.liked,
+                         clean_list(disliked, "disliked") if disliked is not None else current.disliked)
+        self.db.store.set_setting(self.user, ATTRIBUTES_KEY, new.to_dict())
+        return new
+
+    def extract_attributes(self, vlm: "LoadedVLM", *, retries: int = 2) -> Attributes:
+        """Derive attributes from the comments with a VLM (ViPer style) and store them."""
+        from .attributes import extract_attributes
+
+        found = extract_attributes(vlm, self.comments(), retries=retries)
+        return self.set_attributes(found.liked, found.disliked)
+
+    # ------------------------------------------------------------------ embeddings and reward
+
+    def image_vectors(self, hashes: list[str]) -> "np.ndarray":
+        """CLIP embeddings of profile images, computed once per profile object."""
+        import numpy as np
+
+        emb = self.db.embedder
+        todo = [h for h in dict.fromkeys(hashes) if h not in self._vectors]
+        if todo:
+            known = self.db.store.known_vectors(emb.name, todo)
+            missing = [h for h in todo if h not in known]
+            if missing:
+                fresh = emb.embed_images([self.db.store.image_bytes(self.user, h) for h in missing])
+                known.update(dict(zip(missing, fresh, strict=True)))
+            self._vectors.update(known)
+        return np.stack([self._vectors[h] for h in hashes]) if hashes else np.zeros((0, emb.dim), np.float32)
+
+    def embeddings(self) -> dict[str, "np.ndarray | None"]:
+        """Preference embeddings: the normalised mean embedding of liked and of disliked images (None if none)."""
+        import numpy as np
+
+        out: dict[str, Any] = {}
+        for kind, key in (("like", "liked"), ("dislike", "disliked")):
+            vecs = self.image_vectors([e.image for e in self.events(kind)])
+            if len(vecs):
+                mean = vecs.mean(0)
+                out[key] = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+            else:
+                out[key] = None
+        return out
+
+    def train_reward(self, *, l2: float = 1e-3, seed: int = 0, store: bool = True) -> RewardModel:
+        """Fit the personal reward model on this profile's pairs, likes and dislikes (and store it)."""
+        pairs = self.events("pair")
+        emb = self.db.embedder
+        model = train_reward(
+            emb.name,
+            chosen=self.image_vectors([e.image for e in pairs]),
+            rejected=self.image_vectors([e.other for e in pairs]),
+            pair_prompts=emb.embed_texts([e.prompt for e in pairs]) if pairs else None,
+            likes=self.image_vectors([e.image for e in self.events("like")]),
+            dislikes=self.image_vectors([e.image for e in self.events("dislike")]),
+            dim=emb.dim, l2=l2, seed=seed)
+        if store and not model.cold_start:
+            self.db.store.put_blob(self.user, BLOB_NAME, model.to_bytes(), model=emb.name)
+        return model
+
+    def reward(self) -> RewardModel:
+        """The stored reward model, or an explicit cold-start one (all scores 0) when the user has none."""
+        stored = self.db.store.get_blob(self.user, BLOB_NAME)
+        emb = self.db.embedder
+        if stored is None:
+            return cold_start(emb.dim, emb.name)
+        model = RewardModel.from_bytes(stored[0])
+        if model.embedder != emb.name:
+            raise MmpersonaError(f"the stored reward model of {self.user!r} was trained on {model.embedder!r} "
+                                 f"embeddings, not {emb.name!r}: run `mmpersona profile train-reward` again")
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        counts = {k: len(self.events(k)) for k in ("like", "dislike", "pair", "prompt")}
+        stored = self.db.store.get_blob(self.user, BLOB_NAME)
+        return {"user": self.user, "counts": counts, "attributes": self.attributes.to_dict(),
+                "reward_model": RewardModel.from_bytes(stored[0]).summary() if stored else {"cold_start": True}}
