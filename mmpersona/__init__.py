@@ -32,6 +32,10 @@ _EXPORTS = {
     "PersonalizedVLMPipeline": "pipelines.vlm",
     "VLMAnswer": "pipelines.vlm",
     "PromptBudget": "pipelines.prompt",
+    "PersonalizedT2IPipeline": "pipelines.t2i",
+    "T2IResult": "pipelines.t2i",
+    "PreferenceProfile": "mmpersona.preferences",
+    "RewardModel": "mmpersona.reward",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -43,6 +47,10 @@ if TYPE_CHECKING:
                          UnknownPresetError)
     from .images import load_image
     from pipelines.prompt import PromptBudget
+    from pipelines.t2i import PersonalizedT2IPipeline, T2IResult
+
+    from .preferences import PreferenceProfile
+    from .reward import RewardModel
     from pipelines.vlm import PersonalizedVLMPipeline, VLMAnswer
 
     from .models import (ModelSpec, build_tiny, load_detector, load_embedder, load_t2i, load_vlm, resolve)

@@ -20,12 +20,16 @@ _EXPORTS = {
     "PromptBuilder": "pipelines.prompt",
     "RetrievedConcept": "pipelines.retrieval",
     "Retriever": "pipelines.retrieval",
+    "PersonalizedT2IPipeline": "pipelines.t2i",
+    "T2IResult": "pipelines.t2i",
+    "register_strategy": "pipelines.t2i",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .prompt import PromptBudget, PromptBuilder
     from .retrieval import RetrievedConcept, Retriever
+    from .t2i import PersonalizedT2IPipeline, T2IResult, register_strategy
     from .vlm import AnswerStream, ChatSession, PersonalizedVLMPipeline, UnknownUserError, VLMAnswer
 
 

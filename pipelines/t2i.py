@@ -1,0 +1,419 @@
+"""Personalized text-to-image: a diffusers pipeline steered by a user's preference profile and concepts.
+
+    from pipelines import PersonalizedT2IPipeline
+    pipe = PersonalizedT2IPipeline("concepts.db", preset="tiny")
+    result = pipe("a photo of <bo> on the beach", user="alice", n=2, strategies=["subject", "attributes", "rerank"])
+    result.images, result.scores, result.metadata
+
+Strategies are small units, each with a config dataclass, registered by name and composed in one call:
+- attributes: liked attributes join the prompt, disliked ones the negative prompt; the text encoders run once
+  (pooled embeddings too for SDXL), so each denoising step is still ONE UNet pass (ViPer spends a second one);
+- ip_adapter: embeddings of liked images are the positive IP-Adapter input, of disliked images the negative
+  half (diffusers' `ip_adapter_image_embeds`, shapes checked here since diffusers does not);
+- subject: `<name>` from the user's concept database brings its reference images in as IP-Adapter input, and
+  the handle is replaced by its category / description;
+- lora: the user's LoRA (trained with Diffusion-DPO) loaded by adapter name with a weight;
+- rerank: best-of-N by the personal reward model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+
+from mmpersona.errors import MmpersonaError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from mmpersona.conceptdb import ConceptDB
+    from mmpersona.models import LoadedT2I
+    from mmpersona.preferences import PreferenceProfile
+
+logger = logging.getLogger(__name__)
+
+HANDLE = re.compile(r"<([^<>\n]{1,64})>")
+LORA_BLOB = "dpo_lora"
+
+
+class UnknownStrategyError(MmpersonaError, KeyError):
+    """A strategy name that is not registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+
+STRATEGIES: dict[str, type["Strategy"]] = {}
+
+
+def register_strategy(name: str) -> Callable[[type["Strategy"]], type["Strategy"]]:
+    """Class decorator: make a strategy available by `name`."""
+
+    def wrap(cls: type["Strategy"]) -> type["Strategy"]:
+        cls.name = name
+        STRATEGIES[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_strategy(name: str, config: Any = None) -> "Strategy":
+    cls = STRATEGIES.get(name)
+    if cls is None:
+        raise UnknownStrategyError(f"unknown strategy {name!r}; valid: {', '.join(sorted(STRATEGIES))}")
+    return cls(config if config is not None else cls.config_cls())
+
+
+@dataclass
+class Conditioning:
+    """What strategies change before generation; read by the pipeline call."""
+
+    prompt: str
+    negative_prompt: str = ""
+    ip_positive: list[Any] = field(default_factory=list)  # image embeddings (dim,), one per IP image slot
+    ip_negative: list[Any] = field(default_factory=list)  # averaged into the negative half
+    ip_scale: float = 0.0
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    candidates: int = 1  # images generated per requested image (rerank)
+    notes: dict[str, Any] = field(default_factory=dict)  # per strategy, for the sidecar
+
+
+class Strategy:
+    """Base class: `apply` edits the conditioning; `select` may pick among generated candidates."""
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type] = object
+
+    def __init__(self, config: Any):
+        if not isinstance(config, self.config_cls):
+            raise MmpersonaError(f"strategy {self.name!r} takes a {self.config_cls.__name__}, "
+                                 f"got {type(config).__name__}")
+        self.config = config
+
+    def apply(self, run: "Run", cond: Conditioning) -> None:
+        pass
+
+    def select(self, run: "Run", images: list, scores: list[float], n: int) -> list[int]:
+        return list(range(n))
+
+
+@dataclass
+class AttributesConfig:
+    """max_liked / max_disliked: attributes used at most."""
+
+    max_liked: int = 8
+    max_disliked: int = 8
+
+
+@register_strategy("attributes")
+class AttributesStrategy(Strategy):
+    config_cls = AttributesConfig
+
+    def apply(self, run, cond):
+        attrs = run.profile.attributes
+        liked, disliked = attrs.liked[: self.config.max_liked], attrs.disliked[: self.config.max_disliked]
+        if liked:
+            cond.prompt = f"{cond.prompt}, {', '.join(liked)}"
+        if disliked:
+            cond.negative_prompt = ", ".join(filter(None, [cond.negative_prompt, *disliked]))
+        cond.notes["attributes"] = {"liked": liked, "disliked": disliked}
+
+
+@dataclass
+class IPAdapterConfig:
+    """scale: IP-Adapter strength; max_images: liked / disliked images used at most (most recent first)."""
+
+    scale: float = 0.6
+    max_images: int = 8
+
+
+@register_strategy("ip_adapter")
+class IPAdapterStrategy(Strategy):
+    config_cls = IPAdapterConfig
+
+    def apply(self, run, cond):
+        liked = run.profile.events("like")[-self.config.max_images:]
+        disliked = run.profile.events("dislike")[-self.config.max_images:]
+        if not liked:
+            cond.notes["ip_adapter"] = {"skipped": "the user has no liked images"}
+            return
+        pos = run.image_embeds([e.image for e in liked]).mean(0)
+        cond.ip_positive.append(pos)
+        if disliked:
+            cond.ip_negative.append(run.image_embeds([e.image for e in disliked]).mean(0))
+        cond.ip_scale = max(cond.ip_scale, self.config.scale)
+        cond.notes["ip_adapter"] = {"liked": len(liked), "disliked": len(disliked), "scale": self.config.scale}
+
+
+@dataclass
+class SubjectConfig:
+    """scale: IP-Adapter strength for the subject's reference images; max_images per subject."""
+
+    scale: float = 0.7
+    max_images: int = 4
+
+
+@register_strategy("subject")
+class SubjectStrategy(Strategy):
+    config_cls = SubjectConfig
+
+    def apply(self, run, cond):
+        found = []
+        for handle in dict.fromkeys(HANDLE.findall(cond.prompt)):
+            concept = run.db.store.find(run.user, handle)
+            if concept is None:
+                raise MmpersonaError(f"<{handle}> is not in {run.user!r}'s concept database "
+                                     "(add it with `mmpersona concepts add`)")
+            words = concept.category or concept.info[:60] or concept.name
+            cond.prompt = cond.prompt.replace(f"<{handle}>", words)
+            if concept.images:
+                cond.ip_positive.append(run.image_embeds(list(concept.images[: self.config.max_images])).mean(0))
+                cond.ip_scale = max(cond.ip_scale, self.config.scale)
+            found.append(concept.handle)
+        cond.notes["subject"] = {"concepts": found}
+
+
+@dataclass
+class LoraConfig:
+    """weight: adapter weight in `set_adapters`."""
+
+    weight: float = 1.0
+
+
+@register_strategy("lora")
+class LoraStrategy(Strategy):
+    config_cls = LoraConfig
+
+    def apply(self, run, cond):
+        name = run.ensure_lora()
+        cond.loras.append((name, self.config.weight))
+        cond.notes["lora"] = {"adapter": name, "weight": self.config.weight}
+
+
+@dataclass
+class RerankConfig:
+    """candidates: images generated per image returned; the reward model keeps the best."""
+
+    candidates: int = 4
+
+    def __post_init__(self):
+        if self.candidates < 1:
+            raise MmpersonaError(f"RerankConfig.candidates must be at least 1, got {self.candidates}")
+
+
+@register_strategy("rerank")
+class RerankStrategy(Strategy):
+    config_cls = RerankConfig
+
+    def apply(self, run, cond):
+        cond.candidates = max(cond.candidates, self.config.candidates)
+        cond.notes["rerank"] = {"candidates": self.config.candidates, "cold_start": run.reward.cold_start}
+
+    def select(self, run, images, scores, n):
+        return sorted(range(len(images)), key=lambda i: -scores[i])[:n]
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+
+
+@dataclass
+class T2IResult:
+    """Images (best first when reranked), their personal reward scores, and one metadata dict per image."""
+
+    images: list["Image.Image"]
+    scores: list[float]
+    metadata: list[dict[str, Any]]
+
+
+class Run:
+    """Per-call state the strategies read: user, profile, reward model, image-embedding helpers."""
+
+    def __init__(self, pipeline: "PersonalizedT2IPipeline", user: str):
+        from mmpersona.preferences import PreferenceProfile
+
+        self.pipeline = pipeline
+        self.db = pipeline.db
+        self.user = user
+        self.profile: "PreferenceProfile" = PreferenceProfile(pipeline.db, user)
+        self._reward = None
+
+    @property
+    def reward(self):
+        if self._reward is None:
+            self._reward = self.profile.reward()
+        return self._reward
+
+    def image_embeds(self, hashes: Sequence[str]):
+        """IP-Adapter image-encoder embeddings (n, dim) of stored images."""
+        import torch
+
+        from mmpersona.images import load_image
+
+        pipe = self.pipeline.diffusers
+        if getattr(pipe, "image_encoder", None) is None:
+            raise MmpersonaError("this pipeline has no IP-Adapter image encoder (load it with ip_adapter=True)")
+        out = []
+        for h in hashes:
+            image = load_image(self.db.store.image_bytes(self.user, h))
+            with torch.inference_mode():
+                embeds, _ = pipe.encode_image(image, pipe.device, 1)
+            out.append(embeds[0])
+        return torch.stack(out)
+
+    def ensure_lora(self) -> str:
+        return self.pipeline.load_user_lora(self.user)
+
+
+class PersonalizedT2IPipeline:
+    """A diffusers SD / SDXL pipeline from the registry, steered per user by composable strategies.
+
+    Args:
+        db: a `ConceptDB` or database path (its embedder scores images for the reward model).
+        t2i: a `LoadedT2I`, or a model id / preset choice for `role`.
+        role: "t2i" (SD 1.5 family) or "t2i_xl" (SDXL).
+        strategies: default strategy names (a call may pass others); configs: {name: config} overrides.
+    """
+
+    def __init__(self, db: "ConceptDB | str | Path | None" = None, *, t2i: "LoadedT2I | str | None" = None,
+                 role: str = "t2i", preset: str = "default", device: Any = "auto", dtype: Any = None,
+                 embedder: Any = None, strategies: Sequence[str] = ("attributes", "ip_adapter", "rerank"),
+                 configs: dict[str, Any] | None = None):
+        from mmpersona.conceptdb import ConceptDB
+        from mmpersona.models import LoadedT2I, load_t2i
+
+        self.configs = dict(configs or {})
+        self.default_strategies = self._strategies(strategies)  # validates names and configs early
+        self.db = db if isinstance(db, ConceptDB) else ConceptDB(db, embedder=embedder, preset=preset,
+                                                                  device=device, dtype=dtype)
+        self.t2i = t2i if isinstance(t2i, LoadedT2I) else load_t2i(t2i, role=role, preset=preset, device=device,
+                                                                   dtype=dtype)
+        self.diffusers = self.t2i.pipeline
+        self.diffusers.set_progress_bar_config(disable=True)
+        self._loras: dict[str, str] = {}
+
+    def _strategies(self, names: Sequence[str]) -> list[Strategy]:
+        if isinstance(names, str):
+            names = [names]
+        return [get_strategy(n, self.configs.get(n)) for n in dict.fromkeys(names)]
+
+    def check_inputs(self, prompt: Any, user: Any, n: int, steps: int) -> None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise MmpersonaError(f"`prompt` must be a non-empty string, got {prompt!r}")
+        if not isinstance(user, str) or not user.strip():
+            raise MmpersonaError(f"`user` must be a non-empty string, got {user!r}")
+        if n < 1 or steps < 1:
+            raise MmpersonaError(f"`n` and `steps` must be at least 1, got n={n}, steps={steps}")
+
+    def condition(self, prompt: str, user: str, strategies: list[Strategy]) -> tuple[Conditioning, Run]:
+        """Apply the strategies in order; returns the conditioning and the per-call state."""
+        run = Run(self, user)
+        cond = Conditioning(prompt)
+        for s in strategies:
+            s.apply(run, cond)
+        return cond, run
+
+    def ip_adapter_embeds(self, cond: Conditioning, do_cfg: bool):
+        """`ip_adapter_image_embeds` for diffusers: one tensor (2 or 1, n_images, dim), [negative; positive]."""
+        import torch
+
+        encoder = getattr(self.diffusers, "image_encoder", None)
+        if encoder is None:
+            return None
+        dim = encoder.config.projection_dim
+        dtype, device = self.diffusers.unet.dtype, self.diffusers.device
+        if cond.ip_positive:
+            pos = torch.stack(cond.ip_positive)[None]  # (1, n_images, dim)
+        else:  # an IP-Adapter is loaded but unused: neutral input at scale 0
+            pos = torch.zeros(1, 1, dim)
+        neg = torch.stack(cond.ip_negative).mean(0).expand_as(pos) if cond.ip_negative else torch.zeros_like(pos)
+        embeds = torch.cat([neg, pos]) if do_cfg else pos
+        expected = (2 if do_cfg else 1, pos.shape[1], dim)
+        if tuple(embeds.shape) != expected:  # diffusers would not notice a wrong batch size
+            raise MmpersonaError(f"IP-Adapter embeddings have shape {tuple(embeds.shape)}, expected {expected}")
+        return [embeds.to(device=device, dtype=dtype)]
+
+    def __call__(self, prompt: str, *, user: str, n: int = 1, steps: int = 30, guidance_scale: float = 7.5,
+                 seed: int = 0, strategies: Sequence[str] | None = None, height: int | None = None,
+                 width: int | None = None) -> T2IResult:
+        """Generate `n` images of `prompt` for `user`; seeds are `seed`, `seed + 1`, ..."""
+        import torch
+
+        self.check_inputs(prompt, user, n, steps)
+        chosen = self._strategies(strategies) if strategies is not None else self.default_strategies
+        start = time.perf_counter()
+        cond, run = self.condition(prompt, user, chosen)
+        total = n * cond.candidates
+        seeds = [seed + i for i in range(total)]
+        pipe = self.diffusers
+        do_cfg = guidance_scale > 1.0
+        kwargs: dict[str, Any] = {}
+        if getattr(pipe, "image_encoder", None) is not None:
+            pipe.set_ip_adapter_scale(cond.ip_scale if cond.ip_positive else 0.0)
+            kwargs["ip_adapter_image_embeds"] = self.ip_adapter_embeds(cond, do_cfg)
+        if cond.loras:
+            pipe.set_adapters([name for name, _ in cond.loras], adapter_weights=[w for _, w in cond.loras])
+        elif self._loras:
+            pipe.disable_lora()
+        try:
+            out = pipe(cond.prompt, negative_prompt=cond.negative_prompt or None, num_inference_steps=steps,
+                       guidance_scale=guidance_scale, num_images_per_prompt=total, height=height, width=width,
+                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **kwargs)
+        finally:
+            if cond.loras:
+                pipe.disable_lora()
+        images = out.images
+        scores = self.score(run, images, prompt)
+        order = list(range(total))
+        for s in chosen:
+            order = [order[i] for i in s.select(run, [images[j] for j in order], [scores[j] for j in order],
+                                                len(order))]
+        keep = order[:n]
+        elapsed = time.perf_counter() - start
+        meta_common = {
+            "prompt": prompt, "final_prompt": cond.prompt, "negative_prompt": cond.negative_prompt, "user": user,
+            "model": self.t2i.spec.id,
+            "ip_adapter": None if self.t2i.spec.ip_adapter is None else asdict(self.t2i.spec.ip_adapter),
+            "embedder": self.db.embedder.name, "steps": steps, "guidance_scale": guidance_scale,
+            "strategies": {s.name: asdict(s.config) for s in chosen}, "notes": cond.notes,
+            "reward_cold_start": run.reward.cold_start, "seconds": round(elapsed, 3),
+        }
+        return T2IResult([images[i] for i in keep], [scores[i] for i in keep],
+                         [{**meta_common, "seed": seeds[i], "reward_score": scores[i],
+                           "candidate": i, "candidates": total} for i in keep])
+
+    def score(self, run: Run, images: list, prompt: str) -> list[float]:
+        """Personal reward scores (0 for a cold-start user)."""
+        model = run.reward
+        if model.cold_start:
+            return [0.0] * len(images)
+        emb = self.db.embedder
+        return [float(s) for s in model.score(emb.embed_images(images), emb.embed_texts([prompt])[0])]
+
+    def load_user_lora(self, user: str) -> str:
+        """Load the user's DPO LoRA into the pipeline once, by adapter name; returns the name."""
+        if user in self._loras:
+            return self._loras[user]
+        stored = self.db.store.get_blob(user, LORA_BLOB)
+        if stored is None:
+            raise MmpersonaError(f"user {user!r} has no LoRA yet: train one with `mmpersona profile train-lora`")
+        data, model = stored
+        if model != self.t2i.spec.id:
+            raise MmpersonaError(f"{user!r}'s LoRA was trained for {model!r}, not {self.t2i.spec.id!r}")
+        from safetensors.torch import load
+
+        name = f"user_{len(self._loras)}"
+        self.diffusers.load_lora_weights(load(data), adapter_name=name)
+        self._loras[user] = name
+        return name
+
+
+def strategy_help() -> dict[str, list[str]]:
+    """Each registered strategy with its config fields, for CLI help and errors."""
+    return {name: [f.name for f in fields(cls.config_cls)] for name, cls in sorted(STRATEGIES.items())}
