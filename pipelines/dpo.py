@@ -1,0 +1,221 @@
+"""A per-user LoRA trained with Diffusion-DPO on the user's pairwise choices.
+
+Diffusion-DPO (Wallace et al., 2023): for a pair (prompt, chosen x_w, rejected x_l), noise both latents with the
+same noise and timestep, and compare how much the LoRA-adapted UNet improves the denoising error over the frozen
+reference on x_w versus x_l:
+
+    loss = -log sigmoid(-beta / 2 * ((e_w - e_w_ref) - (e_l - e_l_ref)))
+
+with e the per-sample MSE of the noise (or v) prediction. The reference is the same UNet with the adapter
+disabled, so no second copy of the model is held. Only the LoRA parameters (peft, on the attention projections)
+train; they are stored per user as safetensors in diffusers' LoRA format and served by adapter name.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mmpersona.errors import MmpersonaError
+
+from .t2i import LORA_BLOB
+
+if TYPE_CHECKING:
+    from mmpersona.conceptdb import ConceptDB
+    from mmpersona.models import LoadedT2I
+
+logger = logging.getLogger(__name__)
+ADAPTER = "dpo_training"
+
+
+@dataclass
+class DPOConfig:
+    """rank / alpha: LoRA size; beta: DPO strength; steps, lr; early stopping after `patience` checks (every
+    `eval_every` steps) without a better average loss; mixed_precision for accelerate."""
+
+    rank: int = 4
+    alpha: int | None = None
+    beta: float = 2000.0
+    steps: int = 200
+    lr: float = 1e-4
+    eval_every: int = 20
+    patience: int = 3
+    seed: int = 0
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.steps < 1 or self.eval_every < 1 or self.patience < 1:
+            raise MmpersonaError("DPOConfig: rank, steps, eval_every and patience must be at least 1")
+        if not self.beta > 0 or not self.lr > 0:
+            raise MmpersonaError("DPOConfig: beta and lr must be positive")
+
+
+@dataclass
+class DPOResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped_early: bool = False
+    pairs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "pairs": self.pairs, "first_loss": self.losses[0] if self.losses else None,
+                "last_loss": self.losses[-1] if self.losses else None, "seconds": round(self.seconds, 3),
+                "stopped_early": self.stopped_early}
+
+
+def _size(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def prepare_pairs(t2i: "LoadedT2I", db: "ConceptDB", user: str) -> list[dict[str, Any]]:
+    """Latents of each chosen / rejected image and the prompt conditioning, computed once."""
+    import torch
+
+    from mmpersona.images import load_image
+    from mmpersona.preferences import PreferenceProfile
+
+    pairs = PreferenceProfile(db, user).events("pair")
+    if not pairs:
+        raise MmpersonaError(f"user {user!r} has no pairwise choices to train on (add some with "
+                             "`mmpersona profile compare`)")
+    pipe = t2i.pipeline
+    size = _size(pipe)
+    device, dtype = pipe.device, pipe.unet.dtype
+    xl = t2i.is_xl
+    out = []
+    with torch.no_grad():
+        for e in pairs:
+            pixels = [pipe.image_processor.preprocess(load_image(db.store.image_bytes(user, h)), height=size,
+                                                      width=size) for h in (e.image, e.other)]
+            x = torch.cat(pixels).to(device, pipe.vae.dtype)
+            latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+            if xl:
+                embeds, _, pooled, _ = pipe.encode_prompt(e.prompt, device=device, num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=False)
+                time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
+                                                  text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+                cond = {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids.to(device).repeat(2, 1)}
+            else:
+                embeds, _ = pipe.encode_prompt(e.prompt, device, 1, False)
+                cond = None
+            if pipe.unet.encoder_hid_proj is not None:  # an IP-Adapter is loaded: give it a neutral input
+                dim = pipe.image_encoder.config.projection_dim
+                cond = {**(cond or {}), "image_embeds": [torch.zeros(2, 1, dim, device=device, dtype=dtype)]}
+            out.append({"latents": latents.to(dtype), "embeds": embeds.repeat(2, 1, 1).to(dtype), "added": cond})
+    return out
+
+
+def dpo_loss(pipe, item: dict[str, Any], beta: float, timestep: Any, noise: Any):
+    """The Diffusion-DPO loss of one pair at a given timestep and noise (the same for chosen and rejected)."""
+    import torch
+    import torch.nn.functional as F
+
+    unet, scheduler = pipe.unet, pipe.scheduler
+    latents = item["latents"]  # (2, c, h, w): chosen, rejected
+    noise2 = noise.expand_as(latents)
+    t = timestep.expand(2)
+    noisy = scheduler.add_noise(latents, noise2, t)
+    target = noise2 if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise2, t)
+    kwargs = {"encoder_hidden_states": item["embeds"]}
+    if item["added"] is not None:
+        kwargs["added_cond_kwargs"] = item["added"]
+    pred = unet(noisy, t, **kwargs).sample
+    with torch.no_grad():
+        unet.disable_adapters()
+        try:
+            ref = unet(noisy, t, **kwargs).sample
+        finally:
+            unet.enable_adapters()
+    err = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    err_ref = F.mse_loss(ref.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    inside = -0.5 * beta * ((err[0] - err_ref[0]) - (err[1] - err_ref[1]))
+    return -F.logsigmoid(inside)
+
+
+def add_lora(pipe, config: DPOConfig) -> list:
+    """Attach a fresh LoRA (peft) to the UNet's attention projections; returns its trainable parameters."""
+    from peft import LoraConfig
+
+    import torch
+
+    unet = pipe.unet
+    torch.manual_seed(config.seed)
+    unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha or config.rank, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=ADAPTER)
+    unet.set_adapter(ADAPTER)
+    unet.requires_grad_(False)
+    params = []
+    for name, p in unet.named_parameters():
+        if "lora_" in name and ADAPTER in name:
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def lora_state_dict(pipe) -> dict:
+    """The trained adapter in diffusers' LoRA format (keys `unet.*`), ready for `load_lora_weights`."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name=ADAPTER))
+    return {f"unet.{k}": v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
+def train_dpo_lora(t2i: "LoadedT2I", db: "ConceptDB", user: str, config: DPOConfig | None = None, *,
+                   progress: bool = True, save: bool = True) -> DPOResult:
+    """Train the user's LoRA on their pairs and store it; the pipeline is left as it was."""
+    import torch
+    from accelerate import Accelerator
+    from safetensors.torch import save as save_tensors
+    from tqdm.auto import tqdm
+
+    config = config or DPOConfig()
+    items = prepare_pairs(t2i, db, user)
+    pipe = t2i.pipeline
+    if pipe.unet.encoder_hid_proj is not None:
+        pipe.set_ip_adapter_scale(0.0)  # train the LoRA on text conditioning alone; calls set the scale again
+    params = add_lora(pipe, config)
+    accelerator = Accelerator(cpu=pipe.device.type == "cpu", mixed_precision=config.mixed_precision)
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    rng = random.Random(config.seed)
+    gen = torch.Generator("cpu").manual_seed(config.seed)
+    result = DPOResult(0, pairs=len(items))
+    best, stale, window = float("inf"), 0, []
+    start = time.perf_counter()
+    try:
+        unet.train()
+        for step in tqdm(range(config.steps), desc=f"DPO LoRA for {user}", disable=not progress, unit="step"):
+            item = items[rng.randrange(len(items))]
+            t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (1,), generator=gen).to(pipe.device)
+            noise = torch.randn(item["latents"][:1].shape, generator=gen).to(pipe.device, item["latents"].dtype)
+            loss = dpo_loss(pipe, item, config.beta, t, noise)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(float(loss.detach()))
+            result.steps = step + 1
+            window.append(result.losses[-1])
+            if (step + 1) % config.eval_every == 0:
+                avg = sum(window) / len(window)
+                window.clear()
+                if avg < best - 1e-4:
+                    best, stale = avg, 0
+                else:
+                    stale += 1
+                    if stale >= config.patience:
+                        result.stopped_early = True
+                        break
+        unet.eval()
+        if save:
+            state = lora_state_dict(pipe)
+            db.store.put_blob(user, LORA_BLOB, save_tensors(state), model=t2i.spec.id)
+    finally:
+        pipe.unet.delete_adapters(ADAPTER)
+        pipe.unet.requires_grad_(False)
+    result.seconds = time.perf_counter() - start
+    return result
