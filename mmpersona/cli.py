@@ -26,6 +26,9 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="The model registry: which model serves each role.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+profile_app = typer.Typer(help="Your text-to-image preference profile: likes, dislikes, choices, attributes.",
+                          no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
 concepts_app = typer.Typer(help="The concept database: your concepts, their images and retrieval.",
                            no_args_is_help=True)
 app.add_typer(concepts_app, name="concepts")
@@ -434,6 +437,153 @@ def evaluate_cmd(
         o = report["caption"]["overall"]
         lines.append(f"caption: precision {o['precision']}, recall {o['recall']}, f1 {o['f1']}")
     emit(s, report, "\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+
+def open_profile(s: Settings, db):
+    from .preferences import PreferenceProfile
+
+    return PreferenceProfile(db, s.user)
+
+
+@profile_app.command("like")
+def profile_like(ctx: typer.Context, image: Path = typer.Argument(...),
+                 comment: str = typer.Option("", "--comment", help="What you like about it.")) -> None:
+    """Record an image you like (with an optional comment)."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        e = open_profile(s, db).like(image, comment=comment)
+    emit(s, e.to_dict(), f"liked {image}")
+
+
+@profile_app.command("dislike")
+def profile_dislike(ctx: typer.Context, image: Path = typer.Argument(...),
+                    comment: str = typer.Option("", "--comment", help="What you dislike about it.")) -> None:
+    """Record an image you dislike (with an optional comment)."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        e = open_profile(s, db).dislike(image, comment=comment)
+    emit(s, e.to_dict(), f"disliked {image}")
+
+
+@profile_app.command("compare")
+def profile_compare(ctx: typer.Context, chosen: Path = typer.Argument(...), rejected: Path = typer.Argument(...),
+                    prompt: str = typer.Option(..., "--prompt", help="The prompt both images were made for.")) -> None:
+    """Record a pairwise choice: CHOSEN was preferred over REJECTED for --prompt."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        e = open_profile(s, db).compare(prompt, chosen, rejected)
+    emit(s, e.to_dict(), f"recorded: {chosen} over {rejected}")
+
+
+@profile_app.command("show")
+def profile_show(ctx: typer.Context) -> None:
+    """Counts, attributes and the reward model's state."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        summary = open_profile(s, db).summary()
+    a = summary["attributes"]
+    emit(s, summary, "\n".join([f"user {s.user}: " + ", ".join(f"{v} {k}s" for k, v in summary["counts"].items()),
+                                f"liked attributes: {', '.join(a['liked']) or '-'}",
+                                f"disliked attributes: {', '.join(a['disliked']) or '-'}",
+                                f"reward model: {summary['reward_model']}"]))
+
+
+@profile_app.command("edit-attributes")
+def profile_edit_attributes(
+    ctx: typer.Context,
+    liked: Optional[list[str]] = typer.Option(None, "--liked", help="Replace the liked attributes (repeatable)."),
+    disliked: Optional[list[str]] = typer.Option(None, "--disliked", help="Replace the disliked ones."),
+    extract: bool = typer.Option(False, "--extract", help="Derive them from your comments with the VLM first."),
+) -> None:
+    """View, derive (ViPer style) or edit the liked / disliked visual attributes."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        profile = open_profile(s, db)
+        if extract:
+            from .models import load_vlm
+
+            profile.extract_attributes(load_vlm(s.overrides.get("vlm"), preset=s.preset, device=s.device,
+                                                dtype=s.dtype))
+        attrs = profile.set_attributes(liked, disliked) if liked is not None or disliked is not None \
+            else profile.attributes
+    emit(s, attrs.to_dict(), f"liked: {', '.join(attrs.liked) or '-'}\ndisliked: {', '.join(attrs.disliked) or '-'}")
+
+
+@profile_app.command("train-reward")
+def profile_train_reward(ctx: typer.Context) -> None:
+    """Train the personal reward model on your pairs, likes and dislikes; prints its held-out accuracy."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        model = open_profile(s, db).train_reward()
+    text = ("no data yet: scores stay neutral (cold start)" if model.cold_start else
+            f"trained on {model.pairs} pairs, {model.likes} likes, {model.dislikes} dislikes; held-out pairwise "
+            f"accuracy {model.held_out_accuracy if model.held_out_accuracy is not None else 'n/a (too few)'}")
+    emit(s, model.summary(), text)
+
+
+@profile_app.command("train-lora")
+def profile_train_lora(
+    ctx: typer.Context,
+    steps: int = typer.Option(200, "--steps", min=1), rank: int = typer.Option(4, "--rank", min=1),
+    beta: float = typer.Option(2000.0, "--beta"), lr: float = typer.Option(1e-4, "--lr"),
+    xl: bool = typer.Option(False, "--xl", help="Train for the SDXL model (t2i_xl) instead of SD 1.5."),
+) -> None:
+    """Train your LoRA with Diffusion-DPO on your pairwise choices (used by `generate --strategies lora`)."""
+    from pipelines.dpo import DPOConfig, train_dpo_lora
+
+    from .models import load_t2i
+
+    s = settings(ctx)
+    role = "t2i_xl" if xl else "t2i"
+    with open_db(s) as db:
+        t2i = load_t2i(s.overrides.get(role), role=role, preset=s.preset, device=s.device, dtype=s.dtype,
+                       ip_adapter=False)
+        result = train_dpo_lora(t2i, db, s.user, DPOConfig(steps=steps, rank=rank, beta=beta, lr=lr),
+                                progress=not s.json)
+    emit(s, {**result.to_dict(), "model": t2i.spec.id},
+         f"trained a LoRA for {t2i.spec.id} on {result.pairs} pairs: {result.steps} steps, {result.seconds:.1f}s")
+
+
+@profile_app.command("reset")
+def profile_reset(ctx: typer.Context) -> None:
+    """Forget the whole preference profile (likes, pairs, attributes, reward model, LoRA)."""
+    s = settings(ctx)
+    with open_db(s) as db:
+        n = open_profile(s, db).reset()
+    emit(s, {"removed": n}, f"removed {n} profile entries")
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+
+@app.command("generate")
+def generate(
+    ctx: typer.Context,
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="A prompt (repeatable)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="A file with one prompt per line."),
+    out: Path = typer.Option(..., "--out", help="Output folder: one PNG and one JSON sidecar per image."),
+    n: int = typer.Option(1, "-n", min=1, help="Images per prompt."),
+    strategies: str = typer.Option("attributes,ip_adapter,rerank", "--strategies",
+                                   help="Comma-separated: attributes, ip_adapter, subject, lora, rerank; '' for none."),
+    steps: int = typer.Option(30, "--steps", min=1), seed: int = typer.Option(0, "--seed"),
+    guidance: float = typer.Option(7.5, "--guidance"),
+    xl: bool = typer.Option(False, "--xl", help="Use the SDXL model (t2i_xl)."),
+) -> None:
+    """Batch generation for the user; resumable; data-parallel under `accelerate launch`."""
+    from pipelines.batch import generate_batch, read_prompts
+
+    s = settings(ctx)
+    items = read_prompts(prompt or [], prompts)
+    names = [x.strip() for x in strategies.split(",") if x.strip()]
+    report = generate_batch(items, out_dir=out, user=s.user, n=n, strategies=names, steps=steps, seed=seed,
+                            guidance_scale=guidance, role="t2i_xl" if xl else "t2i", db=s.db, preset=s.preset,
+                            device=s.device, dtype=s.dtype, model=s.overrides.get("t2i_xl" if xl else "t2i"),
+                            embedder=s.overrides.get("embedder"), progress=not s.json)
+    emit(s, report, f"process {report['process'] + 1}/{report['processes']}: generated {report['generated']} "
+                    f"image(s), skipped {report['skipped']} finished prompt(s) -> {out}")
 
 
 def _retrieved_line(answer) -> str:
