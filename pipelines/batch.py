@@ -59,6 +59,11 @@ def generate_batch(prompts: list[str], *, out_dir: str | Path, user: str, n: int
         get_strategy(name)
     state = PartialState(cpu=str(device) == "cpu")
     rank, world = state.process_index, state.num_processes
+    if world > 1 and state.device.type == "cpu":
+        import torch
+
+        # processes on one machine share its cores: more threads than cores would only make them wait
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
     if world > 1 and str(device) in ("auto", "cuda"):
         device = state.device  # one accelerator per process
     out = Path(out_dir)
@@ -67,11 +72,14 @@ def generate_batch(prompts: list[str], *, out_dir: str | Path, user: str, n: int
     todo = [(i, p) for i, p in mine if not all(item_paths(out, i, j)[1].is_file() and item_paths(out, i, j)[0].is_file()
                                                 for j in range(n))]
     report = {"process": rank, "processes": world, "prompts": len(mine), "skipped": len(mine) - len(todo),
-              "generated": 0, "files": []}
+              "generated": 0, "files": [], "seconds": 0.0}
     if not todo:
         return report
     pipe = PersonalizedT2IPipeline(db, t2i=model, role=role, preset=preset, device=device, dtype=dtype,
                                    embedder=embedder, strategies=strategies)
+    import time
+
+    start = time.perf_counter()
     for i, prompt in tqdm(todo, desc=f"generating (process {rank + 1}/{world})", disable=not progress,
                           unit="prompt", position=rank):
         # seeds differ per prompt and image, and do not depend on how prompts are split across processes
@@ -88,5 +96,6 @@ def generate_batch(prompts: list[str], *, out_dir: str | Path, user: str, n: int
             os.replace(tmp, sidecar)
             report["files"].append(png.name)
             report["generated"] += 1
+    report["seconds"] = round(time.perf_counter() - start, 3)  # generation only, not start-up
     pipe.db.close()
     return report

@@ -259,12 +259,19 @@ class Run:
         pipe = self.pipeline.diffusers
         if getattr(pipe, "image_encoder", None) is None:
             raise MmpersonaError("this pipeline has no IP-Adapter image encoder (load it with ip_adapter=True)")
+        # By content hash, an image is encoded once per pipeline. The hashes come from this user's own records,
+        # and an embedding depends on the image bytes alone, so sharing the cache across users reveals nothing.
+        cache = self.pipeline.ip_cache
         out = []
         for h in hashes:
-            image = load_image(self.db.store.image_bytes(self.user, h))
-            with torch.inference_mode():
-                embeds, _ = pipe.encode_image(image, pipe.device, 1)
-            out.append(embeds[0])
+            if h not in cache:
+                image = load_image(self.db.store.image_bytes(self.user, h))
+                with torch.inference_mode():
+                    embeds, _ = pipe.encode_image(image, pipe.device, 1)
+                if len(cache) >= 4096:
+                    cache.pop(next(iter(cache)))
+                cache[h] = embeds[0]
+            out.append(cache[h])
         return torch.stack(out)
 
     def ensure_lora(self) -> str:
@@ -297,6 +304,7 @@ class PersonalizedT2IPipeline:
         self.diffusers = self.t2i.pipeline
         self.diffusers.set_progress_bar_config(disable=True)
         self._loras: dict[str, str] = {}
+        self.ip_cache: dict[str, Any] = {}
 
     def _strategies(self, names: Sequence[str]) -> list[Strategy]:
         if isinstance(names, str):
