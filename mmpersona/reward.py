@@ -123,7 +123,8 @@ def train_reward(embedder: str, *, chosen: "np.ndarray | None" = None, rejected:
     import numpy as np
 
     def arr(a):
-        return np.zeros((0, dim or 0), np.float32) if a is None else np.asarray(a, np.float32).reshape(len(a), -1)
+        a = np.zeros((0, dim or 0), np.float32) if a is None else np.asarray(a, np.float32)
+        return a if a.ndim == 2 else a.reshape(len(a), -1) if a.size else np.zeros((0, dim or 0), np.float32)
 
     chosen, rejected, likes, dislikes = arr(chosen), arr(rejected), arr(likes), arr(dislikes)
     if len(chosen) != len(rejected):

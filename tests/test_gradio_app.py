@@ -1,12 +1,99 @@
+"""The Gradio app through gradio_client: each tab's main action, two users, concurrent requests."""
+
+import socket
+
 import pytest
+from PIL import Image, ImageDraw
 
 gr = pytest.importorskip("gradio", reason="the app extra is not installed")
+gradio_client = pytest.importorskip("gradio_client")
 
 
-def test_minimal_app_builds_and_runs(tiny_cache):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_cache):
     import gradio_app
 
-    demo = gradio_app.build_app(preset="tiny", device="cpu")
-    assert isinstance(demo, gr.Blocks)
-    names = {dep.get("api_name") for dep in demo.config["dependencies"]}
-    assert "run_demo" in names
+    tmp = tmp_path_factory.mktemp("app")
+    demo = gradio_app.build_app("tiny", tmp / "app.db", multi_user=True, device="cpu")
+    port = free_port()
+    demo.queue(default_concurrency_limit=4).launch(server_name="127.0.0.1", server_port=port,
+                                                   prevent_thread_lock=True, quiet=True,
+                                                   auth=[("alice", "pw-a"), ("bob", "pw-b")])
+    images = {}
+    for name, color, kind in (("red", (210, 30, 30), "ellipse"), ("blue", (30, 60, 200), "rectangle")):
+        img = Image.new("RGB", (64, 64), (240, 240, 240))
+        getattr(ImageDraw.Draw(img), kind)((10, 10, 54, 54), fill=color)
+        images[name] = tmp / f"{name}.png"
+        img.save(images[name])
+    yield f"http://127.0.0.1:{port}/", images, demo
+    demo.close()
+
+
+def client(url, user, password):
+    return gradio_client.Client(url, auth=(user, password), verbose=False)
+
+
+def test_concepts_chat_preferences_generate(server):
+    url, images, _ = server
+    alice = client(url, "alice", "pw-a")
+    status, gallery, table = alice.predict("<bo>", "dog", "my shiba", [gradio_client.handle_file(str(images["red"]))],
+                                           api_name="/add_concept")
+    assert "added <bo>" in status and table["data"][0][0] == "<bo>" and len(gallery) == 1
+    chat, rows, thumbs, chat_status = alice.predict(gradio_client.handle_file(str(images["red"])),
+                                                    "What is in this photo?", [], api_name="/chat")
+    assert rows["data"][0][0] == "<bo>" and rows["data"][0][2] == "image" and "used <bo>" in chat_status
+    assert chat[-1]["role"] == "assistant" and len(thumbs) >= 1
+    assert "liked the image" in alice.predict(gradio_client.handle_file(str(images["red"])), "warm red",
+                                              api_name="/like")
+    assert "recorded a choice" in alice.predict(gradio_client.handle_file(str(images["red"])),
+                                                gradio_client.handle_file(str(images["blue"])), "a ball",
+                                                api_name="/choose_a")
+    liked, disliked, msg = alice.predict("warm light, film grain", "blue cast", api_name="/save_attributes")
+    assert liked == "warm light, film grain" and disliked == "blue cast"
+    assert "reward model trained" in alice.predict(api_name="/train_reward")
+    mine, plain, meta = alice.predict("a ball", ["attributes", "rerank"], 1, 2, 0, api_name="/generate")
+    assert len(mine) == 1 and len(plain) == 1 and "score" in mine[0]["caption"]
+    import json
+
+    metadata = json.load(open(meta))
+    assert metadata["personalized"][0]["final_prompt"] == "a ball, warm light, film grain"
+    assert metadata["vanilla"][0]["final_prompt"] == "a ball"
+
+
+def test_users_never_see_each_other(server):
+    url, images, _ = server
+    alice, bob = client(url, "alice", "pw-a"), client(url, "bob", "pw-b")
+    alice.predict("<secret>", "thing", "alice only", [gradio_client.handle_file(str(images["blue"]))],
+                  api_name="/add_concept")
+    gallery, table = bob.predict(api_name="/list_concepts")
+    assert gallery == [] and not table["data"]
+    with pytest.raises(gradio_client.exceptions.AppError, match="no concept"):
+        bob.predict("<secret>", api_name="/delete_concept")
+    bob.predict("<rex>", "dog", "bob's dog", [gradio_client.handle_file(str(images["red"]))], api_name="/add_concept")
+    _, alice_table = alice.predict(api_name="/list_concepts")
+    assert "<rex>" not in [row[0] for row in alice_table["data"]]
+    with pytest.raises((ValueError, gradio_client.exceptions.AuthenticationError), match="(?i)login|credential"):
+        gradio_client.Client(url, auth=("alice", "wrong"), verbose=False)
+
+
+def test_concurrent_requests(server):
+    url, images, demo = server
+    carol = client(url, "alice", "pw-a")
+    jobs = [carol.submit(f"<c{i}>", "toy", f"concept {i}", [gradio_client.handle_file(str(images["blue"]))],
+                         api_name="/add_concept") for i in range(4)]
+    for job in jobs:
+        job.result(timeout=120)
+    chats = [carol.submit(gradio_client.handle_file(str(images["blue"])), f"Is <c{i}> here?", [], api_name="/chat")
+             for i in range(4)]
+    results = [job.result(timeout=300) for job in chats]
+    assert all(r[0][-1]["role"] == "assistant" for r in results)
+    handles = {row[0] for row in carol.predict(api_name="/list_concepts")[1]["data"]}
+    assert {f"<c{i}>" for i in range(4)} <= handles  # no lost writes
+    app = demo.mmpersona_app
+    assert app.db.store.count("alice") >= 6

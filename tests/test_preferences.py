@@ -48,6 +48,9 @@ def test_reward_from_likes_and_dislikes_and_cold_start():
     likes, dislikes = pool[pool @ taste > 0.1], pool[pool @ taste < -0.1]
     model = train_reward("e", likes=likes, dislikes=dislikes)
     assert model.held_out_accuracy >= 0.9 and model.likes == len(likes)
+    one_sided = train_reward("e", chosen=pool[:2], rejected=pool[2:4], likes=pool[:1],
+                             dislikes=np.zeros((0, 16), np.float32), dim=16)
+    assert not one_sided.cold_start and one_sided.dislikes == 0
     cold = train_reward("e", dim=16)
     assert cold.cold_start and np.all(cold.score(pool) == 0) and cold.held_out_accuracy is None
     restored = RewardModel.from_bytes(model.to_bytes())
