@@ -193,12 +193,12 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
                 c_name = gr.Textbox(label="Name", placeholder="<bo>")
                 c_cat = gr.Textbox(label="Category", placeholder="dog")
             c_info = gr.Textbox(label="Info", placeholder="My Shiba Inu, 3 years old")
-            c_files = gr.File(label="Images", file_count="multiple", file_types=["image"])
+            c_files = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="concept-images")
             with gr.Row():
                 add_btn = gr.Button("Add concept", variant="primary")
                 edit_btn = gr.Button("Save info/category")
                 del_btn = gr.Button("Delete concept", variant="stop")
-            c_status = gr.Markdown()
+            c_status = gr.Textbox(label="Status", interactive=False, elem_id="concept-status")
             with gr.Accordion("Import", open=False):
                 imp_file = gr.File(label="RAP database or folder (zip), or an mmpersona archive")
                 imp_fmt = gr.Radio(["rap", "folder", "archive"], value="rap", label="Format")
@@ -243,13 +243,13 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
 
         with gr.Tab("Chat"):
             with gr.Row():
-                ch_image = gr.Image(label="Photo", type="filepath", height=260)
-                chatbot = gr.Chatbot(label="Conversation", height=320)
+                ch_image = gr.Image(label="Photo", type="filepath", height=260, elem_id="chat-image")
+                chatbot = gr.Chatbot(label="Conversation", height=320, render_markdown=False)  # <bo> stays text
             ch_q = gr.Textbox(label="Question", placeholder="What is <bo> doing?")
             ch_btn = gr.Button("Ask", variant="primary")
-            ch_status = gr.Markdown()
+            ch_status = gr.Textbox(label="Status", interactive=False, elem_id="chat-status")
             ch_rows = gr.Dataframe(headers=["concept", "score", "source", "box"], label="Retrieved concepts",
-                                   interactive=False)
+                                   interactive=False, elem_id="chat-retrieved")
             ch_thumbs = gr.Gallery(label="Retrieved", columns=6, height=160)
 
             def ask(image, question, history, request: gr.Request):
@@ -283,7 +283,7 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
                 save_attr = gr.Button("Save attributes")
                 extract_attr = gr.Button("Derive from comments (VLM)")
                 train_btn = gr.Button("Train reward model", variant="primary")
-            p_status = gr.Markdown()
+            p_status = gr.Textbox(label="Status", interactive=False, elem_id="profile-status")
 
             def attrs_text(profile):
                 a = profile.attributes
@@ -367,7 +367,7 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
                 g_seed = gr.Number(value=0, precision=0, label="Seed")
             g_btn = gr.Button("Generate", variant="primary")
             with gr.Row():
-                g_mine = gr.Gallery(label="Personalized (reward score)", columns=2, height=260)
+                g_mine = gr.Gallery(label="Personalized (reward score)", columns=2, height=260, elem_id="generated")
                 g_plain = gr.Gallery(label="Vanilla", columns=2, height=260)
             g_meta = gr.File(label="Metadata (JSON)")
 
