@@ -315,7 +315,9 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
             @guarded
             def derive(request: gr.Request):
                 profile = app.profile(app.user(request))
-                profile.extract_attributes(app.vlm_pipe.vlm)
+                vlm = app.vlm_pipe.vlm
+                with app._vlm_lock:  # the chat tab generates with the same model
+                    profile.extract_attributes(vlm)
                 return (*attrs_text(profile), "attributes derived from your comments")
 
             @guarded

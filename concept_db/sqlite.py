@@ -830,13 +830,7 @@ class SQLiteStore:
     def put_blob(self, owner: str, name: str, data: bytes, *, model: str) -> None:
         """Store a per-user safetensors artefact (reward model, LoRA), tagged with the model it fits."""
         check_owner(owner)
-        from safetensors import SafetensorError
-        from safetensors.numpy import load as load_safetensors
-
-        try:
-            load_safetensors(bytes(data))
-        except (SafetensorError, ValueError, TypeError) as e:
-            raise InvalidConceptError(f"blob {name!r} is not valid safetensors data ({e})") from e
+        _check_safetensors(data, f"blob {name!r}")
         with self._tx() as c:
             c.execute("INSERT OR REPLACE INTO owner_blobs VALUES (?, ?, ?, ?, ?)",
                       (owner, name, model, bytes(data), time.time()))
@@ -854,13 +848,7 @@ class SQLiteStore:
                    fingerprint: str) -> None:
         """Store a safetensors blob for a concept, tagged with the model (and tokenizer fingerprint) it fits."""
         self.get(owner, concept_id)
-        from safetensors import SafetensorError
-        from safetensors.numpy import load as load_safetensors
-
-        try:
-            load_safetensors(bytes(data))
-        except (SafetensorError, ValueError, TypeError) as e:
-            raise InvalidConceptError(f"tensor {name!r} is not valid safetensors data ({e})") from e
+        _check_safetensors(data, f"tensor {name!r}")
         with self._tx() as c:
             c.execute("INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?, ?, ?)",
                       (concept_id, name, model, fingerprint, bytes(data), time.time()))
@@ -901,6 +889,17 @@ def new_id() -> str:
 
 class ConceptDBConflict(InvalidConceptError):
     """An update's `expected_version` no longer matches: someone else changed the concept first."""
+
+
+def _check_safetensors(data: Any, what: str) -> None:
+    """Only safetensors bytes are stored as tensors (never pickle): parse them fully before writing."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as load_safetensors
+
+    try:
+        load_safetensors(bytes(data))
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise InvalidConceptError(f"{what} is not valid safetensors data ({e})") from e
 
 
 def _image_blobs(images: Sequence[bytes]) -> list[bytes]:

@@ -448,24 +448,25 @@ def open_profile(s: Settings, db):
     return PreferenceProfile(db, s.user)
 
 
+def _record(ctx: typer.Context, kind: str, image: Path, comment: str) -> None:
+    s = settings(ctx)
+    with open_db(s) as db:
+        e = getattr(open_profile(s, db), kind)(image, comment=comment)
+    emit(s, e.to_dict(), f"{kind}d {image}")
+
+
 @profile_app.command("like")
 def profile_like(ctx: typer.Context, image: Path = typer.Argument(...),
                  comment: str = typer.Option("", "--comment", help="What you like about it.")) -> None:
     """Record an image you like (with an optional comment)."""
-    s = settings(ctx)
-    with open_db(s) as db:
-        e = open_profile(s, db).like(image, comment=comment)
-    emit(s, e.to_dict(), f"liked {image}")
+    _record(ctx, "like", image, comment)
 
 
 @profile_app.command("dislike")
 def profile_dislike(ctx: typer.Context, image: Path = typer.Argument(...),
                     comment: str = typer.Option("", "--comment", help="What you dislike about it.")) -> None:
     """Record an image you dislike (with an optional comment)."""
-    s = settings(ctx)
-    with open_db(s) as db:
-        e = open_profile(s, db).dislike(image, comment=comment)
-    emit(s, e.to_dict(), f"disliked {image}")
+    _record(ctx, "dislike", image, comment)
 
 
 @profile_app.command("compare")

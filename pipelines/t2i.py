@@ -366,6 +366,7 @@ class PersonalizedT2IPipeline:
             pipe.set_ip_adapter_scale(cond.ip_scale if cond.ip_positive else 0.0)
             kwargs["ip_adapter_image_embeds"] = self.ip_adapter_embeds(cond, do_cfg)
         if cond.loras:
+            pipe.enable_lora()  # a previous call may have disabled them
             pipe.set_adapters([name for name, _ in cond.loras], adapter_weights=[w for _, w in cond.loras])
         elif self._loras:
             pipe.disable_lora()

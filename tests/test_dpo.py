@@ -66,5 +66,7 @@ def test_train_store_and_serve_by_adapter_name(db, tiny_cache):
     assert not np.array_equal(np.asarray(plain), np.asarray(steered.images[0]))
     again = pipe("a ball", user="alice", steps=2, strategies=[]).images[0]
     assert np.array_equal(np.asarray(plain), np.asarray(again))  # the LoRA is off when not asked for
+    steered_again = pipe("a ball", user="alice", steps=2, strategies=["lora"]).images[0]
+    assert np.array_equal(np.asarray(steered.images[0]), np.asarray(steered_again))  # and on again when asked
     with pytest.raises(MmpersonaError, match="no pairwise choices"):
         train_dpo_lora(pipe.t2i, db, "bob", DPOConfig(steps=1), progress=False)
