@@ -62,7 +62,7 @@ def emit(s: Settings, data: Any, text: str) -> None:
 @app.callback()
 def main_options(
     ctx: typer.Context,
-    db: Optional[Path] = typer.Option(None, "--db", help="Concept database path [default: user data dir]."),
+    db: Optional[Path] = typer.Option(None, "--db", help="Concept database path (default: in the user data dir)."),
     user: str = typer.Option(os.environ.get("MMPERSONA_USER", "default"), "--user",
                              help="Whose data to use (env MMPERSONA_USER)."),
     preset: str = typer.Option(os.environ.get("MMPERSONA_PRESET", "default"), "--preset",
@@ -70,7 +70,8 @@ def main_options(
     model: Optional[list[str]] = typer.Option(None, "--model", metavar="ROLE=ID",
                                               help="Use a hub id or local directory for one role (repeatable)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 [default: auto]."),
+    dtype: Optional[str] = typer.Option(None, "--dtype",
+                                        help="float32, float16 or bfloat16 (default: float32 on CPU, bf16/fp16 on GPU)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr."),
 ) -> None:
