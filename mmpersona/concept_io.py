@@ -267,15 +267,15 @@ def import_concepts(db: "ConceptDB", user: str, path: str | Path, fmt: str, *, s
                               attributes=r.get("attributes"), images=datas, embeddings=vecs, id=r.get("id"),
                               created=r.get("created"), updated=r.get("updated"), version=r.get("version")))
     store = db.store
+    by_name = {normalize_name(item.name): item for item, _ in ready}  # names were checked above
     with store.transaction():
         result = store.add_many(user, new, skip_invalid=not strict)
+        added = store.get_many(user, result.added)
         for cid in result.added:  # restore learned tensors of archived concepts
-            concept = store.get(user, cid)
-            item = next(i for i, _ in ready if normalize_name(i.name) == concept.name)
-            for t in item.restore.get("tensors", []):
+            for t in by_name[added[cid].name].restore.get("tensors", []):
                 store.put_tensor(user, cid, t["name"], t["data"], model=t["model"], fingerprint=t["fingerprint"])
     report.skipped += result.skipped
-    report.added = [store.get(user, cid).name for cid in result.added]
+    report.added = [added[cid].name for cid in result.added]
     logger.info("imported %d concepts from %s (%d skipped)", len(report.added), path, len(report.skipped))
     return report
 
@@ -286,29 +286,26 @@ def _embed_all(db: "ConceptDB", ready: list[tuple[_Pending, list[bytes]]], batch
     import numpy as np
 
     out: list[dict[str, Any]] = [{} for _ in ready]
-    todo: list[tuple[int, int, bytes]] = []  # (concept, image, bytes) still needing the current embedder
-    for ci, (item, datas) in enumerate(ready):
-        hashes = [content_hash(d) for d in datas]
+    hashes = [[content_hash(d) for d in datas] for _, datas in ready]
+    todo: list[int] = []  # concepts that still need vectors from the current embedder
+    for ci, (item, _) in enumerate(ready):
         for embedder, (stored_hashes, matrix) in item.restore.get("vectors", {}).items():
-            if isinstance(stored_hashes, list) and sorted(stored_hashes) == sorted(hashes) and len(hashes):
-                order = [stored_hashes.index(h) for h in hashes]
-                out[ci][embedder] = np.asarray(matrix)[order]
+            if isinstance(stored_hashes, list) and sorted(stored_hashes) == sorted(hashes[ci]) and hashes[ci]:
+                out[ci][embedder] = np.asarray(matrix)[[stored_hashes.index(h) for h in hashes[ci]]]
         if fmt != "archive" or not out[ci]:
-            todo += [(ci, ii, d) for ii, d in enumerate(datas)]
+            todo.append(ci)
     if not todo:
         return out
     emb = db.embedder
-    known = db.store.known_vectors(emb.name, [content_hash(d) for _, _, d in todo])
-    fresh = [t for t in todo if content_hash(t[2]) not in known]
-    vectors = {}
+    data_of = {h: d for ci in todo for h, d in zip(hashes[ci], ready[ci][1], strict=True)}
+    vectors = db.store.known_vectors(emb.name, list(data_of))
+    fresh = [h for h in data_of if h not in vectors]  # each distinct image is embedded once
     if fresh:
-        computed = emb.embed_images([d for _, _, d in fresh], batch_size=batch_size, progress=progress)
-        vectors = {content_hash(d): v for (_, _, d), v in zip(fresh, computed, strict=True)}
-    vectors.update(known)
-    for ci, (_, datas) in enumerate(ready):
-        if any(t[0] == ci for t in todo):
-            out[ci][emb.name] = np.stack([vectors[content_hash(d)] for d in datas]) if datas else np.empty(
-                (0, emb.dim), np.float32)
+        computed = emb.embed_images([data_of[h] for h in fresh], batch_size=batch_size, progress=progress)
+        vectors.update(zip(fresh, computed, strict=True))
+    for ci in todo:
+        out[ci][emb.name] = (np.stack([vectors[h] for h in hashes[ci]]) if hashes[ci]
+                             else np.empty((0, emb.dim), np.float32))
     return out
 
 

@@ -218,7 +218,7 @@ class TokenManager:
 # ------------------------------------------------------------------------------------------ training
 
 
-def _examples(manager: TokenManager, concept: "Concept", positives: list, negatives: list,
+def _examples(concept: "Concept", positives: list, negatives: list,
               tokens: list[str]) -> list[tuple[list[dict], str]]:
     """(messages, answer) pairs: recognition on positives and negatives, and a description QA."""
     system = [{"role": "system", "content": [{"type": "text", "text": latent_definition(tokens)}]}]
@@ -305,7 +305,7 @@ def learn_concept(vlm: "LoadedVLM", db: "ConceptDB", user: str, name: str, *,
         raise MmpersonaError(f"{concept.handle} is loaded already: unload before learning it again")
     ids = manager.add_concept(concept, config.tokens, seed=config.seed)
     tokens = manager.loaded[concept.id]
-    examples = _examples(manager, concept, positives, negatives_imgs, tokens)
+    examples = _examples(concept, positives, negatives_imgs, tokens)
     encoded = [_encode(vlm, m, a) for m, a in examples]
 
     model = vlm.model

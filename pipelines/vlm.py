@@ -102,7 +102,7 @@ class PersonalizedVLMPipeline:
         self.db = db if isinstance(db, ConceptDB) else ConceptDB(db, embedder=embedder, preset=preset,
                                                                   device=device, dtype=dtype)
         self.vlm = vlm if isinstance(vlm, LoadedVLM) else load_vlm(vlm, preset=preset, device=device, dtype=dtype)
-        if regions and detector is None or isinstance(detector, str):
+        if (regions and detector is None) or isinstance(detector, str):
             detector = load_detector(detector, preset=preset, device=device, dtype=dtype)
         self.regions = regions
         self.retriever = Retriever(self.db, detector)
