@@ -1,0 +1,781 @@
+"""What the relational backends share: validation, the tables' rows, and every operation written once in SQL.
+
+`SQLStore` holds the operations; a backend (`SQLiteStore`, `PostgresStore`) supplies the connection (a wrapper
+whose `execute` takes `?` placeholders and returns fully fetched rows), the transaction statements, how rows
+are written on conflict, how vectors travel, and search. Table layouts differ per backend (see each module's
+migrations); the column order of each table, below, is the same in both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+from .types import (PROFILE_KINDS, BulkResult, Concept, ConceptNotFound, DuplicateConceptError, InvalidConceptError,
+                    Match, NewConcept, ProfileEvent, StoredTensor, check_owner, check_text, content_hash,
+                    normalize_name)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: Every table's columns (in storage order) and primary key, for the backends' insert statements.
+TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "concepts": (("id", "owner", "name", "category", "info", "attributes", "created", "updated", "version"), ("id",)),
+    "handles": (("owner", "handle", "concept_id", "is_alias"), ("owner", "handle")),
+    "images": (("hash", "data", "size"), ("hash",)),
+    "concept_images": (("concept_id", "hash", "position"), ("concept_id", "hash")),
+    "embeddings": (("owner", "embedder", "concept_id", "image_hash", "vector"),
+                   ("owner", "embedder", "concept_id", "image_hash")),
+    "embedders": (("name", "dim"), ("name",)),
+    "tensors": (("concept_id", "name", "model", "fingerprint", "data", "created"), ("concept_id", "name")),
+    "owner_settings": (("owner", "key", "value"), ("owner", "key")),
+    "profile_events": (("id", "owner", "kind", "prompt", "image", "other", "comment", "created"), ("id",)),
+    "owner_blobs": (("owner", "name", "model", "data", "created"), ("owner", "name")),
+}
+
+
+class SQLStore:
+    """The `ConceptStore` operations over a relational database; subclasses are the backends."""
+
+    #: statement that opens a write transaction
+    _BEGIN = "BEGIN"
+    #: appended to text columns in ORDER BY, so that every backend sorts names the same way (by code point)
+    _COLLATE = ""
+    #: appended to a SELECT that reads a row about to be changed (row lock where the backend has them)
+    _FOR_UPDATE = ""
+    #: a concept row with its aliases and images, in one statement (backend-specific aggregation)
+    _SELECT: str
+
+    _lock: threading.RLock
+    _conn: Any
+    _depth: int
+
+    # ------------------------------------------------------------------ backend hooks
+
+    def _insert(self, c, table: str, rows: Sequence[Sequence[Any]], conflict: str = "error") -> None:
+        """Insert rows; on a primary-key conflict raise ("error"), keep the old row ("ignore") or replace it."""
+        raise NotImplementedError
+
+    def _write_vectors(self, c, owner: str, rows: list[tuple], *, fresh: bool) -> None:
+        """Store `(owner, embedder, concept_id, image_hash, float32 vector)` rows, replacing existing ones
+        (`fresh`: the concepts are new in this transaction, so nothing can conflict)."""
+        raise NotImplementedError
+
+    def _vector(self, value: Any) -> "np.ndarray":
+        """A stored vector as a float32 array."""
+        raise NotImplementedError
+
+    def _bump(self, c, owner: str) -> None:
+        """Record that the owner's data changed (backends that cache per owner invalidate here)."""
+
+    def search(self, owner: str, vector: Any, *, embedder: str, k: int = 5, category: str | None = None,
+               min_score: float | None = None) -> list[Match]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ transactions
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        """One write transaction; everything in it is committed together or not at all.
+
+        Nested inside `transaction()` it becomes a savepoint: a failed write undoes only itself."""
+        with self._lock:
+            nested = self._depth > 0
+            self._depth += 1
+            self._conn.execute("SAVEPOINT w" if nested else self._BEGIN)
+            try:
+                yield self._conn
+            except BaseException:
+                if nested:
+                    self._conn.execute("ROLLBACK TO w")
+                    self._conn.execute("RELEASE w")
+                else:
+                    self._conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._depth -= 1
+            self._conn.execute("RELEASE w" if nested else "COMMIT")
+
+    @contextmanager
+    def transaction(self) -> Iterator["SQLStore"]:
+        """Group many writes into one commit (bulk imports): all of them land, or none."""
+        with self._tx():
+            yield self
+
+    @property
+    def schema_version(self) -> int:
+        return self._conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> "SQLStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading concepts
+
+    @staticmethod
+    def _concepts(rows: Sequence[tuple]) -> list[Concept]:
+        return [Concept(id=cid, owner=owner, name=name, category=category, info=info, aliases=tuple(_json(al)),
+                        attributes=json.loads(attributes), images=tuple(_json(imgs)), created=created,
+                        updated=updated, version=version)
+                for cid, owner, name, category, info, attributes, created, updated, version, al, imgs in rows]
+
+    def get_many(self, owner: str, concept_ids: Sequence[str]) -> dict[str, Concept]:
+        """The owner's concepts among `concept_ids` (others' and missing ids are simply absent)."""
+        check_owner(owner)
+        rows = []
+        with self._lock:
+            for start in range(0, len(concept_ids), 500):  # stay under SQLite's bound-parameter limit
+                chunk = list(concept_ids[start : start + 500])
+                # look up by primary key, then keep only the owner's rows (an owner filter in SQL would make
+                # the planner scan the owner's index instead)
+                rows += [r for r in self._conn.execute(
+                    f"{self._SELECT} WHERE c.id IN ({','.join('?' * len(chunk))})", chunk) if r[1] == owner]
+        return {c.id: c for c in self._concepts(rows)}
+
+    def get(self, owner: str, concept_id: str) -> Concept:
+        """The owner's concept with this id; another owner's id raises `ConceptNotFound` like a missing one."""
+        found = self.get_many(owner, [concept_id])
+        if concept_id not in found:
+            raise ConceptNotFound(f"no concept {concept_id!r} for user {owner!r}")
+        return found[concept_id]
+
+    def find(self, owner: str, name_or_alias: str) -> Concept | None:
+        """Look a concept up by name or alias (`<bo>` or `bo`); None when the owner has none."""
+        check_owner(owner)
+        handle = normalize_name(name_or_alias)
+        with self._lock:
+            row = self._conn.execute("SELECT concept_id FROM handles WHERE owner = ? AND handle = ?",
+                                     (owner, handle)).fetchone()
+            return self.get_many(owner, [row[0]]).get(row[0]) if row else None
+
+    def find_many(self, owner: str, handles: Sequence[str]) -> dict[str, Concept]:
+        """Concepts of the owner named or aliased by any of `handles` (exact, already normalised), by handle."""
+        check_owner(owner)
+        unique = list(dict.fromkeys(handles))
+        if not unique:
+            return {}
+        with self._lock:
+            pairs = []
+            for start in range(0, len(unique), 500):
+                chunk = unique[start : start + 500]
+                pairs += self._conn.execute(
+                    f"SELECT handle, concept_id FROM handles WHERE owner = ? AND handle IN ({','.join('?' * len(chunk))})",
+                    (owner, *chunk)).fetchall()
+            concepts = self.get_many(owner, [cid for _, cid in pairs])
+        return {h: concepts[cid] for h, cid in pairs if cid in concepts}
+
+    def has_owner(self, owner: str) -> bool:
+        """Whether this database has ever held data of `owner` (concepts now, or settings)."""
+        check_owner(owner)
+        return self._conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM concepts WHERE owner = ?) OR EXISTS "
+            "(SELECT 1 FROM owner_settings WHERE owner = ?)", (owner, owner)).fetchone()[0] == 1
+
+    def get_setting(self, owner: str, key: str, default: Any = None) -> Any:
+        check_owner(owner)
+        row = self._conn.execute("SELECT value FROM owner_settings WHERE owner = ? AND key = ?",
+                                 (owner, key)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_setting(self, owner: str, key: str, value: Any) -> None:
+        check_owner(owner)
+        with self._tx() as c:
+            self._insert(c, "owner_settings", [(owner, key, json.dumps(value))], "replace")
+
+    def list(self, owner: str, *, category: str | None = None, limit: int = 100, offset: int = 0) -> list[Concept]:
+        """The owner's concepts by name, a page at a time, optionally of one category."""
+        check_owner(owner)
+        if limit < 0 or offset < 0:
+            raise InvalidConceptError("limit and offset must not be negative")
+        sql = f"{self._SELECT} WHERE c.owner = ?"
+        args: list[Any] = [owner]
+        if category is not None:
+            sql += " AND c.category = ?"
+            args.append(category)
+        with self._lock:
+            return self._concepts(self._conn.execute(sql + f" ORDER BY c.name{self._COLLATE} LIMIT ? OFFSET ?",
+                                                     (*args, limit, offset)).fetchall())
+
+    def count(self, owner: str) -> int:
+        check_owner(owner)
+        return self._conn.execute("SELECT count(*) FROM concepts WHERE owner = ?", (owner,)).fetchone()[0]
+
+    def categories(self, owner: str) -> list[str]:
+        check_owner(owner)
+        return [r[0] for r in self._conn.execute(
+            "SELECT DISTINCT category FROM concepts WHERE owner = ? AND category != '' "
+            f"ORDER BY category{self._COLLATE}", (owner,))]
+
+    # ------------------------------------------------------------------ writing concepts
+
+    def _check_handles_free(self, c, owner: str, handles: Sequence[str], concept_id: str | None) -> None:
+        for handle in handles:
+            row = c.execute("SELECT concept_id FROM handles WHERE owner = ? AND handle = ?", (owner, handle)).fetchone()
+            if row and row[0] != concept_id:
+                raise DuplicateConceptError(f"user {owner!r} already has a concept named or aliased <{handle}>")
+
+    def add(self, owner: str, name: str, *, category: str = "", info: str = "", aliases: Sequence[str] = (),
+            attributes: dict | None = None, images: Sequence[bytes] = (),
+            embeddings: "dict[str, np.ndarray] | None" = None) -> Concept:
+        """Add a concept with its reference images (encoded bytes) and, per embedder, one vector per image.
+
+        All or nothing: a failure anywhere leaves the database as it was.
+        """
+        item = NewConcept(name, category, info, tuple(aliases) if not isinstance(aliases, str) else (aliases,),
+                          attributes, tuple(images), embeddings)
+        result = self.add_many(owner, [item])
+        return self.get(owner, result.added[0])
+
+    def add_many(self, owner: str, items: Iterable[NewConcept], *, skip_invalid: bool = False) -> BulkResult:
+        """Add many concepts in one transaction (the fast path for imports).
+
+        Every item is validated before anything is written. With `skip_invalid`, invalid or duplicate items are
+        skipped and reported in the result; otherwise the first one raises and nothing is written.
+        """
+        check_owner(owner)
+        result = BulkResult()
+
+        def reject(name: str, error: Exception) -> None:
+            if not skip_invalid:
+                raise error
+            result.skipped.append((name, str(error)))
+
+        prepared = []
+        for item in items:
+            try:
+                prepared.append(_prepare(item))
+            except InvalidConceptError as e:
+                reject(str(getattr(item, "name", item)), e)
+        prepared = _normalize_all(prepared, reject)
+        now = time.time()
+        rows: dict[str, list[tuple]] = {"concepts": [], "handles": [], "images": [], "concept_images": [],
+                                        "embeddings": []}
+        with self._tx() as c:
+            taken = self._taken_handles(c, owner, [h for p in prepared for h in (p["name"], *p["aliases"])])
+            dims: dict[str, int] = {}
+            taken_ids: set[str] = set()
+            for p in prepared:
+                handles = [p["name"], *p["aliases"]]
+                try:
+                    dup = next((h for h in handles if h in taken), None)
+                    if dup is not None:
+                        raise DuplicateConceptError(f"user {owner!r} already has a concept named or aliased <{dup}>")
+                    for embedder, vecs in p["embeddings"].items():
+                        self._check_dim(c, dims, embedder, vecs.shape[1])
+                except (DuplicateConceptError, InvalidConceptError) as e:
+                    reject(p["name"], e)
+                    continue
+                taken.update(handles)
+                # a restored id is kept when free; an id in use (e.g. the same archive imported for another
+                # user of this database) gets a fresh one
+                cid = p["id"]
+                if cid is None or cid in taken_ids or c.execute("SELECT 1 FROM concepts WHERE id = ?",
+                                                                (cid,)).fetchone():
+                    cid = new_id()
+                taken_ids.add(cid)
+                rows["concepts"].append((cid, owner, p["name"], p["category"], p["info"], p["attributes"],
+                                         p["created"] or now, p["updated"] or now, p["version"] or 1))
+                rows["handles"] += [(owner, h, cid, int(i > 0)) for i, h in enumerate(handles)]
+                for position, (h, data) in enumerate(zip(p["hashes"], p["images"], strict=True)):
+                    rows["images"].append((h, data, len(data)))
+                    rows["concept_images"].append((cid, h, position))
+                for embedder, vecs in p["embeddings"].items():
+                    rows["embeddings"] += [(owner, embedder, cid, h, v)
+                                           for h, v in zip(p["hashes"], vecs, strict=True)]
+                result.added.append(cid)
+            self._insert(c, "concepts", rows["concepts"])
+            self._insert(c, "handles", rows["handles"])
+            self._insert(c, "images", rows["images"], "ignore")
+            self._insert(c, "concept_images", rows["concept_images"], "ignore")
+            self._write_vectors(c, owner, rows["embeddings"], fresh=True)
+            self._bump(c, owner)
+        return result
+
+    def _taken_handles(self, c, owner: str, handles: Sequence[str]) -> set[str]:
+        """Which of `handles` the owner already uses (as a name or an alias)."""
+        taken: set[str] = set()
+        unique = list(dict.fromkeys(handles))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            taken.update(r[0] for r in c.execute(
+                f"SELECT handle FROM handles WHERE owner = ? AND handle IN ({','.join('?' * len(chunk))})",
+                (owner, *chunk)))
+        return taken
+
+    def update(self, owner: str, concept_id: str, *, name: str | None = None, category: str | None = None,
+               info: str | None = None, aliases: Sequence[str] | None = None, attributes: dict | None = None,
+               expected_version: int | None = None) -> Concept:
+        """Change fields of a concept; `expected_version` turns a concurrent edit into an error, not a loss.
+
+        Fields left out keep their value as of the moment the change is written (the row is read inside the
+        write transaction, locked where the backend has row locks), so two concurrent edits of different fields
+        both land."""
+        check_owner(owner)
+        new_name = normalize_name(name) if name is not None else None
+        changes = {
+            "category": check_text(category, "category", 200) if category is not None else None,
+            "info": check_text(info, "info") if info is not None else None,
+            "attributes": _attributes(attributes) if attributes is not None else None,
+        }
+        with self._tx() as c:
+            row = c.execute(f"SELECT version FROM concepts WHERE id = ? AND owner = ?{self._FOR_UPDATE}",
+                            (concept_id, owner)).fetchone()
+            if row is None:
+                raise ConceptNotFound(f"no concept {concept_id!r} for user {owner!r}")
+            current = self.get(owner, concept_id)
+            if expected_version is not None and row[0] != expected_version:
+                raise ConceptDBConflict(f"concept <{current.name}> changed since version {expected_version}")
+            new_name = new_name or current.name
+            new_aliases = _aliases(aliases, new_name) if aliases is not None else list(current.aliases)
+            self._check_handles_free(c, owner, [new_name, *new_aliases], concept_id)
+            c.execute("UPDATE concepts SET name = ?, category = ?, info = ?, attributes = ?, updated = ?, "
+                      "version = version + 1 WHERE id = ?",
+                      (new_name, changes["category"] if changes["category"] is not None else current.category,
+                       changes["info"] if changes["info"] is not None else current.info,
+                       changes["attributes"] or json.dumps(current.attributes, sort_keys=True), time.time(),
+                       concept_id))
+            c.execute("DELETE FROM handles WHERE concept_id = ?", (concept_id,))
+            self._insert(c, "handles",
+                         [(owner, new_name, concept_id, 0)] + [(owner, a, concept_id, 1) for a in new_aliases])
+            self._bump(c, owner)
+        return self.get(owner, concept_id)
+
+    def delete(self, owner: str, concept_id: str) -> None:
+        """Delete the owner's concept with its embeddings and tensors; images no longer used are removed."""
+        concept = self.get(owner, concept_id)
+        with self._tx() as c:
+            self._delete_vectors(c, owner, concept_id)
+            c.execute("DELETE FROM handles WHERE concept_id = ?", (concept_id,))
+            c.execute("DELETE FROM concept_images WHERE concept_id = ?", (concept_id,))
+            c.execute("DELETE FROM concepts WHERE id = ? AND owner = ?", (concept_id, owner))
+            self._drop_orphan_images(c, concept.images)
+            self._bump(c, owner)
+
+    def _delete_vectors(self, c, owner: str, concept_id: str, image_hash: str | None = None) -> None:
+        """Delete a concept's vectors (or one image's) through primary-key seeks, one per embedder."""
+        for (embedder,) in c.execute("SELECT name FROM embedders").fetchall():
+            if image_hash is None:
+                c.execute("DELETE FROM embeddings WHERE owner = ? AND embedder = ? AND concept_id = ?",
+                          (owner, embedder, concept_id))
+            else:
+                c.execute("DELETE FROM embeddings WHERE owner = ? AND embedder = ? AND concept_id = ? "
+                          "AND image_hash = ?", (owner, embedder, concept_id, image_hash))
+
+    def erase_owner(self, owner: str) -> int:
+        """Remove everything of one owner; returns how many concepts were removed."""
+        check_owner(owner)
+        with self._tx() as c:
+            hashes = [r[0] for r in c.execute(
+                "SELECT ci.hash FROM concepts c JOIN concept_images ci ON ci.concept_id = c.id WHERE c.owner = ?",
+                (owner,))]
+            c.execute("DELETE FROM embeddings WHERE owner = ?", (owner,))
+            c.execute("DELETE FROM concept_images WHERE concept_id IN (SELECT id FROM concepts WHERE owner = ?)",
+                      (owner,))
+            c.execute("DELETE FROM handles WHERE owner = ?", (owner,))
+            c.execute("DELETE FROM owner_settings WHERE owner = ?", (owner,))
+            hashes += self._delete_profile(c, owner)
+            c.execute("DELETE FROM owner_blobs WHERE owner = ?", (owner,))
+            n = c.execute("DELETE FROM concepts WHERE owner = ?", (owner,)).rowcount
+            self._drop_orphan_images(c, hashes)
+            self._bump(c, owner)
+        return n
+
+    # ------------------------------------------------------------------ images and embeddings
+
+    def _insert_images(self, c, concept_id: str, images: Sequence[bytes], start: int) -> list[str]:
+        hashes = []
+        for offset, data in enumerate(_image_blobs(images)):
+            h = content_hash(data)
+            self._insert(c, "images", [(h, data, len(data))], "ignore")
+            self._insert(c, "concept_images", [(concept_id, h, start + offset)], "ignore")
+            hashes.append(h)
+        return hashes
+
+    def _insert_embeddings(self, c, owner: str, concept_id: str, hashes: Sequence[str],
+                           embeddings: "dict[str, np.ndarray] | None") -> None:
+        for embedder, vectors in (embeddings or {}).items():
+            vecs = _normalized(embedder, vectors, len(hashes))
+            self._check_dim(c, {}, embedder, vecs.shape[1])
+            self._write_vectors(c, owner, [(owner, embedder, concept_id, h, v)
+                                           for h, v in zip(hashes, vecs, strict=True)], fresh=False)
+
+    def _check_dim(self, c, seen: dict[str, int], embedder: str, dim: int) -> None:
+        """Every vector of one embedder has the dimension recorded for it the first time."""
+        known = seen.get(embedder)
+        if known is None:
+            row = c.execute("SELECT dim FROM embedders WHERE name = ?", (embedder,)).fetchone()
+            if row is None:
+                self._insert(c, "embedders", [(embedder, dim)], "ignore")  # a concurrent writer may win
+                row = c.execute("SELECT dim FROM embedders WHERE name = ?", (embedder,)).fetchone()
+            known = seen[embedder] = row[0]
+        if known != dim:
+            raise InvalidConceptError(f"embedder {embedder!r} has dimension {known}, got vectors of {dim}")
+
+    def add_images(self, owner: str, concept_id: str, images: Sequence[bytes],
+                   embeddings: "dict[str, np.ndarray] | None" = None) -> Concept:
+        """Attach more reference images (and their vectors) to a concept; an image already there is kept once."""
+        concept = self.get(owner, concept_id)
+        with self._tx() as c:
+            hashes = self._insert_images(c, concept_id, images, start=len(concept.images))
+            self._insert_embeddings(c, owner, concept_id, hashes, embeddings)
+            c.execute("UPDATE concepts SET updated = ?, version = version + 1 WHERE id = ?", (time.time(), concept_id))
+            self._bump(c, owner)
+        return self.get(owner, concept_id)
+
+    def remove_image(self, owner: str, concept_id: str, image_hash: str) -> Concept:
+        concept = self.get(owner, concept_id)
+        if image_hash not in concept.images:
+            raise ConceptNotFound(f"concept <{concept.name}> has no image {image_hash[:12]}")
+        with self._tx() as c:
+            c.execute("DELETE FROM concept_images WHERE concept_id = ? AND hash = ?", (concept_id, image_hash))
+            self._delete_vectors(c, owner, concept_id, image_hash)
+            c.execute("UPDATE concepts SET updated = ?, version = version + 1 WHERE id = ?", (time.time(), concept_id))
+            self._drop_orphan_images(c, [image_hash])
+            self._bump(c, owner)
+        return self.get(owner, concept_id)
+
+    def _drop_orphan_images(self, c, hashes: Sequence[str]) -> None:
+        """Remove those of `hashes` that nothing uses any more (images are shared by content hash)."""
+        c.executemany("DELETE FROM images WHERE hash = ? AND NOT EXISTS "
+                      "(SELECT 1 FROM concept_images WHERE hash = ?) AND NOT EXISTS "
+                      "(SELECT 1 FROM profile_events WHERE image = ?) AND NOT EXISTS "
+                      "(SELECT 1 FROM profile_events WHERE other = ?)", [(h, h, h, h) for h in set(hashes)])
+
+    def image_bytes(self, owner: str, image_hash: str) -> bytes:
+        """The encoded bytes of one of the owner's images (a concept's reference image or a profile image)."""
+        check_owner(owner)
+        row = self._conn.execute(
+            "SELECT i.data FROM images i WHERE i.hash = ? AND (EXISTS (SELECT 1 FROM concept_images ci "
+            "JOIN concepts c ON c.id = ci.concept_id WHERE ci.hash = i.hash AND c.owner = ?) OR EXISTS "
+            "(SELECT 1 FROM profile_events p WHERE p.owner = ? AND (p.image = i.hash OR p.other = i.hash)))",
+            (image_hash, owner, owner)).fetchone()
+        if row is None:
+            raise ConceptNotFound(f"user {owner!r} has no image {image_hash[:12]}")
+        return row[0]
+
+    def known_vectors(self, embedder: str, hashes: Sequence[str]) -> "dict[str, np.ndarray]":
+        """Vectors already computed by `embedder` for these content hashes (an image is embedded only once).
+
+        A vector is a function of the image bytes alone, so reusing one computed for another owner's identical
+        image reveals nothing the caller does not already hold."""
+
+        out = {}
+        for h in set(hashes):
+            row = self._conn.execute(
+                "SELECT e.vector FROM concept_images ci JOIN concepts c ON c.id = ci.concept_id "
+                "JOIN embeddings e ON e.owner = c.owner AND e.embedder = ? AND e.concept_id = ci.concept_id "
+                "AND e.image_hash = ci.hash WHERE ci.hash = ? LIMIT 1", (embedder, h)).fetchone()
+            if row is not None:
+                out[h] = self._vector(row[0])
+        return out
+
+    def set_embeddings(self, owner: str, concept_id: str, embedder: str, image_hashes: Sequence[str],
+                       vectors: "np.ndarray") -> None:
+        """Store vectors of `embedder` for some of the concept's images (e.g. after switching embedders)."""
+        concept = self.get(owner, concept_id)
+        unknown = [h for h in image_hashes if h not in concept.images]
+        if unknown:
+            raise ConceptNotFound(f"concept <{concept.name}> has no image {unknown[0][:12]}")
+        with self._tx() as c:
+            self._insert_embeddings(c, owner, concept_id, list(image_hashes), {embedder: vectors})
+            self._bump(c, owner)
+
+    def vectors(self, owner: str, concept_id: str) -> "dict[str, tuple[list[str], np.ndarray]]":
+        """Every stored vector of one concept: embedder -> (image hashes, (n, dim) matrix)."""
+        import numpy as np
+
+        self.get(owner, concept_id)
+        out: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+        for embedder, h, value in self._conn.execute(
+                "SELECT embedder, image_hash, vector FROM embeddings WHERE owner = ? AND concept_id = ? "
+                f"ORDER BY embedder{self._COLLATE}, image_hash", (owner, concept_id)):
+            hashes, vecs = out.setdefault(embedder, ([], []))
+            hashes.append(h)
+            vecs.append(self._vector(value))
+        return {e: (hs, np.stack(vs).astype(np.float32, copy=False)) for e, (hs, vs) in out.items()}
+
+    def embedder_dims(self) -> dict[str, int]:
+        return dict(self._conn.execute("SELECT name, dim FROM embedders"))
+
+    def missing_embeddings(self, owner: str, embedder: str) -> list[tuple[str, str]]:
+        """(concept id, image hash) pairs of the owner that have no vector from `embedder` yet."""
+        check_owner(owner)
+        return [tuple(r) for r in self._conn.execute(
+            "SELECT ci.concept_id, ci.hash FROM concepts c JOIN concept_images ci ON ci.concept_id = c.id "
+            "WHERE c.owner = ? AND NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.owner = c.owner "
+            f"AND e.embedder = ? AND e.concept_id = c.id AND e.image_hash = ci.hash) ORDER BY c.name{self._COLLATE}, "
+            "ci.position",
+            (owner, embedder))]
+
+    # ------------------------------------------------------------------ preference profiles
+
+    def add_profile_event(self, owner: str, kind: str, *, images: Sequence[bytes] = (), prompt: str = "",
+                          comment: str = "") -> ProfileEvent:
+        """Record a like / dislike (one image), a pair (chosen, rejected images + prompt) or a prompt."""
+        check_owner(owner)
+        expected = {"like": 1, "dislike": 1, "pair": 2, "prompt": 0}.get(kind)
+        if expected is None:
+            raise InvalidConceptError(f"unknown profile event {kind!r}; valid: {', '.join(PROFILE_KINDS)}")
+        blobs = _image_blobs(images)
+        if len(blobs) != expected:
+            raise InvalidConceptError(f"a {kind} takes {expected} image(s), got {len(blobs)}")
+        prompt, comment = check_text(prompt, "prompt", 2000), check_text(comment, "comment", 2000)
+        if kind in ("pair", "prompt") and not prompt.strip():
+            raise InvalidConceptError(f"a {kind} needs a non-empty prompt")
+        hashes = [content_hash(b) for b in blobs] + [None, None]
+        event = ProfileEvent(new_id(), owner, kind, prompt, hashes[0], hashes[1], comment, time.time())
+        with self._tx() as c:
+            self._insert(c, "images", [(content_hash(b), b, len(b)) for b in blobs], "ignore")
+            self._insert(c, "profile_events", [(event.id, owner, kind, prompt, event.image, event.other, comment,
+                                                event.created)])
+            self._bump(c, owner)
+        return event
+
+    def profile_events(self, owner: str, kind: str | None = None) -> list[ProfileEvent]:
+        check_owner(owner)
+        sql = "SELECT id, owner, kind, prompt, image, other, comment, created FROM profile_events WHERE owner = ?"
+        args: list[Any] = [owner]
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
+        return [ProfileEvent(*r) for r in self._conn.execute(sql + " ORDER BY created, id", args)]
+
+    def delete_profile_event(self, owner: str, event_id: str) -> None:
+        check_owner(owner)
+        with self._tx() as c:
+            row = c.execute("SELECT image, other FROM profile_events WHERE id = ? AND owner = ?",
+                            (event_id, owner)).fetchone()
+            if row is None:
+                raise ConceptNotFound(f"user {owner!r} has no profile entry {event_id!r}")
+            c.execute("DELETE FROM profile_events WHERE id = ?", (event_id,))
+            self._drop_orphan_images(c, [h for h in row if h])
+            self._bump(c, owner)
+
+    def _delete_profile(self, c, owner: str) -> list[str]:
+        hashes = [h for row in c.execute("SELECT image, other FROM profile_events WHERE owner = ?", (owner,))
+                  for h in row if h]
+        c.execute("DELETE FROM profile_events WHERE owner = ?", (owner,))
+        return hashes
+
+    def reset_profile(self, owner: str) -> int:
+        """Forget the user's whole preference profile (events, derived artefacts); returns events removed."""
+        check_owner(owner)
+        with self._tx() as c:
+            n = c.execute("SELECT count(*) FROM profile_events WHERE owner = ?", (owner,)).fetchone()[0]
+            self._drop_orphan_images(c, self._delete_profile(c, owner))
+            c.execute("DELETE FROM owner_blobs WHERE owner = ?", (owner,))
+            c.execute("DELETE FROM owner_settings WHERE owner = ? AND key LIKE 'profile.%'", (owner,))
+            self._bump(c, owner)
+        return n
+
+    def put_blob(self, owner: str, name: str, data: bytes, *, model: str) -> None:
+        """Store a per-user safetensors artefact (reward model, LoRA), tagged with the model it fits."""
+        check_owner(owner)
+        _check_safetensors(data, f"blob {name!r}")
+        with self._tx() as c:
+            self._insert(c, "owner_blobs", [(owner, name, model, bytes(data), time.time())], "replace")
+
+    def get_blob(self, owner: str, name: str) -> tuple[bytes, str] | None:
+        """(data, model) of a per-user artefact, or None."""
+        check_owner(owner)
+        row = self._conn.execute("SELECT data, model FROM owner_blobs WHERE owner = ? AND name = ?",
+                                 (owner, name)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    # ------------------------------------------------------------------ learned tensors
+
+    def put_tensor(self, owner: str, concept_id: str, name: str, data: bytes, *, model: str,
+                   fingerprint: str) -> None:
+        """Store a safetensors blob for a concept, tagged with the model (and tokenizer fingerprint) it fits."""
+        self.get(owner, concept_id)
+        _check_safetensors(data, f"tensor {name!r}")
+        with self._tx() as c:
+            self._insert(c, "tensors", [(concept_id, name, model, fingerprint, bytes(data), time.time())], "replace")
+            self._bump(c, owner)
+
+    def get_tensor(self, owner: str, concept_id: str, name: str) -> StoredTensor:
+        self.get(owner, concept_id)
+        row = self._conn.execute("SELECT model, fingerprint, data, created FROM tensors WHERE concept_id = ? "
+                                 "AND name = ?", (concept_id, name)).fetchone()
+        if row is None:
+            raise ConceptNotFound(f"concept {concept_id!r} has no tensor {name!r}")
+        return StoredTensor(concept_id, name, row[0], row[1], row[2], row[3])
+
+    def list_tensors(self, owner: str, concept_id: str) -> list[str]:
+        self.get(owner, concept_id)
+        return [r[0] for r in self._conn.execute("SELECT name FROM tensors WHERE concept_id = ? ORDER BY name",
+                                                 (concept_id,))]
+
+
+
+class _Rows(list):
+    """A fully fetched result with the cursor methods this module uses."""
+
+    rowcount = -1
+
+    def fetchone(self):
+        return self[0] if self else None
+
+    def fetchall(self):
+        return list(self)
+
+
+def _json(value: Any) -> Any:
+    """An aggregated JSON column: text from SQLite, already parsed from PostgreSQL."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def new_id() -> str:
+    """Time-ordered ids (nanoseconds, then randomness): new rows append to the id indexes instead of landing
+    at random places in them, which keeps bulk inserts fast."""
+    return f"{time.time_ns():016x}{secrets.token_hex(8)}"
+
+
+class ConceptDBConflict(InvalidConceptError):
+    """An update's `expected_version` no longer matches: someone else changed the concept first."""
+
+
+def _check_safetensors(data: Any, what: str) -> None:
+    """Only safetensors bytes are stored as tensors (never pickle): parse them fully before writing."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as load_safetensors
+
+    try:
+        load_safetensors(bytes(data))
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise InvalidConceptError(f"{what} is not valid safetensors data ({e})") from e
+
+
+def _image_blobs(images: Sequence[bytes]) -> list[bytes]:
+    out = []
+    for i, data in enumerate(images):
+        if not isinstance(data, (bytes, bytearray)) or not data:
+            raise InvalidConceptError(f"image {i} must be non-empty encoded bytes")
+        out.append(bytes(data))
+    return out
+
+
+def _as_matrix(embedder: str, vectors: Any, n: int) -> "np.ndarray":
+    import numpy as np
+
+    if not isinstance(embedder, str) or not embedder:
+        raise InvalidConceptError("embedder name must be a non-empty string")
+    arr = np.asarray(vectors, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[0] != n:
+        raise InvalidConceptError(f"expected {n} vectors for {embedder!r}, got an array of shape {arr.shape}")
+    return arr
+
+
+def _normalized(embedder: str, vectors: Any, n: int) -> "np.ndarray":
+    """Vectors as a contiguous float32 (n, dim) array, L2-normalised; NaN, infinity and zero vectors refused."""
+    import numpy as np
+
+    arr = _as_matrix(embedder, vectors, n)
+    if not np.isfinite(arr).all():
+        raise InvalidConceptError(f"vectors for {embedder!r} contain NaN or infinity")
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    if (norms < 1e-12).any():
+        raise InvalidConceptError(f"vectors for {embedder!r} contain a zero vector")
+    return np.ascontiguousarray(arr / _divisors(norms[:, 0], np.ones(n, dtype=bool))[:, None], dtype=np.float32)
+
+
+def _divisors(norms: "np.ndarray", ok: "np.ndarray") -> "np.ndarray":
+    """Row norms to divide by; rows already unit length (to float32 precision) are left bit-identical, so that
+    stored vectors survive an export/import round trip unchanged."""
+    import numpy as np
+
+    return np.where(ok & (np.abs(norms - 1.0) > 1e-6), norms, 1.0).astype(np.float32)
+
+
+def _normalize_all(prepared: list[dict[str, Any]], reject) -> list[dict[str, Any]]:
+    """L2-normalise every item's vectors, one numpy pass per embedder and dimension for the whole batch.
+
+    Items holding a NaN, infinite or zero vector are rejected (raised, or skipped and reported)."""
+    import numpy as np
+
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, p in enumerate(prepared):
+        for embedder, arr in p["embeddings"].items():
+            groups.setdefault((embedder, arr.shape[1]), []).append(i)
+    bad: set[int] = set()
+    for (embedder, _dim), members in groups.items():
+        arrays = [prepared[i]["embeddings"][embedder] for i in members]
+        stacked = np.concatenate(arrays) if arrays else np.empty((0, _dim), np.float32)
+        norms = np.linalg.norm(stacked, axis=1)
+        ok_rows = np.isfinite(stacked).all(axis=1) & (norms > 1e-12)
+        normalized = stacked / _divisors(norms, ok_rows)[:, None]
+        start = 0
+        for i, arr in zip(members, arrays, strict=True):
+            end = start + arr.shape[0]
+            if ok_rows[start:end].all():
+                prepared[i]["embeddings"][embedder] = normalized[start:end]
+            elif i not in bad:
+                bad.add(i)
+                reject(prepared[i]["name"], InvalidConceptError(
+                    f"vectors for {embedder!r} contain NaN, infinity or a zero vector"))
+            start = end
+    return [p for i, p in enumerate(prepared) if i not in bad]
+
+
+def _prepare(item: NewConcept) -> dict[str, Any]:
+    """Validate one new concept completely, before any write."""
+    if not isinstance(item, NewConcept):
+        raise InvalidConceptError(f"expected a NewConcept, got {type(item).__name__}")
+    name = normalize_name(item.name)
+    images = _image_blobs(item.images)
+    return {
+        "name": name,
+        "aliases": _aliases(item.aliases, name),
+        "category": check_text(item.category, "category", 200),
+        "info": check_text(item.info, "info"),
+        "attributes": _attributes(item.attributes),
+        "images": images,
+        "hashes": [content_hash(d) for d in images],
+        "embeddings": {e: _as_matrix(e, v, len(images)) for e, v in (item.embeddings or {}).items()},
+        "id": _restored_id(item.id),
+        "created": float(item.created) if item.created is not None else None,
+        "updated": float(item.updated) if item.updated is not None else None,
+        "version": int(item.version) if item.version is not None else None,
+    }
+
+
+def _restored_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{16,64}", value):
+        raise InvalidConceptError(f"concept id {value!r} is not a valid id")
+    return value
+
+
+def _aliases(aliases: Sequence[str], name: str) -> list[str]:
+    if isinstance(aliases, str):
+        aliases = [aliases]
+    out = []
+    for a in aliases:
+        bare = normalize_name(a, "alias")
+        if bare != name and bare not in out:
+            out.append(bare)
+    return out
+
+
+def _attributes(attributes: dict | None) -> str:
+    if attributes is None:
+        return "{}"
+    if not isinstance(attributes, dict):
+        raise InvalidConceptError(f"attributes must be a dict, got {type(attributes).__name__}")
+    try:
+        text = json.dumps(attributes, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise InvalidConceptError(f"attributes must be JSON-serialisable ({e})") from e
+    return check_text(text, "attributes")
