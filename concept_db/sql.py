@@ -70,6 +70,9 @@ class SQLStore:
         """A stored vector as a float32 array."""
         raise NotImplementedError
 
+    def _rolled_back(self) -> None:
+        """Forget what was cached about writes that a rollback undid."""
+
     def _bump(self, c, owner: str) -> None:
         """Record that the owner's data changed (backends that cache per owner invalidate here)."""
 
@@ -96,6 +99,7 @@ class SQLStore:
                     self._conn.execute("RELEASE w")
                 else:
                     self._conn.execute("ROLLBACK")
+                self._rolled_back()
                 raise
             finally:
                 self._depth -= 1
@@ -214,8 +218,8 @@ class SQLStore:
     def categories(self, owner: str) -> list[str]:
         check_owner(owner)
         return [r[0] for r in self._conn.execute(
-            "SELECT DISTINCT category FROM concepts WHERE owner = ? AND category != '' "
-            f"ORDER BY category{self._COLLATE}", (owner,))]
+            "SELECT category FROM concepts WHERE owner = ? AND category != '' "
+            f"GROUP BY category ORDER BY category{self._COLLATE}", (owner,))]
 
     # ------------------------------------------------------------------ writing concepts
 

@@ -183,6 +183,11 @@ class SQLiteStore(SQLStore):
         self.cache_bytes = cache_bytes
         self._data_version = self._read_data_version()
 
+    @property
+    def url(self) -> str:
+        """What `open_store` takes to open this database again."""
+        return str(self.path)
+
     # ------------------------------------------------------------------ plumbing
 
     _BEGIN = "BEGIN IMMEDIATE"  # take the write lock at once: no read-then-upgrade deadlocks between processes

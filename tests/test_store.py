@@ -1,7 +1,8 @@
-"""The store suite: written once, run on every backend (the PostgreSQL backend joins the parameter list)."""
+"""The store suite: written once, run on every backend (embedded SQLite and PostgreSQL + pgvector)."""
 
 import multiprocessing
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -12,9 +13,13 @@ from concept_db import (ConceptNotFound, DuplicateConceptError, InvalidConceptEr
 DIM = 16
 
 
-@pytest.fixture(params=["sqlite"])
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(params=BACKENDS)
 def store(request, tmp_path):
-    s = open_store(tmp_path / "concepts.db")
+    url = tmp_path / "concepts.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    s = open_store(url)
     yield s
     s.close()
 
@@ -149,7 +154,7 @@ def test_other_process_writes_are_seen(store, tmp_path):
     add(store, "alice", "bo", seed=3)
     q = vecs(1, seed=99)[0]
     store.search("alice", q, embedder="e")  # warm the in-process index
-    proc = multiprocessing.get_context("spawn").Process(target=_writer, args=(str(store.path), q))
+    proc = multiprocessing.get_context("spawn").Process(target=_writer, args=(store.url, q))
     proc.start()
     proc.join(60)
     assert proc.exitcode == 0
@@ -223,12 +228,11 @@ def test_tensors(store):
 
 def test_reopen_keeps_everything_and_migrations_are_numbered(store, tmp_path):
     c = add(store, "alice", "bo")
-    path = store.path
     store.close()
-    again = open_store(path)
-    from concept_db.sqlite import SCHEMA_MIGRATIONS
-
-    assert again.get("alice", c.id) == c and again.schema_version == SCHEMA_MIGRATIONS[-1][0] == 3
+    again = open_store(store.url)
+    migrations = sys.modules[type(store).__module__].SCHEMA_MIGRATIONS
+    assert [v for v, _ in migrations] == list(range(1, len(migrations) + 1))
+    assert again.get("alice", c.id) == c and again.schema_version == migrations[-1][0]
     assert again.search("alice", vecs(2)[0], embedder="e")[0].concept.id == c.id
     again.close()
 
