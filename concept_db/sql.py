@@ -192,6 +192,12 @@ class SQLStore:
                                  (owner, key)).fetchone()
         return json.loads(row[0]) if row else default
 
+    def settings(self, owner: str) -> dict[str, Any]:
+        """All of the owner's settings."""
+        check_owner(owner)
+        return {k: json.loads(v) for k, v in self._conn.execute(
+            "SELECT key, value FROM owner_settings WHERE owner = ?", (owner,))}
+
     def set_setting(self, owner: str, key: str, value: Any) -> None:
         check_owner(owner)
         with self._tx() as c:
@@ -509,6 +515,24 @@ class SQLStore:
             vecs.append(self._vector(value))
         return {e: (hs, np.stack(vs).astype(np.float32, copy=False)) for e, (hs, vs) in out.items()}
 
+    def owner_vectors(self, owner: str, embedder: str) -> "tuple[list[str], list[str], np.ndarray]":
+        """All of the owner's vectors from `embedder`: (concept ids, image hashes, (n, dim) matrix), grouped by
+        concept. One range read of the owner's rows (for bulk copies, verification and baselines)."""
+        import numpy as np
+
+        check_owner(owner)
+        rows = self._conn.execute(
+            "SELECT concept_id, image_hash, vector FROM embeddings WHERE owner = ? AND embedder = ? "
+            "ORDER BY concept_id, image_hash", (owner, embedder))
+        dim = self.embedder_dims().get(embedder, 0)
+        matrix = (np.stack([self._vector(r[2]) for r in rows]) if rows else np.empty((0, dim), np.float32))
+        return [r[0] for r in rows], [r[1] for r in rows], matrix.astype(np.float32, copy=False)
+
+    def owners(self) -> list[str]:
+        """Every owner with data in this database (concepts, settings, profile or per-user artefacts)."""
+        return sorted({r[0] for table in ("concepts", "owner_settings", "profile_events", "owner_blobs")
+                       for r in self._conn.execute(f"SELECT DISTINCT owner FROM {table}")})
+
     def embedder_dims(self) -> dict[str, int]:
         return dict(self._conn.execute("SELECT name, dim FROM embedders"))
 
@@ -525,8 +549,10 @@ class SQLStore:
     # ------------------------------------------------------------------ preference profiles
 
     def add_profile_event(self, owner: str, kind: str, *, images: Sequence[bytes] = (), prompt: str = "",
-                          comment: str = "") -> ProfileEvent:
-        """Record a like / dislike (one image), a pair (chosen, rejected images + prompt) or a prompt."""
+                          comment: str = "", event_id: str | None = None, created: float | None = None) -> ProfileEvent:
+        """Record a like / dislike (one image), a pair (chosen, rejected images + prompt) or a prompt.
+
+        `event_id` and `created` restore an event as it was (migrations); an id already present is an error."""
         check_owner(owner)
         expected = {"like": 1, "dislike": 1, "pair": 2, "prompt": 0}.get(kind)
         if expected is None:
@@ -538,7 +564,8 @@ class SQLStore:
         if kind in ("pair", "prompt") and not prompt.strip():
             raise InvalidConceptError(f"a {kind} needs a non-empty prompt")
         hashes = [content_hash(b) for b in blobs] + [None, None]
-        event = ProfileEvent(new_id(), owner, kind, prompt, hashes[0], hashes[1], comment, time.time())
+        event = ProfileEvent(_restored_id(event_id) or new_id(), owner, kind, prompt, hashes[0], hashes[1], comment,
+                             float(created) if created is not None else time.time())
         with self._tx() as c:
             self._insert(c, "images", [(content_hash(b), b, len(b)) for b in blobs], "ignore")
             self._insert(c, "profile_events", [(event.id, owner, kind, prompt, event.image, event.other, comment,
@@ -589,6 +616,11 @@ class SQLStore:
         _check_safetensors(data, f"blob {name!r}")
         with self._tx() as c:
             self._insert(c, "owner_blobs", [(owner, name, model, bytes(data), time.time())], "replace")
+
+    def blob_names(self, owner: str) -> list[str]:
+        check_owner(owner)
+        return [r[0] for r in self._conn.execute(
+            f"SELECT name FROM owner_blobs WHERE owner = ? ORDER BY name{self._COLLATE}", (owner,))]
 
     def get_blob(self, owner: str, name: str) -> tuple[bytes, str] | None:
         """(data, model) of a per-user artefact, or None."""

@@ -38,7 +38,7 @@ app.add_typer(concepts_app, name="concepts")
 class Settings:
     """Global options, shared by every command."""
 
-    db: Path
+    db: str
     user: str
     preset: str
     device: str
@@ -62,7 +62,9 @@ def emit(s: Settings, data: Any, text: str) -> None:
 @app.callback()
 def main_options(
     ctx: typer.Context,
-    db: Optional[Path] = typer.Option(None, "--db", help="Concept database path (default: in the user data dir)."),
+    db: Optional[str] = typer.Option(None, "--db", envvar="MMPERSONA_DB",
+                                     help="Concept database: a file path, or postgresql://user:password@host/dbname "
+                                          "(default: a file in the user data dir; env MMPERSONA_DB)."),
     user: str = typer.Option(os.environ.get("MMPERSONA_USER", "default"), "--user",
                              help="Whose data to use (env MMPERSONA_USER)."),
     preset: str = typer.Option(os.environ.get("MMPERSONA_PRESET", "default"), "--preset",
@@ -82,7 +84,7 @@ def main_options(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     check_preset(preset)
-    ctx.obj = Settings(db=db or default_db_path(), user=user, preset=preset, device=device, dtype=dtype,
+    ctx.obj = Settings(db=db or str(default_db_path()), user=user, preset=preset, device=device, dtype=dtype,
                        json=as_json, overrides=parse_overrides(model))
 
 
@@ -281,6 +283,27 @@ def concepts_export(
     with open_db(s) as db:
         n = db.export_concepts(s.user, path, fmt)
     emit(s, {"exported": n, "path": str(path), "format": fmt}, f"exported {n} concept(s) to {path}")
+
+
+@concepts_app.command("migrate")
+def concepts_migrate(
+    ctx: typer.Context,
+    source: str = typer.Option(..., "--from", help="Source database: a file path or postgresql:// URL."),
+    target: str = typer.Option(..., "--to", help="Target database: a file path or postgresql:// URL."),
+    users: Optional[list[str]] = typer.Option(None, "--only-user", help="Copy only this user (repeatable); "
+                                              "default: every user."),
+) -> None:
+    """Copy everything (concepts, images, embeddings, learned tensors, profiles) to another database.
+
+    Resumable (run it again after an interruption: what is there is skipped) and verified per user by counts
+    and a content digest."""
+    from concept_db.migrate import migrate
+
+    s = settings(ctx)
+    report = migrate(source, target, owners=users, progress=not s.json)
+    lines = [f"{o.owner}: copied {sum(o.copied.values())} item(s); now "
+             + ", ".join(f"{v} {k}" for k, v in o.counts.items()) + " (verified)" for o in report.owners]
+    emit(s, report.to_dict(), "\n".join(lines) or "nothing to copy: the source has no users")
 
 
 @concepts_app.command("calibrate")
