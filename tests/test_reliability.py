@@ -1,0 +1,141 @@
+"""The reliability suite on every backend: crash safety (SIGKILL), multi-process concurrency, owner isolation of
+every public operation, and erasing one user. Long runs: `python scripts/reliability.py --help`."""
+
+import importlib.util
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save
+
+from concept_db import ConceptNotFound, open_store
+from concept_db.sql import SQLStore
+
+_spec = importlib.util.spec_from_file_location("reliability", Path(__file__).parents[1] / "scripts" / "reliability.py")
+reliability = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reliability)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    return str(tmp_path / "concepts.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
+def test_crash_safety_sigkill_during_bulk_import(db_url):
+    result = reliability.crash(db_url, rounds=6, batch=20, seed=1)
+    assert result["committed"] > 0  # kills landed after some commits, and everything committed survived
+
+
+def test_concurrent_readers_and_writers(db_url):
+    result = reliability.concurrency(db_url, seconds=6, readers=3, writers=2)
+    assert result["added"] > 0 and result["increments"] > 0 and result["reads"] > 0
+
+
+def vec(seed, dim=8):
+    v = np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def populate(store, owner, seed=0):
+    c = store.add(owner, f"{owner}-dog", category="pet", info="info", aliases=[f"{owner}-alias"],
+                  images=[f"{owner}-img-a".encode(), f"{owner}-img-b".encode()],
+                  embeddings={"e": np.stack([vec(seed), vec(seed + 1)])})
+    store.put_tensor(owner, c.id, "tokens", save({"t": np.ones(2, np.float32)}), model="m", fingerprint="f")
+    store.add_profile_event(owner, "like", images=[f"{owner}-liked".encode()])
+    store.add_profile_event(owner, "pair", images=[f"{owner}-p1".encode(), f"{owner}-p2".encode()], prompt="p")
+    store.put_blob(owner, "reward", save({"w": np.zeros(2, np.float32)}), model="m")
+    store.set_setting(owner, "threshold", 0.3)
+    return c
+
+
+def cross_owner_calls(store, victim):
+    """Every public operation, tried by 'mallory' on the victim's concept, images and events."""
+    cid, img = victim.id, victim.images[0]
+    q = vec(0)
+    event = store.profile_events("alice")[0]
+    return {
+        "get": lambda: store.get("mallory", cid),
+        "get_many": lambda: store.get_many("mallory", [cid]),
+        "find": lambda: store.find("mallory", victim.name),
+        "find_many": lambda: store.find_many("mallory", [victim.name, victim.aliases[0]]),
+        "list": lambda: store.list("mallory"),
+        "count": lambda: store.count("mallory"),
+        "categories": lambda: store.categories("mallory"),
+        "update": lambda: store.update("mallory", cid, info="pwned"),
+        "delete": lambda: store.delete("mallory", cid),
+        "add_images": lambda: store.add_images("mallory", cid, [b"x"]),
+        "remove_image": lambda: store.remove_image("mallory", cid, img),
+        "image_bytes": lambda: store.image_bytes("mallory", img),
+        "search": lambda: store.search("mallory", q, embedder="e"),
+        "vectors": lambda: store.vectors("mallory", cid),
+        "owner_vectors": lambda: store.owner_vectors("mallory", "e")[0],
+        "set_embeddings": lambda: store.set_embeddings("mallory", cid, "e", [img], q[None, :]),
+        "missing_embeddings": lambda: store.missing_embeddings("mallory", "e"),
+        "put_tensor": lambda: store.put_tensor("mallory", cid, "x", save({"t": np.ones(1, np.float32)}),
+                                               model="m", fingerprint="f"),
+        "get_tensor": lambda: store.get_tensor("mallory", cid, "tokens"),
+        "list_tensors": lambda: store.list_tensors("mallory", cid),
+        "profile_events": lambda: store.profile_events("mallory"),
+        "delete_profile_event": lambda: store.delete_profile_event("mallory", event.id),
+        "reset_profile": lambda: store.reset_profile("mallory"),
+        "get_blob": lambda: store.get_blob("mallory", "reward"),
+        "blob_names": lambda: store.blob_names("mallory"),
+        "get_setting": lambda: store.get_setting("mallory", "threshold"),
+        "settings": lambda: store.settings("mallory"),
+        "has_owner": lambda: store.has_owner("mallory"),
+        "erase_owner": lambda: store.erase_owner("mallory"),
+    }
+
+
+# operations that take no owner, or only write the caller's own data (checked to leave the victim alone below)
+NOT_OWNER_SCOPED = {"add", "add_many", "add_profile_event", "put_blob", "set_setting", "known_vectors", "owners",
+                    "embedder_dims", "transaction", "optimize", "close", "schema_version", "url"}
+
+
+@pytest.fixture
+def store(db_url):
+    s = open_store(db_url)
+    yield s
+    s.close()
+
+
+def test_isolation_every_public_operation(store):
+    victim = populate(store, "alice")
+    calls = cross_owner_calls(store, victim)
+    public = {name for name, _ in inspect.getmembers(type(store)) if not name.startswith("_")}
+    assert public - NOT_OWNER_SCOPED - set(calls) == set(), "a public operation has no isolation check"
+    before = reliability_snapshot(store, "alice")
+    for name, call in calls.items():
+        try:
+            result = call()
+        except ConceptNotFound:
+            continue
+        assert result in ([], {}, None, 0, False), f"{name} returned another owner's data: {result!r}"
+    # the victim's data is untouched, and writes as mallory did not land in alice's name
+    assert reliability_snapshot(store, "alice") == before
+
+
+def reliability_snapshot(store, owner):
+    from concept_db.migrate import summarize
+
+    return summarize(store, owner)
+
+
+def test_erase_user_removes_everything_of_theirs_and_only_theirs(store):
+    populate(store, "alice", seed=0)
+    populate(store, "bob", seed=10)
+    shared = store.add("bob", "shared-pic", images=[b"alice-img-a"])  # bob holds a copy of one of alice's images
+    bob_before = reliability_snapshot(store, "bob")
+    assert store.erase_owner("alice") == 1
+    q = store._conn.execute
+    for table in ("concepts", "handles", "embeddings", "owner_settings", "profile_events", "owner_blobs"):
+        assert q(f"SELECT count(*) FROM {table} WHERE owner = ?", ("alice",)).fetchone()[0] == 0, table
+    assert q("SELECT count(*) FROM tensors WHERE concept_id NOT IN (SELECT id FROM concepts)").fetchone()[0] == 0
+    remaining = {r[0] for r in q("SELECT data FROM images")}
+    assert not any(bytes(d).startswith(b"alice-") and bytes(d) != b"alice-img-a" for d in remaining)
+    assert b"alice-img-a" in {bytes(d) for d in remaining}  # still bob's
+    assert "alice" not in store.owners() and not store.has_owner("alice")
+    assert reliability_snapshot(store, "bob") == bob_before
+    assert store.image_bytes("bob", shared.images[0]) == b"alice-img-a"
+    assert store.search("alice", vec(0), embedder="e") == []
