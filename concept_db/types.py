@@ -81,6 +81,8 @@ def check_text(value: Any, what: str, limit: int = MAX_INFO) -> str:
         raise InvalidConceptError(f"concept {what} must be a string, got {type(value).__name__}")
     if len(value) > limit:
         raise InvalidConceptError(f"concept {what} is {len(value)} characters, over the limit of {limit}")
+    if "\x00" in value:  # no backend-dependent behaviour: PostgreSQL text cannot hold NUL at all
+        raise InvalidConceptError(f"concept {what} contains a NUL character")
     return value
 
 
