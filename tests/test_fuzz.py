@@ -22,7 +22,7 @@ def test_normalize_name_is_safe_and_idempotent(text):
     assert normalize_name(name) == name == normalize_name(f"<{name}>")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.pg)])
 def db_url(request, tmp_path):
     return str(tmp_path / "fuzz.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
 

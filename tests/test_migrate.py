@@ -35,6 +35,7 @@ def fill(store):
         store.set_setting(owner, "threshold", 0.25 + u)
 
 
+@pytest.mark.pg
 def test_sqlite_to_postgres_and_back(tmp_path, pg_url):
     src = open_store(tmp_path / "a.db")
     fill(src)
@@ -60,6 +61,7 @@ def test_sqlite_to_postgres_and_back(tmp_path, pg_url):
     src.close()
 
 
+@pytest.mark.pg
 def test_resume_copies_only_what_is_missing(tmp_path, pg_url):
     src = open_store(tmp_path / "a.db")
     fill(src)
@@ -89,6 +91,7 @@ def test_same_database_refused(tmp_path):
         migrate(str(tmp_path / "a.db"), str(tmp_path / "a.db"))
 
 
+@pytest.mark.pg
 def test_cli_migrate(tmp_path, pg_url):
     src = tmp_path / "a.db"
     with open_store(src) as s:

@@ -17,7 +17,7 @@ reliability = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(reliability)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.pg)])
 def db_url(request, tmp_path):
     return str(tmp_path / "concepts.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
 

@@ -13,7 +13,7 @@ from concept_db import (ConceptNotFound, DuplicateConceptError, InvalidConceptEr
 DIM = 16
 
 
-BACKENDS = ["sqlite", "postgres"]
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.pg)]
 
 
 @pytest.fixture(params=BACKENDS)
