@@ -1,4 +1,4 @@
-"""ConceptDB end to end with the tiny open_clip embedder (real model classes, tiny weights)."""
+"""ConceptDB end to end with the tiny open_clip embedder (real model classes, tiny weights), on both backends."""
 
 import numpy as np
 import pytest
@@ -16,9 +16,10 @@ def drawn(kind: str, color, shift: int = 0) -> Image.Image:
     return img
 
 
-@pytest.fixture
-def db(tmp_path, tiny_embedder):
-    with ConceptDB(tmp_path / "c.db", embedder=tiny_embedder) as database:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.pg)])
+def db(request, tmp_path, tiny_embedder):
+    url = tmp_path / "c.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    with ConceptDB(url, embedder=tiny_embedder) as database:
         yield database
 
 
