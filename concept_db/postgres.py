@@ -116,8 +116,15 @@ def _native(sql: str) -> str:
 class _PGConnection:
     """One psycopg connection behind the store's lock; statements fully fetched, errors made ours."""
 
-    def __init__(self, conn: Any, lock: threading.RLock, url: str):
-        self._conn, self._lock, self._url = conn, lock, url
+    def __init__(self, conn: Any, lock: threading.RLock, url: str, connect: Any):
+        self._conn, self._lock, self._url, self._connect = conn, lock, url, connect
+        self._in_tx = False
+
+    def _usable(self) -> None:
+        """Reconnect a connection the server dropped (restart, idle timeout), but only between transactions:
+        inside one, the error must reach the caller, whose transaction is lost."""
+        if self._conn.closed and not self._in_tx:
+            self._conn = self._connect()
 
     def _errors(self, e: Exception) -> Exception:
         import psycopg
@@ -132,6 +139,11 @@ class _PGConnection:
         import psycopg
 
         with self._lock:
+            self._usable()
+            if sql == "BEGIN":
+                self._in_tx = True
+            elif sql in ("COMMIT", "ROLLBACK"):
+                self._in_tx = False
             try:
                 # binary results (vectors arrive as arrays); statements without arguments go as simple queries,
                 # which may hold several statements (migrations)
@@ -205,14 +217,21 @@ class PostgresStore(SQLStore):
         self._depth = 0
         self._partitions: set[str] = set()
         self._dims: dict[str, int] = {}
-        try:
-            raw = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout)),
-                                  application_name="mmpersona")
-        except psycopg.Error as e:
-            raise ConceptDBError(f"cannot connect to PostgreSQL at {_redacted(url)}: {str(e).strip()}. "
-                                 "Check that the server runs and that the URL's host, port, user, password and "
-                                 "database are right (README, 'PostgreSQL').") from e
-        self._conn = _PGConnection(raw, self._lock, url)
+
+        def connect(migrated: bool = True) -> Any:
+            try:
+                raw = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout)),
+                                      application_name="mmpersona")
+            except psycopg.Error as e:
+                raise ConceptDBError(f"cannot connect to PostgreSQL at {_redacted(url)}: {str(e).strip()}. "
+                                     "Check that the server runs and that the URL's host, port, user, password "
+                                     "and database are right (README, 'PostgreSQL').") from e
+            if migrated:
+                _register_vector(raw)
+            return raw
+
+        raw = connect(migrated=False)
+        self._conn = _PGConnection(raw, self._lock, url, connect)
         try:
             self._migrate()
             _register_vector(raw)

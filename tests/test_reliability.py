@@ -10,7 +10,6 @@ import pytest
 from safetensors.numpy import save
 
 from concept_db import ConceptNotFound, open_store
-from concept_db.sql import SQLStore
 
 _spec = importlib.util.spec_from_file_location("reliability", Path(__file__).parents[1] / "scripts" / "reliability.py")
 reliability = importlib.util.module_from_spec(_spec)

@@ -329,3 +329,20 @@ def test_profile_events_images_and_isolation(store):
     store.erase_owner("bob")
     assert store.profile_events("bob") == []
     assert store._conn.execute("SELECT count(*) FROM images WHERE data = ?", (b"bob-img",)).fetchone()[0] == 0
+
+
+@pytest.mark.pg
+def test_postgres_reconnects_between_transactions(pg_url):
+    """A connection the server dropped (restart, idle timeout) is re-opened on the next call."""
+    import psycopg
+
+    store = open_store(pg_url)
+    c = add(store, "alice", "bo")
+    pid = store._conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(Exception, match="(?i)terminat|closed|connection"):
+        store.get("alice", c.id)  # the call that meets the dropped connection fails clearly...
+    assert store.get("alice", c.id) == c  # ...and the next one reconnects
+    assert store.search("alice", vecs(2)[0], embedder="e")[0].concept.id == c.id
+    store.close()
