@@ -30,11 +30,12 @@ if TYPE_CHECKING:
 SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     (1, """
     CREATE EXTENSION IF NOT EXISTS vector;
+    -- names sort by code point (COLLATE "C"), as in SQLite, and the (owner, name) index serves that order
     CREATE TABLE concepts (
         id text PRIMARY KEY,
         owner text NOT NULL,
-        name text NOT NULL,
-        category text NOT NULL DEFAULT '',
+        name text COLLATE "C" NOT NULL,
+        category text COLLATE "C" NOT NULL DEFAULT '',
         info text NOT NULL DEFAULT '',
         attributes text NOT NULL DEFAULT '{}',
         created double precision NOT NULL,
@@ -44,7 +45,7 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     );
     CREATE TABLE handles (
         owner text NOT NULL,
-        handle text NOT NULL,
+        handle text COLLATE "C" NOT NULL,
         concept_id text NOT NULL,
         is_alias integer NOT NULL,
         PRIMARY KEY (owner, handle)
@@ -204,7 +205,7 @@ class PostgresStore(SQLStore):
         "(SELECT coalesce(json_agg(handle ORDER BY handle COLLATE \"C\"), '[]') FROM handles "
         "WHERE concept_id = c.id AND is_alias = 1), "
         "(SELECT coalesce(json_agg(hash ORDER BY position), '[]') FROM concept_images "
-        "WHERE concept_id = c.id) FROM concepts c"
+        "WHERE concept_id = c.id) FROM {source} c"
     )
 
     def __init__(self, url: str, *, connect_timeout: float = 10):

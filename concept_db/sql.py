@@ -48,7 +48,8 @@ class SQLStore:
     _COLLATE = ""
     #: appended to a SELECT that reads a row about to be changed (row lock where the backend has them)
     _FOR_UPDATE = ""
-    #: a concept row with its aliases and images, in one statement (backend-specific aggregation)
+    #: a concept row with its aliases and images, in one statement (backend-specific aggregation), read from
+    #: `{source}`: the concepts table or a subquery of it
     _SELECT: str
 
     _lock: threading.RLock
@@ -144,7 +145,8 @@ class SQLStore:
                 # look up by primary key, then keep only the owner's rows (an owner filter in SQL would make
                 # the planner scan the owner's index instead)
                 rows += [r for r in self._conn.execute(
-                    f"{self._SELECT} WHERE c.id IN ({','.join('?' * len(chunk))})", chunk) if r[1] == owner]
+                    self._SELECT.format(source="concepts") + f" WHERE c.id IN ({','.join('?' * len(chunk))})",
+                    chunk) if r[1] == owner]
         return {c.id: c for c in self._concepts(rows)}
 
     def get(self, owner: str, concept_id: str) -> Concept:
@@ -208,14 +210,16 @@ class SQLStore:
         check_owner(owner)
         if limit < 0 or offset < 0:
             raise InvalidConceptError("limit and offset must not be negative")
-        sql = f"{self._SELECT} WHERE c.owner = ?"
+        page = "SELECT * FROM concepts WHERE owner = ?"
         args: list[Any] = [owner]
         if category is not None:
-            sql += " AND c.category = ?"
+            page += " AND category = ?"
             args.append(category)
+        # the page is cut before aliases and images are gathered: rows skipped by OFFSET cost an index step only
+        page += f" ORDER BY name{self._COLLATE} LIMIT ? OFFSET ?"
+        sql = self._SELECT.format(source=f"({page})") + f" ORDER BY c.name{self._COLLATE}"
         with self._lock:
-            return self._concepts(self._conn.execute(sql + f" ORDER BY c.name{self._COLLATE} LIMIT ? OFFSET ?",
-                                                     (*args, limit, offset)).fetchall())
+            return self._concepts(self._conn.execute(sql, (*args, limit, offset)).fetchall())
 
     def count(self, owner: str) -> int:
         check_owner(owner)

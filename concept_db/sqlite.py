@@ -196,7 +196,7 @@ class SQLiteStore(SQLStore):
         "(SELECT json_group_array(handle) FROM (SELECT handle FROM handles "
         "WHERE concept_id = c.id AND is_alias = 1 ORDER BY handle)), "
         "(SELECT json_group_array(hash) FROM (SELECT hash FROM concept_images "
-        "WHERE concept_id = c.id ORDER BY position)) FROM concepts c"
+        "WHERE concept_id = c.id ORDER BY position)) FROM {source} c"
     )
 
     def _insert(self, c, table: str, rows: Sequence[Sequence[Any]], conflict: str = "error") -> None:
