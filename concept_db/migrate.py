@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .postgres import redacted
 from .types import Concept, ConceptDBError, NewConcept
 
 if TYPE_CHECKING:
@@ -198,7 +199,8 @@ def migrate(source: "str | SQLStore", target: "str | SQLStore", *, owners: Seque
         if getattr(src, "url", None) == getattr(dst, "url", object()):
             raise MigrationError("source and target are the same database")
         names = list(owners) if owners is not None else src.owners()
-        report = MigrationReport(str(getattr(src, "url", source)), _redact(str(getattr(dst, "url", target))))
+        report = MigrationReport(redacted(str(getattr(src, "url", source))),
+                                 redacted(str(getattr(dst, "url", target))))
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -215,9 +217,3 @@ def migrate(source: "str | SQLStore", target: "str | SQLStore", *, owners: Seque
             src.close()
         if isinstance(target, str):
             dst.close()
-
-
-def _redact(url: str) -> str:
-    from .postgres import _redacted
-
-    return _redacted(url)

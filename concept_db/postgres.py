@@ -105,12 +105,12 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     """),
 ]
 
-#: how rows pass to PostgreSQL: the shared SQL's `?` placeholders become psycopg's
 _MIGRATION_LOCK = 7_345_121  # advisory lock key: one process migrates at a time
 
 
 @lru_cache(maxsize=512)
 def _native(sql: str) -> str:
+    """The shared SQL's `?` placeholders as psycopg's `%s` (a literal `%` doubled)."""
     return sql.replace("%", "%%").replace("?", "%s")
 
 
@@ -133,7 +133,7 @@ class _PGConnection:
         if isinstance(e, psycopg.errors.UniqueViolation):
             return DuplicateConceptError(f"a concurrent write added the same entry first ({e.diag.message_detail})")
         if isinstance(e, psycopg.OperationalError):
-            return ConceptDBError(f"PostgreSQL at {_redacted(self._url)}: {str(e).strip()}")
+            return ConceptDBError(f"PostgreSQL at {redacted(self._url)}: {str(e).strip()}")
         return ConceptDBError(f"PostgreSQL error: {str(e).strip()}")
 
     def execute(self, sql: str, args: Sequence[Any] = (), *, native: bool = False) -> _Rows:
@@ -224,7 +224,7 @@ class PostgresStore(SQLStore):
                 raw = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout)),
                                       application_name="mmpersona")
             except psycopg.Error as e:
-                raise ConceptDBError(f"cannot connect to PostgreSQL at {_redacted(url)}: {str(e).strip()}. "
+                raise ConceptDBError(f"cannot connect to PostgreSQL at {redacted(url)}: {str(e).strip()}. "
                                      "Check that the server runs and that the URL's host, port, user, password "
                                      "and database are right (README, 'PostgreSQL').") from e
             if migrated:
@@ -256,7 +256,7 @@ class PostgresStore(SQLStore):
                 except ConceptDBError as e:
                     if "vector" in str(e) and "extension" in str(e):
                         raise ConceptDBError(
-                            f"the database at {_redacted(self.url)} lacks the pgvector extension and this user "
+                            f"the database at {redacted(self.url)} lacks the pgvector extension and this user "
                             "may not create it: run `CREATE EXTENSION vector;` in it as a superuser "
                             "(pgvector must be installed on the server: https://github.com/pgvector/pgvector)"
                         ) from e
@@ -384,7 +384,7 @@ def _as_float32(v: Any) -> "np.ndarray":
     return np.ascontiguousarray(v, dtype=np.float32)
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     """The URL without its password, for messages."""
     from urllib.parse import urlsplit, urlunsplit
 

@@ -109,3 +109,13 @@ def test_cli_migrate(tmp_path, pg_url):
     bad = subprocess.run([sys.executable, "-m", "mmpersona", "concepts", "migrate", "--from", str(src), "--to",
                           "postgresql://nobody@127.0.0.1:1/none"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "cannot connect to PostgreSQL" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_passwords_never_reach_reports_or_errors():
+    from concept_db.postgres import redacted
+
+    assert redacted("postgresql://app:s3cret@db.example:5432/mm") == "postgresql://app:***@db.example:5432/mm"
+    assert redacted("/data/concepts.db") == "/data/concepts.db"
+    with pytest.raises(Exception) as err:
+        open_store("postgresql://app:s3cret@127.0.0.1:1/mm")
+    assert "cannot connect" in str(err.value) and "s3cret" not in str(err.value)
