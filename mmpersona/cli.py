@@ -285,6 +285,20 @@ def concepts_export(
     emit(s, {"exported": n, "path": str(path), "format": fmt}, f"exported {n} concept(s) to {path}")
 
 
+@app.command("erase-user")
+def erase_user(
+    ctx: typer.Context,
+    yes: bool = typer.Option(False, "--yes", help="Confirm: this cannot be undone."),
+) -> None:
+    """Remove everything of --user: concepts, images, vectors, learned tensors, profile, artefacts, settings."""
+    s = settings(ctx)
+    if not yes:
+        raise typer.BadParameter(f"erasing all data of user {s.user!r} cannot be undone: add --yes", param_hint="--yes")
+    with open_db(s) as db:
+        n = db.erase_user(s.user)
+    emit(s, {"user": s.user, "concepts_removed": n}, f"erased user {s.user!r} ({n} concept(s) and all other data)")
+
+
 @concepts_app.command("migrate")
 def concepts_migrate(
     ctx: typer.Context,

@@ -119,3 +119,17 @@ def test_passwords_never_reach_reports_or_errors():
     with pytest.raises(Exception) as err:
         open_store("postgresql://app:s3cret@127.0.0.1:1/mm")
     assert "cannot connect" in str(err.value) and "s3cret" not in str(err.value)
+
+
+@pytest.mark.pg
+def test_cli_erase_user(pg_url):
+    with open_store(pg_url) as s:
+        fill(s)
+    base = [sys.executable, "-m", "mmpersona", "--json", "--db", pg_url, "--user", "alice", "erase-user"]
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--yes" in refused.stderr
+    done = subprocess.run(base + ["--yes"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"user": "alice", "concepts_removed": 7}
+    with open_store(pg_url) as s:
+        assert s.owners() == ["bob"] and summarize(s, "bob")[0]["concepts"] == 7
