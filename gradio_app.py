@@ -11,6 +11,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import tempfile
 import threading
 import zipfile
@@ -397,7 +398,8 @@ def parse_auth(items: list[str] | None) -> list[tuple[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", choices=["tiny", "default"])
-    parser.add_argument("--db", default=None, help="concept database path (default: the user data dir)")
+    parser.add_argument("--db", default=os.environ.get("MMPERSONA_DB"),
+                        help="concept database: a path or postgresql:// URL (default: env MMPERSONA_DB, else the user data dir)")
     parser.add_argument("--auth", action="append", metavar="USER:PASS", help="a login (repeatable)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--host", default="127.0.0.1")
