@@ -111,7 +111,15 @@ def test_isolation_every_public_operation(store):
         except ConceptNotFound:
             continue
         assert result in ([], {}, None, 0, False), f"{name} returned another owner's data: {result!r}"
-    # the victim's data is untouched, and writes as mallory did not land in alice's name
+    # writes in mallory's own name, with alice's names, images and keys, stay mallory's
+    store.add("mallory", victim.name, aliases=list(victim.aliases), images=[b"alice-img-a"],
+              embeddings={"e": vec(0)[None, :]})
+    store.add_many("mallory", [])
+    store.add_profile_event("mallory", "like", images=[b"alice-liked"])
+    store.put_blob("mallory", "reward", save({"w": np.ones(2, np.float32)}), model="m")
+    store.set_setting("mallory", "threshold", 0.9)
+    assert store.search("alice", vec(0), embedder="e", k=5)[0].concept.owner == "alice"
+    # the victim's data is untouched
     assert reliability_snapshot(store, "alice") == before
 
 
