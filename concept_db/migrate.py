@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -188,13 +189,14 @@ def migrate_owner(source: "SQLStore", target: "SQLStore", owner: str, *, batch: 
 _MISSING = object()
 
 
-def migrate(source: "str | SQLStore", target: "str | SQLStore", *, owners: Sequence[str] | None = None,
+def migrate(source: "str | os.PathLike | SQLStore", target: "str | os.PathLike | SQLStore", *, owners: Sequence[str] | None = None,
             batch: int = 200, progress: bool = False) -> MigrationReport:
     """Copy every owner (or `owners`) from `source` to `target` (URLs/paths or open stores); see the module doc."""
     from . import open_store
 
-    src = open_store(source) if isinstance(source, str) else source
-    dst = open_store(target) if isinstance(target, str) else target
+    opened = (str, os.PathLike)
+    src = open_store(source) if isinstance(source, opened) else source
+    dst = open_store(target) if isinstance(target, opened) else target
     try:
         if getattr(src, "url", None) == getattr(dst, "url", object()):
             raise MigrationError("source and target are the same database")
@@ -213,7 +215,7 @@ def migrate(source: "str | SQLStore", target: "str | SQLStore", *, owners: Seque
             bar.close()
         return report
     finally:
-        if isinstance(source, str):
+        if isinstance(source, opened):
             src.close()
-        if isinstance(target, str):
+        if isinstance(target, opened):
             dst.close()

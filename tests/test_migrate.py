@@ -55,7 +55,7 @@ def test_sqlite_to_postgres_and_back(tmp_path, pg_url):
     assert dst.get_setting("bob", "threshold") == 1.25
     # and back into a fresh SQLite file: the digests still agree
     back = tmp_path / "b.db"
-    again = migrate(dst, str(back))
+    again = migrate(dst, back)  # paths work as well as URLs and open stores
     assert [o.digest for o in again.owners] == [o.digest for o in report.owners]
     dst.close()
     src.close()
