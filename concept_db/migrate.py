@@ -20,10 +20,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .postgres import redacted
-from .types import Concept, ConceptDBError, NewConcept
+from .types import ConceptDBError, NewConcept
 
 if TYPE_CHECKING:
     from .sql import SQLStore
+
+
+_MISSING = object()
 
 
 class MigrationError(ConceptDBError):
@@ -52,15 +55,6 @@ class MigrationReport:
                 "owners": [o.to_dict() for o in self.owners]}
 
 
-def _all_concepts(store: "SQLStore", owner: str, page: int = 1000) -> list[Concept]:
-    out: list[Concept] = []
-    while True:
-        got = store.list(owner, limit=page, offset=len(out))
-        out += got
-        if len(got) < page:
-            return out
-
-
 def _vectors_by_concept(store: "SQLStore", owner: str) -> dict[str, dict[str, dict[str, Any]]]:
     """embedder -> concept id -> image hash -> vector."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
@@ -81,7 +75,7 @@ def summarize(store: "SQLStore", owner: str) -> tuple[dict[str, int], str]:
             data = part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode()
             digest.update(len(data).to_bytes(8, "little") + data)
 
-    concepts = sorted(_all_concepts(store, owner), key=lambda c: c.name)
+    concepts = sorted(store.all_concepts(owner), key=lambda c: c.name)
     name_of = {c.id: c.name for c in concepts}
     for c in concepts:
         feed("concept", c.name, c.category, c.info, list(c.aliases), c.attributes, list(c.images), c.created,
@@ -117,7 +111,7 @@ def migrate_owner(source: "SQLStore", target: "SQLStore", owner: str, *, batch: 
     import numpy as np
 
     copied = Counter()
-    concepts = _all_concepts(source, owner)
+    concepts = source.all_concepts(owner)
     vectors = _vectors_by_concept(source, owner)
     for start in range(0, len(concepts), batch):
         page = concepts[start : start + batch]
@@ -142,7 +136,7 @@ def migrate_owner(source: "SQLStore", target: "SQLStore", owner: str, *, batch: 
         if on_progress:
             on_progress(len(page))
     # vectors, tensors, events, artefacts and settings: each keyed, so a re-run adds only what is missing
-    on_target = {c.name: c.id for c in _all_concepts(target, owner)}
+    on_target = {c.name: c.id for c in target.all_concepts(owner)}
     source_name = {c.id: c.name for c in concepts}
     for embedder, per in vectors.items():
         have = {(cid, h) for cid, h in zip(*target.owner_vectors(owner, embedder)[:2], strict=True)}
@@ -185,8 +179,6 @@ def migrate_owner(source: "SQLStore", target: "SQLStore", owner: str, *, batch: 
                                                          "settings")},
                           counts, digest)
 
-
-_MISSING = object()
 
 
 def migrate(source: "str | os.PathLike | SQLStore", target: "str | os.PathLike | SQLStore", *, owners: Sequence[str] | None = None,

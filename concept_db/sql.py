@@ -71,6 +71,14 @@ class SQLStore:
         """A stored vector as a float32 array."""
         raise NotImplementedError
 
+    def _matrix(self, values: Sequence[Any], dim: int) -> "np.ndarray":
+        """Stored vectors as one (n, dim) float32 matrix."""
+        import numpy as np
+
+        if not values:
+            return np.empty((0, dim), np.float32)
+        return np.stack([self._vector(v) for v in values]).astype(np.float32, copy=False)
+
     def _rolled_back(self) -> None:
         """Forget what was cached about writes that a rollback undid."""
 
@@ -220,6 +228,15 @@ class SQLStore:
         sql = self._SELECT.format(source=f"({page})") + f" ORDER BY c.name{self._COLLATE}"
         with self._lock:
             return self._concepts(self._conn.execute(sql, (*args, limit, offset)).fetchall())
+
+    def all_concepts(self, owner: str, *, page: int = 500) -> list[Concept]:
+        """Every concept of the owner, by name (read a page at a time)."""
+        out: list[Concept] = []
+        while True:
+            got = self.list(owner, limit=page, offset=len(out))
+            out += got
+            if len(got) < page:
+                return out
 
     def count(self, owner: str) -> int:
         check_owner(owner)
@@ -507,30 +524,25 @@ class SQLStore:
 
     def vectors(self, owner: str, concept_id: str) -> "dict[str, tuple[list[str], np.ndarray]]":
         """Every stored vector of one concept: embedder -> (image hashes, (n, dim) matrix)."""
-        import numpy as np
-
         self.get(owner, concept_id)
-        out: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+        out: dict[str, tuple[list[str], list[Any]]] = {}
         for embedder, h, value in self._conn.execute(
                 "SELECT embedder, image_hash, vector FROM embeddings WHERE owner = ? AND concept_id = ? "
                 f"ORDER BY embedder{self._COLLATE}, image_hash", (owner, concept_id)):
-            hashes, vecs = out.setdefault(embedder, ([], []))
+            hashes, values = out.setdefault(embedder, ([], []))
             hashes.append(h)
-            vecs.append(self._vector(value))
-        return {e: (hs, np.stack(vs).astype(np.float32, copy=False)) for e, (hs, vs) in out.items()}
+            values.append(value)
+        return {e: (hs, self._matrix(vs, 0)) for e, (hs, vs) in out.items()}
 
     def owner_vectors(self, owner: str, embedder: str) -> "tuple[list[str], list[str], np.ndarray]":
         """All of the owner's vectors from `embedder`: (concept ids, image hashes, (n, dim) matrix), grouped by
         concept. One range read of the owner's rows (for bulk copies, verification and baselines)."""
-        import numpy as np
-
         check_owner(owner)
         rows = self._conn.execute(
             "SELECT concept_id, image_hash, vector FROM embeddings WHERE owner = ? AND embedder = ? "
             "ORDER BY concept_id, image_hash", (owner, embedder))
-        dim = self.embedder_dims().get(embedder, 0)
-        matrix = (np.stack([self._vector(r[2]) for r in rows]) if rows else np.empty((0, dim), np.float32))
-        return [r[0] for r in rows], [r[1] for r in rows], matrix.astype(np.float32, copy=False)
+        dim = 0 if rows else self.embedder_dims().get(embedder, 0)
+        return [r[0] for r in rows], [r[1] for r in rows], self._matrix([r[2] for r in rows], dim)
 
     def owners(self) -> list[str]:
         """Every owner with data in this database (concepts, settings, profile or per-user artefacts)."""

@@ -212,6 +212,13 @@ class SQLiteStore(SQLStore):
 
         return np.frombuffer(value, dtype=np.float32)
 
+    def _matrix(self, values: Sequence[Any], dim: int) -> "np.ndarray":
+        import numpy as np
+
+        if not values:
+            return np.empty((0, dim), np.float32)
+        return np.frombuffer(b"".join(values), dtype=np.float32).reshape(len(values), -1)  # one copy, not n
+
     def _migrate(self) -> None:
         with self._tx() as c:
             c.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied REAL)")
@@ -257,24 +264,19 @@ class SQLiteStore(SQLStore):
                 return cached
             revision_row = self._conn.execute("SELECT revision FROM owner_revisions WHERE owner = ?",
                                               (owner,)).fetchone()
-            dim_row = self._conn.execute("SELECT dim FROM embedders WHERE name = ?", (embedder,)).fetchone()
             # one range scan of the primary key, grouped by concept
-            rows = self._conn.execute(
-                "SELECT concept_id, image_hash, vector FROM embeddings WHERE owner = ? AND embedder = ? "
-                "ORDER BY concept_id", (owner, embedder)).fetchall()
+            row_ids, image_hashes, matrix = self.owner_vectors(owner, embedder)
             category_of = dict(self._conn.execute("SELECT id, category FROM concepts WHERE owner = ?", (owner,)))
-            dim = dim_row[0] if dim_row else 0
-            matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
             concept_ids, starts = [], []
-            for i, r in enumerate(rows):
-                if not concept_ids or concept_ids[-1] != r[0]:
-                    concept_ids.append(r[0])
+            for i, cid in enumerate(row_ids):
+                if not concept_ids or concept_ids[-1] != cid:
+                    concept_ids.append(cid)
                     starts.append(i)
             starts_arr = np.asarray(starts, dtype=np.int64)
             index = _OwnerIndex(revision_row[0] if revision_row else 0, matrix, concept_ids, starts_arr,
-                                [r[1] for r in rows],
+                                image_hashes,
                                 np.asarray([category_of.get(cid, "") for cid in concept_ids], dtype=object),
-                                np.append(starts_arr[1:], len(rows)), len(concept_ids) == len(rows))
+                                np.append(starts_arr[1:], len(row_ids)), len(concept_ids) == len(row_ids))
             self._indexes[(owner, embedder)] = index
             total = sum(i.matrix.nbytes for i in self._indexes.values())
             while total > self.cache_bytes and len(self._indexes) > 1:  # keep at least the one just loaded

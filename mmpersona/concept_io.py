@@ -325,11 +325,7 @@ def export_concepts(db: "ConceptDB", user: str, path: str | Path, fmt: str = "ar
     if fmt not in FORMATS:
         raise ImportFormatError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     store = db.store
-    concepts = []
-    offset = 0
-    while page := store.list(user, limit=500, offset=offset):
-        concepts += page
-        offset += len(page)
+    concepts = store.all_concepts(user)
     path = Path(path)
     if fmt == "archive":
         _write_archive(store, user, concepts, path)

@@ -124,7 +124,7 @@ def crash(db: str, rounds: int, *, batch: int = 25, seed: int = 0, min_s: float 
                 committed += json.loads(line)
         store = open_store(db)  # must open after every kill
         try:
-            present = {c.name: c for c in _all(store, OWNER)}
+            present = {c.name: c for c in store.all_concepts(OWNER)}
             missing = [n for n in committed if n not in present]
             assert not missing, f"round {r}: {len(missing)} committed concepts lost, e.g. {missing[:3]}"
             # reported or not, whatever is there is whole (committed rows do not change: check each one once)
@@ -137,15 +137,6 @@ def crash(db: str, rounds: int, *, batch: int = 25, seed: int = 0, min_s: float 
             store.close()
     return {"test": "crash", "rounds": rounds, "committed": len(committed), "concepts": len(present),
             "seconds": round(time.perf_counter() - start, 1)}
-
-
-def _all(store, owner: str):
-    out, page = [], 500
-    while True:
-        got = store.list(owner, limit=page, offset=len(out))
-        out += got
-        if len(got) < page:
-            return out
 
 
 # ---------------------------------------------------------------------- concurrency
@@ -217,7 +208,7 @@ def concurrency(db: str, seconds: float, *, readers: int = 3, writers: int = 2) 
     with open_store(db) as store:
         counter = store.find(SHARED, "counter")
         assert counter.attributes["n"] == sum(w["increments"] for w in wrote), "lost counter updates"
-        concepts = _all(store, SHARED)
+        concepts = store.all_concepts(SHARED)
         names = {c.name for c in concepts} - {"counter"}
         expected = {f"w{i}-{j}" for i, w in enumerate(wrote) for j in range(w["added"])}
         assert names == expected, f"{len(expected - names)} added concepts missing"

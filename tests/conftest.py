@@ -33,6 +33,12 @@ def tiny_embedder(tiny_cache):
     return load_embedder(preset="tiny", device="cpu")
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.pg)])
+def db_url(request, tmp_path) -> str:
+    """A fresh, empty concept database on each backend: a SQLite file, then a PostgreSQL database."""
+    return str(tmp_path / "concepts.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
 @pytest.fixture(scope="session")
 def pg_server():
     """A PostgreSQL + pgvector server for the session: `MMPERSONA_TEST_PG_URL` when set (a superuser URL of

@@ -16,10 +16,9 @@ def drawn(kind: str, color, shift: int = 0) -> Image.Image:
     return img
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.pg)])
-def db(request, tmp_path, tiny_embedder):
-    url = tmp_path / "c.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    with ConceptDB(url, embedder=tiny_embedder) as database:
+@pytest.fixture
+def db(db_url, tiny_embedder):
+    with ConceptDB(db_url, embedder=tiny_embedder) as database:
         yield database
 
 

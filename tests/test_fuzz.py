@@ -22,11 +22,6 @@ def test_normalize_name_is_safe_and_idempotent(text):
     assert normalize_name(name) == name == normalize_name(f"<{name}>")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.pg)])
-def db_url(request, tmp_path):
-    return str(tmp_path / "fuzz.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.text(min_size=1, max_size=30), info=st.text(max_size=300))
 def test_any_name_and_info_round_trip_or_fail_cleanly(db_url, name, info):

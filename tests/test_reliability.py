@@ -16,11 +16,6 @@ reliability = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(reliability)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.pg)])
-def db_url(request, tmp_path):
-    return str(tmp_path / "concepts.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
-
-
 def test_crash_safety_sigkill_during_bulk_import(db_url):
     result = reliability.crash(db_url, rounds=6, batch=20, seed=1)
     assert result["committed"] > 0  # kills landed after some commits, and everything committed survived
@@ -59,6 +54,7 @@ def cross_owner_calls(store, victim):
         "find": lambda: store.find("mallory", victim.name),
         "find_many": lambda: store.find_many("mallory", [victim.name, victim.aliases[0]]),
         "list": lambda: store.list("mallory"),
+        "all_concepts": lambda: store.all_concepts("mallory"),
         "count": lambda: store.count("mallory"),
         "categories": lambda: store.categories("mallory"),
         "update": lambda: store.update("mallory", cid, info="pwned"),

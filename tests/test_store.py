@@ -13,13 +13,9 @@ from concept_db import (ConceptNotFound, DuplicateConceptError, InvalidConceptEr
 DIM = 16
 
 
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.pg)]
-
-
-@pytest.fixture(params=BACKENDS)
-def store(request, tmp_path):
-    url = tmp_path / "concepts.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    s = open_store(url)
+@pytest.fixture
+def store(db_url):
+    s = open_store(db_url)
     yield s
     s.close()
 
