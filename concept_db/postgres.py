@@ -103,6 +103,16 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
         PRIMARY KEY (owner, name)
     );
     """),
+    (2, """
+    -- hkey (types.hash_key: the hash's first 64 bits as a signed integer) beside every image hash, so that one
+    -- set of statements serves both backends; SQLite indexes it, PostgreSQL keeps finding images by hash
+    ALTER TABLE images ADD COLUMN hkey bigint;
+    UPDATE images SET hkey = ('x' || substr(hash, 1, 16))::bit(64)::bigint;
+    ALTER TABLE images ALTER COLUMN hkey SET NOT NULL;
+    ALTER TABLE concept_images ADD COLUMN hkey bigint;
+    UPDATE concept_images SET hkey = ('x' || substr(hash, 1, 16))::bit(64)::bigint;
+    ALTER TABLE concept_images ALTER COLUMN hkey SET NOT NULL;
+    """),
 ]
 
 _MIGRATION_LOCK = 7_345_121  # advisory lock key: one process migrates at a time
@@ -189,7 +199,7 @@ class _PGConnection:
 _COPY_TYPES = {
     "concepts": ("text", "text", "text", "text", "text", "text", "float8", "float8", "int8"),
     "handles": ("text", "text", "text", "int4"),
-    "concept_images": ("text", "text", "int4"),
+    "concept_images": ("text", "text", "int4", "int8"),
     "embeddings": ("text", "text", "text", "text", "vector"),
 }
 

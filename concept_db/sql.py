@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from .types import (PROFILE_KINDS, BulkResult, Concept, ConceptNotFound, DuplicateConceptError, InvalidConceptError,
                     Match, NewConcept, ProfileEvent, StoredTensor, check_owner, check_text, content_hash,
-                    normalize_name)
+                    hash_key, normalize_name)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "concepts": (("id", "owner", "name", "category", "info", "attributes", "created", "updated", "version"), ("id",)),
     "handles": (("owner", "handle", "concept_id", "is_alias"), ("owner", "handle")),
-    "images": (("hash", "data", "size"), ("hash",)),
-    "concept_images": (("concept_id", "hash", "position"), ("concept_id", "hash")),
+    # hkey: hash_key(hash), what the SQLite indexes find images by (queries give both hkey and hash)
+    "images": (("hash", "data", "size", "hkey"), ("hash",)),
+    "concept_images": (("concept_id", "hash", "position", "hkey"), ("concept_id", "hash")),
     "embeddings": (("owner", "embedder", "concept_id", "image_hash", "vector"),
                    ("owner", "embedder", "concept_id", "image_hash")),
     "embedders": (("name", "dim"), ("name",)),
@@ -296,14 +297,16 @@ class SQLStore:
             taken = self._taken_handles(c, owner, [h for p in prepared for h in (p["name"], *p["aliases"])])
             dims: dict[str, int] = {}
             taken_ids: set[str] = set()
+            fresh_ids = iter(new_ids(len(prepared)))
             for p in prepared:
                 handles = [p["name"], *p["aliases"]]
                 try:
-                    dup = next((h for h in handles if h in taken), None)
-                    if dup is not None:
+                    if not taken.isdisjoint(handles):
+                        dup = next(h for h in handles if h in taken)
                         raise DuplicateConceptError(f"user {owner!r} already has a concept named or aliased <{dup}>")
                     for embedder, vecs in p["embeddings"].items():
-                        self._check_dim(c, dims, embedder, vecs.shape[1])
+                        if dims.get(embedder) != vecs.shape[1]:
+                            self._check_dim(c, dims, embedder, vecs.shape[1])
                 except (DuplicateConceptError, InvalidConceptError) as e:
                     reject(p["name"], e)
                     continue
@@ -313,14 +316,16 @@ class SQLStore:
                 cid = p["id"]
                 if cid is None or cid in taken_ids or c.execute("SELECT 1 FROM concepts WHERE id = ?",
                                                                 (cid,)).fetchone():
-                    cid = new_id()
+                    cid = next(fresh_ids)
                 taken_ids.add(cid)
                 rows["concepts"].append((cid, owner, p["name"], p["category"], p["info"], p["attributes"],
                                          p["created"] or now, p["updated"] or now, p["version"] or 1))
-                rows["handles"] += [(owner, h, cid, int(i > 0)) for i, h in enumerate(handles)]
+                rows["handles"].append((owner, p["name"], cid, 0))
+                rows["handles"] += [(owner, a, cid, 1) for a in p["aliases"]]
                 for position, (h, data) in enumerate(zip(p["hashes"], p["images"], strict=True)):
-                    rows["images"].append((h, data, len(data)))
-                    rows["concept_images"].append((cid, h, position))
+                    key = hash_key(h)
+                    rows["images"].append((h, data, len(data), key))
+                    rows["concept_images"].append((cid, h, position, key))
                 for embedder, vecs in p["embeddings"].items():
                     rows["embeddings"] += [(owner, embedder, cid, h, v)
                                            for h, v in zip(p["hashes"], vecs, strict=True)]
@@ -428,8 +433,8 @@ class SQLStore:
         hashes = []
         for offset, data in enumerate(_image_blobs(images)):
             h = content_hash(data)
-            self._insert(c, "images", [(h, data, len(data))], "ignore")
-            self._insert(c, "concept_images", [(concept_id, h, start + offset)], "ignore")
+            self._insert(c, "images", [(h, data, len(data), hash_key(h))], "ignore")
+            self._insert(c, "concept_images", [(concept_id, h, start + offset, hash_key(h))], "ignore")
             hashes.append(h)
         return hashes
 
@@ -478,19 +483,22 @@ class SQLStore:
 
     def _drop_orphan_images(self, c, hashes: Sequence[str]) -> None:
         """Remove those of `hashes` that nothing uses any more (images are shared by content hash)."""
-        c.executemany("DELETE FROM images WHERE hash = ? AND NOT EXISTS "
-                      "(SELECT 1 FROM concept_images WHERE hash = ?) AND NOT EXISTS "
+        c.executemany("DELETE FROM images WHERE hkey = ? AND hash = ? AND NOT EXISTS "
+                      "(SELECT 1 FROM concept_images WHERE hkey = ? AND hash = ?) AND NOT EXISTS "
                       "(SELECT 1 FROM profile_events WHERE image = ?) AND NOT EXISTS "
-                      "(SELECT 1 FROM profile_events WHERE other = ?)", [(h, h, h, h) for h in set(hashes)])
+                      "(SELECT 1 FROM profile_events WHERE other = ?)",
+                      [(hash_key(h), h, hash_key(h), h, h, h) for h in set(hashes)])
 
     def image_bytes(self, owner: str, image_hash: str) -> bytes:
         """The encoded bytes of one of the owner's images (a concept's reference image or a profile image)."""
         check_owner(owner)
+        if not isinstance(image_hash, str) or not re.fullmatch(r"[0-9a-f]{64}", image_hash):
+            raise ConceptNotFound(f"user {owner!r} has no image {str(image_hash)[:12]!r}: not a content hash")
         row = self._conn.execute(
-            "SELECT i.data FROM images i WHERE i.hash = ? AND (EXISTS (SELECT 1 FROM concept_images ci "
-            "JOIN concepts c ON c.id = ci.concept_id WHERE ci.hash = i.hash AND c.owner = ?) OR EXISTS "
-            "(SELECT 1 FROM profile_events p WHERE p.owner = ? AND (p.image = i.hash OR p.other = i.hash)))",
-            (image_hash, owner, owner)).fetchone()
+            "SELECT i.data FROM images i WHERE i.hkey = ? AND i.hash = ? AND (EXISTS (SELECT 1 FROM concept_images "
+            "ci JOIN concepts c ON c.id = ci.concept_id WHERE ci.hkey = i.hkey AND ci.hash = i.hash AND c.owner = ?) "
+            "OR EXISTS (SELECT 1 FROM profile_events p WHERE p.owner = ? AND (p.image = i.hash OR p.other = i.hash)))",
+            (hash_key(image_hash), image_hash, owner, owner)).fetchone()
         if row is None:
             raise ConceptNotFound(f"user {owner!r} has no image {image_hash[:12]}")
         return row[0]
@@ -506,7 +514,8 @@ class SQLStore:
             row = self._conn.execute(
                 "SELECT e.vector FROM concept_images ci JOIN concepts c ON c.id = ci.concept_id "
                 "JOIN embeddings e ON e.owner = c.owner AND e.embedder = ? AND e.concept_id = ci.concept_id "
-                "AND e.image_hash = ci.hash WHERE ci.hash = ? LIMIT 1", (embedder, h)).fetchone()
+                "AND e.image_hash = ci.hash WHERE ci.hkey = ? AND ci.hash = ? LIMIT 1",
+                (embedder, hash_key(h), h)).fetchone()
             if row is not None:
                 out[h] = self._vector(row[0])
         return out
@@ -579,11 +588,12 @@ class SQLStore:
         prompt, comment = check_text(prompt, "prompt", 2000), check_text(comment, "comment", 2000)
         if kind in ("pair", "prompt") and not prompt.strip():
             raise InvalidConceptError(f"a {kind} needs a non-empty prompt")
-        hashes = [content_hash(b) for b in blobs] + [None, None]
-        event = ProfileEvent(_restored_id(event_id) or new_id(), owner, kind, prompt, hashes[0], hashes[1], comment,
+        rows = [(content_hash(b), b, len(b), hash_key(content_hash(b))) for b in blobs]
+        image, other = ([r[0] for r in rows] + [None, None])[:2]
+        event = ProfileEvent(_restored_id(event_id) or new_id(), owner, kind, prompt, image, other, comment,
                              float(created) if created is not None else time.time())
         with self._tx() as c:
-            self._insert(c, "images", [(content_hash(b), b, len(b)) for b in blobs], "ignore")
+            self._insert(c, "images", rows, "ignore")
             self._insert(c, "profile_events", [(event.id, owner, kind, prompt, event.image, event.other, comment,
                                                 event.created)])
             self._bump(c, owner)
@@ -689,9 +699,15 @@ def _json(value: Any) -> Any:
 
 
 def new_id() -> str:
-    """Time-ordered ids (nanoseconds, then randomness): new rows append to the id indexes instead of landing
+    """A time-ordered id (nanoseconds, then randomness): new rows append to the id indexes instead of landing
     at random places in them, which keeps bulk inserts fast."""
-    return f"{time.time_ns():016x}{secrets.token_hex(8)}"
+    return new_ids(1)[0]
+
+
+def new_ids(n: int) -> list[str]:
+    """`n` time-ordered ids at once (one clock read and one draw of randomness for all of them)."""
+    now, rand = time.time_ns(), secrets.token_hex(8 * n)
+    return [f"{now + i:016x}{rand[16 * i : 16 * i + 16]}" for i in range(n)]
 
 
 class ConceptDBConflict(InvalidConceptError):
@@ -714,7 +730,7 @@ def _image_blobs(images: Sequence[bytes]) -> list[bytes]:
     for i, data in enumerate(images):
         if not isinstance(data, (bytes, bytearray)) or not data:
             raise InvalidConceptError(f"image {i} must be non-empty encoded bytes")
-        out.append(bytes(data))
+        out.append(data if type(data) is bytes else bytes(data))
     return out
 
 
@@ -759,24 +775,26 @@ def _normalize_all(prepared: list[dict[str, Any]], reject) -> list[dict[str, Any
     groups: dict[tuple[str, int], list[int]] = {}
     for i, p in enumerate(prepared):
         for embedder, arr in p["embeddings"].items():
-            groups.setdefault((embedder, arr.shape[1]), []).append(i)
+            if arr.shape[0]:
+                groups.setdefault((embedder, arr.shape[1]), []).append(i)
     bad: set[int] = set()
     for (embedder, _dim), members in groups.items():
         arrays = [prepared[i]["embeddings"][embedder] for i in members]
-        stacked = np.concatenate(arrays) if arrays else np.empty((0, _dim), np.float32)
+        stacked = np.concatenate(arrays)
         norms = np.linalg.norm(stacked, axis=1)
         ok_rows = np.isfinite(stacked).all(axis=1) & (norms > 1e-12)
         normalized = stacked / _divisors(norms, ok_rows)[:, None]
-        start = 0
-        for i, arr in zip(members, arrays, strict=True):
-            end = start + arr.shape[0]
-            if ok_rows[start:end].all():
+        ends = np.cumsum([arr.shape[0] for arr in arrays])
+        starts = np.concatenate(([0], ends[:-1]))
+        ok_items = np.logical_and.reduceat(ok_rows, starts)  # every member has at least one row
+        for i, start, end, ok in zip(members, starts.tolist(), ends.tolist(), ok_items.tolist(),
+                                     strict=True):
+            if ok:
                 prepared[i]["embeddings"][embedder] = normalized[start:end]
             elif i not in bad:
                 bad.add(i)
                 reject(prepared[i]["name"], InvalidConceptError(
                     f"vectors for {embedder!r} contain NaN, infinity or a zero vector"))
-            start = end
     return [p for i, p in enumerate(prepared) if i not in bad]
 
 

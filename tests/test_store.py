@@ -7,8 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+import concept_db.sql
 from concept_db import (ConceptNotFound, DuplicateConceptError, InvalidConceptError, UnknownBackendError,
                         open_store)
+from concept_db.types import content_hash, hash_key
 
 DIM = 16
 
@@ -37,6 +39,10 @@ def assert_consistent(store):
                "(SELECT other FROM profile_events WHERE other IS NOT NULL)").fetchone()[0]
     assert unused == 0
     assert q("SELECT count(*) FROM concept_images WHERE hash NOT IN (SELECT hash FROM images)").fetchone()[0] == 0
+    assert q("SELECT count(*) FROM images GROUP BY hash HAVING count(*) > 1").fetchall() == []  # each image once
+    for table in ("images", "concept_images"):  # the key beside each hash is the one lookups compute
+        for h, key in q(f"SELECT hash, hkey FROM {table}"):
+            assert key == concept_db.sql.hash_key(h), (table, h)
 
 
 def add(store, owner, name, n_images=2, seed=0, **kw):
@@ -231,6 +237,90 @@ def test_reopen_keeps_everything_and_migrations_are_numbered(store, tmp_path):
     assert again.get("alice", c.id) == c and again.schema_version == migrations[-1][0]
     assert again.search("alice", vecs(2)[0], embedder="e")[0].concept.id == c.id
     again.close()
+
+
+def test_hash_key_is_the_signed_first_64_bits():
+    assert hash_key("0" * 64) == 0 and hash_key("7fffffffffffffff" + "0" * 48) == 2**63 - 1
+    assert hash_key("8000000000000000" + "f" * 48) == -(2**63) and hash_key("f" * 64) == -1
+    h = content_hash(b"bo")
+    assert hash_key(h) == int.from_bytes(bytes.fromhex(h[:16]), "big", signed=True)
+
+
+def test_colliding_hash_keys_keep_images_apart(store, monkeypatch):
+    """Lookups go through the 64-bit key and then the full hash: even if every key collided, images stay
+    distinct, shared ones are kept once, and each user sees only their own."""
+    monkeypatch.setattr(concept_db.sql, "hash_key", lambda h: 42)
+    a = store.add("alice", "a", images=[b"one", b"shared"], embeddings={"e": vecs(2)})
+    b = store.add("alice", "b", images=[b"two", b"shared"], embeddings={"e": vecs(2, 1)})
+    bob = store.add("bob", "c", images=[b"three"])
+    assert store._conn.execute("SELECT count(*) FROM images").fetchone()[0] == 4
+    for h, data in zip(a.images + b.images, [b"one", b"shared", b"two", b"shared"], strict=True):
+        assert store.image_bytes("alice", h) == data
+    with pytest.raises(ConceptNotFound):
+        store.image_bytes("alice", bob.images[0])
+    assert set(store.known_vectors("e", [content_hash(b"two")])) == {content_hash(b"two")}
+    store.delete("alice", a.id)  # "one" goes, "shared" stays for b
+    assert store._conn.execute("SELECT count(*) FROM images").fetchone()[0] == 3
+    assert store.image_bytes("alice", content_hash(b"shared")) == b"shared"
+    store.remove_image("alice", b.id, content_hash(b"shared"))
+    with pytest.raises(ConceptNotFound):
+        store.image_bytes("alice", content_hash(b"shared"))
+    assert_consistent(store)
+
+
+def test_image_bytes_refuses_what_is_not_a_hash(store):
+    add(store, "alice", "bo")
+    for bad in ("", "zz", "../" * 30, "a" * 63, 7):
+        with pytest.raises(ConceptNotFound, match="not a content hash"):
+            store.image_bytes("alice", bad)
+
+
+def test_sqlite_schema_3_database_upgrades_with_its_images(tmp_path):
+    """A database written before migration 4 (images keyed by the hash) opens with everything in place."""
+    import sqlite3
+
+    from concept_db.sqlite import SCHEMA_MIGRATIONS, _statements
+
+    path = tmp_path / "old.db"
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied REAL)")
+    for version, sql in SCHEMA_MIGRATIONS[:3]:
+        for statement in _statements(sql):
+            raw.execute(statement)
+        raw.execute("INSERT INTO schema_migrations VALUES (?, 0)", (version,))
+    images = [b"first", b"second"]
+    hashes = [content_hash(d) for d in images]
+    raw.execute("INSERT INTO concepts VALUES ('00aa', 'alice', 'bo', 'dog', '', '{}', 1, 1, 1)")
+    raw.execute("INSERT INTO handles VALUES ('alice', 'bo', '00aa', 0)")
+    raw.execute("INSERT INTO embedders VALUES ('e', ?)", (DIM,))
+    for i, (h, d, v) in enumerate(zip(hashes, images, vecs(2), strict=True)):
+        raw.execute("INSERT INTO images VALUES (?, ?, ?)", (h, d, len(d)))
+        raw.execute("INSERT INTO concept_images VALUES ('00aa', ?, ?)", (h, i))
+        raw.execute("INSERT INTO embeddings VALUES ('alice', 'e', '00aa', ?, ?)", (h, v.tobytes()))
+    raw.close()
+
+    store = open_store(str(path))
+    assert store.schema_version == len(SCHEMA_MIGRATIONS) >= 4
+    c = store.get("alice", "00aa")
+    assert c.images == tuple(hashes) and [store.image_bytes("alice", h) for h in hashes] == images
+    assert store.search("alice", vecs(2)[1], embedder="e")[0].image == hashes[1]
+    again = store.add("alice", "bo2", images=[b"second", b"third"])  # an old image is found, not stored twice
+    assert_consistent(store)
+    store.delete("alice", c.id)
+    assert store.image_bytes("alice", again.images[0]) == b"second"
+    assert_consistent(store)
+    store.close()
+
+
+@pytest.mark.pg
+def test_postgres_backfills_the_same_hash_keys(pg_url):
+    """PostgreSQL's migration computes hkey in SQL; it must equal types.hash_key for every hash."""
+    store = open_store(pg_url)
+    hashes = [content_hash(bytes([i])) for i in range(64)] + ["f" * 64, "8" + "0" * 63, "7" + "f" * 63]
+    for h in hashes:
+        got = store._conn.execute("SELECT ('x' || substr(?, 1, 16))::bit(64)::bigint", (h,)).fetchone()[0]
+        assert got == hash_key(h), h
+    store.close()
 
 
 def test_unknown_backend(tmp_path):
