@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "concepts": (("id", "owner", "name", "category", "info", "attributes", "created", "updated", "version"), ("id",)),
     "handles": (("owner", "handle", "concept_id", "is_alias"), ("owner", "handle")),
-    # hkey: hash_key(hash), what the SQLite indexes find images by (queries give both hkey and hash)
-    "images": (("hash", "data", "size", "hkey"), ("hash",)),
-    "concept_images": (("concept_id", "hash", "position", "hkey"), ("concept_id", "hash")),
+    # images are found by hkey = hash_key(hash) and hash together (SQLite indexes hkey), linked by id
+    "images": (("hash", "data", "size", "hkey", "id"), ("hash",)),
+    "concept_images": (("concept_id", "hash", "position", "image_id"), ("concept_id", "hash")),
     "embeddings": (("owner", "embedder", "concept_id", "image_hash", "vector"),
                    ("owner", "embedder", "concept_id", "image_hash")),
     "embedders": (("name", "dim"), ("name",)),
@@ -80,11 +80,19 @@ class SQLStore:
             return np.empty((0, dim), np.float32)
         return np.stack([self._vector(v) for v in values]).astype(np.float32, copy=False)
 
+    def _store_images(self, c, images: Sequence[tuple[str, bytes, int]]) -> dict[str, int]:
+        """Store those of `(hash, data, hkey)` not stored yet (an image is kept once, by content hash) and
+        return the id of every one of them."""
+        raise NotImplementedError
+
     def _rolled_back(self) -> None:
         """Forget what was cached about writes that a rollback undid."""
 
     def _bump(self, c, owner: str) -> None:
         """Record that the owner's data changed (backends that cache per owner invalidate here)."""
+
+    def _committed(self) -> None:
+        """Called after each outermost COMMIT (SQLite hands the checkpoint to its own thread here)."""
 
     def search(self, owner: str, vector: Any, *, embedder: str, k: int = 5, category: str | None = None,
                min_score: float | None = None) -> list[Match]:
@@ -114,6 +122,8 @@ class SQLStore:
             finally:
                 self._depth -= 1
             self._conn.execute("RELEASE w" if nested else "COMMIT")
+            if not nested:
+                self._committed()
 
     @contextmanager
     def transaction(self) -> Iterator["SQLStore"]:
@@ -323,17 +333,17 @@ class SQLStore:
                 rows["handles"].append((owner, p["name"], cid, 0))
                 rows["handles"] += [(owner, a, cid, 1) for a in p["aliases"]]
                 for position, (h, data) in enumerate(zip(p["hashes"], p["images"], strict=True)):
-                    key = hash_key(h)
-                    rows["images"].append((h, data, len(data), key))
-                    rows["concept_images"].append((cid, h, position, key))
+                    rows["images"].append((h, data, hash_key(h)))
+                    rows["concept_images"].append((cid, h, position))
                 for embedder, vecs in p["embeddings"].items():
                     rows["embeddings"] += [(owner, embedder, cid, h, v)
                                            for h, v in zip(p["hashes"], vecs, strict=True)]
                 result.added.append(cid)
             self._insert(c, "concepts", rows["concepts"])
             self._insert(c, "handles", rows["handles"])
-            self._insert(c, "images", rows["images"], "ignore")
-            self._insert(c, "concept_images", rows["concept_images"], "ignore")
+            image_ids = self._store_images(c, rows["images"])
+            self._insert(c, "concept_images", [(*link, image_ids[link[1]]) for link in rows["concept_images"]],
+                         "ignore")
             self._write_vectors(c, owner, rows["embeddings"], fresh=True)
             self._bump(c, owner)
         return result
@@ -430,12 +440,11 @@ class SQLStore:
     # ------------------------------------------------------------------ images and embeddings
 
     def _insert_images(self, c, concept_id: str, images: Sequence[bytes], start: int) -> list[str]:
-        hashes = []
-        for offset, data in enumerate(_image_blobs(images)):
-            h = content_hash(data)
-            self._insert(c, "images", [(h, data, len(data), hash_key(h))], "ignore")
-            self._insert(c, "concept_images", [(concept_id, h, start + offset, hash_key(h))], "ignore")
-            hashes.append(h)
+        blobs = _image_blobs(images)
+        hashes = [content_hash(data) for data in blobs]
+        image_ids = self._store_images(c, [(h, data, hash_key(h)) for h, data in zip(hashes, blobs, strict=True)])
+        self._insert(c, "concept_images", [(concept_id, h, start + offset, image_ids[h])
+                                           for offset, h in enumerate(hashes)], "ignore")
         return hashes
 
     def _insert_embeddings(self, c, owner: str, concept_id: str, hashes: Sequence[str],
@@ -484,10 +493,9 @@ class SQLStore:
     def _drop_orphan_images(self, c, hashes: Sequence[str]) -> None:
         """Remove those of `hashes` that nothing uses any more (images are shared by content hash)."""
         c.executemany("DELETE FROM images WHERE hkey = ? AND hash = ? AND NOT EXISTS "
-                      "(SELECT 1 FROM concept_images WHERE hkey = ? AND hash = ?) AND NOT EXISTS "
+                      "(SELECT 1 FROM concept_images ci WHERE ci.image_id = images.id) AND NOT EXISTS "
                       "(SELECT 1 FROM profile_events WHERE image = ?) AND NOT EXISTS "
-                      "(SELECT 1 FROM profile_events WHERE other = ?)",
-                      [(hash_key(h), h, hash_key(h), h, h, h) for h in set(hashes)])
+                      "(SELECT 1 FROM profile_events WHERE other = ?)", [(hash_key(h), h, h, h) for h in set(hashes)])
 
     def image_bytes(self, owner: str, image_hash: str) -> bytes:
         """The encoded bytes of one of the owner's images (a concept's reference image or a profile image)."""
@@ -496,8 +504,8 @@ class SQLStore:
             raise ConceptNotFound(f"user {owner!r} has no image {str(image_hash)[:12]!r}: not a content hash")
         row = self._conn.execute(
             "SELECT i.data FROM images i WHERE i.hkey = ? AND i.hash = ? AND (EXISTS (SELECT 1 FROM concept_images "
-            "ci JOIN concepts c ON c.id = ci.concept_id WHERE ci.hkey = i.hkey AND ci.hash = i.hash AND c.owner = ?) "
-            "OR EXISTS (SELECT 1 FROM profile_events p WHERE p.owner = ? AND (p.image = i.hash OR p.other = i.hash)))",
+            "ci JOIN concepts c ON c.id = ci.concept_id WHERE ci.image_id = i.id AND c.owner = ?) OR EXISTS "
+            "(SELECT 1 FROM profile_events p WHERE p.owner = ? AND (p.image = i.hash OR p.other = i.hash)))",
             (hash_key(image_hash), image_hash, owner, owner)).fetchone()
         if row is None:
             raise ConceptNotFound(f"user {owner!r} has no image {image_hash[:12]}")
@@ -512,9 +520,10 @@ class SQLStore:
         out = {}
         for h in set(hashes):
             row = self._conn.execute(
-                "SELECT e.vector FROM concept_images ci JOIN concepts c ON c.id = ci.concept_id "
+                "SELECT e.vector FROM images i JOIN concept_images ci ON ci.image_id = i.id "
+                "JOIN concepts c ON c.id = ci.concept_id "
                 "JOIN embeddings e ON e.owner = c.owner AND e.embedder = ? AND e.concept_id = ci.concept_id "
-                "AND e.image_hash = ci.hash WHERE ci.hkey = ? AND ci.hash = ? LIMIT 1",
+                "AND e.image_hash = ci.hash WHERE i.hkey = ? AND i.hash = ? LIMIT 1",
                 (embedder, hash_key(h), h)).fetchone()
             if row is not None:
                 out[h] = self._vector(row[0])
@@ -588,12 +597,12 @@ class SQLStore:
         prompt, comment = check_text(prompt, "prompt", 2000), check_text(comment, "comment", 2000)
         if kind in ("pair", "prompt") and not prompt.strip():
             raise InvalidConceptError(f"a {kind} needs a non-empty prompt")
-        rows = [(content_hash(b), b, len(b), hash_key(content_hash(b))) for b in blobs]
+        rows = [(content_hash(b), b, hash_key(content_hash(b))) for b in blobs]
         image, other = ([r[0] for r in rows] + [None, None])[:2]
         event = ProfileEvent(_restored_id(event_id) or new_id(), owner, kind, prompt, image, other, comment,
                              float(created) if created is not None else time.time())
         with self._tx() as c:
-            self._insert(c, "images", rows, "ignore")
+            self._store_images(c, rows)
             self._insert(c, "profile_events", [(event.id, owner, kind, prompt, event.image, event.other, comment,
                                                 event.created)])
             self._bump(c, owner)

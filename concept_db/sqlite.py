@@ -2,8 +2,8 @@
 
 Layout: embeddings live in a WITHOUT ROWID table keyed `(owner, embedder, concept_id, image_hash)`, so one
 owner's vectors are physically contiguous and load with one range scan, lazily, on that owner's first query.
-Images and concept-image links are rowid tables (new rows append) found by content hash through small indexes on
-`hkey`, the hash's first 64 bits (migration 4); every lookup compares the full hash too.
+Images are a rowid table found by content hash through a small index on `hkey`, the hash's first 64 bits (every
+lookup compares the full hash too), and concept-image links refer to them by id (migration 4): new images append.
 Writes made through this store update its matrices at once; writes from other processes are noticed through
 `PRAGMA data_version` plus a per-owner revision counter, so only the owners that changed are reloaded.
 Search is exact (a matrix-vector product over the owner's vectors): at per-owner sizes it is both exact and
@@ -16,6 +16,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,27 +123,34 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     ) WITHOUT ROWID;
     """),
     (4, """
-    -- images and their links become rowid tables found through hkey (types.hash_key: the hash's first 64 bits),
-    -- so new rows append to them. Keyed by the 64-character hash, as before, every bulk insert landed at random
-    -- places in two trees of ~100 bytes per image: past a few hundred thousand images nearly every page of both
-    -- was rewritten at each commit. The hkey indexes hold ~15 bytes per image. benchmarks/retrieval.py at 1M,
-    -- back to back on one machine: 8.6k -> 12.8k concepts per second.
-    CREATE TABLE images_v4 (hash TEXT NOT NULL, data BLOB NOT NULL, size INTEGER NOT NULL, hkey INTEGER NOT NULL);
-    INSERT INTO images_v4 SELECT hash, data, size, mmp_hash_key(hash) FROM images;
-    DROP TABLE images;
-    ALTER TABLE images_v4 RENAME TO images;
-    CREATE INDEX images_hkey ON images (hkey);
+    -- Images become a rowid table found through hkey (types.hash_key: the hash's first 64 bits; every lookup
+    -- compares the full hash too), and links refer to them by id. Keyed by the 64-character hash, as before,
+    -- every bulk insert landed at random places in two trees of ~100 bytes per image (images, and the links'
+    -- hash index): past a few hundred thousand images nearly every page of both was rewritten at each commit.
+    -- Now the only such tree is the hkey index (~15 bytes per image); new rows append everywhere else.
+    CREATE TABLE images_v4 (
+        hash TEXT NOT NULL,
+        data BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        hkey INTEGER NOT NULL,
+        id INTEGER PRIMARY KEY
+    );
+    INSERT INTO images_v4 (hash, data, size, hkey) SELECT hash, data, size, mmp_hash_key(hash) FROM images;
+    CREATE INDEX images_hkey ON images_v4 (hkey);
     CREATE TABLE concept_images_v4 (
         concept_id TEXT NOT NULL,
         hash TEXT NOT NULL,
         position INTEGER NOT NULL,
-        hkey INTEGER NOT NULL
-    );
-    INSERT INTO concept_images_v4 SELECT concept_id, hash, position, mmp_hash_key(hash) FROM concept_images;
+        image_id INTEGER NOT NULL,
+        PRIMARY KEY (concept_id, hash)
+    ) WITHOUT ROWID;
+    INSERT INTO concept_images_v4 SELECT ci.concept_id, ci.hash, ci.position, i.id FROM concept_images ci
+        JOIN images_v4 i ON i.hkey = mmp_hash_key(ci.hash) AND i.hash = ci.hash;
     DROP TABLE concept_images;
+    DROP TABLE images;
+    ALTER TABLE images_v4 RENAME TO images;
     ALTER TABLE concept_images_v4 RENAME TO concept_images;
-    CREATE UNIQUE INDEX concept_images_key ON concept_images (concept_id, hash);
-    CREATE INDEX concept_images_hkey ON concept_images (hkey);
+    CREATE INDEX concept_images_image ON concept_images (image_id);
     """),
 ]
 
@@ -165,6 +173,70 @@ class _LockedConnection:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    def total_changes(self) -> int:
+        return self._conn.total_changes
+
+
+class _Checkpointer:
+    """Copies committed WAL frames into the database file from a thread and connection of its own.
+
+    SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold, so the writer waits while
+    the frames are copied and the file is fsynced: in a 1M-vector bulk import that wait was about a quarter of
+    the insert time, and the disk idled while Python prepared the next batch. Here the writer only pokes this
+    thread after a commit (the store's own automatic checkpoint stays as a backstop at `BACKSTOP_PAGES`).
+    Durability is unchanged (WAL, synchronous=NORMAL); a checkpoint cut short by a crash is redone on open.
+    """
+
+    MIN_INTERVAL_S = 0.1  # many small commits share one checkpoint (and one fsync)
+    BACKSTOP_PAGES = 65536  # 1 GiB of 16 KiB pages: the writer checkpoints itself if this thread falls behind
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()  # held while a checkpoint runs; optimize() takes it too
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def poke(self) -> None:
+        if self._stop.is_set():
+            return
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._pid = os.getpid()  # (a forked child starts its own)
+            self._thread = threading.Thread(target=self._run, name=f"mmpersona-checkpoint:{self.path.name}",
+                                            daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:
+            return
+        try:
+            while not self._stop.is_set():
+                if not self._wake.wait(timeout=1.0):
+                    continue
+                self._wake.clear()
+                with self.lock:
+                    if self._stop.is_set():
+                        break
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # never blocks readers or writers
+                self._stop.wait(self.MIN_INTERVAL_S)
+        except sqlite3.Error:  # the file went away or is unreadable: the writer's own checkpoint takes over
+            pass
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        """Let the thread end (also when its store is garbage-collected without being closed)."""
+        self._stop.set()
+        self._wake.set()
+
+    def close(self) -> None:
+        self.stop()
+        if self._thread is not None and self._pid == os.getpid():
+            self._thread.join()
 
 
 #: Memory for owners' vectors held between queries (`MMPERSONA_VECTOR_CACHE_MB` overrides); at 512-d float32
@@ -202,6 +274,11 @@ class SQLiteStore(SQLStore):
         self._conn.execute("PRAGMA synchronous = NORMAL")
         self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: bulk inserts touch many index pages
         self._conn.execute("PRAGMA foreign_keys = ON")
+        self._conn.execute(f"PRAGMA wal_autocheckpoint = {_Checkpointer.BACKSTOP_PAGES}")
+        self._conn.execute("PRAGMA journal_size_limit = 67108864")  # a WAL grown by a bulk import shrinks back
+        self._checkpointer = _Checkpointer(self.path)
+        weakref.finalize(self, self._checkpointer.stop)
+        self._changes = 0
         self._depth = 0
         self._migrate()
         # owners' vectors in memory, least recently searched first; bounded by `cache_bytes`
@@ -227,24 +304,24 @@ class SQLiteStore(SQLStore):
 
     def _insert(self, c, table: str, rows: Sequence[Sequence[Any]], conflict: str = "error") -> None:
         columns, _ = TABLES[table]
-        if table == "images":  # content-addressed without a unique index on the hash (migration 4); the check
-            # below cannot race: every write runs under BEGIN IMMEDIATE, one writer at a time
-            rows, conflict = self._new_images(c, rows), "error"
         verb = {"error": "INSERT", "ignore": "INSERT OR IGNORE", "replace": "INSERT OR REPLACE"}[conflict]
         c.executemany(f"{verb} INTO {table} VALUES ({', '.join('?' * len(columns))})", rows)
 
-    def _new_images(self, c, rows: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
-        """The image rows whose hash is stored neither yet nor earlier in `rows` (an image is kept once)."""
-        fresh = {}
-        for row in rows:
-            fresh.setdefault(row[0], row)
-        keys = list({row[3] for row in fresh.values()})
-        stored: set[str] = set()
+    def _store_images(self, c, images: Sequence[tuple[str, bytes, int]]) -> dict[str, int]:
+        # no unique index on the hash (migration 4): look the batch up through hkey, then append the new ones
+        # with the next ids. Cannot race: every write runs under BEGIN IMMEDIATE, one writer at a time.
+        ids: dict[str, int] = {}
+        keys = list({key for _, _, key in images})
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
-            stored.update(r[0] for r in c.execute(
-                f"SELECT hash FROM images WHERE hkey IN ({', '.join('?' * len(chunk))})", chunk))
-        return [row for h, row in fresh.items() if h not in stored]
+            ids.update(c.execute(f"SELECT hash, id FROM images WHERE hkey IN ({', '.join('?' * len(chunk))})",
+                                 chunk))
+        new = {h: (data, key) for h, data, key in images if h not in ids}
+        if new:
+            first = (c.execute("SELECT max(id) FROM images").fetchone()[0] or 0) + 1
+            ids.update((h, first + i) for i, h in enumerate(new))
+            self._insert(c, "images", [(h, data, len(data), key, ids[h]) for h, (data, key) in new.items()])
+        return ids
 
     def _write_vectors(self, c, owner: str, rows: list[tuple], *, fresh: bool) -> None:
         self._insert(c, "embeddings", [(*r[:4], r[4].tobytes()) for r in rows], "error" if fresh else "replace")
@@ -280,10 +357,20 @@ class SQLiteStore(SQLStore):
         for key in [k for k in self._indexes if k[0] == owner]:
             del self._indexes[key]
 
+    def _committed(self) -> None:
+        changes = self._conn.total_changes()
+        if changes != self._changes:  # something was written: let the checkpoint thread copy it over
+            self._changes = changes
+            self._checkpointer.poke()
+
+    def close(self) -> None:
+        self._checkpointer.close()
+        super().close()
+
     def optimize(self) -> None:
         """Rewrite the database file (VACUUM) so that each owner's vectors are contiguous on disk again after
         bulk imports, and refresh the query planner's statistics. Takes about 30 s per GB."""
-        with self._lock:
+        with self._lock, self._checkpointer.lock:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.execute("VACUUM")
             self._conn.execute("PRAGMA optimize")

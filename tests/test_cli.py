@@ -8,9 +8,9 @@ import sys
 import pytest
 
 
-def run_cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-m", "mmpersona", *args], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=300)
+                         env={**os.environ, **(env or {})}, timeout=300, cwd=cwd)
     if check:
         assert out.returncode == 0, out.stderr
     return out
@@ -59,7 +59,7 @@ def test_demo_end_to_end(tiny_cache, tmp_path):
     (["demo"], "Cannot load the embedder model"),
 ])
 def test_errors_are_one_clear_line(args, needle, tmp_path):
-    out = run_cli(*args, check=False, env={"HF_HUB_OFFLINE": "1"})
+    out = run_cli(*args, check=False, env={"HF_HUB_OFFLINE": "1"}, cwd=tmp_path)  # the demo writes to ./
     assert out.returncode == 2
     assert needle in out.stderr
     assert "Traceback" not in out.stderr

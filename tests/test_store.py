@@ -40,9 +40,11 @@ def assert_consistent(store):
     assert unused == 0
     assert q("SELECT count(*) FROM concept_images WHERE hash NOT IN (SELECT hash FROM images)").fetchone()[0] == 0
     assert q("SELECT count(*) FROM images GROUP BY hash HAVING count(*) > 1").fetchall() == []  # each image once
-    for table in ("images", "concept_images"):  # the key beside each hash is the one lookups compute
-        for h, key in q(f"SELECT hash, hkey FROM {table}"):
-            assert key == concept_db.sql.hash_key(h), (table, h)
+    for h, key in q("SELECT hash, hkey FROM images"):  # the key beside each hash is the one lookups compute
+        assert key == concept_db.sql.hash_key(h), h
+    # every link refers to the image of its hash
+    assert q("SELECT count(*) FROM concept_images ci LEFT JOIN images i ON i.id = ci.image_id "
+             "WHERE i.hash IS NULL OR i.hash <> ci.hash").fetchone()[0] == 0
 
 
 def add(store, owner, name, n_images=2, seed=0, **kw):
@@ -308,6 +310,94 @@ def test_sqlite_schema_3_database_upgrades_with_its_images(tmp_path):
     assert_consistent(store)
     store.delete("alice", c.id)
     assert store.image_bytes("alice", again.images[0]) == b"second"
+    assert_consistent(store)
+    store.close()
+
+
+def test_sqlite_checkpoints_in_the_background_and_close_stops_it(tmp_path):
+    """Commits are copied from the write-ahead log into the database file by the store's own thread (the
+    writer's automatic checkpoint is only a backstop), and closing the store stops that thread."""
+    import sqlite3
+    import threading
+    import time
+
+    store = open_store(str(tmp_path / "c.db"))
+    assert store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] >= 16 * 1000
+    with store.transaction():
+        for i in range(50):
+            add(store, "alice", f"c{i}", seed=i)
+
+    def in_main_file() -> int:  # immutable=1: read the database file alone, ignoring the WAL
+        raw = sqlite3.connect(f"file:{tmp_path / 'c.db'}?immutable=1", uri=True)
+        try:
+            return raw.execute("SELECT count(*) FROM concepts").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+        finally:
+            raw.close()
+
+    deadline = time.monotonic() + 20
+    while in_main_file() < 50 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert in_main_file() == 50
+    assert store.count("alice") == 50  # and the store reads on as before
+    thread = store._checkpointer._thread
+    assert thread is not None and thread.is_alive() and thread in threading.enumerate()
+    store.close()
+    assert not thread.is_alive()
+
+
+def test_sqlite_checkpoint_thread_ends_with_an_unclosed_store(tmp_path):
+    import gc
+
+    store = open_store(str(tmp_path / "c.db"))
+    add(store, "alice", "bo")
+    thread = store._checkpointer._thread
+    assert thread.is_alive()
+    del store
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_sqlite_reading_starts_no_checkpoint_thread(tmp_path):
+    open_store(str(tmp_path / "c.db")).close()
+    store = open_store(str(tmp_path / "c.db"))
+    assert store.list("alice") == [] and store.search("alice", vecs(1)[0], embedder="e") == []
+    assert store._checkpointer._thread is None
+    store.close()
+
+
+@pytest.mark.pg
+def test_postgres_schema_1_database_upgrades_with_its_images(pg_url):
+    """A PostgreSQL database written before migration 2 (links by hash) opens with everything in place."""
+    import psycopg
+
+    from concept_db.postgres import SCHEMA_MIGRATIONS
+
+    images = [b"first", b"second"]
+    hashes = [content_hash(d) for d in images]
+    with psycopg.connect(pg_url, autocommit=True) as raw:
+        raw.execute("DROP SCHEMA public CASCADE")
+        raw.execute("CREATE SCHEMA public")
+        raw.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, applied double precision)")
+        raw.execute(SCHEMA_MIGRATIONS[0][1])
+        raw.execute("INSERT INTO schema_migrations VALUES (1, 0)")
+        raw.execute("INSERT INTO concepts VALUES ('00aa', 'alice', 'bo', 'dog', '', '{}', 1, 1, 1)")
+        raw.execute("INSERT INTO handles VALUES ('alice', 'bo', '00aa', 0)")
+        for i, (h, d) in enumerate(zip(hashes, images, strict=True)):
+            raw.execute("INSERT INTO images VALUES (%s, %s, %s)", (h, d, len(d)))
+            raw.execute("INSERT INTO concept_images VALUES ('00aa', %s, %s)", (h, i))
+    store = open_store(pg_url)
+    assert store.schema_version == len(SCHEMA_MIGRATIONS) >= 2
+    c = store.get("alice", "00aa")
+    assert c.images == tuple(hashes) and [store.image_bytes("alice", h) for h in hashes] == images
+    again = store.add("alice", "bo2", images=[b"second", b"third"])
+    assert_consistent(store)
+    store.delete("alice", c.id)
+    assert store.image_bytes("alice", again.images[0]) == b"second"
+    with pytest.raises(ConceptNotFound):
+        store.image_bytes("alice", hashes[0])
     assert_consistent(store)
     store.close()
 
