@@ -196,21 +196,23 @@ class _Checkpointer:
         self.lock = threading.Lock()  # held while a checkpoint runs; optimize() takes it too
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._pid = os.getpid()
 
     def poke(self) -> None:
         if self._stop.is_set():
             return
-        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-            self._pid = os.getpid()  # (a forked child starts its own)
+        if self._pid != os.getpid():  # a forked child: nothing of the parent's thread is here
+            self.lock, self._wake, self._thread, self._pid = threading.Lock(), threading.Event(), None, os.getpid()
+        if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name=f"mmpersona-checkpoint:{self.path.name}",
                                             daemon=True)
             self._thread.start()
         self._wake.set()
 
     def _run(self) -> None:
-        try:
-            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:  # mode=rw: never create a file that is gone
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, isolation_level=None,
+                                   check_same_thread=False)
         except sqlite3.Error:
             return
         try:
