@@ -326,7 +326,8 @@ class SQLiteStore(SQLStore):
         return ids
 
     def _write_vectors(self, c, owner: str, rows: list[tuple], *, fresh: bool) -> None:
-        self._insert(c, "embeddings", [(*r[:4], r[4].tobytes()) for r in rows], "error" if fresh else "replace")
+        self._insert(c, "embeddings", [(o, e, cid, h, v.tobytes()) for o, e, cid, h, v in rows],
+                     "error" if fresh else "replace")
 
     def _vector(self, value: Any) -> "np.ndarray":
         import numpy as np

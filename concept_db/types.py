@@ -51,6 +51,7 @@ def hash_key(image_hash: str) -> int:
 _NAME = re.compile(r"^<?([^<>]+)>?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_NAME = 64
+_PLAIN = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MAX_NAME)  # no brackets, separators, dots, spaces or controls
 MAX_INFO = 20_000
 
 
@@ -59,6 +60,8 @@ def normalize_name(name: Any, what: str = "name") -> str:
 
     Refuses empty names, path separators, `..`, control characters and overlong names.
     """
+    if type(name) is str and _PLAIN.fullmatch(name):  # the common case, valid as it stands
+        return name
     if not isinstance(name, str):
         raise InvalidConceptError(f"concept {what} must be a string, got {type(name).__name__}")
     text = name.strip()
