@@ -293,12 +293,12 @@ class PostgresStore(SQLStore):
         c.executemany(sql, rows)
 
     def _store_images(self, c, images: Sequence[tuple[str, bytes, int]]) -> dict[str, int]:
-        new = {h: (data, key) for h, data, key in images}
-        if not new:
+        unique = {h: (data, key) for h, data, key in images}
+        if not unique:
             return {}
         c.executemany("INSERT INTO images (hash, data, size, hkey) VALUES (?, ?, ?, ?) ON CONFLICT (hash) DO NOTHING",
-                      [(h, data, len(data), key) for h, (data, key) in new.items()])
-        return dict(c.execute("SELECT hash, id FROM images WHERE hash = ANY(?)", (list(new),)))
+                      [(h, data, len(data), key) for h, (data, key) in unique.items()])
+        return dict(c.execute("SELECT hash, id FROM images WHERE hash = ANY(?)", (list(unique),)))
 
     def _write_vectors(self, c, owner: str, rows: list[tuple], *, fresh: bool) -> None:
         if not rows:

@@ -315,8 +315,7 @@ class SQLStore:
                         dup = next(h for h in handles if h in taken)
                         raise DuplicateConceptError(f"user {owner!r} already has a concept named or aliased <{dup}>")
                     for embedder, vecs in p["embeddings"].items():
-                        if dims.get(embedder) != vecs.shape[1]:
-                            self._check_dim(c, dims, embedder, vecs.shape[1])
+                        self._check_dim(c, dims, embedder, vecs.shape[1])
                 except (DuplicateConceptError, InvalidConceptError) as e:
                     reject(p["name"], e)
                     continue
@@ -597,12 +596,12 @@ class SQLStore:
         prompt, comment = check_text(prompt, "prompt", 2000), check_text(comment, "comment", 2000)
         if kind in ("pair", "prompt") and not prompt.strip():
             raise InvalidConceptError(f"a {kind} needs a non-empty prompt")
-        rows = [(content_hash(b), b, hash_key(content_hash(b))) for b in blobs]
-        image, other = ([r[0] for r in rows] + [None, None])[:2]
+        hashes = [content_hash(b) for b in blobs]
+        image, other = (hashes + [None, None])[:2]
         event = ProfileEvent(_restored_id(event_id) or new_id(), owner, kind, prompt, image, other, comment,
                              float(created) if created is not None else time.time())
         with self._tx() as c:
-            self._store_images(c, rows)
+            self._store_images(c, [(h, b, hash_key(h)) for h, b in zip(hashes, blobs, strict=True)])
             self._insert(c, "profile_events", [(event.id, owner, kind, prompt, event.image, event.other, comment,
                                                 event.created)])
             self._bump(c, owner)
