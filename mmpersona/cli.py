@@ -45,6 +45,14 @@ class Settings:
     dtype: Optional[str]
     json: bool
     overrides: dict[str, str] = field(default_factory=dict)
+    max_visual_tokens: Optional[int] = 1024
+
+    def vlm(self):
+        """The `vlm` role's model as these options ask."""
+        from .models import load_vlm
+
+        return load_vlm(self.overrides.get("vlm"), preset=self.preset, device=self.device, dtype=self.dtype,
+                        max_visual_tokens=self.max_visual_tokens)
 
 
 def settings(ctx: typer.Context) -> Settings:
@@ -74,8 +82,11 @@ def main_options(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: Optional[str] = typer.Option(None, "--dtype",
                                         help="float32, float16 or bfloat16 (default: float32 on CPU, bf16/fp16 on GPU)."),
+    max_visual_tokens: int = typer.Option(1024, "--max-visual-tokens", min=0,
+                                          help="Visual tokens one image may cost on dynamic-resolution VLMs "
+                                               "(Qwen2/2.5-VL); 0: the checkpoint's own limit."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details and library output to stderr."),
 ) -> None:
     from .models import parse_overrides
     from .models.registry import check_preset
@@ -83,9 +94,13 @@ def main_options(
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # the CLI's output is its own; library progress bars and warnings only under -v
+        from .libraries import quiet_libraries
+
+        quiet_libraries()
     check_preset(preset)
     ctx.obj = Settings(db=db or str(default_db_path()), user=user, preset=preset, device=device, dtype=dtype,
-                       json=as_json, overrides=parse_overrides(model))
+                       json=as_json, overrides=parse_overrides(model), max_visual_tokens=max_visual_tokens or None)
 
 
 @models_app.command("list")
@@ -142,7 +157,7 @@ def demo(
     lines = [f"preset {report.preset}: " + ", ".join(f"{k}={v}" for k, v in report.models.items()),
              f"question: {report.question}",
              f"retrieved: {used or 'nothing (abstained)'}",
-             f"answer: {report.answer!r}",
+             f"answer: {report.answer!r}" + ("  (random tiny weights: noise)" if report.preset == "tiny" else ""),
              f"image: {report.image_path}",
              "timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings_s.items())]
     emit(s, report.to_dict(), "\n".join(lines))
@@ -355,11 +370,9 @@ def concepts_learn(
     from pipelines.calibrate import images_in
     from pipelines.tokens import LearnConfig, learn_concept
 
-    from .models import load_vlm
-
     s = settings(ctx)
     with open_db(s) as db:
-        vlm = load_vlm(s.overrides.get("vlm"), preset=s.preset, device=s.device, dtype=s.dtype)
+        vlm = s.vlm()
         result = learn_concept(vlm, db, s.user, name, negatives=images_in(negatives) if negatives else None,
                                config=LearnConfig(tokens=tokens, steps=steps, lr=lr), progress=not s.json)
     data = {**result.to_dict(), "model": vlm.spec.id}
@@ -389,7 +402,7 @@ def chat(
 
     s = settings(ctx)
     with open_db(s) as db:
-        pipe = PersonalizedVLMPipeline(db, vlm=s.overrides.get("vlm"), detector=s.overrides.get("detector"),
+        pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), detector=s.overrides.get("detector"),
                                        regions=regions, preset=s.preset, device=s.device, dtype=s.dtype, k=k,
                                        min_score=min_score, max_new_tokens=max_new_tokens, mode=mode)
         if question is not None:
@@ -458,7 +471,7 @@ def evaluate_cmd(
         with db:
             if not use_db:
                 register_concepts(db, s.user, data)
-            pipe = PersonalizedVLMPipeline(db, vlm=s.overrides.get("vlm"), preset=s.preset, device=s.device,
+            pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), preset=s.preset, device=s.device,
                                            dtype=s.dtype, max_new_tokens=max_new_tokens)
             report = evaluate(pipeline_answerer(pipe, s.user), data, protocol or PROTOCOLS, fillers=fillers)
     if out is not None:
@@ -542,10 +555,7 @@ def profile_edit_attributes(
     with open_db(s) as db:
         profile = open_profile(s, db)
         if extract:
-            from .models import load_vlm
-
-            profile.extract_attributes(load_vlm(s.overrides.get("vlm"), preset=s.preset, device=s.device,
-                                                dtype=s.dtype))
+            profile.extract_attributes(s.vlm())
         attrs = profile.set_attributes(liked, disliked) if liked is not None or disliked is not None \
             else profile.attributes
     emit(s, attrs.to_dict(), f"liked: {', '.join(attrs.liked) or '-'}\ndisliked: {', '.join(attrs.disliked) or '-'}")
@@ -569,6 +579,9 @@ def profile_train_lora(
     steps: int = typer.Option(200, "--steps", min=1), rank: int = typer.Option(4, "--rank", min=1),
     beta: float = typer.Option(2000.0, "--beta"), lr: float = typer.Option(1e-4, "--lr"),
     xl: bool = typer.Option(False, "--xl", help="Train for the SDXL model (t2i_xl) instead of SD 1.5."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", min=64,
+                                             help="Training image size (default: the model's own, 512 / 1024 for "
+                                                  "SDXL; 512 or 768 halves or quarters SDXL's memory)."),
 ) -> None:
     """Train your LoRA with Diffusion-DPO on your pairwise choices (used by `generate --strategies lora`)."""
     from pipelines.dpo import DPOConfig, train_dpo_lora
@@ -580,8 +593,8 @@ def profile_train_lora(
     with open_db(s) as db:
         t2i = load_t2i(s.overrides.get(role), role=role, preset=s.preset, device=s.device, dtype=s.dtype,
                        ip_adapter=False)
-        result = train_dpo_lora(t2i, db, s.user, DPOConfig(steps=steps, rank=rank, beta=beta, lr=lr),
-                                progress=not s.json)
+        result = train_dpo_lora(t2i, db, s.user, DPOConfig(steps=steps, rank=rank, beta=beta, lr=lr,
+                                                           resolution=resolution), progress=not s.json)
     emit(s, {**result.to_dict(), "model": t2i.spec.id},
          f"trained a LoRA for {t2i.spec.id} on {result.pairs} pairs: {result.steps} steps, {result.seconds:.1f}s")
 
@@ -605,22 +618,29 @@ def generate(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="A file with one prompt per line."),
     out: Path = typer.Option(..., "--out", help="Output folder: one PNG and one JSON sidecar per image."),
     n: int = typer.Option(1, "-n", min=1, help="Images per prompt."),
-    strategies: str = typer.Option("attributes,ip_adapter,rerank", "--strategies",
-                                   help="Comma-separated: attributes, ip_adapter, subject, lora, rerank; '' for none."),
+    strategies: str = typer.Option("default", "--strategies",
+                                   help="Comma-separated: attributes, ip_adapter, subject, lora, rerank; '' for none; "
+                                        "'default': attributes, ip_adapter (when an IP-Adapter is loaded), rerank."),
     steps: int = typer.Option(30, "--steps", min=1), seed: int = typer.Option(0, "--seed"),
     guidance: float = typer.Option(7.5, "--guidance"),
     xl: bool = typer.Option(False, "--xl", help="Use the SDXL model (t2i_xl)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="Images per diffusers call at most (less GPU memory)."),
+    cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Model CPU offload (for small GPUs)."),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode in tiles (less memory for big images)."),
 ) -> None:
     """Batch generation for the user; resumable; data-parallel under `accelerate launch`."""
     from pipelines.batch import generate_batch, read_prompts
 
     s = settings(ctx)
     items = read_prompts(prompt or [], prompts)
-    names = [x.strip() for x in strategies.split(",") if x.strip()]
+    names = None if strategies.strip() == "default" else [x.strip() for x in strategies.split(",") if x.strip()]
     report = generate_batch(items, out_dir=out, user=s.user, n=n, strategies=names, steps=steps, seed=seed,
                             guidance_scale=guidance, role="t2i_xl" if xl else "t2i", db=s.db, preset=s.preset,
                             device=s.device, dtype=s.dtype, model=s.overrides.get("t2i_xl" if xl else "t2i"),
-                            embedder=s.overrides.get("embedder"), progress=not s.json)
+                            embedder=s.overrides.get("embedder"), progress=not s.json, batch_size=batch_size,
+                            load_options={"cpu_offload": cpu_offload, "vae_slicing": batch_size is not None,
+                                          "vae_tiling": vae_tiling})
     emit(s, report, f"process {report['process'] + 1}/{report['processes']}: generated {report['generated']} "
                     f"image(s), skipped {report['skipped']} finished prompt(s) -> {out}")
 

@@ -93,6 +93,9 @@ def run_demo(*, preset: str = "tiny", out_dir: str | Path = "mmpersona-demo", de
 
         kwargs["ip_adapter_image"] = load_image(db.store.image_bytes(DEMO_USER, top.images[0]))
     prompt = f"a photo of {top.category if top else 'a toy'} on a lawn"
+    from mmpersona.libraries import is_quiet
+
+    t2i.pipeline.set_progress_bar_config(disable=is_quiet())
     image = t2i.pipeline(prompt, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0),
                          **kwargs).images[0]
     image_path = out / "generated.png"

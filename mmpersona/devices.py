@@ -33,14 +33,17 @@ def resolve_device(device: Any = "auto") -> "torch.device":
 
 
 def resolve_dtype(dtype: Any, device: "torch.device") -> "torch.dtype":
-    """`None`/`"auto"`: float32 on CPU, bfloat16 on CUDA when supported else float16, float16 on MPS."""
+    """`None`/`"auto"`: float32 on CPU, float16 on MPS; on CUDA bfloat16 where the GPU computes it natively
+    (compute capability 8.0+, ROCm), else float16. T4 and V100 only emulate bf16 (slowly), and
+    `torch.cuda.is_bf16_supported()` counts emulation unless asked not to."""
     import torch
 
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+            return torch.bfloat16 if native else torch.float16
         if device.type == "mps":
             return torch.float16
         return torch.float32

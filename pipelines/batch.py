@@ -45,17 +45,22 @@ def item_paths(out_dir: Path, prompt_index: int, image_index: int) -> tuple[Path
 
 
 def generate_batch(prompts: list[str], *, out_dir: str | Path, user: str, n: int = 1,
-                   strategies: Sequence[str] = (), steps: int = 30, seed: int = 0, guidance_scale: float = 7.5,
+                   strategies: Sequence[str] | None = None, steps: int = 30, seed: int = 0,
+                   guidance_scale: float = 7.5,
                    role: str = "t2i", db: Any = None, preset: str = "default", device: Any = "auto",
                    dtype: Any = None, model: str | None = None, embedder: str | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """Generate this process's share of `prompts`; returns counts for this process."""
+                   progress: bool = True, batch_size: int | None = None,
+                   load_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Generate this process's share of `prompts`; returns counts for this process.
+
+    `strategies` None: the pipeline's defaults for what is loaded. `batch_size` and `load_options` (model CPU
+    offload, VAE slicing / tiling) as in `PersonalizedT2IPipeline`."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from .t2i import PersonalizedT2IPipeline, get_strategy
 
-    for name in strategies:  # fail before loading any model
+    for name in strategies or ():  # fail before loading any model
         get_strategy(name)
     state = PartialState(cpu=str(device) == "cpu")
     rank, world = state.process_index, state.num_processes
@@ -76,7 +81,8 @@ def generate_batch(prompts: list[str], *, out_dir: str | Path, user: str, n: int
     if not todo:
         return report
     pipe = PersonalizedT2IPipeline(db, t2i=model, role=role, preset=preset, device=device, dtype=dtype,
-                                   embedder=embedder, strategies=strategies)
+                                   embedder=embedder, strategies=strategies, batch_size=batch_size,
+                                   load_options=load_options)
     import time
 
     start = time.perf_counter()

@@ -9,11 +9,23 @@ reference on x_w versus x_l:
 with e the per-sample MSE of the noise (or v) prediction. The reference is the same UNet with the adapter
 disabled, so no second copy of the model is held. Only the LoRA parameters (peft, on the attention projections)
 train; they are stored per user as safetensors in diffusers' LoRA format and served by adapter name.
+
+What real checkpoints need, and this does:
+- Training noise comes from a DDPM scheduler made from the pipeline's scheduler config, as diffusers' own DPO
+  scripts do. SDXL ships EulerDiscreteScheduler, whose `add_noise` returns x + sigma * noise (sigma up to
+  ~14.6) for inputs it expects to be scaled first, and which after any generation in the same process noises
+  every timestep with the last step's sigma (0).
+- LoRA weights and their optimizer state are float32 even when the UNet is bf16/fp16 (peft creates them in the
+  base layer's dtype, where AdamW's 1e-4 steps round away, and fp16's eps of 1e-8 rounds to 0).
+- Training images are encoded with the VAE in float32 (the SDXL VAE overflows in fp16).
+- The UNet stays on the pipeline's device (`--device cuda:1` included): accelerate does not place it.
+- Gradient checkpointing (on by default) and a training resolution option, for consumer GPUs.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -34,7 +46,9 @@ ADAPTER = "dpo_training"
 @dataclass
 class DPOConfig:
     """rank / alpha: LoRA size; beta: DPO strength; steps, lr; early stopping after `patience` checks (every
-    `eval_every` steps) without a better average loss; mixed_precision for accelerate."""
+    `eval_every` steps) without a better average loss; mixed_precision for accelerate; gradient_checkpointing
+    in the UNet; resolution: training image size (None: the UNet's native size, 512 for SD 1.5, 1024 for
+    SDXL; must be a multiple of 8 times the VAE factor)."""
 
     rank: int = 4
     alpha: int | None = None
@@ -45,10 +59,14 @@ class DPOConfig:
     patience: int = 3
     seed: int = 0
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = True
+    resolution: int | None = None
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.eval_every < 1 or self.patience < 1:
             raise MmpersonaError("DPOConfig: rank, steps, eval_every and patience must be at least 1")
+        if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
+            raise MmpersonaError(f"DPOConfig.resolution must be a multiple of 64 (>= 64), got {self.resolution}")
         if not self.beta > 0 or not self.lr > 0:
             raise MmpersonaError("DPOConfig: beta and lr must be positive")
 
@@ -71,7 +89,16 @@ def _size(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
-def prepare_pairs(t2i: "LoadedT2I", db: "ConceptDB", user: str) -> list[dict[str, Any]]:
+def noise_scheduler(pipe):
+    """The scheduler training noise comes from: DDPM with the pipeline's own betas and prediction type (its
+    sampling scheduler may be Euler, whose `add_noise` expects scaled inputs and tracks the sampling step)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def prepare_pairs(t2i: "LoadedT2I", db: "ConceptDB", user: str,
+                  resolution: int | None = None) -> list[dict[str, Any]]:
     """Latents of each chosen / rejected image and the prompt conditioning, computed once."""
     import torch
 
@@ -83,38 +110,59 @@ def prepare_pairs(t2i: "LoadedT2I", db: "ConceptDB", user: str) -> list[dict[str
         raise MmpersonaError(f"user {user!r} has no pairwise choices to train on (add some with "
                              "`mmpersona profile compare`)")
     pipe = t2i.pipeline
-    size = _size(pipe)
-    device, dtype = pipe.device, pipe.unet.dtype
+    size = resolution or _size(pipe)
+    device, dtype = t2i.device, pipe.unet.dtype
     xl = t2i.is_xl
+    vae = pipe.vae
+    vae_dtype = vae.dtype
     out = []
-    with torch.no_grad():
+    if vae_dtype != torch.float32:  # encode in float32 (the SDXL VAE gives NaN in fp16), then back
+        vae.to(torch.float32)
+    try:
+        pixels_of = {}
         for e in pairs:
-            pixels = [pipe.image_processor.preprocess(load_image(db.store.image_bytes(user, h)), height=size,
-                                                      width=size) for h in (e.image, e.other)]
-            x = torch.cat(pixels).to(device, pipe.vae.dtype)
-            latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+            for h in (e.image, e.other):
+                if h not in pixels_of:
+                    pixels_of[h] = pipe.image_processor.preprocess(load_image(db.store.image_bytes(user, h)),
+                                                                   height=size, width=size)
+        with torch.no_grad():
+            for e in pairs:
+                x = torch.cat([pixels_of[e.image], pixels_of[e.other]]).to(device, torch.float32)
+                latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+                if not bool(torch.isfinite(latents).all()):
+                    raise MmpersonaError("the VAE gave non-finite latents for a training image")
+                out.append({"latents": latents.to(dtype), "prompt": e.prompt})
+    finally:
+        if vae_dtype != torch.float32:
+            vae.to(vae_dtype)
+    with torch.no_grad():
+        for item in out:
+            e_prompt = item.pop("prompt")
             if xl:
-                embeds, _, pooled, _ = pipe.encode_prompt(e.prompt, device=device, num_images_per_prompt=1,
+                embeds, _, pooled, _ = pipe.encode_prompt(e_prompt, device=device, num_images_per_prompt=1,
                                                           do_classifier_free_guidance=False)
                 time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
                                                   text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-                cond = {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids.to(device).repeat(2, 1)}
+                cond = {"text_embeds": pooled.repeat(2, 1).to(dtype), "time_ids": time_ids.to(device).repeat(2, 1)}
             else:
-                embeds, _ = pipe.encode_prompt(e.prompt, device, 1, False)
+                embeds, _ = pipe.encode_prompt(e_prompt, device, 1, False)
                 cond = None
             if pipe.unet.encoder_hid_proj is not None:  # an IP-Adapter is loaded: give it a neutral input
                 dim = pipe.image_encoder.config.projection_dim
                 cond = {**(cond or {}), "image_embeds": [torch.zeros(2, 1, dim, device=device, dtype=dtype)]}
-            out.append({"latents": latents.to(dtype), "embeds": embeds.repeat(2, 1, 1).to(dtype), "added": cond})
+            item.update({"embeds": embeds.repeat(2, 1, 1).to(dtype), "added": cond})
     return out
 
 
-def dpo_loss(pipe, item: dict[str, Any], beta: float, timestep: Any, noise: Any):
-    """The Diffusion-DPO loss of one pair at a given timestep and noise (the same for chosen and rejected)."""
+def dpo_loss(pipe, item: dict[str, Any], beta: float, timestep: Any, noise: Any, scheduler: Any = None):
+    """The Diffusion-DPO loss of one pair at a given timestep and noise (the same for chosen and rejected).
+
+    `scheduler` adds the training noise (default: `noise_scheduler(pipe)`, DDPM)."""
     import torch
     import torch.nn.functional as F
 
-    unet, scheduler = pipe.unet, pipe.scheduler
+    unet = pipe.unet
+    scheduler = scheduler if scheduler is not None else noise_scheduler(pipe)
     latents = item["latents"]  # (2, c, h, w): chosen, rejected
     noise2 = noise.expand_as(latents)
     t = timestep.expand(2)
@@ -137,7 +185,8 @@ def dpo_loss(pipe, item: dict[str, Any], beta: float, timestep: Any, noise: Any)
 
 
 def add_lora(pipe, config: DPOConfig) -> list:
-    """Attach a fresh LoRA (peft) to the UNet's attention projections; returns its trainable parameters."""
+    """Attach a fresh LoRA (peft) to the UNet's attention projections; returns its trainable parameters, in
+    float32 whatever the UNet's dtype (peft's layers cast their input to the LoRA weights' dtype and back)."""
     from peft import LoraConfig
 
     import torch
@@ -151,6 +200,7 @@ def add_lora(pipe, config: DPOConfig) -> list:
     params = []
     for name, p in unet.named_parameters():
         if "lora_" in name and ADAPTER in name:
+            p.data = p.data.float()
             p.requires_grad_(True)
             params.append(p)
     return params
@@ -174,14 +224,22 @@ def train_dpo_lora(t2i: "LoadedT2I", db: "ConceptDB", user: str, config: DPOConf
     from tqdm.auto import tqdm
 
     config = config or DPOConfig()
-    items = prepare_pairs(t2i, db, user)
+    items = prepare_pairs(t2i, db, user, config.resolution)
     pipe = t2i.pipeline
+    device = t2i.device
     if pipe.unet.encoder_hid_proj is not None:
         pipe.set_ip_adapter_scale(0.0)  # train the LoRA on text conditioning alone; calls set the scale again
     params = add_lora(pipe, config)
-    accelerator = Accelerator(cpu=pipe.device.type == "cpu", mixed_precision=config.mixed_precision)
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    checkpointing = config.gradient_checkpointing and not pipe.unet.is_gradient_checkpointing
+    if checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    # the UNet stays where the pipeline put it: a non-distributed Accelerator would move it to its own device
+    # (cuda:0 for --device cuda:1)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision,
+                              device_placement=False)
+    optimizer = torch.optim.AdamW(params, lr=config.lr)  # float32 parameters, float32 state
     unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    scheduler = noise_scheduler(pipe)
     rng = random.Random(config.seed)
     gen = torch.Generator("cpu").manual_seed(config.seed)
     result = DPOResult(0, pairs=len(items))
@@ -191,13 +249,18 @@ def train_dpo_lora(t2i: "LoadedT2I", db: "ConceptDB", user: str, config: DPOConf
         unet.train()
         for step in tqdm(range(config.steps), desc=f"DPO LoRA for {user}", disable=not progress, unit="step"):
             item = items[rng.randrange(len(items))]
-            t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (1,), generator=gen).to(pipe.device)
-            noise = torch.randn(item["latents"][:1].shape, generator=gen).to(pipe.device, item["latents"].dtype)
-            loss = dpo_loss(pipe, item, config.beta, t, noise)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(device)
+            noise = torch.randn(item["latents"][:1].shape, generator=gen).to(device, item["latents"].dtype)
+            loss = dpo_loss(pipe, item, config.beta, t, noise, scheduler)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            result.losses.append(float(loss.detach()))
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise MmpersonaError(f"DPO training diverged: the loss became {value} at step {step + 1} with the "
+                                     f"UNet in {str(pipe.unet.dtype).removeprefix('torch.')}; the LoRA is float32 "
+                                     "already, so try `--dtype float32` or a smaller --beta")
+            result.losses.append(value)
             result.steps = step + 1
             window.append(result.losses[-1])
             if (step + 1) % config.eval_every == 0:
@@ -217,5 +280,8 @@ def train_dpo_lora(t2i: "LoadedT2I", db: "ConceptDB", user: str, config: DPOConf
     finally:
         pipe.unet.delete_adapters(ADAPTER)
         pipe.unet.requires_grad_(False)
+        pipe.unet.eval()
+        if checkpointing:
+            pipe.unet.disable_gradient_checkpointing()
     result.seconds = time.perf_counter() - start
     return result

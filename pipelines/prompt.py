@@ -69,9 +69,14 @@ def defuse(text: str, special_tokens: Iterable[str]) -> str:
 class PromptBuilder:
     """Builds chat messages for one question, given retrieved concepts and earlier turns."""
 
-    def __init__(self, budget: PromptBudget | None = None, special_tokens: Iterable[str] = ()):
+    def __init__(self, budget: PromptBudget | None = None, special_tokens: Iterable[str] = (), *,
+                 interleaved: bool = True):
+        """`interleaved`: the model's chat template keeps images where they stand among a message's text (Qwen);
+        False for templates that render all of a message's images first (LLaVA-1.5), where a label written
+        next to an image would end up detached from it, so images are named by their position instead."""
         self.budget = budget or PromptBudget()
         self.special_tokens = [t for t in special_tokens if t]
+        self.interleaved = interleaved
 
     def concept_block(self, retrieved: list["RetrievedConcept"]) -> tuple[str, list["RetrievedConcept"]]:
         """The concept list as text, and the concepts it holds (what the budget let in)."""
@@ -116,21 +121,25 @@ class PromptBuilder:
             messages.append({"role": turn["role"], "content": [
                 {**part, "text": defuse(part["text"], self.special_tokens)} if part.get("type") == "text" else part
                 for part in turn["content"]]})
-        content: list[dict[str, Any]] = []
-        n_refs = 0
-        for r in kept:
-            if n_refs >= self.budget.max_images or not reference_images or r.concept.id not in reference_images:
-                continue
-            content.append({"type": "text", "text": f"Reference photo of {r.concept.handle}:"})
-            content.append({"type": "image", "image": reference_images[r.concept.id]})
-            n_refs += 1
+        refs = [r for r in kept if reference_images and r.concept.id in reference_images][: self.budget.max_images]
+        images = [(f"Reference photo of {defuse(r.concept.handle, self.special_tokens)}",
+                   reference_images[r.concept.id]) for r in refs]
         if image is not None:
-            if n_refs:
-                content.append({"type": "text", "text": "The user's photo:"})
+            images.append(("The user's photo", image))
+        content: list[dict[str, Any]] = []
+        if refs and not self.interleaved:  # the template puts images first: name them by position
+            content += [{"type": "image", "image": img} for _, img in images]
+            content.append({"type": "text", "text": " ".join(
+                f"Image {i}: {label.lower() if label.startswith('The') else label}."
+                for i, (label, _) in enumerate(images, 1))})
+        elif refs:
+            for label, img in images:
+                content += [{"type": "text", "text": f"{label}:"}, {"type": "image", "image": img}]
+        elif image is not None:
             content.append({"type": "image", "image": image})
         content.append({"type": "text", "text": defuse(question, self.special_tokens)})
         messages.append({"role": "user", "content": content})
-        return RenderedPrompt(messages, kept, n_refs)
+        return RenderedPrompt(messages, kept, len(refs))
 
 
 def printable_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

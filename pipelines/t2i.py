@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 HANDLE = re.compile(r"<([^<>\n]{1,64})>")
 LORA_BLOB = "dpo_lora"
+#: what a call uses when it names no strategies (those needing an IP-Adapter only when one is loaded)
+DEFAULT_STRATEGIES = ("attributes", "ip_adapter", "rerank")
 
 
 class UnknownStrategyError(MmpersonaError, KeyError):
@@ -90,6 +92,8 @@ class Strategy:
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type] = object
+    #: True for strategies that cannot work without an IP-Adapter loaded in the pipeline
+    needs_ip_adapter: ClassVar[bool] = False
 
     def __init__(self, config: Any):
         if not isinstance(config, self.config_cls):
@@ -137,6 +141,7 @@ class IPAdapterConfig:
 @register_strategy("ip_adapter")
 class IPAdapterStrategy(Strategy):
     config_cls = IPAdapterConfig
+    needs_ip_adapter = True
 
     def apply(self, run, cond):
         liked = run.profile.events("like")[-self.config.max_images:]
@@ -173,11 +178,13 @@ class SubjectStrategy(Strategy):
                                      "(add it with `mmpersona concepts add`)")
             words = concept.category or concept.info[:60] or concept.name
             cond.prompt = cond.prompt.replace(f"<{handle}>", words)
-            if concept.images:
+            if concept.images and run.pipeline.t2i.ip_adapter:  # without one, the words alone
                 cond.ip_positive.append(run.image_embeds(list(concept.images[: self.config.max_images])).mean(0))
                 cond.ip_scale = max(cond.ip_scale, self.config.scale)
             found.append(concept.handle)
         cond.notes["subject"] = {"concepts": found}
+        if not run.pipeline.t2i.ip_adapter:
+            cond.notes["subject"]["images"] = "not used: no IP-Adapter is loaded"
 
 
 @dataclass
@@ -213,8 +220,12 @@ class RerankStrategy(Strategy):
     config_cls = RerankConfig
 
     def apply(self, run, cond):
+        if run.reward.cold_start:  # every score would be 0: extra candidates would be generated for nothing
+            cond.notes["rerank"] = {"candidates": 1, "cold_start": True,
+                                    "skipped": "no personal reward model yet: one candidate per image"}
+            return
         cond.candidates = max(cond.candidates, self.config.candidates)
-        cond.notes["rerank"] = {"candidates": self.config.candidates, "cold_start": run.reward.cold_start}
+        cond.notes["rerank"] = {"candidates": self.config.candidates, "cold_start": False}
 
     def select(self, run, images, scores, n):
         return sorted(range(len(images)), key=lambda i: -scores[i])[:n]
@@ -267,7 +278,7 @@ class Run:
             if h not in cache:
                 image = load_image(self.db.store.image_bytes(self.user, h))
                 with torch.inference_mode():
-                    embeds, _ = pipe.encode_image(image, pipe.device, 1)
+                    embeds, _ = pipe.encode_image(image, self.pipeline.t2i.device, 1)
                 if len(cache) >= 4096:
                     cache.pop(next(iter(cache)))
                 cache[h] = embeds[0]
@@ -285,22 +296,35 @@ class PersonalizedT2IPipeline:
         db: a `ConceptDB` or database path (its embedder scores images for the reward model).
         t2i: a `LoadedT2I`, or a model id / preset choice for `role`.
         role: "t2i" (SD 1.5 family) or "t2i_xl" (SDXL).
-        strategies: default strategy names (a call may pass others); configs: {name: config} overrides.
+        strategies: default strategy names (a call may pass others); None: `DEFAULT_STRATEGIES` less those that
+            need an IP-Adapter when none is loaded. configs: {name: config} overrides.
+        batch_size: images generated per diffusers call at most (all candidates at once when None); fewer
+            means less memory, the same images.
+        load_options: passed to `load_t2i` when the model is loaded here (`cpu_offload`, `vae_slicing`,
+            `vae_tiling`, `ip_adapter`).
     """
 
     def __init__(self, db: "ConceptDB | str | Path | None" = None, *, t2i: "LoadedT2I | str | None" = None,
                  role: str = "t2i", preset: str = "default", device: Any = "auto", dtype: Any = None,
-                 embedder: Any = None, strategies: Sequence[str] = ("attributes", "ip_adapter", "rerank"),
-                 configs: dict[str, Any] | None = None):
+                 embedder: Any = None, strategies: Sequence[str] | None = None,
+                 configs: dict[str, Any] | None = None, batch_size: int | None = None,
+                 load_options: dict[str, Any] | None = None):
         from mmpersona.conceptdb import ConceptDB
         from mmpersona.models import LoadedT2I, load_t2i
 
+        if batch_size is not None and batch_size < 1:
+            raise MmpersonaError(f"`batch_size` must be at least 1, got {batch_size}")
         self.configs = dict(configs or {})
-        self.default_strategies = self._strategies(strategies)  # validates names and configs early
+        if strategies is not None:
+            self._strategies(strategies)  # names and configs fail before any model is loaded
         self.db = db if isinstance(db, ConceptDB) else ConceptDB(db, embedder=embedder, preset=preset,
                                                                   device=device, dtype=dtype)
         self.t2i = t2i if isinstance(t2i, LoadedT2I) else load_t2i(t2i, role=role, preset=preset, device=device,
-                                                                   dtype=dtype)
+                                                                   dtype=dtype, **(load_options or {}))
+        if strategies is None:
+            strategies = [n for n in DEFAULT_STRATEGIES if self.t2i.ip_adapter or not STRATEGIES[n].needs_ip_adapter]
+        self.default_strategies = self._strategies(strategies)
+        self.batch_size = batch_size
         self.diffusers = self.t2i.pipeline
         self.diffusers.set_progress_bar_config(disable=True)
         self._loras: dict[str, str] = {}
@@ -309,7 +333,14 @@ class PersonalizedT2IPipeline:
     def _strategies(self, names: Sequence[str]) -> list[Strategy]:
         if isinstance(names, str):
             names = [names]
-        return [get_strategy(n, self.configs.get(n)) for n in dict.fromkeys(names)]
+        chosen = [get_strategy(n, self.configs.get(n)) for n in dict.fromkeys(names)]
+        t2i = getattr(self, "t2i", None)
+        missing = [s.name for s in chosen if s.needs_ip_adapter and t2i is not None and not t2i.ip_adapter]
+        if missing:
+            why = t2i.ip_adapter_error or "it was loaded with ip_adapter=False"
+            raise MmpersonaError(f"strategy {', '.join(map(repr, missing))} needs an IP-Adapter, and none is loaded "
+                                 f"({why})")
+        return chosen
 
     def check_inputs(self, prompt: Any, user: Any, n: int, steps: int) -> None:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -335,7 +366,7 @@ class PersonalizedT2IPipeline:
         if encoder is None:
             return None
         dim = encoder.config.projection_dim
-        dtype, device = self.diffusers.unet.dtype, self.diffusers.device
+        dtype, device = self.diffusers.unet.dtype, self.t2i.device
         if cond.ip_positive:
             pos = torch.stack(cond.ip_positive)[None]  # (1, n_images, dim)
         else:  # an IP-Adapter is loaded but unused: neutral input at scale 0
@@ -370,14 +401,18 @@ class PersonalizedT2IPipeline:
             pipe.set_adapters([name for name, _ in cond.loras], adapter_weights=[w for _, w in cond.loras])
         elif self._loras:
             pipe.disable_lora()
+        images: list = []
+        batch = self.batch_size or total
         try:
-            out = pipe(cond.prompt, negative_prompt=cond.negative_prompt or None, num_inference_steps=steps,
-                       guidance_scale=guidance_scale, num_images_per_prompt=total, height=height, width=width,
-                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **kwargs)
+            for first in range(0, total, batch):
+                part = seeds[first : first + batch]  # each image keeps its own seed: batching changes nothing
+                out = pipe(cond.prompt, negative_prompt=cond.negative_prompt or None, num_inference_steps=steps,
+                           guidance_scale=guidance_scale, num_images_per_prompt=len(part), height=height,
+                           width=width, generator=[torch.Generator("cpu").manual_seed(s) for s in part], **kwargs)
+                images += out.images
         finally:
             if cond.loras:
                 pipe.disable_lora()
-        images = out.images
         scores = self.score(run, images, prompt)
         order = list(range(total))
         for s in chosen:

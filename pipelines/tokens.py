@@ -1,29 +1,39 @@
 """Learned concept tokens (Yo'LLaVA style), with several concepts active at once.
 
 A concept gets an identifier token (its handle, `<bo>`) and k latent tokens (`<bo|0>` ... `<bo|k-1>`), unique
-per concept, so several learned concepts can be loaded into one conversation. Training freezes the whole VLM
-and updates only the new rows of the input embeddings and the LM head (a gradient mask keeps every other row
-bit-identical; AdamW's weight decay is 0 so frozen rows cannot drift). The rows are stored in the concept
-database as safetensors, tagged with the model id and a tokenizer fingerprint; loading them into another model
-fails with a clear error. `TokenManager` loads concepts on demand and unloads them cleanly, restoring the
-original vocabulary and outputs.
+per concept, so several learned concepts can be loaded into one conversation. Training freezes the whole VLM:
+the concept's rows (input embedding, and LM head when the model does not tie them) are separate float32
+tensors, the only parameters the optimizer sees, spliced into the model's embedding output and logits by
+hooks. So no other weight can change, training works the same in bf16 or fp16 models (half-precision rows
+would round a 1e-4 update away, and fp16 AdamW state divides 0 by 0), and optimizer state is a few KB
+instead of two copies of a 151,936-row matrix. The rows are stored in the concept database as safetensors,
+tagged with the model id and a tokenizer fingerprint; loading them into another model fails clearly.
+
+One `TokenManager` belongs to each loaded VLM (`vlm.tokens`): what `learn_concept` leaves loaded is what the
+pipeline answers with. Real checkpoints have more embedding rows than tokens (Qwen2.5-VL: 151,936 rows for
+151,665 tokens); new tokens take those unused rows first, the matrix only ever grows, and `unload_all` puts
+back every original row and the original size, so outputs are exactly what they were.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from mmpersona.errors import MmpersonaError
 
 if TYPE_CHECKING:
+    import torch
+
     from concept_db import Concept
     from mmpersona.conceptdb import ConceptDB
     from mmpersona.images import ImageInput
@@ -33,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 TENSOR_NAME = "vlm_tokens"
 RECOGNITION = "Is {handle} in this image? Answer yes or no."
+#: working tokenizers (base + one set of concept tokens) kept per model, so switching back and forth between
+#: the same concepts does not copy the tokenizer again
+TOKENIZER_CACHE = 8
 
 
 class TokenMismatchError(MmpersonaError):
@@ -46,11 +59,12 @@ class LearnConfig:
     Args:
         tokens: latent tokens per concept (k).
         steps: training steps at most (one example per step).
-        lr: AdamW learning rate for the new rows.
+        lr: AdamW learning rate for the new rows (float32 whatever the model's dtype).
         eval_every: steps between early-stopping checks of training recognition accuracy.
         patience: consecutive checks at full accuracy before stopping.
         seed: makes example order and initial rows reproducible.
-        mixed_precision: accelerate's "no", "fp16" or "bf16".
+        mixed_precision: "no", "fp16" or "bf16": autocast the frozen model's forward (the rows stay float32).
+        gradient_checkpointing: recompute activations in the backward pass (much less memory on real models).
     """
 
     tokens: int = 16
@@ -60,12 +74,16 @@ class LearnConfig:
     patience: int = 2
     seed: int = 0
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = True
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.steps < 1 or self.eval_every < 1 or self.patience < 1:
             raise MmpersonaError("LearnConfig: tokens, steps, eval_every and patience must be at least 1")
         if not self.lr > 0:
             raise MmpersonaError(f"LearnConfig.lr must be positive, got {self.lr}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise MmpersonaError(f"LearnConfig.mixed_precision must be 'no', 'fp16' or 'bf16', "
+                                 f"got {self.mixed_precision!r}")
 
 
 @dataclass
@@ -99,19 +117,49 @@ def latent_definition(tokens: Sequence[str]) -> str:
     return f"{tokens[0]} is {''.join(tokens[1:])}."
 
 
-class TokenManager:
-    """Adds concepts' tokens to a loaded VLM and takes them away again.
+def row_stats(weight: "torch.Tensor", n: int, chunk: int = 16384) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Float32 mean and std of the first `n` rows, in chunks (no float32 copy of a whole bf16 matrix)."""
+    import torch
 
-    The original tokenizer is kept untouched; loading works on a copy, and `unload_all` puts the original back
-    and truncates the embeddings to the original vocabulary size, so outputs return to what they were.
+    total = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+    squares = torch.zeros_like(total)
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            rows = weight[start : min(n, start + chunk)].float()
+            total += rows.sum(0)
+            squares += (rows * rows).sum(0)
+    mean = total / n
+    return mean, (squares / n - mean * mean).clamp_min(0).sqrt()
+
+
+class TokenManager:
+    """Adds concepts' tokens to a loaded VLM and takes them away again; one per `LoadedVLM` (`vlm.tokens`).
+
+    The original tokenizer is never changed: concepts are added to a copy made for that set of concepts
+    (cached), and `unload_all` puts the original back. Original embedding rows that new tokens occupy are kept
+    and restored, and a matrix that had to grow is cut back to its original size.
     """
 
+    def __new__(cls, vlm: "LoadedVLM"):
+        existing = getattr(vlm, "_token_manager", None)
+        if isinstance(existing, cls):  # one manager per model: a second one would fight over its rows
+            return existing
+        return super().__new__(cls)
+
     def __init__(self, vlm: "LoadedVLM"):
+        if getattr(self, "vlm", None) is vlm:
+            return
         self.vlm = vlm
         self.base_tokenizer = vlm.processor.tokenizer
-        self.base_vocab = self.vlm.model.get_input_embeddings().weight.shape[0]
+        emb = vlm.model.get_input_embeddings().weight
+        self.base_rows = emb.shape[0]
+        self.base_vocab = len(self.base_tokenizer)  # the first id new tokens get
         self.fingerprint = tokenizer_fingerprint(self.base_tokenizer)
-        self.loaded: dict[str, list[str]] = {}  # concept id -> its tokens
+        self.loaded: dict[str, list[str]] = {}  # concept id -> its tokens, in load order
+        self.trained: dict[str, dict[str, "torch.Tensor"]] = {}  # float32 rows learned in this process
+        self._saved: dict[str, "torch.Tensor"] = {}  # original rows from base_vocab on, per matrix
+        self._tokenizers: "OrderedDict[tuple[str, ...], Any]" = OrderedDict()
+        vlm._token_manager = self
 
     @property
     def tied(self) -> bool:
@@ -119,45 +167,82 @@ class TokenManager:
         out = model.get_output_embeddings()
         return out is None or out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
+    def _matrices(self) -> dict[str, "torch.Tensor"]:
+        model = self.vlm.model
+        out = {"input_embeddings": model.get_input_embeddings().weight}
+        if not self.tied:
+            out["lm_head"] = model.get_output_embeddings().weight
+        return out
+
+    def _tokenizer_for(self, tokens: tuple[str, ...]) -> Any:
+        tok = self._tokenizers.get(tokens)
+        if tok is None:
+            tok = copy.deepcopy(self.base_tokenizer)
+            # not special: answers are decoded without the model's special tokens, and a handle must stay
+            tok.add_tokens(list(tokens), special_tokens=False)
+            self._tokenizers[tokens] = tok
+            while len(self._tokenizers) > TOKENIZER_CACHE:
+                self._tokenizers.popitem(last=False)
+        self._tokenizers.move_to_end(tokens)
+        return tok
+
     def _add(self, tokens: list[str]) -> list[int]:
-        taken = [t for t in tokens if t in self.vlm.processor.tokenizer.get_vocab()]
+        vocab = self.base_tokenizer.get_vocab()
+        taken = [t for t in tokens if t in vocab or any(t in ts for ts in self.loaded.values())]
         if taken:
             raise MmpersonaError(f"tokens {taken} are already in the vocabulary (another concept named alike is "
                                  "loaded, or the name clashes with a model token)")
-        if self.vlm.processor.tokenizer is self.base_tokenizer:
-            self.vlm.processor.tokenizer = copy.deepcopy(self.base_tokenizer)
-        tok = self.vlm.processor.tokenizer
-        tok.add_tokens(tokens, special_tokens=True)
-        self.vlm.model.resize_token_embeddings(len(tok), mean_resizing=False)
-        return tok.convert_tokens_to_ids(tokens)
+        if not self._saved:
+            for name, weight in self._matrices().items():
+                self._saved[name] = weight[self.base_vocab:].detach().clone()
+        everything = tuple(t for ts in self.loaded.values() for t in ts) + tuple(tokens)
+        tok = self._tokenizer_for(everything)
+        rows = self.vlm.model.get_input_embeddings().weight.shape[0]
+        if len(tok) > rows:  # past the unused rows: grow (never shrink: that would drop rows the model uses)
+            self.vlm.model.resize_token_embeddings(len(tok), mean_resizing=False)
+        self.vlm.processor.tokenizer = tok
+        ids = tok.convert_tokens_to_ids(tokens)
+        if ids != list(range(ids[0], ids[0] + len(ids))):
+            raise MmpersonaError(f"the tokens of one concept did not get consecutive ids: {ids}")
+        return ids
 
     def add_concept(self, concept: "Concept", k: int, *, seed: int = 0) -> list[int]:
-        """New tokens for `concept`, rows initialised from the embedding statistics (seeded)."""
+        """New tokens for `concept`, rows drawn from the embedding statistics (seeded) as float32 tensors on
+        the model's device, kept in `trained` and written into the model."""
         import torch
 
         tokens = token_strings(concept, k)
         ids = self._add(tokens)
-        emb = self.vlm.model.get_input_embeddings().weight
         g = torch.Generator().manual_seed(seed)
-        base = emb[: self.base_vocab].detach().float()
-        with torch.no_grad():
-            init = base.mean(0) + base.std(0) * torch.randn(len(ids), base.shape[1], generator=g)
-            emb[ids] = init.to(emb.dtype)
-            if not self.tied:
-                out = self.vlm.model.get_output_embeddings().weight
-                out_base = out[: self.base_vocab].detach().float()
-                out[ids] = (out_base.mean(0) + out_base.std(0) * torch.randn(len(ids), out.shape[1], generator=g)
-                            ).to(out.dtype)
+        rows = {}
+        for name, weight in self._matrices().items():
+            mean, std = row_stats(weight, self.base_vocab)
+            noise = torch.randn(len(ids), weight.shape[1], generator=g).to(weight.device)
+            rows[name] = mean + std * noise
         self.loaded[concept.id] = tokens
+        self.trained[concept.id] = rows
+        self.write_rows(concept)
         return ids
 
-    def rows(self, concept: "Concept") -> dict[str, Any]:
-        """The concept's learned rows as CPU float32 tensors."""
-        ids = self.vlm.processor.tokenizer.convert_tokens_to_ids(self.loaded[concept.id])
-        out = {"input_embeddings": self.vlm.model.get_input_embeddings().weight[ids].detach().float().cpu()}
-        if not self.tied:
-            out["lm_head"] = self.vlm.model.get_output_embeddings().weight[ids].detach().float().cpu()
-        return out
+    def ids(self, concept: "Concept") -> list[int]:
+        return self.vlm.processor.tokenizer.convert_tokens_to_ids(self.loaded[concept.id])
+
+    def write_rows(self, concept: "Concept", rows: dict[str, "torch.Tensor"] | None = None) -> None:
+        """Write float32 `rows` (default: the trained ones) into the model's matrices, in the model's dtype."""
+        import torch
+
+        rows = rows if rows is not None else self.trained[concept.id]
+        ids = self.ids(concept)
+        with torch.no_grad():
+            for name, weight in self._matrices().items():
+                weight[ids] = rows[name].to(weight.device, weight.dtype)
+
+    def rows(self, concept: "Concept") -> dict[str, "torch.Tensor"]:
+        """The concept's rows as CPU float32 tensors (the float32 training values when learned here)."""
+        if concept.id in self.trained:
+            return {k: v.detach().float().cpu() for k, v in self.trained[concept.id].items()}
+        ids = self.ids(concept)
+        return {name: weight[ids].detach().float().cpu() for name, weight in self._matrices().items()}
 
     def save(self, db: "ConceptDB", user: str, concept: "Concept") -> None:
         """Store the concept's rows as safetensors in the concept database."""
@@ -171,8 +256,8 @@ class TokenManager:
 
     def load(self, db: "ConceptDB", user: str, concept: "Concept") -> list[str]:
         """Load a concept's stored tokens into the model (no-op if loaded); checks model and tokenizer."""
-        import torch
-        from safetensors import safe_open
+        from safetensors.torch import load as load_tensors
+        from safetensors import SafetensorError
 
         if concept.id in self.loaded:
             return self.loaded[concept.id]
@@ -182,37 +267,47 @@ class TokenManager:
                 f"the learned tokens of {concept.handle} were trained for model {stored.model!r} (tokenizer "
                 f"{stored.fingerprint[:8]}), not {self.vlm.spec.id!r} (tokenizer {self.fingerprint[:8]}); "
                 f"learn them again with `mmpersona concepts learn {concept.name}`")
-        import tempfile
-        from pathlib import Path
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "t.safetensors"
-            path.write_bytes(stored.data)
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata()
-                rows = {k: f.get_tensor(k) for k in f.keys()}
-        tokens = json.loads(meta["tokens"])
-        emb = self.vlm.model.get_input_embeddings().weight
-        if rows["input_embeddings"].shape != (len(tokens), emb.shape[1]):
-            raise TokenMismatchError(f"the learned rows of {concept.handle} have shape "
-                                     f"{tuple(rows['input_embeddings'].shape)}, the model needs (n, {emb.shape[1]})")
-        ids = self._add(tokens)
-        with torch.no_grad():
-            emb = self.vlm.model.get_input_embeddings().weight
-            emb[ids] = rows["input_embeddings"].to(emb.device, emb.dtype)
-            if not self.tied:
-                out = self.vlm.model.get_output_embeddings().weight
-                out[ids] = rows["lm_head"].to(out.device, out.dtype)
+        try:
+            rows = load_tensors(stored.data)
+            meta = _safetensors_metadata(stored.data)
+            tokens = json.loads(meta["tokens"])
+        except (SafetensorError, KeyError, ValueError) as e:
+            raise TokenMismatchError(f"the learned tokens of {concept.handle} are unreadable ({e}); learn them "
+                                     f"again with `mmpersona concepts learn {concept.name}`") from e
+        for name, weight in self._matrices().items():
+            if name not in rows or tuple(rows[name].shape) != (len(tokens), weight.shape[1]):
+                got = tuple(rows[name].shape) if name in rows else "missing"
+                raise TokenMismatchError(f"the learned rows {name!r} of {concept.handle} have shape {got}, the "
+                                         f"model needs ({len(tokens)}, {weight.shape[1]})")
+        self._add(tokens)
         self.loaded[concept.id] = tokens
+        self.write_rows(concept, rows)
         return tokens
 
     def unload_all(self) -> None:
-        """Remove every added token: original tokenizer back, embeddings truncated to the original vocabulary."""
+        """Remove every added token: original tokenizer, rows and matrix size back."""
+        import torch
+
         if not self.loaded and self.vlm.processor.tokenizer is self.base_tokenizer:
             return
         self.vlm.processor.tokenizer = self.base_tokenizer
-        self.vlm.model.resize_token_embeddings(self.base_vocab, mean_resizing=False)
+        if self.vlm.model.get_input_embeddings().weight.shape[0] != self.base_rows:
+            self.vlm.model.resize_token_embeddings(self.base_rows, mean_resizing=False)
+        with torch.no_grad():
+            for name, weight in self._matrices().items():
+                weight[self.base_vocab:] = self._saved[name]
         self.loaded.clear()
+        self.trained.clear()
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob (its JSON header), without writing it to a file."""
+    if len(data) < 8:
+        raise ValueError("too short for safetensors")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError("header longer than the data")
+    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -239,42 +334,129 @@ def _examples(concept: "Concept", positives: list, negatives: list,
     return out
 
 
-def _encode(vlm: "LoadedVLM", messages: list[dict], answer: str) -> dict:
-    """Inputs for one example with labels on the answer tokens only."""
+@dataclass
+class _Encoded:
+    """One training example, tokenized once: the full conversation, where the answer starts, and the prompt
+    alone (for recognition checks)."""
+
+    inputs: Any
+    start: int
+    prompt: Any
+    answer: str
+
+    @property
+    def first_answer_id(self) -> int:
+        return int(self.inputs["input_ids"][0, self.start])
+
+
+def _encode(vlm: "LoadedVLM", messages: list[dict], answer: str) -> _Encoded:
     full = messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-    proc = vlm.processor
-    prompt = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                      return_tensors="pt")
-    inputs = proc.apply_chat_template(full, tokenize=True, return_dict=True, return_tensors="pt")
+    prompt = vlm.inputs(messages, add_generation_prompt=True)
+    inputs = vlm.inputs(full, add_generation_prompt=False)
     ids, prefix = inputs["input_ids"][0], prompt["input_ids"][0]
     n = min(len(prefix), len(ids))
     same = (ids[:n] == prefix[:n]).int()
     start = int(same.argmin()) if not bool(same.all()) else n  # longest common prefix
-    labels = inputs["input_ids"].clone()
-    labels[:, :start] = -100
-    inputs["labels"] = labels
-    return inputs.to(vlm.device)
+    if start >= len(ids):
+        raise MmpersonaError("the chat template renders no answer tokens for a training example")
+    return _Encoded(inputs, start, prompt, answer)
 
 
-def _yes_no_ids(tokenizer: Any) -> tuple[int, int]:
-    return tokenizer.encode("Yes", add_special_tokens=False)[0], tokenizer.encode("No", add_special_tokens=False)[0]
+def _keeps_logits(model: Any) -> bool:
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
 
-def recognition_accuracy(vlm: "LoadedVLM", examples: list[tuple[list[dict], str]]) -> float | None:
-    """Share of recognition examples whose first answer token prefers the right one of Yes / No."""
+def _answer_loss(model: Any, ex: _Encoded) -> "torch.Tensor":
+    """Cross-entropy on the answer tokens, computing logits at those positions only (`logits_to_keep`): the
+    full-vocabulary logits of a whole Qwen prompt would be ~150k floats per position."""
+    import torch.nn.functional as F
+
+    ids = ex.inputs["input_ids"]
+    keep = ids.shape[1] - ex.start + 1  # position start-1 predicts the first answer token
+    if _keeps_logits(model):
+        logits = model(**ex.inputs, logits_to_keep=keep).logits
+    else:
+        logits = model(**ex.inputs).logits[:, -keep:]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, ex.start:].reshape(-1))
+
+
+def _last_logits(model: Any, inputs: Any) -> "torch.Tensor":
+    if _keeps_logits(model):
+        return model(**inputs, logits_to_keep=1).logits[0, -1]
+    return model(**inputs).logits[0, -1]
+
+
+def recognition_accuracy(vlm: "LoadedVLM", encoded: list[_Encoded]) -> float | None:
+    """Share of recognition examples whose first answer token prefers the right one of Yes / No (the ids are
+    the examples' own first answer tokens, so they are right for every tokenizer)."""
     import torch
 
-    yes, no = _yes_no_ids(vlm.processor.tokenizer)
+    yes = next((e.first_answer_id for e in encoded if e.answer.startswith("Yes")), None)
+    no = next((e.first_answer_id for e in encoded if e.answer.startswith("No")), None)
     right = total = 0
-    for messages, answer in examples:
-        if not answer.startswith(("Yes", "No")):
+    for ex in encoded:
+        if not ex.answer.startswith(("Yes", "No")):
             continue
-        inputs = vlm.inputs(messages)
-        with torch.inference_mode():
-            logits = vlm.model(**inputs).logits[0, -1]
-        right += (logits[yes] > logits[no]).item() == answer.startswith("Yes")
+        with torch.no_grad():
+            logits = _last_logits(vlm.model, ex.prompt)
+        if yes is None or no is None:  # only one kind of example: the right token must beat the rest
+            wanted = ex.first_answer_id
+            right += int(logits.argmax()) == wanted
+        else:
+            right += (logits[yes] > logits[no]).item() == ex.answer.startswith("Yes")
         total += 1
     return right / total if total else None
+
+
+def _checkpointing(model: Any, on: bool | None = None) -> bool:
+    """Turn activation (gradient) checkpointing on or off, or say whether it is on (transformers 5.24 renamed
+    the methods; earlier 5.x releases have only the old names)."""
+    new = hasattr(model, "activation_checkpointing_enable")
+    if on is None:
+        return bool(model.is_activation_checkpointing if new else model.is_gradient_checkpointing)
+    if on:  # non-reentrant: the frozen model's inputs need no grad for the rows' gradients to flow
+        if new:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+    return on
+
+
+class _RowHooks:
+    """Splices float32 trainable rows into a frozen model: the input-embedding output of the concept's ids and
+    its logit columns (computed in float32 from the LM head's input)."""
+
+    def __init__(self, manager: TokenManager, ids: list[int], rows: dict[str, "torch.Tensor"]):
+        self.lo, self.hi = ids[0], ids[-1] + 1
+        self.rows = rows
+        model = manager.vlm.model
+        self.handles = [model.get_input_embeddings().register_forward_hook(self._embed)]
+        head = model.get_output_embeddings()
+        self.head_rows = rows["input_embeddings"] if manager.tied else rows["lm_head"]
+        self.handles.append(head.register_forward_hook(self._logits))
+
+    def _embed(self, module, args, out):
+        import torch
+
+        ids = args[0]
+        mask = (ids >= self.lo) & (ids < self.hi)
+        if not bool(mask.any()):
+            return out
+        local = (ids - self.lo).clamp(0, self.hi - self.lo - 1)
+        return torch.where(mask[..., None], self.rows["input_embeddings"][local].to(out.dtype), out)
+
+    def _logits(self, module, args, out):
+        import torch
+
+        new = args[0].float() @ self.head_rows.t()
+        out = out.float()
+        return torch.cat([out[..., : self.lo], new, out[..., self.hi :]], dim=-1)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def learn_concept(vlm: "LoadedVLM", db: "ConceptDB", user: str, name: str, *,
@@ -282,10 +464,12 @@ def learn_concept(vlm: "LoadedVLM", db: "ConceptDB", user: str, name: str, *,
                   progress: bool = True, save: bool = True, manager: TokenManager | None = None) -> LearnResult:
     """Learn `name`'s tokens from its reference images; store them in the database (unless `save=False`).
 
-    Negatives: the given images, else the user's other concepts' images. The model's other weights never change.
+    Negatives: the given images, else the user's other concepts' images. The model's weights never change;
+    the learned concept stays loaded in `vlm.tokens`, ready for `PersonalizedVLMPipeline(mode="tokens")`.
     """
+    import contextlib
+
     import torch
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from mmpersona.images import load_image
@@ -300,28 +484,28 @@ def learn_concept(vlm: "LoadedVLM", db: "ConceptDB", user: str, name: str, *,
         negatives_imgs = [load_image(db.store.image_bytes(user, c.images[0])) for c in others if c.images][:10]
     else:
         negatives_imgs = [load_image(n) for n in negatives]
-    manager = manager or TokenManager(vlm)
+    manager = manager or vlm.tokens
     if concept.id in manager.loaded:
         raise MmpersonaError(f"{concept.handle} is loaded already: unload before learning it again")
     ids = manager.add_concept(concept, config.tokens, seed=config.seed)
     tokens = manager.loaded[concept.id]
     examples = _examples(concept, positives, negatives_imgs, tokens)
-    encoded = [_encode(vlm, m, a) for m, a in examples]
+    encoded = [_encode(vlm, m, a) for m, a in examples]  # tokenized once, images resized once
 
     model = vlm.model
-    model.requires_grad_(False)
-    params = [model.get_input_embeddings().weight]
-    if not manager.tied:
-        params.append(model.get_output_embeddings().weight)
-    mask = torch.zeros(params[0].shape[0], 1, device=params[0].device, dtype=params[0].dtype)
-    mask[ids] = 1
-    hooks = []
+    rows = manager.trained[concept.id]
+    params = list(rows.values())
     for p in params:
         p.requires_grad_(True)
-        hooks.append(p.register_hook(lambda grad: grad * mask.to(grad.dtype)))
-    accelerator = Accelerator(cpu=vlm.device.type == "cpu", mixed_precision=config.mixed_precision)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # decay would move frozen rows
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model.requires_grad_(False)
+    hooks = _RowHooks(manager, ids, rows)
+    checkpointing = config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
+    was_checkpointing = checkpointing and _checkpointing(model)
+    if checkpointing and not was_checkpointing:
+        _checkpointing(model, True)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # float32 rows, float32 state
+    autocast = (torch.autocast(vlm.device.type, dtype=torch.float16 if config.mixed_precision == "fp16"
+                               else torch.bfloat16) if config.mixed_precision != "no" else contextlib.nullcontext())
     order = list(range(len(encoded)))
     rng = random.Random(config.seed)
     result = LearnResult(concept.handle, 0)
@@ -333,32 +517,45 @@ def learn_concept(vlm: "LoadedVLM", db: "ConceptDB", user: str, name: str, *,
         for step in bar:
             if step % len(order) == 0:
                 rng.shuffle(order)
-            batch = encoded[order[step % len(order)]]
-            loss = model(**batch).loss
-            accelerator.backward(loss)
+            with autocast:
+                loss = _answer_loss(model, encoded[order[step % len(order)]])
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            result.losses.append(float(loss.detach()))
+            value = float(loss.detach())
+            result.losses.append(value)
             result.steps = step + 1
-            bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+            if not math.isfinite(value):
+                raise MmpersonaError(
+                    f"training {concept.handle} diverged: the loss became {value} at step {step + 1} with the model "
+                    f"in {str(vlm.dtype).removeprefix('torch.')}; the learned rows are float32 already, so try "
+                    "`--dtype float32`, fewer --tokens or a smaller --lr")
+            bar.set_postfix(loss=f"{value:.3f}")
             if (step + 1) % config.eval_every == 0:
                 model.eval()
-                result.accuracy = recognition_accuracy(vlm, examples)
+                result.accuracy = recognition_accuracy(vlm, encoded)
                 model.train()
                 perfect = perfect + 1 if result.accuracy == 1.0 else 0
                 if perfect >= config.patience:
                     result.stopped_early = True
                     break
+        model.eval()
+        if result.accuracy is None or not result.stopped_early:
+            result.accuracy = recognition_accuracy(vlm, encoded)
+    except BaseException:
+        hooks.remove()
+        manager.unload_all()  # no half-trained rows stay in the model (other loaded concepts go too)
+        raise
     finally:
-        for h in hooks:
-            h.remove()
+        hooks.remove()
+        if checkpointing and not was_checkpointing:
+            _checkpointing(model, False)
         model.eval()
         model.requires_grad_(False)
-    if result.accuracy is None or not result.stopped_early:
-        result.accuracy = recognition_accuracy(vlm, examples)
+        for p in params:
+            p.requires_grad_(False)
+    manager.write_rows(concept)
     result.seconds = time.perf_counter() - start
-    if not all(math.isfinite(x) for x in result.losses):
-        raise MmpersonaError(f"training {concept.handle} diverged (non-finite loss); try a smaller --lr")
     if save:
         manager.save(db, user, concept)
     return result

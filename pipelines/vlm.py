@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from concept_db.types import ConceptDBError
 from mmpersona.errors import MmpersonaError
 from mmpersona.images import ImageInput, load_image
+from mmpersona.models.loaders import DEFAULT_MAX_VISUAL_TOKENS
 
 from .prompt import PromptBudget, PromptBuilder, printable_messages
 from .retrieval import RetrievedConcept, Retriever
@@ -84,13 +85,15 @@ class PersonalizedVLMPipeline:
         min_score: cosine threshold for image/region hits; None uses the user's calibrated threshold if any.
         budget: limits on what concepts add to the prompt.
         max_new_tokens: answer length limit.
+        max_visual_tokens: what one image may cost on dynamic-resolution VLMs, when the VLM is loaded here
+            (a given `LoadedVLM` keeps its own; see `LoadedVLM.set_visual_budget`).
     """
 
     def __init__(self, db: "ConceptDB | str | Path | None" = None, *, vlm: "LoadedVLM | str | None" = None,
                  detector: "Detector | str | None" = None, embedder: Any = None, regions: bool = False,
                  preset: str = "default", device: Any = "auto", dtype: Any = None, k: int = 3,
                  min_score: float | None = None, budget: PromptBudget | None = None, max_new_tokens: int = 128,
-                 mode: str = "retrieval"):
+                 mode: str = "retrieval", max_visual_tokens: int | None = DEFAULT_MAX_VISUAL_TOKENS):
         from mmpersona.conceptdb import ConceptDB
         from mmpersona.models import LoadedVLM, load_detector, load_vlm
 
@@ -101,19 +104,17 @@ class PersonalizedVLMPipeline:
         self.mode = mode
         self.db = db if isinstance(db, ConceptDB) else ConceptDB(db, embedder=embedder, preset=preset,
                                                                   device=device, dtype=dtype)
-        self.vlm = vlm if isinstance(vlm, LoadedVLM) else load_vlm(vlm, preset=preset, device=device, dtype=dtype)
+        self.vlm = vlm if isinstance(vlm, LoadedVLM) else load_vlm(vlm, preset=preset, device=device, dtype=dtype,
+                                                                   max_visual_tokens=max_visual_tokens)
         if (regions and detector is None) or isinstance(detector, str):
             detector = load_detector(detector, preset=preset, device=device, dtype=dtype)
         self.regions = regions
         self.retriever = Retriever(self.db, detector)
         self.k = k
         self.min_score = min_score
-        tokenizer = getattr(self.vlm.processor, "tokenizer", None)
-        specials = list(getattr(tokenizer, "all_special_tokens", [])) + list(
-            getattr(tokenizer, "get_added_vocab", lambda: {})().keys())
-        self.prompts = PromptBuilder(budget, specials)
+        # the checkpoint's own special tokens, never learned concept tokens (a handle must reach those)
+        self.prompts = PromptBuilder(budget, self.vlm.model_tokens(), interleaved=self.vlm.interleaves_images)
         self.max_new_tokens = max_new_tokens
-        self._tokens = None
 
     # ------------------------------------------------------------------ steps
 
@@ -155,12 +156,8 @@ class PersonalizedVLMPipeline:
 
     @property
     def tokens(self):
-        """The `TokenManager` of this pipeline's VLM (created on first use)."""
-        if self._tokens is None:
-            from .tokens import TokenManager
-
-            self._tokens = TokenManager(self.vlm)
-        return self._tokens
+        """The `TokenManager` of this pipeline's VLM, shared with `learn_concept` on the same model."""
+        return self.vlm.tokens
 
     def load_learned(self, user: str, candidates: list[RetrievedConcept]
                      ) -> tuple[list[RetrievedConcept], list[tuple[RetrievedConcept, str]]]:
@@ -168,8 +165,8 @@ class PersonalizedVLMPipeline:
 
         Learned concepts are loaded on demand; when the set needed changes, the previous ones are unloaded."""
         if self.mode == "retrieval":
-            if self._tokens is not None:
-                self._tokens.unload_all()
+            if self.vlm._token_manager is not None:
+                self.vlm.tokens.unload_all()
             return candidates, []
         from .tokens import TENSOR_NAME, latent_definition
 
@@ -237,8 +234,8 @@ class AnswerStream:
 
         vlm = self.pipe.vlm
         inputs = vlm.inputs(self.prompt.messages)
-        tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        # learned concept tokens are not special tokens: the handles stay in the text
+        streamer = TextIteratorStreamer(vlm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         kwargs = {"max_new_tokens": self.pipe.max_new_tokens, **self.generate_kwargs}
         errors: list[BaseException] = []
 

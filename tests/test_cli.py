@@ -21,7 +21,7 @@ def test_models_list_json(tiny_cache):
     rows = {r["role"]: r for r in data["roles"]}
     assert set(rows) == {"embedder", "vlm", "detector", "t2i", "t2i_xl"}
     assert all(r["available"] for r in rows.values())
-    assert rows["vlm"]["id"] == "tiny:qwen2-vl"
+    assert rows["vlm"]["id"] == "tiny:qwen2.5-vl"
 
 
 def test_models_list_default_preset_offline():
@@ -33,7 +33,8 @@ def test_models_list_default_preset_offline():
 
 def test_build_tiny_json(tiny_cache):
     data = json.loads(run_cli("--json", "models", "build-tiny").stdout)
-    assert {m["id"] for m in data["models"]} >= {"tiny:clip", "tiny:qwen2-vl", "tiny:llava", "tiny:sd"}
+    assert {m["id"] for m in data["models"]} >= {"tiny:clip", "tiny:qwen2.5-vl", "tiny:qwen2-vl", "tiny:llava",
+                                                 "tiny:sd"}
     assert 0 < data["total_bytes"] < 20e6
 
 
@@ -50,6 +51,23 @@ def test_demo_end_to_end(tiny_cache, tmp_path):
     again = json.loads(run_cli("--preset", "tiny", "--device", "cpu", "--json", "demo", "--out", str(tmp_path),
                                "--steps", "2").stdout)
     assert again["retrieved"] == data["retrieved"]  # a re-run starts from the same state
+
+
+def test_demo_output_is_the_clis_own(tmp_path):
+    """A newcomer's first command, from an empty cache (so the tiny models are built too): its own lines on
+    stdout, nothing on stderr (no "Writing model shards", "Loading weights", dtype warnings); the library
+    output comes back under -v."""
+    env = {"MMPERSONA_CACHE_DIR": str(tmp_path / "cache")}
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        env[name] = ""  # as on a fresh machine
+    out = run_cli("--preset", "tiny", "--device", "cpu", "demo", "--out", str(tmp_path / "demo"), "--steps", "2",
+                  env=env, cwd=tmp_path)
+    assert out.stderr == ""
+    assert [line.split(":")[0] for line in out.stdout.splitlines()] == [
+        "preset tiny", "question", "retrieved", "answer", "image", "timings"]
+    verbose = run_cli("--preset", "tiny", "--device", "cpu", "-v", "demo", "--out", str(tmp_path / "demo"),
+                      "--steps", "2", env=env, cwd=tmp_path)
+    assert "Loading weights" in verbose.stderr or "it/s" in verbose.stderr
 
 
 @pytest.mark.parametrize("args,needle", [

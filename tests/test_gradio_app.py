@@ -57,13 +57,16 @@ def test_concepts_chat_preferences_generate(server):
     liked, disliked, msg = alice.predict("warm light, film grain", "blue cast", api_name="/save_attributes")
     assert liked == "warm light, film grain" and disliked == "blue cast"
     assert "reward model trained" in alice.predict(api_name="/train_reward")
-    mine, plain, meta = alice.predict("a ball", ["attributes", "rerank"], 1, 2, 0, api_name="/generate")
+    mine, plain, meta = alice.predict("a ball", ["attributes", "rerank"], 1, 2, 0, True, api_name="/generate")
     assert len(mine) == 1 and len(plain) == 1 and "score" in mine[0]["caption"]
     import json
 
     metadata = json.load(open(meta))
     assert metadata["personalized"][0]["final_prompt"] == "a ball, warm light, film grain"
     assert metadata["vanilla"][0]["final_prompt"] == "a ball"
+    # the vanilla comparison costs a second generation, so only when asked for
+    mine, plain, meta = alice.predict("a ball", ["attributes"], 1, 2, 0, False, api_name="/generate")
+    assert len(mine) == 1 and plain == [] and json.load(open(meta))["vanilla"] is None
 
 
 def test_users_never_see_each_other(server):

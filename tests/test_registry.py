@@ -22,17 +22,22 @@ def test_every_preset_covers_every_role():
 
 
 def test_resolve_preset_and_explicit_ids(tmp_path):
-    assert resolve("vlm", preset="tiny").id == "tiny:qwen2-vl"
+    assert resolve("vlm", preset="tiny").id == "tiny:qwen2.5-vl"
     assert resolve("vlm").id == "Qwen/Qwen2.5-VL-3B-Instruct"
     assert resolve("vlm", "tiny:llava", preset="tiny").source == "tiny"
-    assert resolve("vlm", "tiny", preset="default").id == "tiny:qwen2-vl"
+    assert resolve("vlm", "tiny", preset="default").id == "tiny:qwen2.5-vl"
     local = resolve("vlm", str(tmp_path))
     assert local.source == "local" and local.local_path == tmp_path
     assert resolve("vlm", "./relative/dir").source == "local"
     assert resolve("vlm", "org/model").source == "hub"
-    # an explicit SD model keeps the IP-Adapter of its own kind of source only
+    # an explicit SD model keeps its family's IP-Adapter: real models (hub or a local copy) the real one,
+    # tiny models the tiny one
     assert resolve("t2i", "org/my-sd").ip_adapter.id == "h94/IP-Adapter"
-    assert resolve("t2i", str(tmp_path)).ip_adapter is None
+    assert resolve("t2i", str(tmp_path)).ip_adapter.id == "h94/IP-Adapter"
+    assert resolve("t2i_xl", str(tmp_path)).ip_adapter.weight_name == "ip-adapter_sdxl.safetensors"
+    assert resolve("t2i", "tiny:sd").ip_adapter.id == "tiny:ip-adapter"
+    assert resolve("t2i", str(tmp_path), preset="tiny").ip_adapter.id == "h94/IP-Adapter"
+    assert resolve("t2i_xl", "tiny:sdxl").ip_adapter.weight_name == "ip-adapter_sdxl.safetensors"
 
 
 def test_env_override(monkeypatch):
@@ -46,7 +51,7 @@ def test_unknown_role_preset_and_tiny_name():
         resolve("painter")
     with pytest.raises(UnknownPresetError, match="valid presets: default, tiny"):
         resolve("vlm", preset="huge")
-    with pytest.raises(ModelUnavailableError, match="tiny:qwen2-vl, tiny:llava"):
+    with pytest.raises(ModelUnavailableError, match="tiny:qwen2.5-vl, tiny:qwen2-vl, tiny:llava"):
         resolve("vlm", "tiny:gpt")
     with pytest.raises(ModelUnavailableError, match="it is a t2i model"):
         resolve("vlm", "tiny:sd")
@@ -184,3 +189,44 @@ def test_directory_of_wrong_kind(tmp_path, tiny_cache):
         load_embedder(str(tmp_path), device="cpu")
     with pytest.raises(ModelUnavailableError, match="belongs to role t2i_xl"):
         load_t2i(str(tiny_path("sdxl")), role="t2i", device="cpu", ip_adapter=False)
+
+
+def test_open_clip_directory_without_weights_is_an_error(tmp_path, tiny_cache):
+    """open_clip's own local-dir loader would only log a warning and return random weights."""
+    import shutil
+
+    from mmpersona.models import load_embedder
+    from mmpersona.models.tiny import tiny_path
+
+    shutil.copy(tiny_path("clip") / "open_clip_config.json", tmp_path / "open_clip_config.json")
+    with pytest.raises(ModelUnavailableError, match="no open_clip_model.safetensors") as err:
+        load_embedder(str(tmp_path), device="cpu")
+    assert str(tmp_path) in str(err.value)
+
+
+def test_local_copy_of_sd_keeps_a_working_default(tmp_path, tiny_cache, monkeypatch):
+    """A local copy of a real SD model gets the real IP-Adapter; when that cannot be had (offline here), the
+    pipeline loads without it and its default strategies are the ones that work, instead of failing the
+    first user who has liked an image."""
+    import shutil
+
+    from mmpersona import ConceptDB, MmpersonaError
+    from mmpersona.models import load_t2i
+    from mmpersona.models.tiny import tiny_path
+    from mmpersona.preferences import PreferenceProfile
+    from pipelines import PersonalizedT2IPipeline
+    from PIL import Image
+
+    copy = tmp_path / "my-sd"
+    shutil.copytree(tiny_path("sd"), copy)
+    t2i = load_t2i(str(copy), role="t2i", device="cpu")
+    assert not t2i.ip_adapter and "h94/IP-Adapter" in t2i.ip_adapter_error
+    with ConceptDB(tmp_path / "c.db", preset="tiny", device="cpu") as db:
+        PreferenceProfile(db, "alice").like(Image.new("RGB", (32, 32), (200, 30, 30)))
+        pipe = PersonalizedT2IPipeline(db, t2i=t2i)
+        assert [s.name for s in pipe.default_strategies] == ["attributes", "rerank"]
+        assert len(pipe("a ball", user="alice", steps=1).images) == 1
+        with pytest.raises(MmpersonaError, match="'ip_adapter' needs an IP-Adapter.*h94/IP-Adapter"):
+            pipe("a ball", user="alice", steps=1, strategies=["ip_adapter"])
+        with pytest.raises(ModelUnavailableError, match="h94/IP-Adapter"):
+            load_t2i(str(copy), role="t2i", device="cpu", ip_adapter=True)

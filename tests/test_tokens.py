@@ -1,25 +1,30 @@
-"""Learned concept tokens on the tiny VLMs (real model classes, tiny weights)."""
+"""Learned concept tokens on the tiny VLMs (real model classes, tiny weights with the real checkpoints'
+padded vocabularies: Qwen tied, LLaVA untied)."""
 
+import copy
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from mmpersona import ConceptDB
+from fake_device import fake_device, on_fake_device
+from mmpersona import ConceptDB, MmpersonaError
 from mmpersona.models import load_vlm
 from pipelines import PersonalizedVLMPipeline
 from pipelines.tokens import TENSOR_NAME, LearnConfig, TokenManager, TokenMismatchError, learn_concept
 
 CONFIG = LearnConfig(tokens=4, steps=24, eval_every=8, lr=2e-2)
+VLMS = ["tiny:qwen2.5-vl", "tiny:llava"]
 
 
-def drawn(color, kind="ellipse", shift=0) -> Image.Image:
-    img = Image.new("RGB", (64, 64), (235, 235, 225))
-    getattr(ImageDraw.Draw(img), kind)((10 + shift, 10, 54 + shift, 54), fill=color)
+def drawn(color, kind="ellipse", shift=0, size=64) -> Image.Image:
+    img = Image.new("RGB", (size, size), (235, 235, 225))
+    getattr(ImageDraw.Draw(img), kind)((10 + shift, 10, size - 10 + shift, size - 10), fill=color)
     return img
 
 
@@ -36,43 +41,97 @@ def probe(vlm, text="Is <bo> here?"):
     msgs = [{"role": "user", "content": [{"type": "image", "image": drawn((120, 120, 120))},
                                          {"type": "text", "text": text}]}]
     with torch.inference_mode():
-        return vlm.model(**vlm.inputs(msgs)).logits[0, -1].clone()
+        return vlm.model(**vlm.inputs(msgs)).logits[0, -1].float().cpu().clone()
 
 
-@pytest.mark.parametrize("name", ["tiny:qwen2-vl", "tiny:llava"])
+def snapshot(vlm):
+    return {k: v.detach().clone() for k, v in vlm.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", VLMS)
 def test_training_changes_only_the_new_rows_and_lowers_the_loss(db, tiny_cache, name):
     vlm = load_vlm(name, device="cpu")
-    before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
-    manager = TokenManager(vlm)
+    before = snapshot(vlm)
+    manager = vlm.tokens
     base = manager.base_vocab
-    result = learn_concept(vlm, db, "alice", "bo", config=CONFIG, progress=False, manager=manager)
-    ids = vlm.processor.tokenizer.convert_tokens_to_ids(manager.loaded[db.get("alice", "bo").id])
-    assert len(ids) == CONFIG.tokens + 1 and min(ids) >= base
+    result = learn_concept(vlm, db, "alice", "bo", config=CONFIG, progress=False)
+    bo = db.get("alice", "bo")
+    ids = manager.ids(bo)
+    assert len(ids) == CONFIG.tokens + 1 and ids == list(range(base, base + CONFIG.tokens + 1))
     after = vlm.model.state_dict()
     for key, old in before.items():
         new = after[key]
-        if new.shape != old.shape:  # the resized embedding / LM head: old rows untouched
-            assert torch.equal(new[:base], old), key
+        assert new.shape == old.shape, f"{key}: the padded matrix must not be resized"
+        if "embed_tokens" in key or "lm_head" in key:  # only the new rows moved
+            keep = torch.ones(old.shape[0], dtype=torch.bool)
+            keep[ids] = False
+            assert torch.equal(new[keep], old[keep]), key
+            assert not torch.equal(new[ids], old[ids]), key
         else:
             assert torch.equal(new, old), f"{key} changed"
-    # the new rows did move away from their initial values
-    rows = manager.rows(db.get("alice", "bo"))["input_embeddings"]
-    assert rows.shape == (CONFIG.tokens + 1, vlm.model.get_input_embeddings().weight.shape[1])
     first, last = result.losses[:3], result.losses[-3:]
     assert sum(last) / 3 < sum(first) / 3, result.losses
-    stored = db.store.get_tensor("alice", db.get("alice", "bo").id, TENSOR_NAME)
+    stored = db.store.get_tensor("alice", bo.id, TENSOR_NAME)
     assert stored.model == name and stored.fingerprint == manager.fingerprint
 
 
+@pytest.mark.parametrize("name", VLMS)
+def test_unload_restores_the_original_rows_and_outputs_exactly(db, tiny_cache, name):
+    """Real checkpoints have more rows than tokens (Qwen2.5-VL 151,936 for 151,665): resizing to the tokenizer
+    would drop rows and grow back random ones. New tokens use the unused rows; unloading puts them back."""
+    vlm = load_vlm(name, device="cpu")
+    rows = vlm.model.get_input_embeddings().weight.shape[0]
+    assert rows > len(vlm.processor.tokenizer)  # the padded layout the real checkpoints have
+    original, weights = probe(vlm, "Is the ball here?"), snapshot(vlm)
+    learn_concept(vlm, db, "alice", "bo", config=LearnConfig(tokens=4, steps=3), progress=False)
+    vlm.tokens.unload_all()
+    assert vlm.model.get_input_embeddings().weight.shape[0] == rows
+    assert torch.equal(probe(vlm, "Is the ball here?"), original)
+    assert all(torch.equal(v, weights[k]) for k, v in vlm.model.state_dict().items())
+    # past the unused rows the matrix grows, and unloading cuts it back
+    many = vlm.tokens.add_concept(db.get("alice", "mug"), rows - len(vlm.processor.tokenizer) + 5)
+    assert vlm.model.get_input_embeddings().weight.shape[0] == max(many) + 1 > rows
+    vlm.tokens.unload_all()
+    assert vlm.model.get_input_embeddings().weight.shape[0] == rows
+    assert torch.equal(probe(vlm, "Is the ball here?"), original)
+    assert all(torch.equal(v, weights[k]) for k, v in vlm.model.state_dict().items())
+
+
 def test_reload_into_fresh_model_gives_identical_logits(db, tiny_cache):
-    vlm = load_vlm("tiny:qwen2-vl", device="cpu")
-    manager = TokenManager(vlm)
-    learn_concept(vlm, db, "alice", "bo", config=CONFIG, progress=False, manager=manager)
+    vlm = load_vlm("tiny:qwen2.5-vl", device="cpu")
+    learn_concept(vlm, db, "alice", "bo", config=CONFIG, progress=False)
     trained = probe(vlm)
-    fresh = load_vlm("tiny:qwen2-vl", device="cpu")
-    fresh_manager = TokenManager(fresh)
-    fresh_manager.load(db, "alice", db.get("alice", "bo"))
+    fresh = load_vlm("tiny:qwen2.5-vl", device="cpu")
+    fresh.tokens.load(db, "alice", db.get("alice", "bo"))
     assert torch.equal(probe(fresh), trained)
+
+
+def test_learn_then_ask_with_the_same_model(db, tiny_cache):
+    """The natural order in an app or a notebook: learn, then answer with the model still loaded."""
+    vlm = load_vlm("tiny:qwen2.5-vl", device="cpu")
+    learn_concept(vlm, db, "alice", "bo", config=LearnConfig(tokens=4, steps=3), progress=False)
+    pipe = PersonalizedVLMPipeline(db, vlm=vlm, preset="tiny", device="cpu", mode="tokens", max_new_tokens=2)
+    assert pipe.tokens is vlm.tokens is TokenManager(vlm)  # one manager per model
+    out = pipe(drawn((120, 120, 120)), "Is <bo> here?", user="alice")
+    assert "<bo> is <bo|0><bo|1><bo|2><bo|3>." in out.messages[0]["content"][0]["text"]
+    ids = vlm.processor.tokenizer("Is <bo> here?")["input_ids"]
+    assert vlm.processor.tokenizer.convert_tokens_to_ids("<bo>") in ids  # the question's handle is the token
+
+
+@pytest.mark.parametrize("name", VLMS)
+def test_handles_stay_in_answers_in_tokens_mode(db, tiny_cache, name):
+    """Concept tokens are not special tokens: answers are decoded without the model's special tokens and
+    "Yes, <bo> is in this image" must keep its handle, in plain and in streamed answers."""
+    vlm = load_vlm(name, device="cpu")
+    learn_concept(vlm, db, "alice", "bo", config=LearnConfig(tokens=2, steps=2), progress=False)
+    bo = vlm.processor.tokenizer.convert_tokens_to_ids("<bo>")
+    pipe = PersonalizedVLMPipeline(db, vlm=vlm, preset="tiny", device="cpu", mode="hybrid", max_new_tokens=3)
+    force = {"sequence_bias": {(bo,): 100.0}}
+    out = pipe(drawn((120, 120, 120)), "Is <bo> here?", user="alice", **force)
+    assert "<bo>" in out.answer
+    stream = pipe.stream(drawn((120, 120, 120)), "Is <bo> here?", user="alice", **force)
+    assert "<bo>" in "".join(stream)
+    assert vlm.decode([bo]) == "<bo>"
 
 
 def test_two_concepts_at_once_then_unload_restores_everything(db, tiny_cache):
@@ -80,33 +139,30 @@ def test_two_concepts_at_once_then_unload_restores_everything(db, tiny_cache):
     original_logits = probe(vlm, "Is the ball here?")
     original_vocab = len(vlm.processor.tokenizer)
     original_rows = vlm.model.get_input_embeddings().weight.shape[0]
-    trainer = TokenManager(vlm)
     for name in ("bo", "mug"):  # each concept is learned on the base model, then unloaded
-        learn_concept(vlm, db, "alice", name, config=CONFIG, progress=False, manager=trainer)
-        trainer.unload_all()
+        learn_concept(vlm, db, "alice", name, config=CONFIG, progress=False)
+        vlm.tokens.unload_all()
     assert torch.equal(probe(vlm, "Is the ball here?"), original_logits)
     fresh = load_vlm("tiny:llava", device="cpu")
-    manager = TokenManager(fresh)
     pipe = PersonalizedVLMPipeline(db, vlm=fresh, preset="tiny", device="cpu", mode="tokens", max_new_tokens=3)
-    pipe._tokens = manager
     chat = pipe.chat("alice", drawn((120, 120, 120)))
     out = chat.ask("Is <bo> next to <mug>?")
     system = out.messages[0]["content"][0]["text"]
     assert "<bo> is <bo|0><bo|1><bo|2><bo|3>." in system and "<mug> is <mug|0>" in system
     assert '"a shiba inu"' not in system  # tokens mode: learned tokens, not the text description
-    assert len(manager.loaded) == 2 and len(fresh.processor.tokenizer) == original_vocab + 10
+    assert len(fresh.tokens.loaded) == 2 and len(fresh.processor.tokenizer) == original_vocab + 10
     ids = fresh.processor.tokenizer("Is <bo> next to <mug>?")["input_ids"]
     assert fresh.processor.tokenizer.convert_tokens_to_ids("<bo>") in ids  # the handle is one learned token
-    manager.unload_all()
+    fresh.tokens.unload_all()
     assert len(fresh.processor.tokenizer) == original_vocab
     assert fresh.model.get_input_embeddings().weight.shape[0] == original_rows
     assert torch.equal(probe(fresh, "Is the ball here?"), original_logits)
 
 
 def test_hybrid_mode_uses_text_for_concepts_without_tokens(db, tiny_cache):
-    vlm = load_vlm("tiny:qwen2-vl", device="cpu")
+    vlm = load_vlm("tiny:qwen2.5-vl", device="cpu")
     learn_concept(vlm, db, "alice", "bo", config=CONFIG, progress=False)
-    fresh = load_vlm("tiny:qwen2-vl", device="cpu")
+    fresh = load_vlm("tiny:qwen2.5-vl", device="cpu")
     pipe = PersonalizedVLMPipeline(db, vlm=fresh, preset="tiny", device="cpu", mode="hybrid", max_new_tokens=2)
     out = pipe(drawn((120, 120, 120)), "Is <bo> next to <mug>?", user="alice")
     system = out.messages[0]["content"][0]["text"]
@@ -116,18 +172,121 @@ def test_hybrid_mode_uses_text_for_concepts_without_tokens(db, tiny_cache):
     assert "<bo|0>" not in plain.messages[0]["content"][0]["text"] and not pipe.tokens.loaded
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_models_train_float32_rows(db, tiny_cache, dtype):
+    """bf16 rows would round a 1e-4 AdamW step away; fp16 AdamW state divides 0 by 0 on frozen rows. The
+    rows and their optimizer state are float32 whatever the model's dtype."""
+    vlm = load_vlm("tiny:qwen2.5-vl", device="cpu", dtype=dtype)
+    before = snapshot(vlm)
+    bo = db.get("alice", "bo")
+    initial = {}
+    real_add = vlm.tokens.add_concept
+
+    def spy(concept, k, seed=0):
+        ids = real_add(concept, k, seed=seed)
+        initial.update({n: r.detach().clone() for n, r in vlm.tokens.trained[concept.id].items()})
+        return ids
+
+    vlm.tokens.add_concept = spy
+    result = learn_concept(vlm, db, "alice", "bo", config=LearnConfig(tokens=4, steps=6, lr=1e-4, eval_every=100),
+                           progress=False)
+    trained = vlm.tokens.trained[bo.id]["input_embeddings"]
+    assert trained.dtype is torch.float32 and all(torch.isfinite(torch.tensor(result.losses)))
+    moved = (trained - initial["input_embeddings"]).abs()
+    assert float((moved > 0).float().mean()) > 0.9 and float(moved.mean()) > 6 * 1e-4 * 0.3
+    keep = torch.ones(vlm.model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+    keep[vlm.tokens.ids(bo)] = False
+    for key, old in before.items():  # nothing else moved, and no NaN anywhere
+        new = vlm.model.state_dict()[key]
+        assert torch.isfinite(new.float()).all(), key
+        if "embed_tokens" in key or "lm_head" in key:
+            new, old = new[keep], old[keep]
+        assert torch.equal(new, old), key
+
+
+def test_training_runs_where_the_model_is(db, tiny_cache):
+    """The model on a second device (see fake_device.py): rows drawn on the CPU, inputs, masks and hooks all
+    have to follow the model, and nothing may move the model away (accelerate put it on device 0)."""
+    vlm = load_vlm("tiny:qwen2.5-vl", device="cpu")
+    reference = load_vlm("tiny:qwen2.5-vl", device="cpu")
+    config = LearnConfig(tokens=2, steps=3, eval_every=2)
+    expected = learn_concept(reference, db, "alice", "bo", config=config, progress=False, save=False)
+    with fake_device() as dev:
+        vlm.model.to(dev)
+        vlm.device = dev
+        result = learn_concept(vlm, db, "alice", "bo", config=config, progress=False)
+        rows = vlm.tokens.trained[db.get("alice", "bo").id]["input_embeddings"]
+        assert on_fake_device(rows) and rows.device == dev
+        assert all(p.device == dev for p in vlm.model.parameters())
+        answer = PersonalizedVLMPipeline(db, vlm=vlm, preset="tiny", device="cpu", mode="tokens",
+                                         max_new_tokens=2)(drawn((1, 2, 3)), "Is <bo> here?", user="alice")
+        assert isinstance(answer.answer, str)
+    assert result.losses == pytest.approx(expected.losses, rel=1e-4, abs=1e-5)
+
+
+def test_what_does_not_change_is_computed_once(db, tiny_cache, monkeypatch):
+    """Images are resized and tokenized once per run (not at every evaluation), the tokenizer is copied once
+    per set of concepts, and only the answer positions' logits are computed."""
+    import pipelines.tokens as tokens_mod
+
+    vlm = load_vlm("tiny:qwen2.5-vl", device="cpu")
+    prepared, copies, keeps = [], [], []
+    real_prepare, real_copy, real_forward = vlm.prepare_image, copy.deepcopy, vlm.model.forward
+    monkeypatch.setattr(vlm, "prepare_image", lambda image: prepared.append(1) or real_prepare(image))
+    monkeypatch.setattr(tokens_mod, "copy", SimpleNamespace(deepcopy=lambda x: copies.append(1) or real_copy(x)))
+
+    def forward(*args, **kwargs):
+        keeps.append(kwargs.get("logits_to_keep"))
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(vlm.model, "forward", forward)
+    learn_concept(vlm, db, "alice", "bo", config=LearnConfig(tokens=2, steps=12, eval_every=3, patience=100),
+                  progress=False)
+    examples = 2 + 2 + 1  # two positives, two negatives (the other concepts' images), one description QA
+    assert len(prepared) == 2 * (examples - 1)  # each image once for the prompt, once for the full example
+    assert len(copies) == 1
+    assert keeps and all(k is not None and k > 0 for k in keeps)  # never the full sequence of logits
+    vlm.tokens.unload_all()
+    vlm.tokens.load(db, "alice", db.get("alice", "bo"))
+    vlm.tokens.unload_all()
+    vlm.tokens.load(db, "alice", db.get("alice", "bo"))
+    assert len(copies) == 1  # the same concept set again: the cached working tokenizer
+
+
+def test_training_images_stay_within_the_visual_budget(tmp_path, tiny_embedder, tiny_cache, monkeypatch):
+    import pipelines.tokens as tokens_mod
+
+    with ConceptDB(tmp_path / "big.db", embedder=tiny_embedder) as database:
+        database.add("alice", "bo", [drawn((200, 30, 30), size=2000)])
+        database.add("alice", "mug", [drawn((30, 60, 200), size=64)])
+        vlm = load_vlm("tiny:qwen2.5-vl", device="cpu", max_visual_tokens=64)
+        seen = []
+        real = tokens_mod._encode
+        monkeypatch.setattr(tokens_mod, "_encode", lambda v, m, a: seen.append(real(v, m, a)) or seen[-1])
+        learn_concept(vlm, database, "alice", "bo", config=LearnConfig(tokens=2, steps=1), progress=False)
+    image_token = vlm.model.config.image_token_id
+    counts = [int((e.inputs["input_ids"] == image_token).sum()) for e in seen]
+    assert max(counts) <= 64 and max(counts) > 16  # the 2000x2000 image was cut to the budget, not below
+
+
 def test_wrong_model_is_a_clear_error(db, tiny_cache):
-    qwen = load_vlm("tiny:qwen2-vl", device="cpu")
+    qwen = load_vlm("tiny:qwen2.5-vl", device="cpu")
     learn_concept(qwen, db, "alice", "bo", config=LearnConfig(tokens=2, steps=2), progress=False)
     llava = load_vlm("tiny:llava", device="cpu")
-    with pytest.raises(TokenMismatchError, match="trained for model 'tiny:qwen2-vl'"):
-        TokenManager(llava).load(db, "alice", db.get("alice", "bo"))
+    with pytest.raises(TokenMismatchError, match="trained for model 'tiny:qwen2.5-vl'"):
+        llava.tokens.load(db, "alice", db.get("alice", "bo"))
     bo = db.get("alice", "bo")
     stored = db.store.get_tensor("alice", bo.id, TENSOR_NAME)
     db.store.put_tensor("alice", bo.id, TENSOR_NAME, stored.data, model=stored.model, fingerprint="0" * 32)
     with pytest.raises(TokenMismatchError, match="tokenizer 00000000"):  # same model id, another tokenizer
-        TokenManager(load_vlm("tiny:qwen2-vl", device="cpu")).load(db, "alice", bo)
-    with pytest.raises(Exception, match="unknown|mode"):
+        load_vlm("tiny:qwen2.5-vl", device="cpu").tokens.load(db, "alice", bo)
+    from safetensors.torch import save
+
+    no_tokens = save({"input_embeddings": torch.zeros(3, 32)})  # valid safetensors, but not our layout
+    db.store.put_tensor("alice", bo.id, TENSOR_NAME, no_tokens, model=stored.model, fingerprint=stored.fingerprint)
+    with pytest.raises(TokenMismatchError, match="unreadable"):
+        load_vlm("tiny:qwen2.5-vl", device="cpu").tokens.load(db, "alice", bo)
+    with pytest.raises(MmpersonaError, match="unknown|mode"):
         PersonalizedVLMPipeline(db, vlm=llava, preset="tiny", mode="magic")
 
 
@@ -139,7 +298,7 @@ def test_learn_cli(db, tiny_cache, tmp_path):
                           env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["concept"] == "<mug>" and data["steps"] <= 6 and data["model"] == "tiny:qwen2-vl"
+    assert data["concept"] == "<mug>" and data["steps"] <= 6 and data["model"] == "tiny:qwen2.5-vl"
     proc = subprocess.run([sys.executable, "-m", "mmpersona", "--preset", "tiny", "--db", str(tmp_path / "c.db"),
                            "--user", "alice", "concepts", "learn", "ghost"], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ))

@@ -1,4 +1,4 @@
-"""PersonalizedVLMPipeline end to end on the tiny Qwen2-VL and the tiny LLaVA (real classes, tiny weights)."""
+"""PersonalizedVLMPipeline end to end on the tiny Qwen2.5-VL, Qwen2-VL and LLaVA (real classes, tiny weights)."""
 
 import json
 
@@ -11,7 +11,7 @@ from pipelines import PersonalizedVLMPipeline, PromptBudget, UnknownUserError
 from pipelines.prompt import PromptBuilder, defuse
 from pipelines.retrieval import RetrievedConcept, mention_candidates
 
-VLMS = ["tiny:qwen2-vl", "tiny:llava"]
+VLMS = ["tiny:qwen2.5-vl", "tiny:qwen2-vl", "tiny:llava"]
 
 
 def drawn(kind: str, color, size=96) -> Image.Image:
@@ -92,11 +92,22 @@ def test_reference_images_are_added_within_budget(pipe):
     pipe.prompts.budget = PromptBudget(max_images=1)
     try:
         out = pipe(drawn("ellipse", (200, 30, 30)), "Is <bo> next to <mug>?", user="alice")
+        rendered, _, _ = pipe.prepare(drawn("ellipse", (200, 30, 30)), "Is <bo> next to <mug>?", user="alice")
     finally:
         pipe.prompts.budget = PromptBudget()
     images = [p for p in out.messages[-1]["content"] if p["type"] == "image"]
     assert len(images) == 2  # one reference photo + the user's photo
-    assert out.messages[-1]["content"][0]["text"].startswith("Reference photo of <")
+    ref = out.retrieved[0].concept.handle
+    # what the model reads, in its own template: each image stays tied to its label. Qwen keeps a message's
+    # parts in order; LLaVA-1.5's template renders all images first, so the labels name images by position.
+    prompt = pipe.vlm.processor.apply_chat_template(rendered.messages, add_generation_prompt=True, tokenize=False)
+    token = pipe.vlm.processor.image_token
+    assert prompt.count(token) == 2
+    if pipe.vlm.interleaves_images:
+        first, second = prompt.index(token), prompt.rindex(token)
+        assert prompt.index(f"Reference photo of {ref}:") < first < prompt.index("The user's photo:") < second
+    else:
+        assert prompt.rindex(token) < prompt.index(f"Image 1: Reference photo of {ref}. Image 2: the user's photo.")
 
 
 def test_streaming_matches_generation(pipe):
@@ -198,3 +209,28 @@ def test_budget_validation():
     with pytest.raises(MmpersonaError, match="max_images"):
         PromptBudget(max_images=-1)
     assert np.isfinite(PromptBudget().max_total_chars)
+
+
+def test_a_phone_photo_costs_at_most_the_visual_budget(concept_db, tiny_cache, monkeypatch):
+    """Qwen2.5-VL's published limit (12,845,056 pixels) makes a 4000x3000 photo 15,301 visual tokens; every
+    image the toolkit sends is cut to the budget first (1024 by default)."""
+    from mmpersona.models import load_vlm, published
+
+    vlm = load_vlm("tiny:qwen2.5-vl", device="cpu")
+    real_max = published.config("Qwen/Qwen2.5-VL-3B-Instruct", "preprocessor_config.json")["max_pixels"]
+    patches = vlm.processor.image_processor.get_number_of_image_patches(3000, 4000, {"max_pixels": real_max})
+    assert patches // 4 == 15301  # what the checkpoint's own limit would cost
+    photo = Image.new("RGB", (4000, 3000), (90, 120, 150))
+    assert 900 < vlm.visual_tokens(photo) <= 1024
+    pipe = PersonalizedVLMPipeline(concept_db, vlm=vlm, preset="tiny", device="cpu", max_new_tokens=1,
+                                   budget=PromptBudget(max_images=1))
+    seen = []
+    real_generate = vlm.model.generate
+    monkeypatch.setattr(vlm.model, "generate", lambda **kw: seen.append(kw["input_ids"]) or real_generate(**kw))
+    pipe(photo, "Is <bo> here?", user="alice")
+    image_tokens = int((seen[0] == vlm.model.config.image_token_id).sum())
+    assert 900 < image_tokens <= 1024 + 9  # the photo within the budget, the 96x96 reference image 9 tokens
+    vlm.set_visual_budget(256)
+    assert vlm.visual_tokens(photo) <= 256
+    with pytest.raises(MmpersonaError, match="max_visual_tokens"):
+        vlm.set_visual_budget(0)

@@ -4,6 +4,7 @@ share every line from there on."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,9 @@ SpecLike = "str | ModelSpec | None"
 
 def _load(spec: ModelSpec, path: Path, what: str, loader: Callable[[], T]) -> T:
     """Run a library loader, turning its failure into our error that names role, id and path."""
+    from ..libraries import apply
+
+    apply()
     try:
         return loader()
     except MmpersonaError:
@@ -72,6 +76,11 @@ def load_embedder(spec: SpecLike = None, *, preset: str = "default", device: Any
     if not config_file.is_file():
         raise ModelUnavailableError(spec.role, spec.id, f"{str(path)!r} has no open_clip_config.json",
                                     fix="pass a directory in open_clip's local-dir layout, or `--preset tiny`")
+    # open_clip's local-dir loader only logs a warning and returns random weights when this file is missing
+    if not (path / "open_clip_model.safetensors").is_file():
+        raise ModelUnavailableError(
+            spec.role, spec.id, f"{str(path)!r} has no open_clip_model.safetensors (only safetensors weights are "
+            "loaded)", fix="download the model's safetensors weights into that directory, or use `--preset tiny`")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
 
@@ -91,21 +100,151 @@ def load_embedder(spec: SpecLike = None, *, preset: str = "default", device: Any
 # --------------------------------------------------------------------------------------------- VLM
 
 
+def _size(image_processor: Any, key: str) -> int:
+    """One entry of an image processor's `size` (a dict or transformers' SizeDict); 0 when unset."""
+    size = getattr(image_processor, "size", None) or {}
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value or 0)
+
+
+#: Visual tokens one image may cost at most, by default. Qwen's guidance is 256-1280 per image and RePIC
+#: evaluates at max_pixels = 1024 * 28 * 28; the published Qwen2.5-VL limit (12,845,056 pixels) would let one
+#: 4000x3000 phone photo cost 15,301 tokens.
+DEFAULT_MAX_VISUAL_TOKENS = 1024
+
+
 @dataclass
 class LoadedVLM:
-    """An image-text-to-text model with its processor; `generate` runs one chat turn."""
+    """An image-text-to-text model with its processor; `generate` runs one chat turn.
+
+    `max_visual_tokens` bounds what one image costs on dynamic-resolution models (Qwen2-VL, Qwen2.5-VL): every
+    image the toolkit sends (question photos, reference images, training images) is resized to fit before the
+    processor sees it, and the processor's own pixel limit is set to match. Fixed-resolution models (LLaVA)
+    resize every image to their input size anyway. None keeps the checkpoint's own limit.
+    """
 
     model: Any
     processor: Any
     spec: ModelSpec
     device: "torch.device"
     dtype: "torch.dtype"
+    max_visual_tokens: int | None = DEFAULT_MAX_VISUAL_TOKENS
+    _token_manager: Any = field(default=None, repr=False, compare=False)
+    _interleaves: bool | None = field(default=None, repr=False, compare=False)
 
-    def inputs(self, messages: list[dict]) -> Any:
-        """Tokenize `messages` (transformers chat format, images inline) with the model's own chat template."""
+    def __post_init__(self) -> None:
+        self.set_visual_budget(self.max_visual_tokens)
+
+    # ------------------------------------------------------------------ images
+
+    @property
+    def pixels_per_token(self) -> int | None:
+        """Input pixels behind one visual token on a dynamic-resolution processor ((patch * merge)^2: 784 for
+        Qwen2/2.5-VL), read from the processor; None for processors that resize to a fixed size."""
+        ip = getattr(self.processor, "image_processor", None)
+        patch, merge = getattr(ip, "patch_size", None), getattr(ip, "merge_size", None)
+        if not isinstance(patch, int) or not isinstance(merge, int) or not _size(ip, "longest_edge"):
+            return None
+        return (patch * merge) ** 2
+
+    def set_visual_budget(self, max_tokens: int | None) -> None:
+        """Set `max_visual_tokens` (None: the checkpoint's own limit) and the processor's pixel limit with it."""
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise MmpersonaError(f"`max_visual_tokens` must be a positive integer or None, got {max_tokens!r}")
+        per = self.pixels_per_token
+        ip = getattr(self.processor, "image_processor", None)
+        if per is not None:
+            if not hasattr(self, "_published_max_pixels"):
+                self._published_max_pixels = _size(ip, "longest_edge")
+            limit = self._published_max_pixels if max_tokens is None else min(self._published_max_pixels,
+                                                                               max_tokens * per)
+            ip.size["longest_edge"] = max(limit, _size(ip, "shortest_edge"))
+        self.max_visual_tokens = max_tokens
+
+    @property
+    def max_pixels(self) -> int | None:
+        """Pixels one image may have when it reaches the processor (None: no limit of ours)."""
+        return None if self.pixels_per_token is None else _size(self.processor.image_processor, "longest_edge")
+
+    def prepare_image(self, image: Any) -> Any:
+        """`image` as the model should receive it: through the safe loader, shrunk to the visual-token budget
+        (aspect ratio kept) when it is larger."""
+        img = load_image(image)
+        limit = self.max_pixels
+        w, h = img.size
+        if limit is not None and w * h > limit:
+            scale = (limit / (w * h)) ** 0.5
+            from PIL import Image
+
+            img = img.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.Resampling.BICUBIC)
+        return img
+
+    def _prepared(self, messages: list[dict]) -> list[dict]:
+        out = []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, list):
+                content = [{**p, "image": self.prepare_image(p["image"])}
+                           if p.get("type") == "image" and p.get("image") is not None else p for p in content]
+            out.append({**m, "content": content})
+        return out
+
+    def visual_tokens(self, image: Any) -> int:
+        """How many tokens `image` costs in this model's prompt (counted in the processor's own output)."""
+        inputs = self.inputs([{"role": "user", "content": [{"type": "image", "image": image},
+                                                           {"type": "text", "text": "."}]}])
+        return int((inputs["input_ids"] == self.model.config.image_token_id).sum())
+
+    @property
+    def interleaves_images(self) -> bool:
+        """Whether the chat template keeps a message's images where they are among its text parts (Qwen), or
+        moves them (LLaVA-1.5 renders all images first). Read from the template's own rendering."""
+        if self._interleaves is None:
+            from PIL import Image
+
+            probe = [{"role": "user", "content": [{"type": "text", "text": "AAAA"},
+                                                  {"type": "image", "image": Image.new("RGB", (8, 8))},
+                                                  {"type": "text", "text": "ZZZZ"}]}]
+            text = self.processor.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+            token = getattr(self.processor, "image_token", None) or "<image>"
+            first, last, image = text.find("AAAA"), text.find("ZZZZ"), text.find(token)
+            self._interleaves = first < image < last
+        return self._interleaves
+
+    # ------------------------------------------------------------------ text
+
+    @property
+    def tokens(self):
+        """This model's `TokenManager` for learned concept tokens: one per loaded model, so concepts learned
+        with it are answered about with it."""
+        if self._token_manager is None:
+            from pipelines.tokens import TokenManager
+
+            TokenManager(self)  # registers itself
+        return self._token_manager
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def model_tokens(self) -> list[str]:
+        """The checkpoint's own special and added tokens (not learned concept tokens): what user text must not
+        be able to produce."""
+        base = self._token_manager.base_tokenizer if self._token_manager is not None else self.tokenizer
+        return list(dict.fromkeys([*getattr(base, "all_special_tokens", []),
+                                   *getattr(base, "get_added_vocab", lambda: {})().keys()]))
+
+    def inputs(self, messages: list[dict], *, add_generation_prompt: bool = True) -> Any:
+        """Tokenize `messages` (transformers chat format, images inline) with the model's own chat template,
+        each image within the visual-token budget."""
         inputs = self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+            self._prepared(messages), add_generation_prompt=add_generation_prompt, tokenize=True,
+            return_dict=True, return_tensors="pt")
         return inputs.to(self.device, dtype=self.dtype) if hasattr(inputs, "to") else inputs
+
+    def decode(self, ids: Any) -> str:
+        """Text of generated ids without the model's special tokens; learned concept tokens (`<bo>`) stay."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def generate(self, messages: list[dict], *, max_new_tokens: int = 64, **kwargs: Any) -> str:
         """Answer one chat turn; returns only the newly generated text."""
@@ -114,12 +253,14 @@ class LoadedVLM:
         inputs = self.inputs(messages)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
-        new_tokens = out[:, inputs["input_ids"].shape[1]:]
-        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+        return self.decode(out[0, inputs["input_ids"].shape[1]:])
 
 
-def load_vlm(spec: SpecLike = None, *, preset: str = "default", device: Any = "auto", dtype: Any = None) -> LoadedVLM:
-    """Load any transformers image-text-to-text model (Qwen2/2.5-VL, LLaVA, ...) with its processor."""
+def load_vlm(spec: SpecLike = None, *, preset: str = "default", device: Any = "auto", dtype: Any = None,
+             max_visual_tokens: int | None = DEFAULT_MAX_VISUAL_TOKENS) -> LoadedVLM:
+    """Load any transformers image-text-to-text model (Qwen2/2.5-VL, LLaVA, ...) with its processor.
+
+    `max_visual_tokens`: what one image may cost on dynamic-resolution models (see `LoadedVLM`)."""
     spec = resolve("vlm", spec, preset=preset)
     path = local_dir(spec, allow_patterns=TRANSFORMERS_PATTERNS)
     dev = resolve_device(device)
@@ -136,7 +277,7 @@ def load_vlm(spec: SpecLike = None, *, preset: str = "default", device: Any = "a
     if getattr(processor, "chat_template", None) is None:
         raise ModelUnavailableError(spec.role, spec.id, "its processor has no chat template",
                                     fix="use an instruction-tuned (chat) checkpoint")
-    return LoadedVLM(model.to(dev).eval(), processor, spec, dev, dt)
+    return LoadedVLM(model.to(dev).eval(), processor, spec, dev, dt, max_visual_tokens)
 
 
 # --------------------------------------------------------------------------------------------- detector
@@ -153,26 +294,48 @@ class Detection:
 
 @dataclass
 class Detector:
-    """An open-vocabulary (zero-shot) object detector behind transformers' pipeline."""
+    """An open-vocabulary (zero-shot) object detector: OWLv2, OWL-ViT, Grounding DINO, ...
 
-    pipeline: Any
+    One call preprocesses the image once and runs the model once with every label as a text query (the
+    transformers zero-shot-object-detection pipeline runs a full 960x960 OWLv2 forward per label). Each box
+    gets the label that scores it best.
+    """
+
+    model: Any
+    processor: Any
     spec: ModelSpec
+    device: "torch.device"
+    dtype: "torch.dtype"
 
     def detect(self, image: ImageInput, labels: list[str], *, threshold: float = 0.1,
                top_k: int | None = None) -> list[Detection]:
         """Boxes for `labels` in `image`, best first; boxes are clipped to the image and empty ones dropped."""
-        labels = [label for label in (str(x).strip() for x in labels) if label]
+        import torch
+
+        labels = list(dict.fromkeys(label for label in (str(x).strip() for x in labels) if label))
         if not labels:
             raise MmpersonaError("detect: `labels` must hold at least one non-empty label")
         img = load_image(image)
         width, height = img.size
+        inputs = self.processor(text=[labels], images=img, return_tensors="pt")
+        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                  for k, v in inputs.items()}
+        with torch.inference_mode():
+            outputs = self.model(**inputs)
+        post = self.processor.post_process_grounded_object_detection
+        kwargs: dict[str, Any] = {"threshold": threshold, "target_sizes": [(height, width)]}
+        if "input_ids" in inspect.signature(post).parameters:  # Grounding DINO reads the labels from the ids
+            kwargs["input_ids"] = inputs["input_ids"]
+        else:
+            kwargs["text_labels"] = [labels]
+        result = post(outputs, **kwargs)[0]
         found = []
-        for hit in self.pipeline(img, candidate_labels=labels, threshold=threshold):
-            b = hit["box"]
-            x0, y0 = max(0, min(width, int(b["xmin"]))), max(0, min(height, int(b["ymin"])))
-            x1, y1 = max(0, min(width, int(b["xmax"]))), max(0, min(height, int(b["ymax"])))
+        names = result.get("text_labels") or [labels[int(i)] for i in result["labels"]]
+        for score, box, label in zip(result["scores"].tolist(), result["boxes"].tolist(), names, strict=True):
+            x0, y0 = max(0, min(width, int(box[0]))), max(0, min(height, int(box[1])))
+            x1, y1 = max(0, min(width, int(box[2]))), max(0, min(height, int(box[3])))
             if x1 > x0 and y1 > y0:
-                found.append(Detection(hit["label"], float(hit["score"]), (x0, y0, x1, y1)))
+                found.append(Detection(str(label), float(score), (x0, y0, x1, y1)))
         found.sort(key=lambda d: d.score, reverse=True)
         return found[:top_k] if top_k is not None else found
 
@@ -186,11 +349,18 @@ def load_detector(spec: SpecLike = None, *, preset: str = "default", device: Any
     dt = resolve_dtype(dtype, dev)
 
     def build():
-        from transformers import pipeline
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        return pipeline("zero-shot-object-detection", model=str(path), device=dev, dtype=dt)
+        processor = AutoProcessor.from_pretrained(str(path))
+        model = AutoModelForZeroShotObjectDetection.from_pretrained(str(path), dtype=dt)
+        return processor, model
 
-    return Detector(_load(spec, path, "a zero-shot object detector", build), spec)
+    processor, model = _load(spec, path, "a zero-shot object detector", build)
+    if not hasattr(processor, "post_process_grounded_object_detection"):
+        raise ModelUnavailableError(spec.role, spec.id, f"its processor ({type(processor).__name__}) has no "
+                                    "post_process_grounded_object_detection", fix="use an OWLv2, OWL-ViT or "
+                                    "Grounding DINO checkpoint")
+    return Detector(model.to(dev).eval(), processor, spec, dev, dt)
 
 
 # --------------------------------------------------------------------------------------------- text-to-image
@@ -198,41 +368,75 @@ def load_detector(spec: SpecLike = None, *, preset: str = "default", device: Any
 
 @dataclass
 class LoadedT2I:
-    """A diffusers text-to-image pipeline and what was loaded into it."""
+    """A diffusers text-to-image pipeline and what was loaded into it.
+
+    `ip_adapter` says whether an IP-Adapter is loaded; `ip_adapter_error` why not, when one was wanted.
+    """
 
     pipeline: Any
     spec: ModelSpec
     ip_adapter: bool = False
     extras: dict = field(default_factory=dict)
+    ip_adapter_error: str | None = None
 
     @property
     def is_xl(self) -> bool:
         return hasattr(self.pipeline, "text_encoder_2")
 
+    @property
+    def device(self) -> "torch.device":
+        """Where the pipeline computes (with model CPU offload: the accelerator, not where weights rest)."""
+        return getattr(self.pipeline, "_execution_device", None) or self.pipeline.device
+
+
+def _half(dtype: "torch.dtype") -> bool:
+    import torch
+
+    return dtype in (torch.float16, torch.bfloat16)
+
 
 def load_t2i(spec: SpecLike = None, *, role: str = "t2i", preset: str = "default", device: Any = "auto",
-             dtype: Any = None, ip_adapter: bool = True) -> LoadedT2I:
+             dtype: Any = None, ip_adapter: bool | None = None, cpu_offload: bool = False,
+             vae_slicing: bool = False, vae_tiling: bool = False) -> LoadedT2I:
     """Load a Stable Diffusion (`role="t2i"`) or SDXL (`role="t2i_xl"`) pipeline, with its IP-Adapter.
 
-    The pipeline family is read from the model's own files, and must match the role.
+    The pipeline family is read from the model's own files, and must match the role. In half precision the
+    repository's fp16 weight files are fetched and read where it has them (half the download: the SDXL UNet is
+    about 10 GB in fp32).
+
+    Args:
+        ip_adapter: True: load the spec's IP-Adapter or fail; None (default): load it when it can be had, else
+            go on without it (a warning says why; strategies that need it say so); False: do not load one.
+        cpu_offload: keep each model on the CPU until it runs (diffusers' model CPU offload): for GPUs with
+            less memory than the whole pipeline needs.
+        vae_slicing / vae_tiling: decode images one at a time / in tiles (less memory for many or big images).
     """
     if role not in ("t2i", "t2i_xl"):
         raise MmpersonaError(f"load_t2i: `role` must be 't2i' or 't2i_xl', got {role!r}")
     spec = resolve(role, spec, preset=preset)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    variant = "fp16" if _half(dt) else None
 
     def download(local_only: bool) -> Path:
         from diffusers import DiffusionPipeline
 
-        return Path(DiffusionPipeline.download(spec.id, revision=spec.revision, local_files_only=local_only))
+        kwargs = {"revision": spec.revision, "local_files_only": local_only}
+        if variant is not None:
+            try:
+                return Path(DiffusionPipeline.download(spec.id, variant=variant, **kwargs))
+            except ValueError as e:  # the repository has no fp16 files: its full-precision ones then
+                if "variant" not in str(e):
+                    raise
+        return Path(DiffusionPipeline.download(spec.id, **kwargs))
 
     path = local_dir(spec, fetcher=download if spec.source == "hub" else None)
+    use_variant = variant if variant is not None and any(path.rglob(f"*.{variant}.safetensors")) else None
 
     def build():
         from diffusers import AutoPipelineForText2Image
 
-        return AutoPipelineForText2Image.from_pretrained(str(path), dtype=dt)
+        return AutoPipelineForText2Image.from_pretrained(str(path), dtype=dt, variant=use_variant)
 
     pipe = _load(spec, path, "a diffusers text-to-image pipeline", build)
     xl = hasattr(pipe, "text_encoder_2")
@@ -240,10 +444,30 @@ def load_t2i(spec: SpecLike = None, *, role: str = "t2i", preset: str = "default
         raise ModelUnavailableError(
             role, spec.id, f"it is a {type(pipe).__name__}, which belongs to role {'t2i_xl' if xl else 't2i'}",
             fix="pass SD 1.5-family models as t2i and SDXL models as t2i_xl")
-    pipe = pipe.to(dev)
-    loaded = LoadedT2I(pipe, spec)
-    if ip_adapter and spec.ip_adapter is not None:
-        load_ip_adapter(loaded)
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    loaded = LoadedT2I(pipe, spec, extras={"variant": use_variant, "cpu_offload": cpu_offload,
+                                           "vae_slicing": vae_slicing, "vae_tiling": vae_tiling})
+    if ip_adapter is not False:
+        if spec.ip_adapter is None:
+            loaded.ip_adapter_error = f"no IP-Adapter is known for {spec.id!r}"
+            if ip_adapter:
+                raise ModelUnavailableError(role, spec.id, loaded.ip_adapter_error,
+                                            fix="use a preset model, or load_t2i(ip_adapter=None)")
+        else:
+            try:
+                load_ip_adapter(loaded)
+            except ModelUnavailableError as e:
+                if ip_adapter:
+                    raise
+                loaded.ip_adapter_error = str(e)
+                logger.warning("continuing without an IP-Adapter: %s", e)
+    if cpu_offload:  # after the IP-Adapter, whose image encoder is one of the offloaded models
+        pipe.enable_model_cpu_offload(device=dev)
+    else:
+        pipe.to(dev)
     return loaded
 
 
@@ -258,6 +482,7 @@ def load_ip_adapter(loaded: LoadedT2I) -> None:
         str(path), subfolder=ip.subfolder, weight_name=ip.weight_name,
         image_encoder_folder=ip.image_encoder_folder))
     loaded.ip_adapter = True
+    loaded.ip_adapter_error = None
 
 
 # --------------------------------------------------------------------------------------------- listing

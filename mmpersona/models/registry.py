@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, ModelSpec]] = {
     # Architecturally real, randomly initialised, built offline in seconds: for tests, CI and demos.
     "tiny": {
         "embedder": ModelSpec("embedder", "tiny:clip"),
-        "vlm": ModelSpec("vlm", "tiny:qwen2-vl"),
+        "vlm": ModelSpec("vlm", "tiny:qwen2.5-vl"),
         "detector": ModelSpec("detector", "tiny:owlv2"),
         "t2i": ModelSpec(
             "t2i", "tiny:sd",
@@ -161,9 +161,15 @@ def resolve(role: str, spec: "str | ModelSpec | None" = None, *, preset: str = "
             valid = [m.id for m in TINY_MODELS.values() if m.role == role]
             raise ModelUnavailableError(role, spec, f"it is a {entry.role} model",
                                         fix=f"use one of: {', '.join(valid)}")
-    # An explicit model keeps the preset's IP-Adapter only when it comes from the same family of preset.
-    keep_adapter = base.ip_adapter if source_of(spec) == source_of(base.id) else None
-    return replace(base, id=spec, ip_adapter=keep_adapter)
+    # An explicit model gets the IP-Adapter that fits it: any real (hub or local) model of the role's family
+    # takes the real one (SD 1.5 and SDXL adapters fit every model of their family), the tiny model of the role
+    # the tiny one.
+    if source_of(spec) == "tiny":
+        tiny = PRESETS["tiny"][role]
+        adapter = tiny.ip_adapter if spec == tiny.id else None
+    else:
+        adapter = PRESETS["default"][role].ip_adapter
+    return replace(base, id=spec, ip_adapter=adapter)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:

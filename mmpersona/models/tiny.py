@@ -22,49 +22,33 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UnknownPresetError
+from ..libraries import silenced
 from ..paths import cache_dir
+from . import published
 
 logger = logging.getLogger(__name__)
 
 #: Bump when a builder changes, so stale builds in users' caches are not reused.
-TINY_VERSION = 2
+TINY_VERSION = 3
 SEED = 0
 
-# Chat templates of the tiny VLMs, written in the style of their real counterparts (ChatML for Qwen2-VL,
-# "USER: <image>\n... ASSISTANT:" for LLaVA-1.5). System turns may be a string or a list of text parts.
-QWEN_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{%- endif -%}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "<|im_end|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
-)
-LLAVA_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
-    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}{{ '\n' }}"
-    "{%- else -%}"
-    "{{ message['role'].upper() ~ ': ' }}"
-    "{%- for part in parts if part['type'] == 'image' -%}{{ '<image>\n' }}{%- endfor -%}"
-    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
-    "{%- if message['role'] == 'assistant' -%}{{ '<|im_end|>' }}{%- endif -%}{{ '\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
+# The real checkpoints the tiny VLMs stand in for; their published files (chat templates, processor limits,
+# generation configs, added tokens) are copied from `published/`, so the tiny ones behave the same where it
+# matters: Qwen2.5-VL renders images inline and resizes within 3136..12,845,056 pixels; LLaVA-1.5 renders a
+# message's images before its text; both have more embedding rows than tokens (Qwen tied, LLaVA untied).
+QWEN_REPO = "Qwen/Qwen2.5-VL-3B-Instruct"
+LLAVA_REPO = "llava-hf/llava-1.5-7b-hf"
 
-QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                       "<|video_pad|>"]
+
+def qwen_special_tokens() -> list[str]:
+    return published.facts(QWEN_REPO)["added_tokens"]
+
+
+def padded_rows(repo: str, n_tokens: int) -> int:
+    """Embedding rows for a tiny model whose tokenizer has `n_tokens`: as many unused rows past the tokenizer
+    as the real checkpoint has (Qwen2.5-VL 151,936 - 151,665 = 271; LLaVA-1.5 32,064 - 32,002 = 62)."""
+    f = published.facts(repo)
+    return n_tokens + f["embedding_rows"] - f["tokenizer_length"]
 
 
 @dataclass(frozen=True)
@@ -108,7 +92,8 @@ def ensure_tiny(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         logger.info("building tiny model %s into %s", entry.id, target)
-        entry.build(tmp)
+        with silenced():
+            entry.build(tmp)
         (tmp / ".complete").write_text(json.dumps({"id": entry.id, "version": TINY_VERSION, "seed": SEED}))
         try:
             os.rename(tmp, target)
@@ -158,8 +143,8 @@ def clip_tokenizer(folder: Path, n_merges: int = 486, max_length: int = 77):
 
 
 def _chat_corpus() -> list[str]:
-    """Deterministic training text for the tiny chat tokenizer: common English sub-words from CLIP's merges
-    plus the phrases this toolkit's prompts use."""
+    """Deterministic training text for the tiny chat tokenizers: common English sub-words from CLIP's merges
+    plus the phrases this toolkit's prompts and the chat templates use."""
     from open_clip import tokenizer as oct
 
     lines = gzip.open(oct.default_bpe()).read().decode("utf-8").split("\n")[1:6001]
@@ -168,12 +153,19 @@ def _chat_corpus() -> list[str]:
         "You are a helpful assistant. Answer the question about the image.",
         "Is <bo> in this image? Yes. No. What is <bo> doing? A photo of my dog playing in the park.",
         "The user's personal concepts: name, category, description. Who is in this photo?",
+        "USER: ASSISTANT: Reference photo of Image 1 is the user's photo.",
     ]
     return ["".join(words[i : i + 200]) for i in range(0, len(words), 200)] + phrases * 20
 
 
-def chat_tokenizer(extra_special: list[str]):
-    """A byte-level BPE chat tokenizer (Qwen2 style) trained offline in about a second."""
+def _merges(bpe) -> list[tuple[str, str]]:
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+            for m in json.loads(bpe.to_str())["model"]["merges"]]
+
+
+def chat_tokenizer(extra_special: list[str] = ()):
+    """A byte-level BPE chat tokenizer (Qwen2 style) trained offline in about a second, with Qwen2.5's added
+    tokens: the special ones (ChatML, vision, boxes) and the plain ones (tool calls, fill-in-the-middle)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -187,13 +179,29 @@ def chat_tokenizer(extra_special: list[str]):
         show_progress=False,
     )
     bpe.train_from_iterator(_chat_corpus(), trainer)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in json.loads(bpe.to_str())["model"]["merges"]]
     tok = Qwen2Tokenizer(
-        vocab=bpe.get_vocab(), merges=merges, unk_token=None, bos_token=None,
+        vocab=bpe.get_vocab(), merges=_merges(bpe), unk_token=None, bos_token=None,
         eos_token="<|im_end|>", pad_token="<|endoftext|>",
     )
-    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS + extra_special})
+    tok.add_special_tokens({"additional_special_tokens": qwen_special_tokens()[1:] + list(extra_special)})
+    tok.add_tokens(published.facts(QWEN_REPO)["added_plain_tokens"], special_tokens=False)
+    return tok
+
+
+def llama_tokenizer():
+    """A SentencePiece-style BPE (Llama: `▁` word prefixes, byte fallback, `<s>` added in front) as LLaVA-1.5
+    uses, with its added `<image>` and `<pad>` tokens at the end of the vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, show_progress=False, initial_alphabet=[])
+    bpe.train_from_iterator(_chat_corpus(), trainer)
+    tok = LlamaTokenizer(vocab=bpe.get_vocab(), merges=_merges(bpe), add_bos_token=True, legacy=False)
+    tok.add_special_tokens({"additional_special_tokens": published.facts(LLAVA_REPO)["added_tokens"]})
+    tok.pad_token = "<pad>"
     return tok
 
 
@@ -231,72 +239,144 @@ def build_clip(folder: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
 
 
-def build_qwen2_vl(folder: Path) -> None:
-    """Qwen2-VL chat model: ChatML template, dynamic-resolution vision tower, M-RoPE."""
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+def _zero_unused_rows(model, n_tokens: int) -> None:
+    """Rows past the tokenizer are never a target in training, so a real checkpoint never predicts them; zero
+    rows (logit 0, below the best real token's) keep a random tiny model from predicting them either."""
+    import torch
 
-    tok = chat_tokenizer([])
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    with torch.no_grad():
+        model.get_input_embeddings().weight[n_tokens:] = 0
+        model.get_output_embeddings().weight[n_tokens:] = 0
+
+
+def _qwen_text_config(tok, ids: dict[str, int]) -> dict:
     head_dim = 32 // 2
+    # M-RoPE sections (temporal, height, width) must sum to head_dim / 2 (real 3B: [16, 24, 24] of 128)
+    section = [2, 3, 3]
+    assert sum(section) == head_dim // 2
+    return {
+        "vocab_size": padded_rows(QWEN_REPO, len(tok)), "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "mrope_section": section, "rope_theta": 1000000.0},
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": tok.pad_token_id,
+        "tie_word_embeddings": True,
+    }
+
+
+def _qwen_ids(tok) -> dict[str, int]:
+    return {t: tok.convert_tokens_to_ids(t) for t in qwen_special_tokens()}
+
+
+def _qwen_generation(model, ids: dict[str, int]) -> None:
+    """The published generation config (sampling at temperature 1e-6, two end tokens), with our ids."""
+    real = published.config(QWEN_REPO, "generation_config.json")
+    gc = model.generation_config
+    gc.bos_token_id = gc.pad_token_id = ids["<|endoftext|>"]
+    gc.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    gc.do_sample, gc.temperature = real["do_sample"], real["temperature"]
+    gc.repetition_penalty = real["repetition_penalty"]
+
+
+def _qwen_image_processor():
+    from transformers import Qwen2VLImageProcessor
+
+    real = published.config(QWEN_REPO, "preprocessor_config.json")
+    keep = ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
+    return Qwen2VLImageProcessor(**{k: real[k] for k in keep})
+
+
+def build_qwen2_5_vl(folder: Path) -> None:
+    """Qwen2.5-VL chat model: window-attention vision tower, M-RoPE, tied embeddings with padded rows, and the
+    published chat template, image-processor limits and generation config."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLVideoProcessor)
+
+    tok = chat_tokenizer()
+    ids = _qwen_ids(tok)
+    config = Qwen2_5_VLConfig(
+        text_config=_qwen_text_config(tok, ids),
+        # real 3B: 32 blocks, full attention in blocks 7, 15, 23, 31 and 112-pixel windows in the others
+        vision_config={"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                       "fullatt_block_indexes": [1, 3], "tokens_per_second": 2},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    _seed()
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    _zero_unused_rows(model, len(tok))
+    _qwen_generation(model, ids)
+    template = published.chat_template(QWEN_REPO)
+    tok.chat_template = template
+    processor = Qwen2_5_VLProcessor(image_processor=_qwen_image_processor(), tokenizer=tok,
+                                    video_processor=Qwen2VLVideoProcessor(), chat_template=template)
+    model.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+
+
+def build_qwen2_vl(folder: Path) -> None:
+    """Qwen2-VL chat model: dynamic-resolution vision tower, M-RoPE; Qwen2.5-VL's template and limits."""
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor,
+                              Qwen2VLVideoProcessor)
+
+    tok = chat_tokenizer()
+    ids = _qwen_ids(tok)
     config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 2048,
-            # M-RoPE sections (temporal, height, width) must sum to head_dim / 2
-            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-            "bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": tok.pad_token_id,
-        },
+        text_config=_qwen_text_config(tok, ids),
         vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
                        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
     )
-    assert sum(config.text_config.rope_parameters["mrope_section"]) == head_dim // 2
     _seed()
     model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.do_sample = False
-    tok.chat_template = QWEN_CHAT_TEMPLATE
-    # A small pixel budget keeps every image at a handful of vision tokens.
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
-        tokenizer=tok,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
+    _zero_unused_rows(model, len(tok))
+    _qwen_generation(model, ids)
+    template = published.chat_template(QWEN_REPO)
+    tok.chat_template = template
+    processor = Qwen2VLProcessor(image_processor=_qwen_image_processor(), tokenizer=tok,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=template)
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))
 
 
 def build_llava(folder: Path) -> None:
-    """LLaVA-1.5-style model: CLIP vision tower + projector + Llama language model."""
+    """LLaVA-1.5: CLIP vision tower + projector + Llama language model with untied, padded embeddings, a
+    Llama-style tokenizer and the published chat template (all of a message's images before its text)."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    tok = chat_tokenizer(["<image>"])
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    tok = llama_tokenizer()
+    image_token = tok.convert_tokens_to_ids("<image>")
+    real = published.config(LLAVA_REPO)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
-        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                                bos_token_id=None, eos_token_id=eos, pad_token_id=tok.pad_token_id),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
+        text_config=LlamaConfig(vocab_size=padded_rows(LLAVA_REPO, len(tok)), hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                tie_word_embeddings=False),
+        image_token_id=image_token,
+        vision_feature_select_strategy=real["vision_feature_select_strategy"],
+        vision_feature_layer=real["vision_feature_layer"],
+        tie_word_embeddings=False,
     )
     _seed()
     model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.do_sample = False
-    tok.chat_template = LLAVA_CHAT_TEMPLATE
+    _zero_unused_rows(model, len(tok))
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    template = published.chat_template(LLAVA_REPO)
+    tok.chat_template = template
+    proc_cfg = published.config(LLAVA_REPO, "processor_config.json")
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE, image_token="<image>",
+        tokenizer=tok, patch_size=14, vision_feature_select_strategy=proc_cfg["vision_feature_select_strategy"],
+        num_additional_image_tokens=proc_cfg["num_additional_image_tokens"], chat_template=template,
+        image_token="<image>",
     )
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))
@@ -337,17 +417,40 @@ def _text_encoder_config(tok, **extra):
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **extra)
 
 
-def _tiny_vae():
+SD_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def _tiny_vae(repo: str):
+    """A tiny VAE with the real one's latent scaling and upcast flag (SDXL's VAE overflows in fp16)."""
     from diffusers import AutoencoderKL
 
+    real = published.config(repo, "vae/config.json")
     return AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3,
                          down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         latent_channels=4, norm_num_groups=4, sample_size=64)
+                         latent_channels=4, norm_num_groups=4, sample_size=64,
+                         scaling_factor=real.get("scaling_factor", 0.18215), force_upcast=real.get("force_upcast", True))
+
+
+def _scheduler(repo: str):
+    """The real repository's scheduler (SD 1.5: PNDM; SDXL: Euler), from its published config."""
+    import diffusers
+
+    real = published.config(repo, "scheduler/scheduler_config.json")
+    return getattr(diffusers, real["_class_name"]).from_config(real)
+
+
+def _save_pipeline(pipe, folder: Path) -> None:
+    """Full-precision files and an fp16 variant beside them, as the real repositories publish."""
+    import torch
+
+    pipe.save_pretrained(str(folder))
+    pipe.to(torch.float16).save_pretrained(str(folder), variant="fp16")
 
 
 def build_sd(folder: Path) -> None:
-    """Stable Diffusion 1.5-family pipeline (UNet, VAE, CLIP text encoder, DDIM); 64x64 images."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    """Stable Diffusion 1.5-family pipeline (UNet, VAE, CLIP text encoder, PNDM as published); 64x64 images."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPTextModel
 
     tok = clip_tokenizer(folder / "_tok")
@@ -358,19 +461,19 @@ def build_sd(folder: Path) -> None:
         cross_attention_dim=32, norm_num_groups=4, attention_head_dim=4,
     )
     pipe = StableDiffusionPipeline(
-        vae=_tiny_vae(), text_encoder=CLIPTextModel(_text_encoder_config(tok)), tokenizer=tok, unet=unet,
-        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        vae=_tiny_vae(SD_REPO), text_encoder=CLIPTextModel(_text_encoder_config(tok)), tokenizer=tok, unet=unet,
+        scheduler=_scheduler(SD_REPO),
         safety_checker=None, image_encoder=None, requires_safety_checker=False,
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
     )
-    pipe.save_pretrained(str(folder))
+    _save_pipeline(pipe, folder)
     shutil.rmtree(folder / "_tok")
 
 
 def build_sdxl(folder: Path) -> None:
-    """Stable Diffusion XL pipeline (two CLIP text encoders, text_time conditioning); 64x64 images."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    """Stable Diffusion XL pipeline (two CLIP text encoders, text_time conditioning, Euler as published, a VAE
+    that must be upcast); 64x64 images."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tok = clip_tokenizer(folder / "_tok")
@@ -387,15 +490,14 @@ def build_sdxl(folder: Path) -> None:
         norm_num_groups=4,
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_tiny_vae(),
+        vae=_tiny_vae(SDXL_REPO),
         text_encoder=CLIPTextModel(_text_encoder_config(tok)),
         text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(tok, projection_dim=pooled_dim)),
         tokenizer=tok, tokenizer_2=tok, unet=unet,
-        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                         timestep_spacing="leading", steps_offset=1),
+        scheduler=_scheduler(SDXL_REPO),
         image_encoder=None, feature_extractor=None,
     )
-    pipe.save_pretrained(str(folder))
+    _save_pipeline(pipe, folder)
     shutil.rmtree(folder / "_tok")
 
 
@@ -450,8 +552,11 @@ TINY_MODELS: dict[str, TinyModel] = {
     m.name: m
     for m in (
         TinyModel("clip", "embedder", "open_clip ViT, real CLIP tokenizer, 32-d embeddings", build_clip),
-        TinyModel("qwen2-vl", "vlm", "Qwen2-VL chat VLM (ChatML template)", build_qwen2_vl),
-        TinyModel("llava", "vlm", "LLaVA-1.5-style chat VLM (CLIP vision + Llama)", build_llava),
+        TinyModel("qwen2.5-vl", "vlm", "Qwen2.5-VL chat VLM (window attention, tied padded vocabulary)",
+                  build_qwen2_5_vl),
+        TinyModel("qwen2-vl", "vlm", "Qwen2-VL chat VLM (tied padded vocabulary)", build_qwen2_vl),
+        TinyModel("llava", "vlm", "LLaVA-1.5 chat VLM (CLIP vision + Llama, untied padded vocabulary, images "
+                  "first)", build_llava),
         TinyModel("owlv2", "detector", "OWLv2 zero-shot object detector", build_owlv2),
         TinyModel("sd", "t2i", "Stable Diffusion 1.5-family pipeline", build_sd),
         TinyModel("sdxl", "t2i_xl", "Stable Diffusion XL pipeline", build_sdxl),
