@@ -1,6 +1,6 @@
 """Cost of learning one concept's tokens (Yo'LLaVA style) on the tiny VLM, on this machine.
 
-    python benchmarks/learn_tokens.py [--vlm tiny:qwen2-vl] [--images 5] [--steps 100] [--tokens 16]
+    python benchmarks/learn_tokens.py [--vlm tiny:qwen2.5-vl] [--images 5] [--steps 100] [--tokens 16]
 
 One concept with `--images` reference images, two other concepts as negatives, a fixed number of steps (early
 stopping off, so runs compare). Final JSON line: steps_per_s, peak_rss_mb, seconds_per_concept (the whole
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vlm", default="tiny:qwen2-vl")
+    parser.add_argument("--vlm", default="tiny:qwen2.5-vl")
     parser.add_argument("--images", type=int, default=5)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--tokens", type=int, default=16)

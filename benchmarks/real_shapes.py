@@ -440,6 +440,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
     lines = []
+    if args.out is not None:
+        args.out.write_text("", encoding="utf-8")
     for stage in stages:
         print(f"{stage}: running", file=sys.stderr, flush=True)
         if args.full:
@@ -464,8 +466,11 @@ def main() -> None:
                 "device": args.device, "error": r.get("error")}
         lines.append(line)
         print(json.dumps(line), flush=True)
-    if args.out is not None:
-        args.out.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+        if args.out is not None:  # line by line: a run cut short keeps what it measured
+            with args.out.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+    if not all(x["ok"] for x in lines):
+        sys.exit(1)
 
 
 def _round(x, nd=1):

@@ -1,6 +1,6 @@
 """What personalization adds to a VLM answer: retrieval + prompt building against the bare generate call.
 
-    python benchmarks/vlm_overhead.py [--concepts 10000] [--runs 20] [--max-new-tokens 64] [--vlm tiny:qwen2-vl]
+    python benchmarks/vlm_overhead.py [--concepts 10000] [--runs 20] [--max-new-tokens 64] [--vlm tiny:qwen2.5-vl]
 
 On the tiny preset (CPU): a concept database of `--concepts` concepts for one user (one registered from a
 real image, the rest with synthetic vectors of the embedder's dimension), a question about an image. Per run:
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--concepts", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="a one-to-two sentence answer")
-    parser.add_argument("--vlm", default="tiny:qwen2-vl")
+    parser.add_argument("--vlm", default="tiny:qwen2.5-vl")
     parser.add_argument("--preset", default="tiny")
     args = parser.parse_args()
 

@@ -116,7 +116,13 @@ def test_lora_trains_in_float32_in_a_half_precision_unet(db, tiny_cache, dtype):
     params = add_lora(t2i.pipeline, DPOConfig(rank=2))
     assert params and all(p.dtype == torch.float32 for p in params)
     t2i.pipeline.unet.delete_adapters(ADAPTER)
-    result = train_dpo_lora(t2i, db, "alice", DPOConfig(steps=3, eval_every=10, lr=1e-4), progress=False)
+    encoded = []  # training images go through the VAE in float32 (SDXL's VAE overflows in fp16)
+    hook = t2i.pipeline.vae.encoder.register_forward_pre_hook(lambda m, args: encoded.append(args[0].dtype))
+    try:
+        result = train_dpo_lora(t2i, db, "alice", DPOConfig(steps=3, eval_every=10, lr=1e-4), progress=False)
+    finally:
+        hook.remove()
+    assert encoded and set(encoded) == {torch.float32} and t2i.pipeline.vae.dtype == getattr(torch, dtype)
     assert all(np.isfinite(result.losses))
     state = load(db.store.get_blob("alice", "dpo_lora")[0])
     assert all(torch.isfinite(v).all() for v in state.values())

@@ -235,8 +235,11 @@ def test_what_does_not_change_is_computed_once(db, tiny_cache, monkeypatch):
     monkeypatch.setattr(vlm, "prepare_image", lambda image: prepared.append(1) or real_prepare(image))
     monkeypatch.setattr(tokens_mod, "copy", SimpleNamespace(deepcopy=lambda x: copies.append(1) or real_copy(x)))
 
+    checkpointing = []
+
     def forward(*args, **kwargs):
         keeps.append(kwargs.get("logits_to_keep"))
+        checkpointing.append(tokens_mod._checkpointing(vlm.model))
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(vlm.model, "forward", forward)
@@ -246,6 +249,7 @@ def test_what_does_not_change_is_computed_once(db, tiny_cache, monkeypatch):
     assert len(prepared) == 2 * (examples - 1)  # each image once for the prompt, once for the full example
     assert len(copies) == 1
     assert keeps and all(k is not None and k > 0 for k in keeps)  # never the full sequence of logits
+    assert any(checkpointing) and not tokens_mod._checkpointing(vlm.model)  # on while training, off after
     vlm.tokens.unload_all()
     vlm.tokens.load(db, "alice", db.get("alice", "bo"))
     vlm.tokens.unload_all()
