@@ -165,8 +165,7 @@ class PersonalizedVLMPipeline:
 
         Learned concepts are loaded on demand; when the set needed changes, the previous ones are unloaded."""
         if self.mode == "retrieval":
-            if self.vlm._token_manager is not None:
-                self.vlm.tokens.unload_all()
+            self.vlm.unload_tokens()
             return candidates, []
         from .tokens import TENSOR_NAME, latent_definition
 

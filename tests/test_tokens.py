@@ -307,3 +307,14 @@ def test_learn_cli(db, tiny_cache, tmp_path):
                            "--user", "alice", "concepts", "learn", "ghost"], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ))
     assert proc.returncode == 2 and "no concept 'ghost'" in proc.stderr
+
+
+def test_mixed_precision_autocasts_the_frozen_model_only(db, tiny_cache):
+    vlm = load_vlm("tiny:qwen2.5-vl", device="cpu")
+    result = learn_concept(vlm, db, "alice", "bo", progress=False,
+                           config=LearnConfig(tokens=2, steps=3, eval_every=10, mixed_precision="bf16"))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    rows = vlm.tokens.trained[db.get("alice", "bo").id]["input_embeddings"]
+    assert rows.dtype is torch.float32 and next(vlm.model.parameters()).dtype is torch.float32
+    with pytest.raises(MmpersonaError, match="mixed_precision"):
+        LearnConfig(mixed_precision="fp8")

@@ -223,6 +223,11 @@ class LoadedVLM:
             TokenManager(self)  # registers itself
         return self._token_manager
 
+    def unload_tokens(self) -> None:
+        """Take every learned concept token out again (nothing to do when none was ever loaded)."""
+        if self._token_manager is not None:
+            self._token_manager.unload_all()
+
     @property
     def tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)

@@ -285,61 +285,49 @@ def _qwen_image_processor():
     return Qwen2VLImageProcessor(**{k: real[k] for k in keep})
 
 
-def build_qwen2_5_vl(folder: Path) -> None:
-    """Qwen2.5-VL chat model: window-attention vision tower, M-RoPE, tied embeddings with padded rows, and the
-    published chat template, image-processor limits and generation config."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLVideoProcessor)
+def _build_qwen(folder: Path, config_cls, model_cls, processor_cls, vision_config: dict) -> None:
+    """A tiny Qwen2-VL-family chat model with Qwen2.5-VL's published template, limits and generation config."""
+    from transformers import Qwen2VLVideoProcessor
 
     tok = chat_tokenizer()
     ids = _qwen_ids(tok)
-    config = Qwen2_5_VLConfig(
-        text_config=_qwen_text_config(tok, ids),
-        # real 3B: 32 blocks, full attention in blocks 7, 15, 23, 31 and 112-pixel windows in the others
-        vision_config={"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-                       "fullatt_block_indexes": [1, 3], "tokens_per_second": 2},
+    config = config_cls(
+        text_config=_qwen_text_config(tok, ids), vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
     _seed()
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     _zero_unused_rows(model, len(tok))
     _qwen_generation(model, ids)
     template = published.chat_template(QWEN_REPO)
     tok.chat_template = template
-    processor = Qwen2_5_VLProcessor(image_processor=_qwen_image_processor(), tokenizer=tok,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=template)
+    processor = processor_cls(image_processor=_qwen_image_processor(), tokenizer=tok,
+                              video_processor=Qwen2VLVideoProcessor(), chat_template=template)
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))
+
+
+def build_qwen2_5_vl(folder: Path) -> None:
+    """Qwen2.5-VL chat model: window-attention vision tower, M-RoPE, tied embeddings with padded rows, and the
+    published chat template, image-processor limits and generation config."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    # real 3B: 32 blocks, full attention in blocks 7, 15, 23, 31 and 112-pixel windows in the others
+    vision = {"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+              "fullatt_block_indexes": [1, 3], "tokens_per_second": 2}
+    _build_qwen(folder, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, vision)
 
 
 def build_qwen2_vl(folder: Path) -> None:
     """Qwen2-VL chat model: dynamic-resolution vision tower, M-RoPE; Qwen2.5-VL's template and limits."""
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor,
-                              Qwen2VLVideoProcessor)
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-    tok = chat_tokenizer()
-    ids = _qwen_ids(tok)
-    config = Qwen2VLConfig(
-        text_config=_qwen_text_config(tok, ids),
-        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    _seed()
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    _zero_unused_rows(model, len(tok))
-    _qwen_generation(model, ids)
-    template = published.chat_template(QWEN_REPO)
-    tok.chat_template = template
-    processor = Qwen2VLProcessor(image_processor=_qwen_image_processor(), tokenizer=tok,
-                                 video_processor=Qwen2VLVideoProcessor(), chat_template=template)
-    model.save_pretrained(str(folder))
-    processor.save_pretrained(str(folder))
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2}
+    _build_qwen(folder, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, vision)
 
 
 def build_llava(folder: Path) -> None:
