@@ -163,9 +163,11 @@ class TokenManager:
 
     @property
     def tied(self) -> bool:
+        """Whether the LM head is the input embedding (one Parameter: Qwen) or a matrix of its own (LLaVA).
+        Compared by identity, not by storage address (tensor subclasses and sharded weights have none)."""
         model = self.vlm.model
         out = model.get_output_embeddings()
-        return out is None or out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+        return out is None or out.weight is model.get_input_embeddings().weight
 
     def _matrices(self) -> dict[str, "torch.Tensor"]:
         model = self.vlm.model

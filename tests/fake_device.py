@@ -164,12 +164,17 @@ class _NoGradInference(torch.no_grad):
 def fake_device(index: int = 1) -> Iterator[torch.device]:
     """Inside: `torch.device("meta", index)` behaves as a second device (see the module docs)."""
     real = torch.inference_mode
+    swap = torch.__future__.get_swap_module_params_on_conversion()
     torch.inference_mode = _NoGradInference
+    # module.to(dev) swaps each parameter's contents in place, as `.to("cuda")` does through set_data: a new
+    # Parameter per module would untie tied weights (Qwen's embedding and LM head)
+    torch.__future__.set_swap_module_params_on_conversion(True)
     try:
         with _Factories(), _Dispatch():
             yield torch.device("meta", index)
     finally:
         torch.inference_mode = real
+        torch.__future__.set_swap_module_params_on_conversion(swap)
 
 
 def on_fake_device(tensor: torch.Tensor) -> bool:

@@ -131,17 +131,18 @@ def test_lora_trains_in_float32_in_a_half_precision_unet(db, tiny_cache, dtype):
     assert t2i.pipeline.unet.dtype == getattr(torch, dtype)  # the pipeline is left as it was
 
 
-def test_dpo_and_generation_run_where_the_pipeline_is(db, tiny_cache):
-    """The pipeline on a second device (see fake_device.py): latents, noise, timesteps, LoRA and IP-Adapter
-    inputs follow it, and nothing moves the UNet away (accelerate's placement moved it to device 0)."""
+@pytest.mark.parametrize("role", ["t2i", "t2i_xl"])
+def test_dpo_and_generation_run_where_the_pipeline_is(db, tiny_cache, role):
+    """The pipeline on a second device (see fake_device.py): latents, noise, timesteps, time ids, LoRA and
+    IP-Adapter inputs follow it, and nothing moves the UNet away (accelerate's placement moved it to device 0)."""
     from fake_device import fake_device, on_fake_device
 
     from mmpersona.models import load_t2i
 
     config = DPOConfig(steps=2, eval_every=10, lr=1e-3)
-    expected = train_dpo_lora(load_t2i(role="t2i", preset="tiny", device="cpu"), db, "alice", config,
+    expected = train_dpo_lora(load_t2i(role=role, preset="tiny", device="cpu"), db, "alice", config,
                               progress=False, save=False)
-    t2i = load_t2i(role="t2i", preset="tiny", device="cpu")
+    t2i = load_t2i(role=role, preset="tiny", device="cpu")
     pipe = PersonalizedT2IPipeline(db, t2i=t2i)
     plain = pipe("a ball", user="alice", steps=2, strategies=["ip_adapter", "attributes"]).images[0]
     checkpointing = []
@@ -156,6 +157,7 @@ def test_dpo_and_generation_run_where_the_pipeline_is(db, tiny_cache):
             hook.remove()
         assert all(on_fake_device(p) for p in t2i.pipeline.unet.parameters())
         image = pipe("a ball", user="alice", steps=2, strategies=["ip_adapter", "attributes"]).images[0]
-    assert result.losses == pytest.approx(expected.losses, rel=1e-4, abs=1e-6)
+    # beta 2000 turns float noise between kernels into ~1e-4 after a step
+    assert result.losses == pytest.approx(expected.losses, abs=1e-3)
     assert any(checkpointing) and not t2i.pipeline.unet.is_gradient_checkpointing  # on while training only
     assert np.abs(np.asarray(image, dtype=int) - np.asarray(plain, dtype=int)).max() <= 1

@@ -204,11 +204,12 @@ def test_half_precision_models_train_float32_rows(db, tiny_cache, dtype):
         assert torch.equal(new, old), key
 
 
-def test_training_runs_where_the_model_is(db, tiny_cache):
+@pytest.mark.parametrize("name", VLMS)  # tied (Qwen) and untied (LLaVA) LM heads
+def test_training_runs_where_the_model_is(db, tiny_cache, name):
     """The model on a second device (see fake_device.py): rows drawn on the CPU, inputs, masks and hooks all
     have to follow the model, and nothing may move the model away (accelerate put it on device 0)."""
-    vlm = load_vlm("tiny:qwen2.5-vl", device="cpu")
-    reference = load_vlm("tiny:qwen2.5-vl", device="cpu")
+    vlm = load_vlm(name, device="cpu")
+    reference = load_vlm(name, device="cpu")
     config = LearnConfig(tokens=2, steps=3, eval_every=2)
     expected = learn_concept(reference, db, "alice", "bo", config=config, progress=False, save=False)
     with fake_device() as dev:
