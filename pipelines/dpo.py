@@ -48,7 +48,7 @@ class DPOConfig:
     """rank / alpha: LoRA size; beta: DPO strength; steps, lr; early stopping after `patience` checks (every
     `eval_every` steps) without a better average loss; mixed_precision for accelerate; gradient_checkpointing
     in the UNet; resolution: training image size (None: the UNet's native size, 512 for SD 1.5, 1024 for
-    SDXL; must be a multiple of 8 times the VAE factor)."""
+    SDXL; a multiple of 64)."""
 
     rank: int = 4
     alpha: int | None = None
