@@ -625,7 +625,8 @@ def generate(
     guidance: float = typer.Option(7.5, "--guidance"),
     xl: bool = typer.Option(False, "--xl", help="Use the SDXL model (t2i_xl)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
-                                             help="Images per diffusers call at most (less GPU memory)."),
+                                             help="Images per diffusers call at most, each decoded on its own "
+                                                  "(VAE slicing): less GPU memory, the same images."),
     cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Model CPU offload (for small GPUs)."),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode in tiles (less memory for big images)."),
 ) -> None:

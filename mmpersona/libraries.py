@@ -35,16 +35,22 @@ def is_quiet() -> bool:
     return _quiet
 
 
-def apply() -> None:
-    """Apply the quiet setting to the libraries (imports them: call it only where a model is loaded)."""
-    if not _quiet:
-        return
+def _mute() -> list:
+    """Errors only and no progress bars in transformers and diffusers; returns their logging modules."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
-    for log in (tlog, dlog):
+    logs = [tlog, dlog]
+    for log in logs:
         log.set_verbosity_error()
         log.disable_progress_bar()
+    return logs
+
+
+def apply() -> None:
+    """Apply the quiet setting to the libraries (imports them: call it only where a model is loaded)."""
+    if _quiet:
+        _mute()
 
 
 @contextlib.contextmanager
@@ -55,9 +61,7 @@ def silenced() -> Iterator[None]:
     import transformers.utils.logging as tlog
 
     saved = [(log, log.get_verbosity(), log.is_progress_bar_enabled()) for log in (tlog, dlog)]
-    for log, _, _ in saved:
-        log.set_verbosity_error()
-        log.disable_progress_bar()
+    _mute()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -106,10 +106,11 @@ def token_strings(concept: "Concept", k: int) -> list[str]:
     return [concept.handle] + [f"<{concept.name}|{i}>" for i in range(k)]
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of the base vocabulary (added concept tokens excluded): rows only fit the same tokenizer."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:32]
+def tokenizer_fingerprint(tokenizer: Any, vocab: dict[str, int] | None = None) -> str:
+    """A hash of the base vocabulary (added concept tokens excluded): rows only fit the same tokenizer.
+    `vocab`: the tokenizer's `get_vocab()` when the caller has it already (151k entries for Qwen)."""
+    items = sorted((vocab if vocab is not None else tokenizer.get_vocab()).items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
 def latent_definition(tokens: Sequence[str]) -> str:
@@ -154,7 +155,8 @@ class TokenManager:
         emb = vlm.model.get_input_embeddings().weight
         self.base_rows = emb.shape[0]
         self.base_vocab = len(self.base_tokenizer)  # the first id new tokens get
-        self.fingerprint = tokenizer_fingerprint(self.base_tokenizer)
+        self._base_vocab = self.base_tokenizer.get_vocab()  # read once: the base tokenizer never changes
+        self.fingerprint = tokenizer_fingerprint(self.base_tokenizer, self._base_vocab)
         self.loaded: dict[str, list[str]] = {}  # concept id -> its tokens, in load order
         self.trained: dict[str, dict[str, "torch.Tensor"]] = {}  # float32 rows learned in this process
         self._saved: dict[str, "torch.Tensor"] = {}  # original rows from base_vocab on, per matrix
@@ -189,8 +191,7 @@ class TokenManager:
         return tok
 
     def _add(self, tokens: list[str]) -> list[int]:
-        vocab = self.base_tokenizer.get_vocab()
-        taken = [t for t in tokens if t in vocab or any(t in ts for ts in self.loaded.values())]
+        taken = [t for t in tokens if t in self._base_vocab or any(t in ts for ts in self.loaded.values())]
         if taken:
             raise MmpersonaError(f"tokens {taken} are already in the vocabulary (another concept named alike is "
                                  "loaded, or the name clashes with a model token)")
