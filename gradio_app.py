@@ -1,26 +1,46 @@
 """mmpersona demo app: your concepts, personalized chat, your taste, personalized generation.
 
-    python gradio_app.py [--preset tiny|default] [--db PATH] [--auth USER:PASS ...] [--host H] [--port P]
+    python gradio_app.py [--preset tiny|default] [--db PATH] [--host H] [--port P]
+    python gradio_app.py --auth-file logins.txt                                    # several users
 
-Built only on the public Python API. Each logged-in user sees and changes only their own data; without --auth
-the app runs single-user (as user "default") and says so. Requires the `app` extra: pip install "mmpersona[app]".
+Built only on the public Python API. With logins (`--auth-file`, one `user:password` per line; never on the
+command line, where every local user can read it) each logged-in user sees and changes only their own data;
+without them the app runs single-user (as user "default") and says so. README "The app with several users"
+says how results and files are kept to the user who made them.
+Requires the `app` extra: pip install "mmpersona[app]".
 """
 
 
 import argparse
+import base64
 import functools
+import hmac
+import html
+import io
 import json
 import logging
 import os
 import tempfile
 import threading
-import zipfile
+import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("mmpersona.app")
 SINGLE_USER = "default"
 STRATEGY_CHOICES = ["attributes", "ip_adapter", "subject", "rerank", "lora"]
+
+# What one request may ask of the shared models (one client must not stall everyone).
+MAX_QUESTION_CHARS = 2_000
+MAX_MESSAGE_CHARS = 4_000  # one earlier message of the chat history
+MAX_HISTORY_TURNS = 20  # earlier messages sent to the model (the oldest are dropped)
+MAX_HISTORY_CHARS = 12_000
+MAX_PROMPT_CHARS = 1_000  # a generation prompt
+MAX_IMAGES_PER_ADD = 32
+MAX_UPLOAD = "64mb"  # Gradio refuses larger uploads before they are stored
+CACHE_SECONDS = 3600  # Gradio deletes its cached uploads and outputs older than this, every this often
+THUMB_SIZE = 160
 
 
 class App:
@@ -36,6 +56,8 @@ class App:
         self._t2i_pipe = None
         self._vlm_lock = threading.Lock()
         self._t2i_lock = threading.Lock()
+        self._thumb_lock = threading.Lock()
+        self._thumbs: OrderedDict[str, str] = OrderedDict()
 
     def user(self, request: Any) -> str:
         name = getattr(request, "username", None) if request is not None else None
@@ -66,14 +88,27 @@ class App:
 
     # ------------------------------------------------------------------ concepts
 
-    def gallery(self, user: str) -> list[tuple[Any, str]]:
-        from mmpersona import load_image
+    def thumbnail(self, user: str, image_hash: str) -> str:
+        """A small data-URI thumbnail of one of the user's images, made once per image (by content hash: the
+        value depends on the bytes alone) and served inline, never as a file another user could fetch."""
+        with self._thumb_lock:
+            cached = self._thumbs.get(image_hash)
+            if cached is not None:
+                self._thumbs.move_to_end(image_hash)
+        if cached is None:
+            cached = data_uri(self.db.store.image_bytes(user, image_hash), THUMB_SIZE)
+            with self._thumb_lock:
+                self._thumbs[image_hash] = cached
+                while len(self._thumbs) > 4096:
+                    self._thumbs.popitem(last=False)
+        else:
+            self.db.store.image_bytes(user, image_hash)  # still the caller's own image
+        return cached
 
-        out = []
-        for c in self.db.list(user, limit=500):
-            thumb = load_image(self.db.store.image_bytes(user, c.images[0])) if c.images else None
-            out.append((thumb, f"{c.handle} · {c.category or '-'}"))
-        return out
+    def gallery(self, user: str) -> str:
+        cards = [(self.thumbnail(user, c.images[0]) if c.images else None, f"{c.handle} · {c.category or '-'}")
+                 for c in self.db.list(user, limit=500)]
+        return cards_html(cards, empty="No concepts yet.")
 
     def concept_table(self, user: str) -> list[list[Any]]:
         return [[c.handle, c.category, c.info, len(c.images), ", ".join(c.aliases)]
@@ -83,21 +118,27 @@ class App:
         paths = [f if isinstance(f, str) else f.name for f in files or []]
         if not paths:
             raise ValueError("add at least one image of the concept")
+        if len(paths) > MAX_IMAGES_PER_ADD:
+            raise ValueError(f"{len(paths)} images at once is over the limit of {MAX_IMAGES_PER_ADD}")
         c = self.db.add(user, name, paths, category=category or "", info=info or "")
         return f"added {c.handle} with {len(c.images)} image(s)"
 
     def import_upload(self, user: str, upload: Any, fmt: str) -> str:
+        """Import an uploaded archive, or a zipped RAP database / folder: unpacked by the same checked reader
+        as archives (limits on members, sizes and compression ratio, checked before a byte is written), into a
+        temporary folder that is removed afterwards."""
+        from mmpersona.safe_io import SafeZip, UnsafeInputError
+
         path = Path(upload if isinstance(upload, str) else upload.name)
         if fmt == "archive":
             report = self.db.import_concepts(user, path, "archive", progress=False)
         else:
-            with tempfile.TemporaryDirectory() as tmp:
-                with zipfile.ZipFile(path) as zf:
-                    for member in zf.infolist():  # never write outside the temporary folder
-                        target = (Path(tmp) / member.filename).resolve()
-                        if not target.is_relative_to(Path(tmp).resolve()):
-                            raise ValueError(f"the zip member {member.filename!r} points outside the archive")
-                    zf.extractall(tmp)
+            with tempfile.TemporaryDirectory(prefix="mmpersona-import-") as tmp:
+                try:
+                    with SafeZip(path) as archive:
+                        archive.extract_to(tmp)
+                except UnsafeInputError as e:
+                    raise ValueError(f"the upload is not a usable zip of a {fmt} database: {e}") from e
                 roots = [p for p in Path(tmp).iterdir() if p.is_dir()]
                 root = roots[0] if len(roots) == 1 and not (Path(tmp) / "database.json").exists() else Path(tmp)
                 report = self.db.import_concepts(user, root, fmt, progress=False)
@@ -107,22 +148,23 @@ class App:
     # ------------------------------------------------------------------ chat
 
     def chat(self, user: str, image: Any, question: str, history: list[dict]):
-        """Yields (chat messages, retrieved rows, retrieved gallery, status) as the answer streams."""
-        from mmpersona import load_image
-
+        """Yields (chat messages, retrieved rows, retrieved thumbnails, status) as the answer streams."""
+        question = question or ""
+        if len(question) > MAX_QUESTION_CHARS:
+            raise ValueError(f"the question is {len(question)} characters, over the limit of {MAX_QUESTION_CHARS}")
+        turns = bounded_history(history)
         pipe = self.vlm_pipe
-        turns = [{"role": m["role"], "content": [{"type": "text", "text": _text(m["content"])}]}
-                 for m in history if m["role"] in ("user", "assistant")]
         shown = history + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         with self._vlm_lock:  # one generation at a time on the shared model
             stream = pipe.stream(image, question, user=user, history=turns)
             for piece in stream:
                 shown[-1]["content"] += piece
-                yield shown, [], [], "answering..."
+                yield shown, [], "", "answering..."
         answer = stream.result
         rows = [[r.concept.handle, round(r.score, 4), r.source, str(r.box) if r.box else ""] for r in answer.retrieved]
-        thumbs = [(load_image(self.db.store.image_bytes(user, r.image or r.concept.images[0])),
-                   f"{r.concept.handle} {r.score:.3f} ({r.source})") for r in answer.retrieved if r.concept.images]
+        thumbs = cards_html([(self.thumbnail(user, r.image or r.concept.images[0]),
+                              f"{r.concept.handle} {r.score:.3f} ({r.source})")
+                             for r in answer.retrieved if r.concept.images], empty="")
         status = ("no concept recognised: answered without personal context" if answer.abstained else
                   "used " + ", ".join(r.concept.handle for r in answer.retrieved))
         shown[-1]["content"] = answer.answer
@@ -137,16 +179,65 @@ class App:
 
     def generate(self, user: str, prompt: str, strategies: list[str], n: int, steps: int, seed: int,
                  compare: bool = False):
-        """The personalized images; with `compare`, also the vanilla ones (same seeds): twice the cost."""
+        """The personalized images (inline HTML), and with `compare` the vanilla ones (same seeds: twice the
+        cost), and the metadata as JSON (no file is written)."""
+        if len(prompt or "") > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt is {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
         pipe = self.t2i_pipe
         with self._t2i_lock:
             mine = pipe(prompt, user=user, n=n, steps=steps, seed=seed, strategies=strategies)
             vanilla = pipe(prompt, user=user, n=n, steps=steps, seed=seed, strategies=[]) if compare else None
-        meta = Path(tempfile.mkdtemp(prefix="mmpersona-app-")) / "metadata.json"
-        meta.write_text(json.dumps({"personalized": mine.metadata,
-                                    "vanilla": vanilla.metadata if vanilla else None}, indent=2))
-        return ([(img, f"score {s:.3f}") for img, s in zip(mine.images, mine.scores, strict=True)],
-                [(img, "vanilla") for img in vanilla.images] if vanilla else [], str(meta))
+        return (cards_html([(image_uri(img), f"score {s:.3f}") for img, s in zip(mine.images, mine.scores, strict=True)],
+                           empty=""),
+                cards_html([(image_uri(img), "vanilla") for img in vanilla.images], empty="") if vanilla else "",
+                {"personalized": mine.metadata, "vanilla": vanilla.metadata if vanilla else None})
+
+
+def bounded_history(history: Any) -> list[dict]:
+    """The chat history a client sent, as model turns within the limits: each message at most
+    MAX_MESSAGE_CHARS (longer is refused), the most recent MAX_HISTORY_TURNS within MAX_HISTORY_CHARS."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise ValueError("the chat history must be a list of messages")
+    turns, total = [], 0
+    for m in reversed(history[-4 * MAX_HISTORY_TURNS:]):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            continue
+        text = _text(m.get("content", ""))
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise ValueError(f"a chat message of {len(text)} characters is over the limit of {MAX_MESSAGE_CHARS}")
+        if len(turns) >= MAX_HISTORY_TURNS or total + len(text) > MAX_HISTORY_CHARS:
+            break
+        total += len(text)
+        turns.append({"role": m["role"], "content": [{"type": "text", "text": text}]})
+    return turns[::-1]
+
+
+def data_uri(data: bytes, size: int) -> str:
+    """A WebP data URI of an encoded image, shrunk to fit `size` (decoded by the project's safe loader)."""
+    from mmpersona import load_image
+
+    img = load_image(data)
+    img.thumbnail((size, size))
+    return image_uri(img)
+
+
+def image_uri(img: Any) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="WEBP", quality=90)
+    return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def cards_html(cards: list[tuple[str | None, str]], *, empty: str) -> str:
+    """Images with captions as inline HTML: the image data travels in the page, not as a cached file URL."""
+    if not cards:
+        return f"<p>{html.escape(empty)}</p>" if empty else ""
+    items = "".join(
+        '<figure style="display:inline-block;margin:4px;text-align:center;max-width:180px">'
+        + (f'<img src="{uri}" alt="{html.escape(caption)}" style="max-width:100%">' if uri else "")
+        + f'<figcaption>{html.escape(caption)}</figcaption></figure>' for uri, caption in cards)
+    return f'<div class="mmp-cards">{items}</div>'
 
 
 def _text(content: Any) -> str:
@@ -184,13 +275,13 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
 
         return wrapper
 
-    with gr.Blocks(title="mmpersona") as demo:
+    with gr.Blocks(title="mmpersona", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
         mode = ("Signed in: each user sees only their own concepts and preferences." if multi_user else
                 "Single-user mode (no --auth): everything here belongs to one local user.")
         gr.Markdown(f"# mmpersona\nPreset **{preset}**. {mode}")
 
         with gr.Tab("Concepts"):
-            gallery = gr.Gallery(label="Your concepts", columns=6, height=220)
+            gallery = gr.HTML(label="Your concepts", elem_id="concept-gallery")
             table = gr.Dataframe(headers=["handle", "category", "info", "images", "aliases"], label="Details",
                                  interactive=False)
             with gr.Row():
@@ -217,7 +308,7 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
             def add(name, cat, info, files, request: gr.Request):
                 user = app.user(request)
                 msg = app.add_concept(user, name, cat, info, files)
-                return msg, app.gallery(user), app.concept_table(user)
+                return msg, app.gallery(user), app.concept_table(user), None  # stored: clear the form
 
             @guarded
             def edit(name, cat, info, request: gr.Request):
@@ -239,7 +330,7 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
                 return app.import_upload(user, upload, fmt), app.gallery(user), app.concept_table(user)
 
             outs = [c_status, gallery, table]
-            add_btn.click(add, [c_name, c_cat, c_info, c_files], outs, api_name="add_concept")
+            add_btn.click(add, [c_name, c_cat, c_info, c_files], [*outs, c_files], api_name="add_concept")
             edit_btn.click(edit, [c_name, c_cat, c_info], outs, api_name="edit_concept")
             del_btn.click(delete, [c_name], outs, api_name="delete_concept")
             imp_btn.click(do_import, [imp_file, imp_fmt], outs, api_name="import_concepts")
@@ -254,7 +345,7 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
             ch_status = gr.Textbox(label="Status", interactive=False, elem_id="chat-status")
             ch_rows = gr.Dataframe(headers=["concept", "score", "source", "box"], label="Retrieved concepts",
                                    interactive=False, elem_id="chat-retrieved")
-            ch_thumbs = gr.Gallery(label="Retrieved", columns=6, height=160)
+            ch_thumbs = gr.HTML(label="Retrieved", elem_id="chat-thumbs")
 
             def ask(image, question, history, request: gr.Request):
                 try:
@@ -374,9 +465,9 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
             g_compare = gr.Checkbox(value=False, label="Also generate without personalization (twice the time)")
             g_btn = gr.Button("Generate", variant="primary")
             with gr.Row():
-                g_mine = gr.Gallery(label="Personalized (reward score)", columns=2, height=260, elem_id="generated")
-                g_plain = gr.Gallery(label="Vanilla", columns=2, height=260)
-            g_meta = gr.File(label="Metadata (JSON)")
+                g_mine = gr.HTML(label="Personalized (reward score)", elem_id="generated")
+                g_plain = gr.HTML(label="Vanilla", elem_id="vanilla")
+            g_meta = gr.JSON(label="Metadata")
 
             @guarded
             def gen(prompt, strategies, n, steps, seed, compare, request: gr.Request, progress=gr.Progress()):
@@ -390,14 +481,258 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
     return demo
 
 
-def parse_auth(items: list[str] | None) -> list[tuple[str, str]]:
-    out = []
-    for item in items or []:
-        user, sep, password = item.partition(":")
-        if not sep or not user or not password:
-            raise SystemExit(f"--auth expects USER:PASS, got {item!r}")
-        out.append((user, password))
-    return out
+def read_logins(path: str | Path) -> dict[str, str]:
+    """Logins from a file of `user:password` lines (blank lines and `#` comments skipped)."""
+    logins = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: cannot read the login file {str(path)!r} ({e})") from e
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user.strip() or not password:
+            raise SystemExit(f"error: {path}:{number}: expected user:password")
+        logins[user.strip()] = password
+    if not logins:
+        raise SystemExit(f"error: the login file {str(path)!r} holds no logins")
+    return logins
+
+
+class Logins:
+    """Gradio's login check, with throttling: after `max_failures` wrong passwords for one user name within
+    `window` seconds, that name is refused (even with the right password) until the window has passed.
+    Passwords are compared in constant time."""
+
+    def __init__(self, logins: dict[str, str], *, max_failures: int = 5, window: float = 60.0):
+        self.logins, self.max_failures, self.window = dict(logins), max_failures, window
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, username: str, password: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._failures.get(username, []) if now - t < self.window]
+            if len(recent) >= self.max_failures:
+                self._failures[username] = recent
+                logger.warning("login for %r refused: %d failed attempts in %.0f s", username, len(recent),
+                               self.window)
+                return False
+            expected = self.logins.get(username)
+            ok = expected is not None and hmac.compare_digest(password.encode(), expected.encode())
+            if ok:
+                self._failures.pop(username, None)
+            else:
+                self._failures[username] = [*recent, now][-self.max_failures:]
+                if len(self._failures) > 10_000:  # bounded: forget the oldest names
+                    self._failures.pop(next(iter(self._failures)))
+            return ok
+
+
+API = "/gradio_api"
+_BODY_LIMIT = 16 * 1024 * 1024  # a request body the guard reads (uploads go to /upload, which it does not read)
+# POST routes whose JSON body names a session and input data (file references among it)
+_DATA_ROUTES = ("/queue/join", "/call/", "/run/", "/api/", "/stream/", "/component_server", "/cancel")
+
+
+class _Owners:
+    """A bounded map from an id (session hash, event id, upload path) to the users it belongs to."""
+
+    def __init__(self, limit: int = 200_000):
+        self.limit, self._map = limit, OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, key: str, user: str) -> None:
+        with self._lock:
+            self._map.setdefault(key, set()).add(user)
+            self._map.move_to_end(key)
+            while len(self._map) > self.limit:
+                self._map.popitem(last=False)
+
+    def get(self, key: str) -> set[str] | None:
+        with self._lock:
+            return self._map.get(key)
+
+    def claim(self, key: str, user: str) -> bool:
+        """True if `key` is the user's (claiming it when nobody holds it yet), False if another user's."""
+        with self._lock:
+            holders = self._map.get(key)
+            if holders is None:
+                self._map[key] = {user}
+                return True
+            return user in holders
+
+
+class SessionGuard:
+    """ASGI middleware that ties Gradio's ids to the logged-in user who made them (multi-user mode).
+
+    Gradio 6 binds a queued event's results to its session hash and event id, and serves an upload to anyone
+    logged in who has its URL, whoever made them. This guard, in front of Gradio's routes, records who
+    uploaded each file (`/upload`), who opened each session (`/queue/join`, `/queue/data`, and every other
+    route that names one) and who started each event (`/call`, `/queue/join`); and it refuses with 403 another
+    user's session (`/queue/data?session_hash=`, `/heartbeat`, `/cancel`, `/stream`), another user's event
+    (`/call/<fn>/<event id>`), another user's upload by URL (`/file=`) and as an input (a file reference in a
+    request's data), and any file in Gradio's upload folder whose uploader it does not know."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.sessions, self.events, self.uploads = _Owners(), _Owners(), _Owners()
+
+    @staticmethod
+    def _user(scope: dict) -> str | None:
+        from http.cookies import CookieError, SimpleCookie
+
+        gradio = scope.get("app")
+        raw = b"; ".join(v for k, v in scope.get("headers", []) if k == b"cookie").decode("latin-1")
+        try:
+            cookies = SimpleCookie(raw)
+        except CookieError:
+            return None
+        cookie_id = getattr(gradio, "cookie_id", None)
+        for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
+            if name in cookies:
+                user = getattr(gradio, "tokens", {}).get(cookies[name].value)
+                if user:
+                    return user
+        return None
+
+    @staticmethod
+    async def _refuse(scope, receive, send, status: int, message: str) -> None:
+        from starlette.responses import JSONResponse
+
+        logger.warning("refused %s %s: %s", scope.get("method"), scope.get("path"), message)
+        await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
+
+    def _upload_dir(self, scope: dict) -> Path | None:
+        folder = getattr(scope.get("app"), "uploaded_file_dir", None)
+        return Path(folder).resolve() if folder else None
+
+    def _file_allowed(self, scope: dict, user: str, path: str) -> bool:
+        """An upload is served to (or taken as input from) only the users who uploaded it; a file in the
+        upload folder that nobody is known to have uploaded is served to nobody."""
+        try:
+            resolved = str(Path(path).resolve())
+        except (OSError, ValueError):
+            return False
+        holders = self.uploads.get(resolved)
+        if holders is not None:
+            return user in holders
+        folder = self._upload_dir(scope)
+        return folder is None or not Path(resolved).is_relative_to(folder)
+
+    def _files_in(self, value: Any, depth: int = 0):
+        if depth > 64:
+            return
+        if isinstance(value, dict):
+            if isinstance(value.get("path"), str):
+                yield value["path"]
+            for v in value.values():
+                yield from self._files_in(v, depth + 1)
+        elif isinstance(value, list):
+            for v in value:
+                yield from self._files_in(v, depth + 1)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(API):
+            return await self.app(scope, receive, send)
+        route, method = scope["path"][len(API):], scope["method"]
+        guarded = route.startswith(("/file=", "/file/", "/queue/data", "/heartbeat/", "/stream/", "/call/")) or (
+            method == "POST" and route.startswith(("/upload", *_DATA_ROUTES)))
+        if not guarded or route.startswith("/upload_progress"):
+            return await self.app(scope, receive, send)  # Gradio's own login check applies
+        user = self._user(scope)
+        if user is None:
+            return await self._refuse(scope, receive, send, 401, "not logged in")
+        if route.startswith(("/file=", "/file/")):
+            if not self._file_allowed(scope, user, route[len("/file="):]):
+                return await self._refuse(scope, receive, send, 403, "not your file")
+            return await self.app(scope, receive, send)
+        if route == "/queue/data" or (route.startswith(("/heartbeat/", "/stream/")) and method == "GET"):
+            from urllib.parse import parse_qs
+
+            session = (parse_qs(scope.get("query_string", b"").decode()).get("session_hash", [None])[0]
+                       if route == "/queue/data" else route.split("/")[2])
+            if session is not None and not self.sessions.claim(session, user):
+                return await self._refuse(scope, receive, send, 403, "not your session")
+            return await self.app(scope, receive, send)
+        if method == "GET" and route.startswith("/call/"):
+            event = route.rstrip("/").rsplit("/", 1)[-1]
+            if self.events.get(event) is None or user not in self.events.get(event):
+                return await self._refuse(scope, receive, send, 403, "not your event")
+            return await self.app(scope, receive, send)
+        if method == "POST" and route.startswith("/upload"):
+            return await self.app(scope, receive, self._recording(send, user, self._record_uploads))
+        if method == "POST" and route.startswith(_DATA_ROUTES):
+            body, more = b"", True
+            while more:
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > _BODY_LIMIT:
+                    return await self._refuse(scope, receive, send, 413, "request too large")
+            try:
+                data = json.loads(body) if body else {}
+            except ValueError:
+                data = {}
+            if isinstance(data, dict):
+                session = data.get("session_hash")
+                if isinstance(session, str) and not self.sessions.claim(session, user):
+                    return await self._refuse(scope, receive, send, 403, "not your session")
+                if route.startswith("/stream/"):
+                    event = route.split("/")[2]
+                    if user not in (self.events.get(event) or ()):
+                        return await self._refuse(scope, receive, send, 403, "not your event")
+            if any(not self._file_allowed(scope, user, f) for f in self._files_in(data)):
+                return await self._refuse(scope, receive, send, 403, "an input file is not yours")
+            sent = False
+
+            async def replay():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, self._recording(send, user, self._record_event))
+        return await self.app(scope, receive, send)
+
+    def _recording(self, send, user: str, record):
+        """`send`, recording what a small JSON response says (upload paths, an event id) before it goes out."""
+        chunks: list[bytes] = []
+
+        async def wrapped(message):
+            if message["type"] == "http.response.body":
+                if sum(map(len, chunks)) < 1 << 20:
+                    chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    try:
+                        record(json.loads(b"".join(chunks)), user)
+                    except ValueError:
+                        pass
+            await send(message)
+
+        return wrapped
+
+    def _record_uploads(self, paths: Any, user: str) -> None:
+        for path in paths if isinstance(paths, list) else []:
+            if isinstance(path, str):
+                self.uploads.add(str(Path(path).resolve()), user)
+
+    def _record_event(self, response: Any, user: str) -> None:
+        if isinstance(response, dict) and isinstance(response.get("event_id"), str):
+            self.events.add(response["event_id"], user)
+
+
+def launch(demo, *, logins: dict[str, str] | None = None, **kwargs):
+    """Start the app; with logins, behind the login throttle and the `SessionGuard`."""
+    from starlette.middleware import Middleware
+
+    app_kwargs = {"middleware": [Middleware(SessionGuard)]} if logins else None
+    return demo.queue(default_concurrency_limit=4).launch(auth=Logins(logins) if logins else None,
+                                                          max_file_size=MAX_UPLOAD, app_kwargs=app_kwargs,
+                                                          **kwargs)
 
 
 def main() -> None:
@@ -405,15 +740,20 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", choices=["tiny", "default"])
     parser.add_argument("--db", default=os.environ.get("MMPERSONA_DB"),
                         help="concept database: a path or postgresql:// URL (default: env MMPERSONA_DB, else the user data dir)")
-    parser.add_argument("--auth", action="append", metavar="USER:PASS", help="a login (repeatable)")
+    parser.add_argument("--auth-file", default=os.environ.get("MMPERSONA_AUTH_FILE"), metavar="PATH",
+                        help="logins, one user:password per line (default: env MMPERSONA_AUTH_FILE); turns on "
+                             "multi-user mode")
+    parser.add_argument("--auth", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args()
-    auth = parse_auth(args.auth)
-    demo = build_app(args.preset, args.db, multi_user=bool(auth), device=args.device)
-    demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
-                                                   auth=auth or None)
+    if args.auth:
+        parser.error("--auth is gone: passwords on the command line are readable by every local user "
+                     "(/proc/PID/cmdline). Put user:password lines in a file and pass --auth-file PATH.")
+    logins = read_logins(args.auth_file) if args.auth_file else {}
+    demo = build_app(args.preset, args.db, multi_user=bool(logins), device=args.device)
+    launch(demo, logins=logins, server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

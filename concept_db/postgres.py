@@ -214,6 +214,7 @@ class PostgresStore(SQLStore):
 
     _COLLATE = ' COLLATE "C"'
     _FOR_UPDATE = " FOR UPDATE"
+    _NON_ASCII = "handle ~ '[^ -~]'"
     _SELECT = (
         "SELECT c.id, c.owner, c.name, c.category, c.info, c.attributes, c.created, c.updated, c.version, "
         "(SELECT coalesce(json_agg(handle ORDER BY handle COLLATE \"C\"), '[]') FROM handles "

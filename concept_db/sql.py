@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from .types import (PROFILE_KINDS, BulkResult, Concept, ConceptNotFound, DuplicateConceptError, InvalidConceptError,
                     Match, NewConcept, ProfileEvent, StoredTensor, check_owner, check_text, content_hash,
-                    hash_key, normalize_name)
+                    handle_skeleton, hash_key, normalize_name)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,6 +49,9 @@ class SQLStore:
     _COLLATE = ""
     #: appended to a SELECT that reads a row about to be changed (row lock where the backend has them)
     _FOR_UPDATE = ""
+    #: a condition true for handles holding any character outside printable ASCII (the only ones whose
+    #: skeleton can differ from themselves; see `types.handle_skeleton`)
+    _NON_ASCII: str
     #: a concept row with its aliases and images, in one statement (backend-specific aggregation), read from
     #: `{source}`: the concepts table or a subquery of it
     _SELECT: str
@@ -266,6 +269,21 @@ class SQLStore:
             row = c.execute("SELECT concept_id FROM handles WHERE owner = ? AND handle = ?", (owner, handle)).fetchone()
             if row and row[0] != concept_id:
                 raise DuplicateConceptError(f"user {owner!r} already has a concept named or aliased <{handle}>")
+        looks = self._lookalikes(c, owner, handles)
+        for handle in handles:
+            _check_lookalike(owner, handle, looks, concept_id)
+
+    def _lookalikes(self, c, owner: str, handles: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """skeleton -> (handle, concept id) for the owner's handles that could look like one of `handles`:
+        those equal to a new handle's skeleton, and every handle outside ASCII (usually none)."""
+        skeletons = list(dict.fromkeys(handle_skeleton(h) for h in handles))
+        rows = list(c.execute(f"SELECT handle, concept_id FROM handles WHERE owner = ? AND {self._NON_ASCII}",
+                              (owner,)))
+        for start in range(0, len(skeletons), 500):
+            chunk = skeletons[start : start + 500]
+            rows += c.execute(f"SELECT handle, concept_id FROM handles WHERE owner = ? AND handle IN "
+                              f"({','.join('?' * len(chunk))})", (owner, *chunk))
+        return {handle_skeleton(h): (h, cid) for h, cid in rows}
 
     def add(self, owner: str, name: str, *, category: str = "", info: str = "", aliases: Sequence[str] = (),
             attributes: dict | None = None, images: Sequence[bytes] = (),
@@ -304,7 +322,9 @@ class SQLStore:
         rows: dict[str, list[tuple]] = {"concepts": [], "handles": [], "images": [], "concept_images": [],
                                         "embeddings": []}
         with self._tx() as c:
-            taken = self._taken_handles(c, owner, [h for p in prepared for h in (p["name"], *p["aliases"])])
+            every = [h for p in prepared for h in (p["name"], *p["aliases"])]
+            taken = self._taken_handles(c, owner, every)
+            looks = self._lookalikes(c, owner, every)
             dims: dict[str, int] = {}
             taken_ids: set[str] = set()
             fresh_ids = iter(new_ids(len(prepared)))
@@ -314,6 +334,8 @@ class SQLStore:
                     if not taken.isdisjoint(handles):
                         dup = next(h for h in handles if h in taken)
                         raise DuplicateConceptError(f"user {owner!r} already has a concept named or aliased <{dup}>")
+                    for h in handles:
+                        _check_lookalike(owner, h, looks, None)
                     for embedder, vecs in p["embeddings"].items():
                         self._check_dim(c, dims, embedder, vecs.shape[1])
                 except (DuplicateConceptError, InvalidConceptError) as e:
@@ -327,6 +349,7 @@ class SQLStore:
                                                                 (cid,)).fetchone():
                     cid = next(fresh_ids)
                 taken_ids.add(cid)
+                looks.update((handle_skeleton(h), (h, cid)) for h in handles)
                 rows["concepts"].append((cid, owner, p["name"], p["category"], p["info"], p["attributes"],
                                          p["created"] or now, p["updated"] or now, p["version"] or 1))
                 rows["handles"].append((owner, p["name"], cid, 0))
@@ -510,20 +533,21 @@ class SQLStore:
             raise ConceptNotFound(f"user {owner!r} has no image {image_hash[:12]}")
         return row[0]
 
-    def known_vectors(self, embedder: str, hashes: Sequence[str]) -> "dict[str, np.ndarray]":
-        """Vectors already computed by `embedder` for these content hashes (an image is embedded only once).
+    def known_vectors(self, owner: str, embedder: str, hashes: Sequence[str]) -> "dict[str, np.ndarray]":
+        """The owner's own vectors from `embedder` for these content hashes (an image is embedded once per user).
 
-        A vector is a function of the image bytes alone, so reusing one computed for another owner's identical
-        image reveals nothing the caller does not already hold."""
-
+        Never another owner's: a vector stored by someone else may be forged (an imported archive), and even one
+        the toolkit computed may differ in its last bits with the batch it was computed in, so reusing it would
+        make one user's results depend on what another user did."""
+        check_owner(owner)
         out = {}
         for h in set(hashes):
             row = self._conn.execute(
                 "SELECT e.vector FROM images i JOIN concept_images ci ON ci.image_id = i.id "
-                "JOIN concepts c ON c.id = ci.concept_id "
-                "JOIN embeddings e ON e.owner = c.owner AND e.embedder = ? AND e.concept_id = ci.concept_id "
+                "JOIN concepts c ON c.id = ci.concept_id AND c.owner = ? "
+                "JOIN embeddings e ON e.owner = ? AND e.embedder = ? AND e.concept_id = ci.concept_id "
                 "AND e.image_hash = ci.hash WHERE i.hkey = ? AND i.hash = ? LIMIT 1",
-                (embedder, hash_key(h), h)).fetchone()
+                (owner, owner, embedder, hash_key(h), h)).fetchone()
             if row is not None:
                 out[h] = self._vector(row[0])
         return out
@@ -718,6 +742,14 @@ def new_ids(n: int) -> list[str]:
     return [f"{now + i:016x}{rand[16 * i : 16 * i + 16]}" for i in range(n)]
 
 
+def _check_lookalike(owner: str, handle: str, looks: dict[str, tuple[str, str]], concept_id: str | None) -> None:
+    """Refuse a handle that looks like a different handle of another of the owner's concepts."""
+    seen = looks.get(handle_skeleton(handle))
+    if seen is not None and seen[0] != handle and seen[1] != concept_id:
+        raise DuplicateConceptError(f"<{handle}> looks the same as user {owner!r}'s existing <{seen[0]}> "
+                                    "(a lookalike letter from another script); choose a distinct name")
+
+
 class ConceptDBConflict(InvalidConceptError):
     """An update's `expected_version` no longer matches: someone else changed the concept first."""
 
@@ -812,6 +844,15 @@ def _prepare(item: NewConcept) -> dict[str, Any]:
         raise InvalidConceptError(f"expected a NewConcept, got {type(item).__name__}")
     name = normalize_name(item.name)
     images = _image_blobs(item.images)
+    hashes = [content_hash(d) for d in images]
+    embeddings = {e: _as_matrix(e, v, len(images)) for e, v in (item.embeddings or {}).items()}
+    seen: dict[str, int] = {}
+    for i, h in enumerate(hashes):
+        seen.setdefault(h, i)
+    first = list(seen.values())
+    if len(first) < len(hashes):  # the same image given twice is kept once (with its first vector)
+        images, hashes = [images[i] for i in first], [hashes[i] for i in first]
+        embeddings = {e: m[first] for e, m in embeddings.items()}
     return {
         "name": name,
         "aliases": _aliases(item.aliases, name),
@@ -819,8 +860,8 @@ def _prepare(item: NewConcept) -> dict[str, Any]:
         "info": check_text(item.info, "info"),
         "attributes": _attributes(item.attributes),
         "images": images,
-        "hashes": [content_hash(d) for d in images],
-        "embeddings": {e: _as_matrix(e, v, len(images)) for e, v in (item.embeddings or {}).items()},
+        "hashes": hashes,
+        "embeddings": embeddings,
         "id": _restored_id(item.id),
         "created": float(item.created) if item.created is not None else None,
         "updated": float(item.updated) if item.updated is not None else None,

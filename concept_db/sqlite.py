@@ -296,6 +296,7 @@ class SQLiteStore(SQLStore):
     # ------------------------------------------------------------------ plumbing
 
     _BEGIN = "BEGIN IMMEDIATE"  # take the write lock at once: no read-then-upgrade deadlocks between processes
+    _NON_ASCII = "handle GLOB '*[^ -~]*'"
     _SELECT = (
         "SELECT c.id, c.owner, c.name, c.category, c.info, c.attributes, c.created, c.updated, c.version, "
         "(SELECT json_group_array(handle) FROM (SELECT handle FROM handles "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,21 +51,71 @@ def hash_key(image_hash: str) -> int:
 
 _NAME = re.compile(r"^<?([^<>]+)>?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 MAX_NAME = 64
 _PLAIN = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MAX_NAME)  # no brackets, separators, dots, spaces or controls
 MAX_INFO = 20_000
+
+#: Unicode categories a handle may not hold: controls (C0, C1 and NEL), format characters (bidirectional
+#: overrides such as U+202E, zero-width spaces and joiners, soft hyphens), surrogates, private use, unassigned
+#: code points, and line and paragraph separators.
+_REFUSED_CATEGORIES = {"Cc": "a control character", "Cf": "an invisible format character (bidirectional "
+                       "control or zero-width)", "Cs": "a lone surrogate", "Co": "a private-use character",
+                       "Cn": "an unassigned code point", "Zl": "a line separator", "Zp": "a paragraph separator"}
+
+#: Lookalikes of Latin letters and digits from other scripts (a small part of Unicode TR39's confusables.txt,
+#: covering the Cyrillic, Greek and Armenian letters that render identically to ASCII in common fonts), mapped
+#: to the ASCII character they imitate. Applied after NFKC, which already folds full-width and styled forms.
+_LOOKALIKES = str.maketrans({
+    # Cyrillic
+    "а": "a", "в": "B", "е": "e", "ё": "e", "г": "r", "һ": "h", "і": "i", "ї": "i", "ј": "j", "к": "k",
+    "м": "M", "н": "H", "о": "o", "р": "p", "с": "c", "т": "T", "у": "y", "х": "x", "ѕ": "s", "ԁ": "d",
+    "ԛ": "q", "ԝ": "w", "ү": "y", "ɡ": "g", "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H",
+    "О": "O", "Р": "P", "С": "C", "Т": "T", "Х": "X", "Ѕ": "S", "І": "I", "Ј": "J", "Ү": "Y", "Ԍ": "G",
+    "Ԁ": "D", "Ԛ": "Q", "Ԝ": "W", "Ӏ": "l", "ӏ": "l",
+    # Greek
+    "α": "a", "ο": "o", "ρ": "p", "ν": "v", "ι": "i", "κ": "k", "τ": "t", "υ": "u", "χ": "x", "γ": "y",
+    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O",
+    "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X", "ϲ": "c", "ϳ": "j",
+    # Armenian and Latin lookalikes outside ASCII
+    "օ": "o", "ս": "u", "ց": "g", "հ": "h", "ո": "n", "ı": "i", "ȷ": "j", "ℓ": "l", "ǀ": "l",
+})
+
+
+def handle_skeleton(handle: str) -> str:
+    """What a handle looks like, for the confusable check: NFKC, then lookalike letters of other scripts mapped
+    to the ASCII letter they imitate. Two handles of one user may not share a skeleton (`bo` and `bо` with a
+    Cyrillic о). ASCII handles are their own skeleton, so distinct ASCII handles never clash."""
+    if handle.isascii():
+        return handle
+    return unicodedata.normalize("NFKC", handle).translate(_LOOKALIKES)
+
+
+def _refused_character(text: str) -> str | None:
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category in _REFUSED_CATEGORIES:
+            return f"{_REFUSED_CATEGORIES[category]} (U+{ord(ch):04X})"
+        if category == "Zs" and ch != " ":
+            return f"a space other than U+0020 (U+{ord(ch):04X})"
+    return None
 
 
 def normalize_name(name: Any, what: str = "name") -> str:
     """The canonical handle of a concept: `<bo>` and `bo` are the same concept, stored as `bo`.
 
-    Refuses empty names, path separators, `..`, control characters and overlong names.
+    Handles are NFC-normalised (a composed and a decomposed "café" are one handle). Refuses empty names, path
+    separators, `..`, overlong names, and characters that hide or disguise what a handle says: controls,
+    bidirectional and zero-width format characters, line separators, surrogates, unassigned code points and
+    spaces other than U+0020.
     """
     if type(name) is str and _PLAIN.fullmatch(name):  # the common case, valid as it stands
         return name
     if not isinstance(name, str):
         raise InvalidConceptError(f"concept {what} must be a string, got {type(name).__name__}")
-    text = name.strip()
+    if _SURROGATE.search(name):
+        raise InvalidConceptError(f"concept {what} {name!r} contains a lone surrogate (not valid Unicode text)")
+    text = unicodedata.normalize("NFC", name.strip())
     m = _NAME.match(text)
     bare = m.group(1).strip() if m else ""
     if not bare:
@@ -75,13 +126,16 @@ def normalize_name(name: Any, what: str = "name") -> str:
         raise InvalidConceptError(f"concept {what} {name!r} contains control characters")
     if len(bare) > MAX_NAME:
         raise InvalidConceptError(f"concept {what} {name[:20]!r}... is longer than {MAX_NAME} characters")
+    refused = _refused_character(bare)
+    if refused:
+        raise InvalidConceptError(f"concept {what} {name!r} contains {refused}")
     return bare
 
 
 def check_owner(owner: Any) -> str:
     if not isinstance(owner, str) or not owner.strip():
         raise InvalidConceptError(f"owner must be a non-empty string, got {owner!r}")
-    if _CONTROL.search(owner) or len(owner) > 256:
+    if _CONTROL.search(owner) or _SURROGATE.search(owner) or len(owner) > 256:
         raise InvalidConceptError(f"owner {owner[:40]!r} is not a valid user id")
     return owner
 
@@ -95,6 +149,8 @@ def check_text(value: Any, what: str, limit: int = MAX_INFO) -> str:
         raise InvalidConceptError(f"concept {what} is {len(value)} characters, over the limit of {limit}")
     if "\x00" in value:  # no backend-dependent behaviour: PostgreSQL text cannot hold NUL at all
         raise InvalidConceptError(f"concept {what} contains a NUL character")
+    if _SURROGATE.search(value):  # e.g. "\ud800" in a JSON file: no database can encode it
+        raise InvalidConceptError(f"concept {what} contains a lone surrogate (not valid Unicode text)")
     return value
 
 

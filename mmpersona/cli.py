@@ -660,6 +660,11 @@ def main() -> None:
     """Console entry point: our own errors become one clear line on stderr and exit code 2.
 
     Usage errors, `--help` and exit codes stay click's (standalone mode)."""
+    for arg in sys.argv[1:]:
+        if any("\udc80" <= ch <= "\udcff" for ch in arg):  # undecodable bytes, kept by surrogateescape
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            typer.echo(f"error: argument {shown!r} is not valid UTF-8 text", err=True)
+            sys.exit(2)
     try:
         app()
     except MmpersonaError as e:

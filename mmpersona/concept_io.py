@@ -12,15 +12,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from concept_db.types import ConceptDBError, InvalidConceptError, NewConcept, content_hash, normalize_name
 
 from .errors import ImageLoadError
-from .images import DEFAULT_MAX_BYTES, load_image_bytes
+from .images import load_image_bytes
+from .safe_io import MiB, ArchiveLimits, SafeZip, UnsafeInputError, parse_json, read_limited
 
 if TYPE_CHECKING:
     from .conceptdb import ConceptDB
@@ -84,10 +87,12 @@ def read_rap(path: str | Path) -> list[_Pending]:
     if not file.is_file():
         raise ImportFormatError(f"no RAP database.json at {str(path)!r}")
     root = file.parent
+    limits = ArchiveLimits()
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ImportFormatError(f"{str(file)!r} is not valid JSON ({e})") from e
+        data = parse_json(read_limited(file, limits.max_json_bytes, "RAP database"), repr(str(file)),
+                          max_depth=limits.max_json_depth)
+    except UnsafeInputError as e:
+        raise ImportFormatError(str(e)) from e
     if not isinstance(data, dict) or not isinstance(data.get("concept_dict"), dict):
         raise ImportFormatError(f"{str(file)!r}: expected an object with a 'concept_dict' object")
     path_to_concept = data.get("path_to_concept", {})
@@ -121,7 +126,7 @@ def read_rap(path: str | Path) -> list[_Pending]:
             item.labels.append(str(rel))
         pending[key] = item
     for rel, key in path_to_concept.items():
-        if key not in pending:
+        if not isinstance(key, str) or key not in pending:
             raise ImportFormatError(f"{str(file)!r}: path_to_concept[{rel!r}] names {key!r}, not in concept_dict")
         resolved = resolve(rel, f"{file.name} path_to_concept[{rel!r}]")
         if resolved not in pending[key].images:
@@ -152,75 +157,183 @@ def read_folder(path: str | Path) -> tuple[list[_Pending], list[tuple[str, str]]
     return pending, skipped
 
 
-def read_archive(path: str | Path, *, max_member_bytes: int = DEFAULT_MAX_BYTES) -> list[_Pending]:
-    """Our archive: a zip of manifest.json, images/<hash>.<ext>, embeddings.safetensors and tensors."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load as load_safetensors
+_JSON_TYPE = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
 
-    path = Path(path)
-    try:
-        zf = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise ImportFormatError(f"{str(path)!r} is not a readable archive ({e})") from e
-    with zf:
-        members = {info.filename: info for info in zf.infolist()}
 
-        def read(name: str, limit: int = max_member_bytes) -> bytes:
-            info = members.get(name)
-            if info is None:
-                raise ImportFormatError(f"{str(path)!r}: member {name!r} is missing")
-            if info.file_size > limit:
-                raise ImportFormatError(f"{str(path)!r}: member {name!r} is {info.file_size} bytes, over {limit}")
-            return zf.read(info)
+def _typed(entry: dict, key: str, kinds: type | tuple[type, ...], default: Any, where: str) -> Any:
+    """A manifest field of the expected JSON type (booleans are not numbers), or its default when absent."""
+    value = entry.get(key, default)
+    if value is None and default is None:
+        return None
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ImportFormatError(f"{where}.{key} must be {' or '.join(_JSON_TYPE[k] for k in kinds)}, "
+                                f"got {type(value).__name__}")
+    return value
 
+
+def _manifest_entry(entry: Any, where: str) -> dict[str, Any]:
+    """One concept of an archive manifest, every field checked for its type."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ImportFormatError(f"{where} must be an object with a 'name' string")
+    out = {"name": entry["name"]}
+    for key in ("category", "info"):
+        out[key] = _typed(entry, key, str, "", where)
+    out["id"] = _typed(entry, "id", str, None, where)
+    for key in ("created", "updated"):
+        value = _typed(entry, key, (int, float), None, where)
+        if value is not None and not math.isfinite(value):
+            raise ImportFormatError(f"{where}.{key} must be a finite number")
+        out[key] = value
+    out["version"] = _typed(entry, "version", int, None, where)
+    if out["version"] is not None and out["version"] < 1:
+        raise ImportFormatError(f"{where}.version must be a positive integer")
+    out["aliases"] = _typed(entry, "aliases", list, [], where)
+    if not all(isinstance(a, str) for a in out["aliases"]):
+        raise ImportFormatError(f"{where}.aliases must be a list of strings")
+    out["attributes"] = _typed(entry, "attributes", dict, {}, where) or {}
+    images = _typed(entry, "images", list, [], where)
+    for j, image in enumerate(images):
+        if not isinstance(image, dict) or not isinstance(image.get("hash"), str) \
+                or not isinstance(image.get("file"), str) or not image["file"].startswith("images/"):
+            raise ImportFormatError(f"{where}.images[{j}] must be an object with a 'hash' and an 'images/...' file")
+    out["images"] = images
+    embeddings = _typed(entry, "embeddings", dict, {}, where)
+    for embedder, ref in embeddings.items():
+        if not isinstance(ref, dict) or not isinstance(ref.get("key"), str) or not isinstance(ref.get("images"), list) \
+                or not all(isinstance(h, str) for h in ref["images"]):
+            raise ImportFormatError(f"{where}.embeddings[{embedder!r}] must be an object with a 'key' and "
+                                    "an 'images' list of hashes")
+    out["embeddings"] = embeddings
+    tensors = _typed(entry, "tensors", list, [], where)
+    for j, t in enumerate(tensors):
+        if not isinstance(t, dict) or not all(isinstance(t.get(k), str) for k in ("name", "model", "fingerprint", "file")) \
+                or not t["file"].startswith("tensors/"):
+            raise ImportFormatError(f"{where}.tensors[{j}] must be an object with 'name', 'model', 'fingerprint' "
+                                    "and a 'tensors/...' file")
+    out["tensors"] = tensors
+    return out
+
+
+def _read_vectors(archive: SafeZip, wanted: dict[str, int], dim: int) -> dict[str, Any]:
+    """The float32 (rows, dim) arrays named in `wanted` (key -> rows) from embeddings.safetensors, read one by
+    one from the stream: the rest of the member is skipped, never held. Entries of another shape or dtype are
+    left out (their concepts are embedded afresh)."""
+    import numpy as np
+
+    lim = archive.limits
+    name = "embeddings.safetensors"
+    out: dict[str, Any] = {}
+    with archive.open(name, lim.max_total_bytes) as f:
         try:
-            manifest = json.loads(read("manifest.json"))
-        except json.JSONDecodeError as e:
-            raise ImportFormatError(f"{str(path)!r}: manifest.json is not valid JSON ({e})") from e
-        if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
-            raise ImportFormatError(f"{str(path)!r} is not an mmpersona concept archive")
-        if manifest.get("version") != ARCHIVE_VERSION:
-            raise ImportFormatError(f"{str(path)!r}: archive version {manifest.get('version')!r} is not supported")
-        concepts = manifest.get("concepts")
-        if not isinstance(concepts, list):
-            raise ImportFormatError(f"{str(path)!r}: manifest 'concepts' must be a list")
-        vectors: dict[str, Any] = {}
-        if "embeddings.safetensors" in members:
-            try:
-                vectors = load_safetensors(read("embeddings.safetensors", 1 << 34))
-            except (SafetensorError, ValueError) as e:
-                raise ImportFormatError(f"{str(path)!r}: embeddings.safetensors is corrupt ({e})") from e
-        pending = []
-        for i, entry in enumerate(concepts):
-            label = f"concepts[{i}]"
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                raise ImportFormatError(f"{str(path)!r}: {label} must be an object with a 'name'")
-            item = _Pending(name=entry["name"], category=entry.get("category", ""), info=entry.get("info", ""))
-            for image in entry.get("images", []):
-                h, member = image.get("hash"), image.get("file")
-                if not isinstance(h, str) or not isinstance(member, str) or not member.startswith("images/"):
-                    raise ImportFormatError(f"{str(path)!r}: {label} has a malformed image entry")
-                data = read(member)
-                if content_hash(data) != h:
-                    raise ImportFormatError(f"{str(path)!r}: {member} does not match its hash (corrupt archive)")
-                item.images.append(data)
-                item.labels.append(member)
-            tensors = []
-            for t in entry.get("tensors", []):
-                member = t.get("file", "")
-                if not isinstance(member, str) or not member.startswith("tensors/"):
-                    raise ImportFormatError(f"{str(path)!r}: {label} has a malformed tensor entry")
-                tensors.append({**t, "data": read(member, 1 << 34)})
-            item.restore = {
-                "id": entry.get("id"), "created": entry.get("created"), "updated": entry.get("updated"),
-                "version": entry.get("version"), "aliases": entry.get("aliases", []),
-                "attributes": entry.get("attributes") or {}, "tensors": tensors,
-                "vectors": {e: (hashes, vectors[key]) for e, (hashes, key) in
-                            ((e, (v.get("images"), v.get("key"))) for e, v in entry.get("embeddings", {}).items())
-                            if key in vectors},
-            }
-            pending.append(item)
-        return pending
+            size = int.from_bytes(f.read(8), "little")
+            if size > lim.max_vectors_header_bytes:
+                raise archive.error(f"{name} has a {size}-byte header, over the limit of {lim.max_vectors_header_bytes}")
+            header = parse_json(f.read(size), f"{name} header", max_depth=lim.max_json_depth)
+            if not isinstance(header, dict):
+                raise archive.error(f"{name} has a malformed header")
+            spans = []
+            for key, rows in wanted.items():
+                meta = header.get(key)
+                if not isinstance(meta, dict):
+                    continue
+                offsets, shape = meta.get("data_offsets"), meta.get("shape")
+                if meta.get("dtype") != "F32" or shape != [rows, dim] or not isinstance(offsets, list) \
+                        or len(offsets) != 2 or not all(type(o) is int for o in offsets) \
+                        or offsets[1] - offsets[0] != rows * dim * 4 or offsets[0] < 0:
+                    continue
+                spans.append((offsets[0], offsets[1], key))
+            position = 0
+            for begin, end, key in sorted(spans):
+                if begin < position:
+                    continue  # overlapping entries: not what our exporter writes
+                while position < begin:  # skip, a bounded chunk at a time
+                    skipped = len(f.read(min(begin - position, MiB)))
+                    if not skipped:
+                        raise archive.error(f"{name} is shorter than its header says")
+                    position += skipped
+                data = f.read(end - begin)
+                if len(data) != end - begin:
+                    raise archive.error(f"{name} is shorter than its header says")
+                position = end
+                out[key] = np.frombuffer(data, dtype="<f4").reshape(wanted[key], dim)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+            raise archive.error(f"{name} is corrupt ({e})") from e
+    return out
+
+
+def read_archive(path: str | Path, *, embedder: "Callable[[], tuple[str, int]] | None" = None,
+                 limits: ArchiveLimits | None = None) -> list[_Pending]:
+    """Our archive: a zip of manifest.json, images/<hash>.<ext>, embeddings.safetensors and tensors.
+
+    Checked before reading (see `ArchiveLimits`): member count, sizes, compression ratio, total size, JSON
+    nesting; every field of the manifest for its type. Each image member is read once, however many concepts
+    name it. Stored vectors are kept only for the embedder in use (`embedder()` gives its name and dimension,
+    asked only when the archive holds vectors) and only with that dimension; others are dropped, so an archive
+    cannot register an embedder name or dimension, and its concepts are embedded afresh.
+    """
+    path = Path(path)
+    limits = limits or ArchiveLimits()
+    try:
+        with SafeZip(path, limits) as archive:
+            return _read_archive(archive, embedder)
+    except UnsafeInputError as e:
+        raise ImportFormatError(str(e)) from e
+
+
+def _read_archive(archive: SafeZip, embedder: "Callable[[], tuple[str, int]] | None") -> list[_Pending]:
+    where = repr(str(archive.path))
+    manifest = parse_json(archive.read("manifest.json", archive.limits.max_json_bytes), f"{where}: manifest.json",
+                          max_depth=archive.limits.max_json_depth)
+    if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
+        raise ImportFormatError(f"{where} is not an mmpersona concept archive")
+    if manifest.get("version") != ARCHIVE_VERSION:
+        raise ImportFormatError(f"{where}: archive version {manifest.get('version')!r} is not supported")
+    concepts = manifest.get("concepts")
+    if not isinstance(concepts, list):
+        raise ImportFormatError(f"{where}: manifest 'concepts' must be a list")
+    entries = [_manifest_entry(entry, f"{where}: concepts[{i}]") for i, entry in enumerate(concepts)]
+
+    # vectors: only those of the embedder in use, at its dimension, one row per listed image
+    vectors: dict[str, Any] = {}
+    if "embeddings.safetensors" in archive.members and any(e["embeddings"] for e in entries) and embedder:
+        name, dim = embedder()
+        wanted = {ref["key"]: len(ref["images"]) for e in entries for emb, ref in e["embeddings"].items()
+                  if emb == name and ref["images"]}
+        if wanted:
+            vectors = _read_vectors(archive, wanted, dim)
+        for e in entries:
+            e["embeddings"] = {emb: ref for emb, ref in e["embeddings"].items() if emb == name}
+
+    images: dict[str, tuple[bytes, str]] = {}  # member -> (bytes, hash): each read and hashed once
+    tensors_total = 0
+    pending = []
+    for e in entries:
+        item = _Pending(name=e["name"], category=e["category"], info=e["info"])
+        for image in e["images"]:
+            member = image["file"]
+            if member not in images:
+                data = archive.read(member)
+                images[member] = (data, content_hash(data))
+            if images[member][1] != image["hash"]:
+                raise ImportFormatError(f"{where}: {member} does not match its hash (corrupt archive)")
+            item.images.append(images[member][0])
+            item.labels.append(member)
+        tensors = []
+        for t in e["tensors"]:
+            tensors_total += archive.info(t["file"]).file_size
+            if tensors_total > archive.limits.max_tensors_bytes:
+                raise ImportFormatError(f"{where}: learned tensors come to more than "
+                                        f"{archive.limits.max_tensors_bytes} bytes, over the limit")
+            tensors.append({**t, "data": archive.read(t["file"], archive.limits.max_tensor_bytes)})
+        item.restore = {
+            "id": e["id"], "created": e["created"], "updated": e["updated"], "version": e["version"],
+            "aliases": e["aliases"], "attributes": e["attributes"], "tensors": tensors,
+            "vectors": {emb: (ref["images"], vectors[ref["key"]]) for emb, ref in e["embeddings"].items()
+                        if ref["key"] in vectors},
+        }
+        pending.append(item)
+    return pending
 
 
 # ------------------------------------------------------------------------------------------- import
@@ -238,7 +351,7 @@ def import_concepts(db: "ConceptDB", user: str, path: str | Path, fmt: str, *, s
         pending, skipped = read_folder(path)
         report.skipped += skipped
     else:
-        pending = read_archive(path)
+        pending = read_archive(path, embedder=lambda: (db.embedder.name, db.embedder.dim))
 
     def skip(item: str, reason: str) -> None:
         if strict:
@@ -247,10 +360,19 @@ def import_concepts(db: "ConceptDB", user: str, path: str | Path, fmt: str, *, s
 
     # check every name and image before any embedding or write
     ready: list[tuple[_Pending, list[bytes]]] = []
+    checked: dict[int, bytes] = {}  # an archive image named by many concepts is one bytes object: check it once
     for item in pending:
         try:
             normalize_name(item.name)
-            datas = [load_image_bytes(img) for img in item.images]
+            datas = []
+            for img in item.images:
+                if isinstance(img, bytes) and id(img) in checked:
+                    datas.append(checked[id(img)])
+                    continue
+                data = load_image_bytes(img)
+                if isinstance(img, bytes):
+                    checked[id(img)] = data
+                datas.append(data)
         except (InvalidConceptError, ImageLoadError) as e:
             skip(item.name, str(e))
             continue
@@ -259,7 +381,7 @@ def import_concepts(db: "ConceptDB", user: str, path: str | Path, fmt: str, *, s
             continue
         ready.append((item, datas))
 
-    embeddings = _embed_all(db, ready, batch_size, progress, fmt)
+    embeddings = _embed_all(db, user, ready, batch_size, progress, fmt)
     new = []
     for (item, datas), vecs in zip(ready, embeddings, strict=True):
         r = item.restore
@@ -280,9 +402,10 @@ def import_concepts(db: "ConceptDB", user: str, path: str | Path, fmt: str, *, s
     return report
 
 
-def _embed_all(db: "ConceptDB", ready: list[tuple[_Pending, list[bytes]]], batch_size: int, progress: bool,
-               fmt: str) -> list[dict[str, Any]]:
-    """Per concept, {embedder: vectors}: restored from an archive when complete, else embedded in batches."""
+def _embed_all(db: "ConceptDB", user: str, ready: list[tuple[_Pending, list[bytes]]], batch_size: int,
+               progress: bool, fmt: str) -> list[dict[str, Any]]:
+    """Per concept, {embedder: vectors}: restored from an archive when complete (trusted for the importing
+    user alone: `known_vectors` never hands one user's vectors to another), else embedded in batches."""
     import numpy as np
 
     out: list[dict[str, Any]] = [{} for _ in ready]
@@ -298,7 +421,7 @@ def _embed_all(db: "ConceptDB", ready: list[tuple[_Pending, list[bytes]]], batch
         return out
     emb = db.embedder
     data_of = {h: d for ci in todo for h, d in zip(hashes[ci], ready[ci][1], strict=True)}
-    vectors = db.store.known_vectors(emb.name, list(data_of))
+    vectors = db.store.known_vectors(user, emb.name, list(data_of))
     fresh = [h for h in data_of if h not in vectors]  # each distinct image is embedded once
     if fresh:
         computed = emb.embed_images([data_of[h] for h in fresh], batch_size=batch_size, progress=progress)

@@ -6,7 +6,8 @@
     db.search_image("alice", "photo.jpg", k=3)
 
 Images are checked by the project's safe loader before anything is written; each distinct image (by content
-hash) is embedded once, ever.
+hash) is embedded once per user (never reusing another user's
+vector: see `ConceptStore.known_vectors`).
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ class ConceptDB:
 
     # ------------------------------------------------------------------ writes that embed
 
-    def _prepare(self, images: Sequence[ImageInput]) -> tuple[list[bytes], dict[str, Any]]:
-        """Validate and read every image first, then embed only the ones never embedded before."""
+    def _prepare(self, user: str, images: Sequence[ImageInput]) -> tuple[list[bytes], dict[str, Any]]:
+        """Validate and read every image first, then embed only those the user has no vector of yet."""
         import numpy as np
 
         from concept_db.types import content_hash
@@ -73,7 +74,7 @@ class ConceptDB:
             return [], {}
         emb = self.embedder
         hashes = [content_hash(d) for d in datas]
-        known = self.store.known_vectors(emb.name, hashes)
+        known = self.store.known_vectors(user, emb.name, hashes)
         todo = [i for i, h in enumerate(hashes) if h not in known]
         fresh = emb.embed_images([datas[i] for i in todo], progress=len(todo) > 32) if todo else None
         vectors = np.empty((len(datas), emb.dim), dtype=np.float32)
@@ -87,13 +88,13 @@ class ConceptDB:
     def add(self, user: str, name: str, images: Sequence[ImageInput] = (), *, category: str = "", info: str = "",
             aliases: Sequence[str] = (), attributes: dict | None = None) -> "Concept":
         """Register a concept with its reference images; nothing is written if any image is unreadable."""
-        datas, embeddings = self._prepare(images)
+        datas, embeddings = self._prepare(user, images)
         return self.store.add(user, name, category=category, info=info, aliases=aliases, attributes=attributes,
                               images=datas, embeddings=embeddings)
 
     def add_images(self, user: str, name_or_id: str, images: Sequence[ImageInput]) -> "Concept":
         concept = self.resolve(user, name_or_id)
-        datas, embeddings = self._prepare(images)
+        datas, embeddings = self._prepare(user, images)
         return self.store.add_images(user, concept.id, datas, embeddings)
 
     # ------------------------------------------------------------------ import / export

@@ -99,7 +99,7 @@ class PreferenceProfile:
         emb = self.db.embedder
         todo = [h for h in dict.fromkeys(hashes) if h not in self._vectors]
         if todo:
-            known = self.db.store.known_vectors(emb.name, todo)
+            known = self.db.store.known_vectors(self.user, emb.name, todo)
             missing = [h for h in todo if h not in known]
             if missing:
                 fresh = emb.embed_images([self.db.store.image_bytes(self.user, h) for h in missing])

@@ -9,6 +9,7 @@ Messages are in transformers' chat format; the model's own processor renders the
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -58,6 +59,17 @@ class RenderedPrompt:
     reference_images: int = 0
 
 
+# Characters a JSON string may hold raw that still break or disguise a line of the prompt: C1 controls (NEL
+# among them), line and paragraph separators, bidirectional embeddings, overrides and isolates.
+_INVISIBLE = re.compile("[\u0080-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
+
+
+def quote(text: str) -> str:
+    """User text as a JSON string that stays on its line: `json.dumps` escapes quotes and C0 controls, and
+    this also escapes the separators and bidirectional controls it would keep raw (`\\u2028`, `\\u202e`...)."""
+    return _INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(text, ensure_ascii=False))
+
+
 def defuse(text: str, special_tokens: Iterable[str]) -> str:
     """Make special tokens in user text inert: `<|im_end|>` becomes `‹|im_end|›`."""
     for tok in sorted(set(special_tokens), key=len, reverse=True):
@@ -85,11 +97,10 @@ class PromptBuilder:
         for r in retrieved[: b.max_concepts]:
             c = r.concept
             info = c.info if len(c.info) <= b.max_info_chars else c.info[: b.max_info_chars] + "..."
-            category = f" ({json.dumps(defuse(c.category, self.special_tokens), ensure_ascii=False)})" \
-                if c.category else ""
+            category = f" ({quote(defuse(c.category, self.special_tokens))})" if c.category else ""
             aliases = (" also called " + ", ".join(f"<{a}>" for a in c.aliases)) if c.aliases else ""
             line = (f"- {defuse(c.handle, self.special_tokens)}{category}{defuse(aliases, self.special_tokens)}: "
-                    f"{json.dumps(defuse(info, self.special_tokens), ensure_ascii=False)}")
+                    f"{quote(defuse(info, self.special_tokens))}")
             if used + len(line) > b.max_total_chars and kept:
                 break
             lines.append(line[: b.max_total_chars])

@@ -1,6 +1,7 @@
 """The app in a real browser: Debian's Chromium driven by Playwright (no browser download: no internet here).
 
-Adds a concept with an image, asks about that image and sees the concept retrieved, then generates an image.
+Logs in (multi-user mode, behind the app's SessionGuard), adds a concept with an image, asks about that image and
+sees the concept retrieved, then generates an image.
 Screenshots go to artifacts/browser/ (kept by CI as test artifacts).
 """
 
@@ -39,11 +40,13 @@ def test_add_concept_chat_and_generate_in_chromium(tmp_path, tiny_cache):
     img.save(photo)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
-    demo = gradio_app.build_app("tiny", tmp_path / "app.db", device="cpu")
+    # multi-user mode: the real page works behind the login and the SessionGuard (uploads, previews, queue)
+    demo = gradio_app.build_app("tiny", tmp_path / "app.db", device="cpu", multi_user=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    gradio_app.launch(demo, logins={"alice": "pw-a"}, server_name="127.0.0.1", server_port=port,
+                      prevent_thread_lock=True, quiet=True)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
@@ -52,7 +55,10 @@ def test_add_concept_chat_and_generate_in_chromium(tmp_path, tiny_cache):
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.set_default_timeout(120_000)
             page.goto(f"http://127.0.0.1:{port}/")
-            expect(page.get_by_text("Single-user mode")).to_be_visible(timeout=60_000)
+            page.locator("input[type=text], input:not([type])").first.fill("alice")
+            page.locator("input[type=password]").fill("pw-a")
+            page.get_by_role("button", name=re.compile("login", re.IGNORECASE)).click()
+            expect(page.get_by_text("Signed in")).to_be_visible(timeout=60_000)
 
             # Concepts: add <bo> with its photo
             page.get_by_label("Name").fill("<bo>")
@@ -63,12 +69,14 @@ def test_add_concept_chat_and_generate_in_chromium(tmp_path, tiny_cache):
             page.get_by_role("button", name="Add concept").click()
             expect(page.locator("#concept-status textarea")).to_have_value("added <bo> with 1 image(s)",
                                                                            timeout=120_000)
+            expect(page.locator("#concept-gallery img")).to_have_count(1)  # the thumbnail, inline
             page.screenshot(path=str(ARTIFACTS / "1-concept-added.png"), full_page=True)
 
             # Chat: ask about the same photo; <bo> is among the retrieved concepts
             page.get_by_role("tab", name="Chat").click()
             page.locator("#chat-image input[type=file]").set_input_files(str(photo))
             expect(page.locator("#chat-image img").first).to_be_visible(timeout=60_000)  # upload finished
+            page.wait_for_function("() => document.querySelector('#chat-image img').naturalWidth > 0")  # served
             page.get_by_label("Question").fill("What is in this photo?")
             page.get_by_role("button", name="Ask").click()
             expect(page.locator("#chat-status textarea")).to_have_value(re.compile("used <bo>"), timeout=180_000)

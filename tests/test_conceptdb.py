@@ -51,8 +51,11 @@ def test_each_image_embedded_once(db, tiny_embedder, monkeypatch):
     img = drawn("ellipse", (200, 0, 0))
     db.add("alice", "a", [img, drawn("rectangle", (0, 0, 200))])
     db.add("alice", "b", [img])  # same pixels, same PNG bytes: reused
-    db.add("bob", "c", [img])
     assert calls == [2]
+    db.add("bob", "c", [img])  # once per user: never another user's vector (it could be forged)
+    assert calls == [2, 1]
+    db.add("bob", "d", [img])
+    assert calls == [2, 1]
 
 
 def test_bad_image_writes_nothing(db, tmp_path):

@@ -1,6 +1,7 @@
 """The Gradio app through gradio_client: each tab's main action, two users, concurrent requests."""
 
 import socket
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
@@ -22,9 +23,8 @@ def server(tmp_path_factory, tiny_cache):
     tmp = tmp_path_factory.mktemp("app")
     demo = gradio_app.build_app("tiny", tmp / "app.db", multi_user=True, device="cpu")
     port = free_port()
-    demo.queue(default_concurrency_limit=4).launch(server_name="127.0.0.1", server_port=port,
-                                                   prevent_thread_lock=True, quiet=True,
-                                                   auth=[("alice", "pw-a"), ("bob", "pw-b")])
+    gradio_app.launch(demo, logins={"alice": "pw-a", "bob": "pw-b"}, server_name="127.0.0.1", server_port=port,
+                      prevent_thread_lock=True, quiet=True)
     images = {}
     for name, color, kind in (("red", (210, 30, 30), "ellipse"), ("blue", (30, 60, 200), "rectangle")):
         img = Image.new("RGB", (64, 64), (240, 240, 240))
@@ -42,13 +42,16 @@ def client(url, user, password):
 def test_concepts_chat_preferences_generate(server):
     url, images, _ = server
     alice = client(url, "alice", "pw-a")
-    status, gallery, table = alice.predict("<bo>", "dog", "my shiba", [gradio_client.handle_file(str(images["red"]))],
-                                           api_name="/add_concept")
-    assert "added <bo>" in status and table["data"][0][0] == "<bo>" and len(gallery) == 1
+    status, gallery, table, cleared = alice.predict("<bo>", "dog", "my shiba",
+                                                    [gradio_client.handle_file(str(images["red"]))],
+                                                    api_name="/add_concept")
+    assert cleared is None  # stored: the form is cleared
+    assert "/gradio_api/file=" not in gallery and "data:image/webp;base64," in gallery  # inline, not a URL
+    assert "added <bo>" in status and table["data"][0][0] == "<bo>" and gallery.count("<img") == 1
     chat, rows, thumbs, chat_status = alice.predict(gradio_client.handle_file(str(images["red"])),
                                                     "What is in this photo?", [], api_name="/chat")
     assert rows["data"][0][0] == "<bo>" and rows["data"][0][2] == "image" and "used <bo>" in chat_status
-    assert chat[-1]["role"] == "assistant" and len(thumbs) >= 1
+    assert chat[-1]["role"] == "assistant" and thumbs.count("<img") >= 1
     assert "liked the image" in alice.predict(gradio_client.handle_file(str(images["red"])), "warm red",
                                               api_name="/like")
     assert "recorded a choice" in alice.predict(gradio_client.handle_file(str(images["red"])),
@@ -58,15 +61,13 @@ def test_concepts_chat_preferences_generate(server):
     assert liked == "warm light, film grain" and disliked == "blue cast"
     assert "reward model trained" in alice.predict(api_name="/train_reward")
     mine, plain, meta = alice.predict("a ball", ["attributes", "rerank"], 1, 2, 0, True, api_name="/generate")
-    assert len(mine) == 1 and len(plain) == 1 and "score" in mine[0]["caption"]
-    import json
-
-    metadata = json.load(open(meta))
+    assert mine.count("<img") == 1 and plain.count("<img") == 1 and "score" in mine
+    metadata = meta  # JSON in the page: no metadata file is left on the server
     assert metadata["personalized"][0]["final_prompt"] == "a ball, warm light, film grain"
     assert metadata["vanilla"][0]["final_prompt"] == "a ball"
     # the vanilla comparison costs a second generation, so only when asked for
     mine, plain, meta = alice.predict("a ball", ["attributes"], 1, 2, 0, False, api_name="/generate")
-    assert len(mine) == 1 and plain == [] and json.load(open(meta))["vanilla"] is None
+    assert mine.count("<img") == 1 and plain == "" and meta["vanilla"] is None
 
 
 def test_users_never_see_each_other(server):
@@ -75,7 +76,7 @@ def test_users_never_see_each_other(server):
     alice.predict("<secret>", "thing", "alice only", [gradio_client.handle_file(str(images["blue"]))],
                   api_name="/add_concept")
     gallery, table = bob.predict(api_name="/list_concepts")
-    assert gallery == [] and not table["data"]
+    assert "<img" not in gallery and not table["data"]
     with pytest.raises(gradio_client.exceptions.AppError, match="no concept"):
         bob.predict("<secret>", api_name="/delete_concept")
     bob.predict("<rex>", "dog", "bob's dog", [gradio_client.handle_file(str(images["red"]))], api_name="/add_concept")
@@ -100,3 +101,54 @@ def test_concurrent_requests(server):
     assert {f"<c{i}>" for i in range(4)} <= handles  # no lost writes
     app = demo.mmpersona_app
     assert app.db.store.count("alice") >= 6
+
+
+def logged_in(url, user, password):
+    import httpx
+
+    http = httpx.Client(base_url=url.rstrip("/"), timeout=60)
+    assert http.post("/login", data={"username": user, "password": password}).status_code == 200
+    return http
+
+
+def test_ids_and_files_stay_with_the_user_who_made_them(server):
+    """The attacks of a logged-in user on another's results: upload URLs, upload paths as inputs, event ids,
+    session hashes. Each is refused by the app's SessionGuard, and each still works for its owner."""
+    url, images, _ = server
+    alice, bob = logged_in(url, "alice", "pw-a"), logged_in(url, "bob", "pw-b")
+    private = Path(images["red"]).with_name("private.png")
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(private)  # bytes only alice uploads (Gradio names uploads by
+    with open(private, "rb") as f:                        # content: the same bytes from bob would be his too)
+        uploaded = alice.post("/gradio_api/upload", files={"files": ("red.png", f, "image/png")})
+    assert uploaded.status_code == 200
+    path = uploaded.json()[0]
+    assert alice.get(f"/gradio_api/file={path}").status_code == 200
+    assert bob.get(f"/gradio_api/file={path}").status_code == 403  # her upload's URL
+    file_ref = {"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": "red.png"}
+    stolen = bob.post("/gradio_api/call/add_concept", json={"data": ["<stolen>", "", "", [file_ref]]})
+    assert stolen.status_code == 403  # her upload as his input
+    # an event id: alice's list of concepts, fetched by bob
+    event = alice.post("/gradio_api/call/list_concepts", json={"data": []}).json()["event_id"]
+    assert bob.get(f"/gradio_api/call/list_concepts/{event}").status_code == 403
+    mine = alice.get(f"/gradio_api/call/list_concepts/{event}")
+    assert mine.status_code == 200 and "event: complete" in mine.text
+    # a session hash: alice's queue session, read by bob
+    info = alice.get("/config").json()
+    fn_index = next(d["id"] for d in info["dependencies"] if d.get("api_name") == "list_concepts")
+    joined = alice.post("/gradio_api/queue/join", json={"data": [], "fn_index": fn_index,
+                                                          "session_hash": "alice-session-1"})
+    assert joined.status_code == 200
+    assert bob.get("/gradio_api/queue/data", params={"session_hash": "alice-session-1"}).status_code == 403
+    with alice.stream("GET", "/gradio_api/queue/data", params={"session_hash": "alice-session-1"}) as r:
+        assert r.status_code == 200
+    assert bob.post("/gradio_api/cancel", json={"session_hash": "alice-session-1", "fn_index": fn_index,
+                                                "event_id": "x"}).status_code == 403
+    # a file in Gradio's upload folder that nobody is known to have uploaded is served to nobody
+    anon = Path(path).parent.parent / "planted" / "x.png"
+    anon.parent.mkdir(parents=True, exist_ok=True)
+    anon.write_bytes(b"x")
+    assert alice.get(f"/gradio_api/file={anon}").status_code == 403
+    # logged out: nothing
+    import httpx
+
+    assert httpx.get(url.rstrip("/") + f"/gradio_api/file={path}").status_code in (401, 403)

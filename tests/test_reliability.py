@@ -1,19 +1,16 @@
 """The reliability suite on every backend: crash safety (SIGKILL), multi-process concurrency, owner isolation of
 every public operation, and erasing one user. Long runs: `python scripts/reliability.py --help`."""
 
-import importlib.util
 import inspect
-from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save
 
+import scripts
 from concept_db import ConceptNotFound, open_store
 
-_spec = importlib.util.spec_from_file_location("reliability", Path(__file__).parents[1] / "scripts" / "reliability.py")
-reliability = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reliability)
+reliability = scripts.load("reliability")
 
 
 def test_crash_safety_sigkill_during_bulk_import(db_url):
@@ -24,6 +21,16 @@ def test_crash_safety_sigkill_during_bulk_import(db_url):
 def test_concurrent_readers_and_writers(db_url):
     result = reliability.concurrency(db_url, seconds=6, readers=3, writers=2)
     assert result["added"] > 0 and result["increments"] > 0 and result["reads"] > 0
+
+
+def test_hostile_corpus_sample(tmp_path, tiny_cache):
+    """A sample of `scripts/reliability.py hostile` (the whole corpus takes minutes): each case is a child
+    process, and its outcome, memory, leftovers and effect on another user are checked as the script does."""
+    sample = {"forged-vector", "squat-in-use", "vector-bomb", "app-rap-zip-bomb", "arg-not-utf8", "name-bo", "name-cyrillic-o",
+              "manifest-nested"}
+    result = reliability.hostile(str(tmp_path / "h.db"), small=True, work=tmp_path / "work", only=sample)
+    assert result["cases"] == len(sample) + 1 and result["unexpected"] == []
+    assert result["tracebacks"] == 0 and result["cross_user_effects"] == 0 and result["bytes_written_outside"] == 0
 
 
 def vec(seed, dim=8):
@@ -70,6 +77,7 @@ def cross_owner_calls(store, victim):
         "put_tensor": lambda: store.put_tensor("mallory", cid, "x", save({"t": np.ones(1, np.float32)}),
                                                model="m", fingerprint="f"),
         "get_tensor": lambda: store.get_tensor("mallory", cid, "tokens"),
+        "known_vectors": lambda: store.known_vectors("mallory", "e", list(victim.images)),
         "list_tensors": lambda: store.list_tensors("mallory", cid),
         "profile_events": lambda: store.profile_events("mallory"),
         "delete_profile_event": lambda: store.delete_profile_event("mallory", event.id),
@@ -84,7 +92,7 @@ def cross_owner_calls(store, victim):
 
 
 # operations that take no owner, or only write the caller's own data (checked to leave the victim alone below)
-NOT_OWNER_SCOPED = {"add", "add_many", "add_profile_event", "put_blob", "set_setting", "known_vectors", "owners",
+NOT_OWNER_SCOPED = {"add", "add_many", "add_profile_event", "put_blob", "set_setting", "owners",
                     "embedder_dims", "transaction", "optimize", "close", "schema_version", "url"}
 
 

@@ -184,8 +184,12 @@ def test_images_stored_once_and_garbage_collected(store):
 
 def test_known_vectors_reuse(store):
     c = add(store, "alice", "bo")
-    known = store.known_vectors("e", list(c.images) + ["0" * 64])
+    known = store.known_vectors("alice", "e", list(c.images) + ["0" * 64])
     assert set(known) == set(c.images) and known[c.images[0]].shape == (DIM,)
+    # never another owner's vector, even for the same image bytes (it may be forged, or differ in its last bits)
+    store.add("bob", "copy", images=[store.image_bytes("alice", c.images[0])], embeddings={"e": vecs(1, seed=9)})
+    assert store.known_vectors("carol", "e", list(c.images)) == {}
+    assert np.array_equal(store.known_vectors("alice", "e", [c.images[0]])[c.images[0]], known[c.images[0]])
     assert store.missing_embeddings("alice", "e") == []
     assert len(store.missing_embeddings("alice", "other")) == 2
 
@@ -260,7 +264,7 @@ def test_colliding_hash_keys_keep_images_apart(store, monkeypatch):
         assert store.image_bytes("alice", h) == data
     with pytest.raises(ConceptNotFound):
         store.image_bytes("alice", bob.images[0])
-    assert set(store.known_vectors("e", [content_hash(b"two")])) == {content_hash(b"two")}
+    assert set(store.known_vectors("alice", "e", [content_hash(b"two")])) == {content_hash(b"two")}
     store.delete("alice", a.id)  # "one" goes, "shared" stays for b
     assert store._conn.execute("SELECT count(*) FROM images").fetchone()[0] == 3
     assert store.image_bytes("alice", content_hash(b"shared")) == b"shared"

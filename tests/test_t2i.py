@@ -145,3 +145,34 @@ def test_bad_input(db, pipe):
         pipe("a ball", user="alice", strategies=["lora"], steps=1)
     assert set(STRATEGIES) == {"attributes", "ip_adapter", "subject", "lora", "rerank"}
     assert IPAdapterConfig().scale == 0.6
+
+
+def test_other_users_never_change_alice_images(pipe, db):
+    """Non-interference for generation: alice's images, scores and conditioning for a fixed seed are
+    bit-identical after another user stored her very images, a forged `<bo>`, opposite tastes and a reward model
+    of their own, and generated first through a fresh pipeline (so the shared IP-Adapter cache was filled by
+    them)."""
+    strategies = ["attributes", "ip_adapter", "subject", "rerank"]
+    prompt = "a photo of <bo> on a lawn"
+    before = pipe(prompt, user="alice", n=2, steps=2, seed=3, strategies=strategies)
+    mallory = PreferenceProfile(db, "mallory")
+    for i in range(3):  # alice's own liked and disliked images, with the opposite verdicts
+        mallory.dislike(drawn((230, 80 + 20 * i, 20)), comment="cold")
+        mallory.like(drawn((20, 80 + 20 * i, 230), "rectangle"))
+        mallory.compare("a ball", drawn((20, 90, 230 - i), "rectangle"), drawn((230, 90, 20 + i)))
+    mallory.set_attributes(liked=["blue cast"], disliked=["warm light"])
+    mallory.train_reward()
+    dim = db.embedder.dim
+    db.store.add("mallory", "bo", images=[db.store.image_bytes("alice", db.get("alice", "<bo>").images[0])],
+                 embeddings={db.embedder.name: np.ones((1, dim), np.float32)}, info="forged")
+    fresh = PersonalizedT2IPipeline(db, t2i=pipe.t2i)
+    fresh(prompt, user="mallory", n=2, steps=2, seed=3, strategies=strategies)
+    after = fresh(prompt, user="alice", n=2, steps=2, seed=3, strategies=strategies)
+    assert [np.asarray(i).tobytes() for i in after.images] == [np.asarray(i).tobytes() for i in before.images]
+    assert after.scores == before.scores
+
+    def untimed(metadata):
+        return [{k: v for k, v in m.items() if k != "seconds"} for m in metadata]
+
+    assert untimed(after.metadata) == untimed(before.metadata)
+    db.erase_user("mallory")

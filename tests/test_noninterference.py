@@ -1,0 +1,134 @@
+"""User-level non-interference, as a tested property: everything the toolkit computes for one user is
+bit-identical whether or not other users exist and whatever they stored, hostile archives included.
+
+Hypothesis draws sequences of other users' operations (adds with forged vectors and with copies of alice's
+own images and query photos, forged and squatting archive imports, deletes, edits, likes, settings, erasure)
+and runs them between alice's steps; alice's outputs (retrieval results and scores, the rendered VLM prompt,
+the calibrated threshold, her reward model's scores, her stored vectors) must equal those of a run in which
+nobody else exists. On both backends.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import scripts
+from concept_db import ConceptDBError
+from mmpersona import ConceptDB, PreferenceProfile
+from mmpersona.concept_io import ImportFormatError
+
+corpus = scripts.load("hostile_corpus")
+
+ALICE = "alice"
+OTHERS = ["bob", "mallory"]
+# alice's images 0-2, her query photos 3-4, others' own images 5-7: the others may use any of them
+POOL = [corpus.png(100 + i) for i in range(8)]
+NAMES = ["cat", "dog", "mug", "x"]
+
+
+def alice_run(db: ConceptDB, others: list[tuple], tmp: Path) -> dict:
+    """Alice's fixed session, with `others` spread between her steps; returns everything computed for her."""
+    from pipelines.calibrate import calibrate
+    from pipelines.prompt import PromptBuilder
+    from pipelines.retrieval import Retriever
+
+    chunks = [others[i::4] for i in range(4)]
+    out: dict = {}
+    run_others(db, chunks[0], tmp)
+    db.add(ALICE, "cat", [POOL[0], POOL[1]], category="pet", info="alice's cat")
+    db.add(ALICE, "dog", [POOL[1], POOL[2]], category="pet", info="alice's dog", aliases=["rex"])
+    run_others(db, chunks[1], tmp)
+    retriever = Retriever(db)
+    builder = PromptBuilder()
+    for q in (3, 4, 0):
+        image = corpus_image(q)
+        found = Retriever.merge(retriever.by_mention(ALICE, "is <cat> with rex?"), retriever.by_image(ALICE, image))
+        out[f"retrieved{q}"] = [(r.concept.name, r.score, r.source, r.image) for r in found]
+        out[f"prompt{q}"] = json.dumps(builder.build("what is this?", None, found).messages)
+    out["search_text"] = [(m.concept.name, m.score, m.image) for m in db.search_text(ALICE, "a pet", k=3)]
+    run_others(db, chunks[2], tmp)
+    out["calibration"] = calibrate(db, ALICE, {"cat": [POOL[0]], "dog": [POOL[2]]}, [POOL[3]]).to_dict()
+    profile = PreferenceProfile(db, ALICE)
+    profile.like(POOL[3], comment="warm")
+    profile.dislike(POOL[4])
+    profile.compare("a ball", POOL[0], POOL[2])
+    run_others(db, chunks[3], tmp)
+    reward = profile.train_reward()
+    out["reward"] = reward.score(profile.image_vectors([corpus_hash(i) for i in (3, 4)])).tolist()
+    out["vectors"] = {c.name: {e: (h, m.tobytes()) for e, (h, m) in db.store.vectors(ALICE, c.id).items()}
+                      for c in db.list(ALICE)}
+    out["concepts"] = [(c.name, c.category, c.info, c.aliases, c.images, c.version) for c in db.list(ALICE)]
+    return out
+
+
+def corpus_image(i: int):
+    from mmpersona import load_image
+
+    return load_image(POOL[i])
+
+
+def corpus_hash(i: int) -> str:
+    from concept_db.types import content_hash
+
+    return content_hash(POOL[i])
+
+
+def run_others(db: ConceptDB, ops: list[tuple], tmp: Path) -> None:
+    emb = db.embedder
+    for n, (kind, owner, name, images, seed) in enumerate(ops):
+        datas = [POOL[i] for i in images]
+        try:
+            if kind == "add":
+                db.add(owner, name, datas, category="pet", info=f"{owner}'s")
+            elif kind == "add_forged":  # vectors of the forger's choosing: alice's query photos, or noise
+                target = emb.embed_images([POOL[seed % len(POOL)]])[0] if seed % 2 else \
+                    np.random.default_rng(seed).normal(size=emb.dim).astype(np.float32)
+                db.store.add(owner, name, images=datas, embeddings={emb.name: np.stack([target] * len(datas))})
+            elif kind == "import_forged":
+                vector = emb.embed_images([POOL[seed % len(POOL)]])[0]
+                path = corpus.forged_vector_archive(tmp / f"forged{n}.zip", datas[0], vector, emb.name)
+                db.import_concepts(owner, path, "archive", progress=False)
+            elif kind == "import_squat":
+                path = corpus.squatting_archive(tmp / f"squat{n}.zip", datas[0], emb.name, dim=seed % 40 + 1)
+                db.import_concepts(owner, path, "archive", progress=False)
+            elif kind == "delete":
+                db.delete(owner, name)
+            elif kind == "edit":
+                db.update(owner, name, info=f"edited {seed}", aliases=["rex", "cat"])
+            elif kind == "like":
+                PreferenceProfile(db, owner).like(datas[0])
+            elif kind == "setting":
+                db.store.set_setting(owner, "retrieval.threshold", seed / 100)
+            elif kind == "erase":
+                db.erase_user(owner)
+        except (ConceptDBError, ImportFormatError):
+            pass  # the others' own mistakes are theirs
+
+
+operations = st.tuples(
+    st.sampled_from(["add", "add_forged", "import_forged", "import_squat", "delete", "edit", "like", "setting",
+                     "erase"]),
+    st.sampled_from(OTHERS),
+    st.sampled_from(NAMES),
+    st.lists(st.integers(0, len(POOL) - 1), min_size=1, max_size=3),
+    st.integers(0, 1000),
+)
+
+
+@pytest.mark.parametrize("examples", [30])
+def test_other_users_never_change_alice_results(db_url, tiny_embedder, tmp_path, examples):
+    with ConceptDB(db_url, embedder=tiny_embedder) as db:
+        baseline = alice_run(db, [], tmp_path)
+        assert baseline["retrieved3"] and baseline["calibration"]["threshold"] is not None
+
+        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(others=st.lists(operations, min_size=1, max_size=16))
+        def check(others):
+            db.erase_user(ALICE)  # the others' data from earlier examples stays: more for them to interfere with
+            assert alice_run(db, others, tmp_path) == baseline
+
+        check()
