@@ -507,6 +507,11 @@ def _write_archive(store, user: str, concepts, path: Path) -> None:
                             "embeddings": embeddings, "tensors": tensors})
         if arrays:
             zf.writestr("embeddings.safetensors", save_safetensors(arrays))
-        zf.writestr("manifest.json", json.dumps({"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION,
-                                                 "concepts": entries}, indent=1))
+        manifest = json.dumps({"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "concepts": entries},
+                              separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        limit = ArchiveLimits().max_json_bytes
+        if len(manifest) > limit:  # still written: the importing side may raise its limit
+            logger.warning("%s: the manifest is %d bytes, over the import limit of %d; importing it needs "
+                           "MMPERSONA_MAX_MANIFEST_BYTES=%d", path, len(manifest), limit, len(manifest))
+        zf.writestr("manifest.json", manifest)
     tmp.replace(path)

@@ -94,3 +94,21 @@ def test_multi_user_starts_behind_the_guard(monkeypatch, tmp_path):
     monkeypatch.setattr(gradio_app, "launch", lambda demo, **k: launched.update(launch=k))
     gradio_app.main()
     assert launched["build"]["multi_user"] is True and launched["launch"]["logins"] == {"alice": "pw"}
+
+
+def test_thumbnails_are_made_once_per_image_and_only_for_their_owner(tmp_path, tiny_embedder, monkeypatch):
+    from concept_db import ConceptNotFound
+
+    app = gradio_app.App("tiny", tmp_path / "a.db", "cpu")
+    app.db._embedder = tiny_embedder
+    for i in range(3):
+        app.db.add("alice", f"c{i}", [corpus.png(i)])
+    made = []
+    real = gradio_app.data_uri
+    monkeypatch.setattr(gradio_app, "data_uri", lambda data, size: made.append(size) or real(data, size))
+    first = app.gallery("alice")
+    assert first.count("<img") == 3 and len(made) == 3
+    assert app.gallery("alice") == first and len(made) == 3  # a refresh decodes nothing again
+    with pytest.raises(ConceptNotFound):  # cached or not, another user's image is not served
+        app.thumbnail("bob", app.db.get("alice", "c0").images[0])
+    app.db.close()

@@ -152,3 +152,11 @@ def test_ids_and_files_stay_with_the_user_who_made_them(server):
     import httpx
 
     assert httpx.get(url.rstrip("/") + f"/gradio_api/file={path}").status_code in (401, 403)
+
+
+def test_oversized_uploads_are_refused(server):
+    url, _, _ = server
+    alice = logged_in(url, "alice", "pw-a")
+    big = b"\0" * (65 * 1024 * 1024)  # over the app's 64 MB limit
+    response = alice.post("/gradio_api/upload", files={"files": ("big.png", big, "image/png")})
+    assert response.status_code == 413
