@@ -665,17 +665,19 @@ class SessionGuard:
         if method == "POST" and route.startswith("/upload"):
             return await self.app(scope, receive, self._recording(send, user, self._record_uploads))
         if method == "POST" and route.startswith(_DATA_ROUTES):
-            body, more = b"", True
+            parts, size, more = [], 0, True
             while more:
                 message = await receive()
-                body += message.get("body", b"")
+                parts.append(message.get("body", b""))
+                size += len(parts[-1])
                 more = message.get("more_body", False)
-                if len(body) > _BODY_LIMIT:
+                if size > _BODY_LIMIT:
                     return await self._refuse(scope, receive, send, 413, "request too large")
-            try:
+            body = b"".join(parts)
+            try:  # the same parser FastAPI uses for these bodies, so both read the same session and files
                 data = json.loads(body) if body else {}
-            except ValueError:
-                data = {}
+            except (ValueError, RecursionError):
+                return await self._refuse(scope, receive, send, 400, "the request body is not JSON")
             if isinstance(data, dict):
                 session = data.get("session_hash")
                 if isinstance(session, str) and not self.sessions.claim(session, user):
