@@ -32,6 +32,9 @@ app.add_typer(profile_app, name="profile")
 concepts_app = typer.Typer(help="The concept database: your concepts, their images and retrieval.",
                            no_args_is_help=True)
 app.add_typer(concepts_app, name="concepts")
+eval_app = typer.Typer(help="Evaluation: run the protocols on a dataset, or score released outputs as the peers do.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 
 @dataclass
@@ -443,7 +446,7 @@ def chat(
                 typer.echo(f"error: {e}", err=True)
 
 
-@app.command("eval")
+@eval_app.command("run")
 def evaluate_cmd(
     ctx: typer.Context,
     dataset: Path = typer.Argument(..., help="Dataset folder: concepts/, test/, questions.json (see README)."),
@@ -488,6 +491,90 @@ def evaluate_cmd(
         o = report["caption"]["overall"]
         lines.append(f"caption: precision {o['precision']}, recall {o['recall']}, f1 {o['f1']}")
     emit(s, report, "\n".join(lines))
+
+
+@eval_app.command("bench")
+def eval_bench_cmd(
+    ctx: typer.Context,
+    benchmark: str = typer.Argument(..., help="yollava or repic."),
+    root: Path = typer.Argument(..., help="yollava: the yollava-data folder; repic: the RePIC folder."),
+    recognition: Optional[Path] = typer.Option(None, "--recognition",
+                                               help="yollava: RAP's recognition_test.json (default: generated)."),
+    visual_qa: Optional[Path] = typer.Option(None, "--visual-qa", help="yollava: yollava-visual-qa.json."),
+    text_qa: Optional[Path] = typer.Option(None, "--text-qa", help="yollava: yollava-text-only-qa.json."),
+    queries: Optional[Path] = typer.Option(None, "--queries", help="repic: a *_query_templates.json."),
+    database: Optional[Path] = typer.Option(None, "--database",
+                                            help="A RAP database.json (yollava: info; repic: database_mod.json)."),
+    method: Optional[list[str]] = typer.Option(None, "--method",
+                                               help="vanilla, oracle, retrieval (repeatable; default all three)."),
+    out: Path = typer.Option(Path("mmpersona-eval"), "--out",
+                             help="Report folder: report.json/.md/.png, the peer-format predictions, answers cache."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N items (a quick look)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """A peer benchmark in its published layout, methods side by side, scored by the peer's own rule."""
+    import tempfile
+
+    from pipelines.peers import datasets
+    from pipelines.peers.run import register, run
+    from pipelines.vlm import ANSWER_METHODS, PersonalizedVLMPipeline
+
+    from .conceptdb import ConceptDB
+
+    s = settings(ctx)
+    if benchmark == "yollava":
+        bench = datasets.yollava(root, recognition=recognition, visual_qa=visual_qa, text_qa=text_qa,
+                                 database=database)
+    elif benchmark == "repic":
+        if queries is None or database is None:
+            raise MmpersonaError("repic needs --queries (a *_query_templates.json) and --database (database_mod.json)")
+        bench = datasets.repic(root, queries, database)
+    else:
+        raise MmpersonaError(f"unknown benchmark {benchmark!r}; valid: yollava, repic")
+    with tempfile.TemporaryDirectory(prefix="mmpersona-eval-") as tmp:
+        with ConceptDB(Path(tmp) / "eval.db", embedder=s.overrides.get("embedder"), preset=s.preset,
+                       device=s.device, dtype=s.dtype) as db:
+            register(db, s.user, bench)
+            pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), preset=s.preset, device=s.device, dtype=s.dtype,
+                                           max_new_tokens=max_new_tokens)
+            report = run(pipe, s.user, bench, method or list(ANSWER_METHODS), out=out, limit=limit,
+                         progress=not s.json, seed=seed)
+    emit(s, report, (out / "report.md").read_text(encoding="utf-8") + f"\nreport: {out / 'report.json'}")
+
+
+@eval_app.command("score")
+def eval_score_cmd(
+    ctx: typer.Context,
+    fmt: str = typer.Argument(..., metavar="FORMAT",
+                              help="rap-qa, yollava-recognition, repic-single, repic-2 or repic-4."),
+    files: list[Path] = typer.Argument(..., help="Prediction files in that format (another system's outputs)."),
+) -> None:
+    """Score released prediction files in their own format, by the peer's own rule (the peer's numbers)."""
+    from pipelines.peers.scoring import SCORERS, PredictionFormatError, format_repic, score_file
+
+    from .safe_io import UnsafeInputError, parse_json, read_limited
+
+    s = settings(ctx)
+    if fmt not in SCORERS:
+        raise PredictionFormatError(f"unknown prediction format {fmt!r}; valid: {', '.join(SCORERS)}")
+    results, lines = [], []
+    for f in files:
+        try:
+            rows = parse_json(read_limited(f, 1 << 30, "prediction file"), repr(str(f)))
+        except UnsafeInputError as e:
+            raise PredictionFormatError(str(e)) from e
+        try:
+            metrics = score_file(fmt, rows)
+        except PredictionFormatError as e:
+            raise PredictionFormatError(f"{str(f)!r}: {e}") from e
+        results.append({"file": str(f), "format": fmt, **metrics})
+        if fmt.startswith("repic"):
+            lines.append(format_repic(f.name, metrics))
+        else:
+            lines.append(f"{f.name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in metrics.items()))
+    emit(s, results, "\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------ profile

@@ -39,6 +39,8 @@ THRESHOLD_SETTING = "retrieval_min_score"
 #: retrieval: concepts as text (RAP); tokens: only concepts with learned tokens (Yo'LLaVA); hybrid: learned
 #: tokens for concepts that have them, text for the rest.
 MODES = ("retrieval", "tokens", "hybrid")
+#: how `answer_as` answers: the VLM alone, the ground-truth concepts injected, or retrieval (see `mode` for tokens)
+ANSWER_METHODS = ("vanilla", "oracle", "retrieval")
 
 
 class UnknownUserError(ConceptDBError):
@@ -118,17 +120,19 @@ class PersonalizedVLMPipeline:
 
     # ------------------------------------------------------------------ steps
 
-    def check_inputs(self, image: ImageInput | None, question: Any, user: Any) -> "Image.Image":
+    def check_inputs(self, image: ImageInput | None, question: Any, user: Any, *,
+                     text_only: bool = False) -> "Image.Image | None":
+        """`text_only`: a question without an image is allowed (the evaluation's text-only QA)."""
         if not isinstance(question, str) or not question.strip():
             raise MmpersonaError(f"`question` must be a non-empty string, got {question!r}")
-        if image is None:
+        if image is None and not text_only:
             raise MmpersonaError("`image` is required: pass the photo the question is about")
         if not isinstance(user, str) or not user.strip():
             raise MmpersonaError(f"`user` must be a non-empty string, got {user!r}")
         if not self.db.store.has_owner(user):
             raise UnknownUserError(f"user {user!r} has no concepts in this database (add some with "
                                    "`mmpersona concepts add`, or check --user)")
-        return load_image(image)
+        return load_image(image) if image is not None else None
 
     def threshold(self, user: str) -> float | None:
         return self.min_score if self.min_score is not None else self.db.store.get_setting(user, THRESHOLD_SETTING)
@@ -183,11 +187,18 @@ class PersonalizedVLMPipeline:
     # ------------------------------------------------------------------ one call
 
     def prepare(self, image: ImageInput | None, question: str, *, user: str,
-                history: list[dict[str, Any]] | None = None):
-        """Everything before generation: checked inputs, retrieval, prompt. Returns (prompt, candidates, timings)."""
+                history: list[dict[str, Any]] | None = None, concepts: "list[Any] | None" = None,
+                text_only: bool = False):
+        """Everything before generation: checked inputs, retrieval, prompt. Returns (prompt, candidates, timings).
+
+        `concepts` (names, aliases or ids) skips retrieval and injects exactly those: the evaluation's
+        `oracle` method (RAP's skip-retrieval upper bound). `text_only`: no image needed."""
         t0 = time.perf_counter()
-        img = self.check_inputs(image, question, user)
-        candidates = self.retrieve(user, question, img)
+        img = self.check_inputs(image, question, user, text_only=text_only)
+        if concepts is None:
+            candidates = self.retrieve(user, question, img)
+        else:
+            candidates = [RetrievedConcept(self.db.resolve(user, c), 1.0, "oracle") for c in concepts]
         as_text, learned = self.load_learned(user, candidates)
         t1 = time.perf_counter()
         prompt = self.prompts.build(question, img, as_text, history=history,
@@ -206,6 +217,31 @@ class PersonalizedVLMPipeline:
         timings["total_ms"] = (time.perf_counter() - start) * 1000
         return VLMAnswer(answer, prompt.injected, not prompt.injected, printable_messages(prompt.messages),
                          timings, candidates)
+
+    def answer_as(self, method: str, image: ImageInput | None, question: str, *, user: str,
+                  concepts: "list[Any] | None" = None, history: list[dict[str, Any]] | None = None,
+                  **generate_kwargs: Any) -> VLMAnswer:
+        """One answer by an evaluation method: `vanilla` (the VLM alone: the image and question, no concepts and
+        no instructions), `oracle` (exactly `concepts` injected, no retrieval) or `retrieval` (a normal call)."""
+        if method in ("retrieval", "oracle"):
+            start = time.perf_counter()
+            prompt, candidates, timings = self.prepare(
+                image, question, user=user, history=history, text_only=image is None,
+                concepts=list(concepts or []) if method == "oracle" else None)
+            answer = self.generate(prompt.messages, **generate_kwargs)
+            timings["total_ms"] = (time.perf_counter() - start) * 1000
+            return VLMAnswer(answer, prompt.injected, not prompt.injected, printable_messages(prompt.messages),
+                             timings, candidates)
+        if method == "vanilla":
+            start = time.perf_counter()
+            img = load_image(image) if image is not None else None
+            content = ([{"type": "image", "image": img}] if img is not None else []) + [
+                {"type": "text", "text": question}]
+            messages = [*(history or []), {"role": "user", "content": content}]
+            answer = self.generate(messages, **generate_kwargs)
+            return VLMAnswer(answer, [], True, printable_messages(messages),
+                             {"total_ms": (time.perf_counter() - start) * 1000}, [])
+        raise MmpersonaError(f"unknown method {method!r}; valid: {', '.join(ANSWER_METHODS)}")
 
     def stream(self, image: ImageInput | None, question: str, *, user: str,
                history: list[dict[str, Any]] | None = None, **generate_kwargs: Any) -> "AnswerStream":

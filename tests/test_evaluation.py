@@ -147,7 +147,7 @@ def test_calibrate_stores_threshold(tmp_path, tiny_embedder):
 def test_eval_cli_end_to_end(dataset, tiny_cache, tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "mmpersona", "--preset", "tiny", "--device", "cpu", "--json",
-                           "eval", str(dataset), "--protocol", "recognition", "--protocol", "caption",
+                           "eval", "run", str(dataset), "--protocol", "recognition", "--protocol", "caption",
                            "--max-new-tokens", "2", "--out", str(out)],
                           capture_output=True, text=True, env=dict(os.environ), timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from concept_db import ConceptNotFound
 from mmpersona import ConceptDB, ImageLoadError, MmpersonaError
 from pipelines import PersonalizedVLMPipeline, PromptBudget, UnknownUserError
 from pipelines.prompt import PromptBuilder, defuse
@@ -234,3 +235,21 @@ def test_a_phone_photo_costs_at_most_the_visual_budget(concept_db, tiny_cache, m
     assert vlm.visual_tokens(photo) <= 256
     with pytest.raises(MmpersonaError, match="max_visual_tokens"):
         vlm.set_visual_budget(0)
+
+
+def test_evaluation_methods(pipe):
+    """vanilla: the image and question alone; oracle: exactly the given concepts, no retrieval; retrieval: a
+    normal call. Text-only questions are allowed here (the evaluation's text-only QA)."""
+    image = drawn("ellipse", (200, 30, 30))
+    vanilla = pipe.answer_as("vanilla", image, "What is this?", user="alice")
+    assert vanilla.retrieved == [] and [m["role"] for m in vanilla.messages] == ["user"]
+    oracle = pipe.answer_as("oracle", image, "What is this?", user="alice", concepts=["mug", "leaf"])
+    assert [r.concept.name for r in oracle.retrieved] == ["mug", "leaf"] and {r.source for r in oracle.retrieved} == {"oracle"}
+    retrieval = pipe.answer_as("retrieval", image, "What is this?", user="alice")
+    assert retrieval.answer == pipe(image, "What is this?", user="alice").answer
+    text_only = pipe.answer_as("oracle", None, "What is <bo>'s breed?", user="alice", concepts=["bo"])
+    assert [r.concept.name for r in text_only.retrieved] == ["bo"]
+    with pytest.raises(MmpersonaError, match="unknown method"):
+        pipe.answer_as("psychic", image, "?", user="alice")
+    with pytest.raises(ConceptNotFound):  # the oracle's concepts are the user's own
+        pipe.answer_as("oracle", image, "?", user="alice", concepts=["rex"])

@@ -1,0 +1,161 @@
+"""Run a peer benchmark with several methods side by side, score each with the peer's own rule, and report.
+
+Per method, every item is answered (answers cached in `answers.jsonl` per (method, item, model), so an
+interrupted run goes on where it stopped), the answers are written in the peer's own prediction format
+(`<method>-<protocol>.json`, which the peer's own script reads), scored by `scoring.SCORERS`, and the run ends
+with `report.json`, `report.md` (one row per method) and `report.png` (one group of bars per protocol).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+from mmpersona.errors import MmpersonaError
+
+from .datasets import Benchmark
+from .scoring import SCORERS
+
+logger = logging.getLogger(__name__)
+
+#: the headline metric of each scorer, for the table and the plot
+HEADLINE = {"yollava-recognition": "weighted_accuracy", "rap-qa": "accuracy", "repic-single": "f1",
+            "repic-2": "f1", "repic-4": "f1"}
+
+
+def register(db, user: str, bench: Benchmark) -> int:
+    """Register the benchmark's concepts for `user` (kept if already there); returns how many were added."""
+    added = 0
+    for c in bench.concepts:
+        if db.store.find(user, c.name) is None and c.images:
+            db.add(user, c.name, c.images, category=c.category, info=c.info)
+            added += 1
+    return added
+
+
+class AnswerCache:
+    """answers.jsonl: one line per (method, item id, model) answered; read back on the next run."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.answers = path, {}
+        if path is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.answers[(entry["method"], entry["item"], entry["model"])] = entry["answer"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by an interruption
+
+    def get(self, method: str, item: str, model: str) -> str | None:
+        return self.answers.get((method, item, model))
+
+    def put(self, method: str, item: str, model: str, answer: str) -> None:
+        self.answers[(method, item, model)] = answer
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"method": method, "item": item, "model": model, "answer": answer}) + "\n")
+
+
+def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path | None = None,
+        limit: int | None = None, progress: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Answer and score every item of `bench` with each method; writes the report files under `out`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from pipelines.vlm import ANSWER_METHODS
+    from mmpersona import __version__
+
+    unknown = [m for m in methods if m not in ANSWER_METHODS]
+    if unknown:
+        raise MmpersonaError(f"unknown method {unknown[0]!r}; valid: {', '.join(ANSWER_METHODS)}")
+    items = bench.items[:limit] if limit else bench.items
+    if not items:
+        raise MmpersonaError(f"{bench.name}: no items to evaluate")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    model = pipe.vlm.spec.id if getattr(pipe.vlm, "spec", None) is not None else str(pipe.vlm)
+    cache = AnswerCache(out / "answers.jsonl" if out is not None else None)
+    results: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        rows: dict[tuple[str, str], list[Any]] = {}
+        for item in tqdm(items, desc=f"{bench.name} {method}", disable=not progress):
+            answer = cache.get(method, item.id, model)
+            if answer is None:
+                torch.manual_seed(seed)
+                answer = pipe.answer_as(method, item.image, item.question, user=user, concepts=item.concepts).answer
+                cache.put(method, item.id, model, answer)
+            rows.setdefault((item.protocol, item.scorer), []).append(item.answered(answer))
+        results[method] = {}
+        for (protocol, scorer), answered in rows.items():
+            metrics = SCORERS[scorer](answered)
+            results[method][protocol] = {"scorer": scorer, **metrics}
+            if out is not None:
+                (out / f"{method}-{protocol}.json").write_text(json.dumps(answered, indent=1), encoding="utf-8")
+    report = {"benchmark": bench.name, "dataset": str(bench.root), "model": model, "user": user,
+              "methods": list(methods), "items": len(items), "limit": limit, "seed": seed,
+              "mmpersona": __version__, "python": platform.python_version(),
+              "note": ("tiny random models: these numbers are noise, the run only shows the harness works"
+                       if model.startswith("tiny:") else ""),
+              "results": results}
+    if out is not None:
+        (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        (out / "report.md").write_text(markdown(report), encoding="utf-8")
+        plot(report, out / "report.png")
+    return report
+
+
+def _fmt(v: Any) -> str:
+    return f"{v * 100:.1f}" if isinstance(v, float) else "-" if v is None else str(v)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """One row per method, one column per (protocol, metric)."""
+    protocols = sorted({p for r in report["results"].values() for p in r})
+    columns = []
+    for p in protocols:
+        scorer = next(r[p]["scorer"] for r in report["results"].values() if p in r)
+        keys = {"yollava-recognition": ["positive_accuracy", "negative_accuracy", "weighted_accuracy"],
+                "rap-qa": ["accuracy"]}.get(scorer, ["precision", "recall", "f1"])
+        columns += [(p, k) for k in keys]
+    lines = [f"# {report['benchmark']}: {report['model']} ({report['items']} items, mmpersona {report['mmpersona']})",
+             ""]
+    if report["note"]:
+        lines += [f"_{report['note']}_", ""]
+    lines.append("| method | " + " | ".join(f"{p} {k.replace('_', ' ')}" for p, k in columns) + " |")
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for method, r in report["results"].items():
+        lines.append(f"| {method} | " + " | ".join(_fmt(r.get(p, {}).get(k)) for p, k in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Bars of each method's headline metric, one group per protocol (drawn with PIL: no plotting library)."""
+    from PIL import Image, ImageDraw
+
+    protocols = sorted({p for r in report["results"].values() for p in r})
+    methods = list(report["results"])
+    colours = [(70, 110, 200), (220, 120, 40), (60, 160, 90), (170, 60, 160), (120, 120, 120)]
+    bar, gap, height, top = 26, 30, 240, 40
+    width = 60 + len(protocols) * (len(methods) * bar + gap)
+    img = Image.new("RGB", (max(width, 320), height + top + 60), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), f"{report['benchmark']} - {report['model']}", fill="black")
+    base = top + height
+    d.line((40, base, width, base), fill="black")
+    for gi, p in enumerate(protocols):
+        x0 = 50 + gi * (len(methods) * bar + gap)
+        for mi, method in enumerate(methods):
+            entry = report["results"][method].get(p)
+            value = entry.get(HEADLINE[entry["scorer"]]) if entry else None
+            if isinstance(value, float):
+                h = int(value * height)
+                d.rectangle((x0 + mi * bar, base - h, x0 + mi * bar + bar - 4, base), fill=colours[mi % len(colours)])
+                d.text((x0 + mi * bar, base - h - 12), f"{value * 100:.0f}", fill="black")
+        d.text((x0, base + 6), p, fill="black")
+    for mi, method in enumerate(methods):
+        d.rectangle((10 + mi * 110, base + 30, 22 + mi * 110, base + 42), fill=colours[mi % len(colours)])
+        d.text((26 + mi * 110, base + 30), method, fill="black")
+    img.save(path)

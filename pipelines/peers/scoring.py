@@ -1,0 +1,173 @@
+"""The peers' own scoring rules, reproduced exactly (see FORMATS.md in this folder for the sources).
+
+Each scorer takes the peer's own prediction file contents (already parsed JSON) and returns a dict of metrics as
+fractions; `format_*` renders them as the peer's script prints them, so a number here and a number in a paper
+are the same number.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Any
+
+from mmpersona.errors import MmpersonaError
+
+
+class PredictionFormatError(MmpersonaError, ValueError):
+    """A prediction file that is not in the format its scorer reads."""
+
+
+# ------------------------------------------------------------------------------------------ RAP's QA (eval_qa.py)
+
+
+def rap_normalize_answer(text: str) -> str:
+    """RAP-MLLM eval/eval_qa.py `normalize_answer`: lowercase, drop punctuation, drop the articles a/an/the,
+    collapse whitespace. (So "A" normalises to "" — an answer of "A", "the" or nothing matches gold "A".)"""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def score_rap_qa(rows: Any) -> dict[str, Any]:
+    """RAP's VQA-*.json / TQA-*.json outputs: a list of {answer, correct_answer, ...}; micro-averaged exact match
+    of the normalised strings."""
+    if not isinstance(rows, list) or not rows:
+        raise PredictionFormatError("a RAP QA prediction file is a non-empty list of {answer, correct_answer} objects")
+    scores = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("answer"), str) \
+                or not isinstance(row.get("correct_answer"), str):
+            raise PredictionFormatError(f"row {i}: expected 'answer' and 'correct_answer' strings")
+        scores.append(rap_normalize_answer(row["answer"]) == rap_normalize_answer(row["correct_answer"]))
+    return {"accuracy": sum(scores) / len(scores), "items": len(scores)}
+
+
+# ------------------------------------------------------------------------------------------ recognition
+
+
+def score_yollava_recognition(rows: Any) -> dict[str, Any]:
+    """Yo'LLaVA's test-sks-acc.py rule on RAP's recognition output (a list of {concept, correct_answer: bool,
+    answer, ...}): a prediction counts only if the stripped answer is exactly "Yes" or "No" (case-sensitive);
+    any other answer is dropped from numerator and denominator. Positive accuracy over items whose gold answer is
+    true, negative over those whose gold is false, weighted = their mean (Yo'LLaVA's train.py balanced
+    accuracy). `dropped` counts the answers that were neither."""
+    if not isinstance(rows, list) or not rows:
+        raise PredictionFormatError("a recognition prediction file is a non-empty list of objects")
+    counts = {True: [0, 0], False: [0, 0]}  # gold -> [correct, counted]
+    dropped = 0
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("answer"), str) \
+                or not isinstance(row.get("correct_answer"), bool):
+            raise PredictionFormatError(f"row {i}: expected an 'answer' string and a boolean 'correct_answer'")
+        said = row["answer"].strip()
+        if said not in ("Yes", "No"):
+            dropped += 1
+            continue
+        gold = row["correct_answer"]
+        counts[gold][1] += 1
+        counts[gold][0] += (said == "Yes") == gold
+    pos = counts[True][0] / counts[True][1] if counts[True][1] else None
+    neg = counts[False][0] / counts[False][1] if counts[False][1] else None
+    weighted = (pos + neg) / 2 if pos is not None and neg is not None else None
+    return {"positive_accuracy": pos, "negative_accuracy": neg, "weighted_accuracy": weighted,
+            "positives": counts[True][1], "negatives": counts[False][1], "dropped": dropped}
+
+
+# ------------------------------------------------------------------------------------------ RePIC captions
+
+REPIC_PUNCT_STRIP = ".,!?;:()[]{}\"'-"
+
+
+def _strip_brackets(token: str) -> str:
+    return token[1:-1] if token.startswith("<") and token.endswith(">") else token
+
+
+def repic_tokens(caption: str, *, lower: bool) -> list[str]:
+    """RePIC evaluation/eval_*.py `tokenize_caption`: drop "</s>", split on whitespace, trim REPIC_PUNCT_STRIP
+    from both ends of each token (not <, >, * or a curly apostrophe); lower-cased in the single- and 4-concept
+    scorers, not in the 2-concept one."""
+    caption = caption.replace("</s>", "")
+    if lower:
+        caption = caption.lower()
+    return [w.strip(REPIC_PUNCT_STRIP) for w in caption.split() if w.strip(REPIC_PUNCT_STRIP)]
+
+
+REPIC_SETTINGS = {"single": True, "2": False, "4": True}  # setting -> lower-cased
+
+
+def score_repic_captions(rows: Any, setting: str) -> dict[str, Any]:
+    """RePIC's caption concept precision / recall / F1 (evaluation/eval_single_concept.py,
+    eval_multi_2_concept.py, eval_multi_4_concept.py) on its prediction format: a list of
+    [image_path, gt_concepts, caption, ...] (RAP's caption.py writes the same first three fields).
+
+    Counts are pooled over every ground-truth slot in the file. The candidate pool is every name that is ground
+    truth somewhere in the file. For each gold name: found in the caption's tokens (as `<name>` or `name`) ->
+    correct; else, if any other pool name is present -> a miss ("MISS"); else nothing predicted. Precision =
+    correct / (correct + misses), recall = correct / slots."""
+    if setting not in REPIC_SETTINGS:
+        raise PredictionFormatError(f"unknown RePIC setting {setting!r}; valid: {', '.join(REPIC_SETTINGS)}")
+    lower = REPIC_SETTINGS[setting]
+    if not isinstance(rows, list) or not rows:
+        raise PredictionFormatError("a RePIC prediction file is a non-empty list of [image, concepts, caption] rows")
+    records = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) < 3 or not isinstance(row[1], list) or not isinstance(row[2], str) \
+                or not all(isinstance(c, str) for c in row[1]):
+            raise PredictionFormatError(f"row {i}: expected [image_path, [concepts], caption, ...]")
+        records.append((row[1], row[2]))
+    pool = sorted({c for gt, _ in records for c in gt})
+    norm = (lambda s: s.lower()) if lower else (lambda s: s)
+    pool_norm = [norm(c) for c in pool]
+    predictions: list[str | None] = []
+    targets: list[str] = []
+    if setting == "single":  # eval_single_concept.py reads only the first gold name of each row
+        records = [(gt[:1], caption) for gt, caption in records]
+        pool = sorted({gt[0] for gt, _ in records if gt})
+        pool_norm = [norm(c) for c in pool]
+    for gt, caption in records:
+        tokens = set(repic_tokens(caption, lower=lower))
+        present = {_strip_brackets(c) for c in pool_norm if c in tokens or _strip_brackets(c) in tokens}
+        gt_unbracketed = [_strip_brackets(norm(g)) for g in gt]
+        if setting == "single":  # there, "another concept" is one whose lower-cased bare name differs
+            others = {_strip_brackets(c.lower()) for c in pool} - set(gt_unbracketed)
+        else:
+            others = {_strip_brackets(norm(c)) for c in pool if c not in gt}
+        for g in gt_unbracketed:
+            if g in present:
+                predictions.append(g)
+            elif present & others:
+                predictions.append("MISS")
+            else:
+                predictions.append(None)
+        targets += [_strip_brackets(g).lower() for g in gt]
+    correct = sum(p is not None and p != "MISS" and p.lower() == t for p, t in zip(predictions, targets, strict=True))
+    predicted = sum(p is not None for p in predictions)
+    precision = correct / predicted if predicted else 0.0
+    recall = correct / len(targets)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "slots": len(targets), "correct": correct,
+            "misses": predictions.count("MISS"), "setting": setting}
+
+
+def format_repic(name: str, m: dict[str, Any]) -> str:
+    """The line RePIC's scorers print."""
+    return f"file: {name:<60}  metric (P/R/F1): {m['precision'] * 100:5.1f} / {m['recall'] * 100:5.1f} / " \
+           f"{m['f1'] * 100:5.1f}"
+
+
+SCORERS = {
+    "rap-qa": score_rap_qa,
+    "yollava-recognition": score_yollava_recognition,
+    "repic-single": lambda rows: score_repic_captions(rows, "single"),
+    "repic-2": lambda rows: score_repic_captions(rows, "2"),
+    "repic-4": lambda rows: score_repic_captions(rows, "4"),
+}
+
+
+def score_file(fmt: str, rows: Any) -> dict[str, Any]:
+    """Score another system's released outputs in that system's own format (one of `SCORERS`)."""
+    if fmt not in SCORERS:
+        raise PredictionFormatError(f"unknown prediction format {fmt!r}; valid: {', '.join(SCORERS)}")
+    return SCORERS[fmt](rows)

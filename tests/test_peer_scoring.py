@@ -1,0 +1,107 @@
+"""The peers' scoring rules on prediction files written by hand in the peers' own formats, with the scores worked
+out by hand from the rules their scripts implement (pipelines/peers/FORMATS.md)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.peers.scoring import (PredictionFormatError, format_repic, rap_normalize_answer, repic_tokens,
+                                     score_file, score_rap_qa, score_repic_captions, score_yollava_recognition)
+
+# ------------------------------------------------------------------------------------------ RePIC
+
+TWO = [  # [image, gold, caption, question] as RePIC's caption_eval_multi_2.py writes them
+    ["./q/Anya_and_Bond_1.jpg", ["<Anya>", "<Bond>"], "<Anya> is petting <Bond>.</s>", "Give a caption."],
+    # <Bond>'s keeps its apostrophe-s (only .,!?;:()[]{}"'- are trimmed, and only at the ends): Bond not found;
+    # another pool name (<Bluey>) is present -> a miss for Bond
+    ["./q/Anya_and_Bond_2.jpg", ["<Anya>", "<Bond>"], "<Anya> hugs <Bond>'s friend <Bluey>!", "q"],
+    # case-sensitive in the 2-concept scorer: "anya" is not "Anya"; nothing else present -> no prediction
+    ["./q/Anya_and_Bond_3.jpg", ["<Anya>", "<Bond>"], "anya and bond play.", "q"],
+    ["./q/Bluey_and_Bingo_1.jpg", ["<Bluey>", "<Bingo>"], "(Bluey) and <Bingo>, two dogs", "q"],
+]
+
+
+def test_repic_two_concepts_by_hand():
+    m = score_repic_captions(TWO, "2")
+    # slots: 8. correct: Anya, Bond (row 1); Anya (row 2); Bluey, Bingo (row 4) = 5. misses: Bond (row 2) = 1.
+    assert (m["slots"], m["correct"], m["misses"]) == (8, 5, 1)
+    assert m["precision"] == pytest.approx(5 / 6) and m["recall"] == pytest.approx(5 / 8)
+    assert m["f1"] == pytest.approx(2 * (5 / 6) * (5 / 8) / (5 / 6 + 5 / 8))
+    assert format_repic("x.json", m) == f"file: {'x.json':<60}  metric (P/R/F1):  83.3 /  62.5 /  71.4"
+
+
+def test_repic_four_concepts_lower_case_and_spaces():
+    rows = [["./g.jpg", ["<thor>", "<ironman>", "<black widow>", "<hulk>"],
+             "<Thor>, <Hulk> and <Black Widow> with <Hawkeye>", "q"],
+            ["./g.jpg", ["<thor>", "<ironman>", "<hawkeye>", "<hulk>"], "Thor and ironman. ", "q"]]
+    m = score_repic_captions(rows, "4")
+    # row 1: thor, hulk found (lower-cased); ironman and "black widow" (a name with a space never matches a
+    # single token) missing while other pool names (hawkeye) are present -> 2 misses.
+    # row 2: thor, ironman found; hawkeye and hulk missing, no other pool name present -> nothing predicted.
+    assert (m["correct"], m["misses"], m["slots"]) == (4, 2, 8)
+    assert m["precision"] == pytest.approx(4 / 6) and m["recall"] == pytest.approx(4 / 8)
+
+
+def test_repic_single_concept_uses_the_first_gold_name():
+    rows = [["a.jpg", ["<Backpack>"], "A photo of <backpack> on a bench", "q"],
+            ["b.jpg", ["<mug>"], "my <Backpack> next to a cup", "q"],  # another pool name: a miss
+            ["c.jpg", ["<mug>", "<extra>"], "nothing here", "q"]]       # only row[1][0] counts
+    m = score_repic_captions(rows, "single")
+    assert (m["slots"], m["correct"], m["misses"]) == (3, 1, 1)
+    assert m["precision"] == pytest.approx(1 / 2) and m["recall"] == pytest.approx(1 / 3)
+
+
+def test_repic_tokens():
+    assert repic_tokens("<Anya>, (Bond)! **<Thor>** x</s>", lower=False) == ["<Anya>", "Bond", "**<Thor>**", "x"]
+    assert repic_tokens("<A>", lower=True) == ["<a>"]
+
+
+# ------------------------------------------------------------------------------------------ RAP QA, recognition
+
+
+def test_rap_qa_normalisation_and_its_quirk():
+    assert rap_normalize_answer("The answer: B.") == "answer b"
+    assert rap_normalize_answer("A") == "" == rap_normalize_answer("the")  # "a" is an article to this rule
+    rows = [{"answer": "B", "correct_answer": "B"}, {"answer": "B.", "correct_answer": "B"},
+            {"answer": "A", "correct_answer": "A"}, {"answer": "", "correct_answer": "A"},  # quirk: counts
+            {"answer": "A. Dog", "correct_answer": "A"}, {"answer": "A", "correct_answer": "B"}]
+    assert score_rap_qa(rows) == {"accuracy": 4 / 6, "items": 6}
+
+
+def test_yollava_recognition_exact_yes_no_and_dropped_answers():
+    rows = [{"concept": "bo", "correct_answer": True, "answer": "Yes"},
+            {"concept": "bo", "correct_answer": True, "answer": "No"},
+            {"concept": "bo", "correct_answer": True, "answer": "Yes."},  # not exactly Yes/No: dropped
+            {"concept": "mam", "correct_answer": False, "answer": " No "},
+            {"concept": "mam", "correct_answer": False, "answer": "No"},
+            {"concept": "mam", "correct_answer": False, "answer": "Yes"},
+            {"concept": "mam", "correct_answer": False, "answer": "yes"}]  # case-sensitive: dropped
+    m = score_yollava_recognition(rows)
+    assert m["positive_accuracy"] == 1 / 2 and m["negative_accuracy"] == 2 / 3
+    assert m["weighted_accuracy"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert (m["positives"], m["negatives"], m["dropped"]) == (2, 3, 2)
+
+
+@pytest.mark.parametrize("fmt, rows", [("repic-2", [["a", "not a list", "c"]]), ("rap-qa", [{"answer": 1}]),
+                                       ("yollava-recognition", [{"answer": "Yes", "correct_answer": "yes"}]),
+                                       ("repic-4", []), ("nope", [])])
+def test_malformed_prediction_files(fmt, rows):
+    with pytest.raises(PredictionFormatError):
+        score_file(fmt, rows)
+
+
+def test_eval_score_cli(tmp_path):
+    f = tmp_path / "multi_captioning-retrieval-skip-ours-2_concepts.json"
+    f.write_text(json.dumps(TWO))
+    proc = subprocess.run([sys.executable, "-m", "mmpersona", "eval", "score", "repic-2", str(f)],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == format_repic(f.name, score_repic_captions(TWO, "2"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("[[")
+    proc = subprocess.run([sys.executable, "-m", "mmpersona", "eval", "score", "repic-2", str(bad)],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
