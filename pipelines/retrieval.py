@@ -11,6 +11,7 @@ Three sources, each a method of its own:
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,26 @@ class Retriever:
         self.detector = detector
         self.detector_threshold = detector_threshold
         self.max_regions = max_regions
+        self._vectors: OrderedDict[tuple, Any] = OrderedDict()  # see image_vector
+
+    def image_vector(self, image: "Image.Image") -> Any:
+        """The embedder's vector of a whole image, remembered for the last 256 images by their pixels: the
+        turns of a chat about one photo, or an evaluation asking many questions of one image, embed it once.
+        The vector depends on the pixels and the embedder alone (always embedded on its own, a batch of one), so
+        the cache changes no result."""
+        import hashlib
+
+        emb = self.db.embedder
+        key = (emb.name, image.size, image.mode, hashlib.blake2b(image.tobytes(), digest_size=16).digest())
+        vector = self._vectors.get(key)
+        if vector is None:
+            vector = emb.embed_images([image])[0]
+            self._vectors[key] = vector
+            if len(self._vectors) > 256:
+                self._vectors.popitem(last=False)
+        else:
+            self._vectors.move_to_end(key)
+        return vector
 
     def by_mention(self, user: str, text: str) -> list[RetrievedConcept]:
         """Concepts named in `text` by `<name>`, bare name or alias, in order of first mention."""
@@ -86,7 +107,7 @@ class Retriever:
     def by_image(self, user: str, image: "Image.Image", *, k: int = 3,
                  min_score: float | None = None) -> list[RetrievedConcept]:
         """The user's concepts that look most like the whole image."""
-        vector = self.db.embedder.embed_images([image])[0]
+        vector = self.image_vector(image)
         return [RetrievedConcept(m.concept, m.score, "image", None, m.image)
                 for m in self.db.store.search(user, vector, embedder=self.db.embedder.name, k=k,
                                               min_score=min_score)]

@@ -253,3 +253,18 @@ def test_evaluation_methods(pipe):
         pipe.answer_as("psychic", image, "?", user="alice")
     with pytest.raises(ConceptNotFound):  # the oracle's concepts are the user's own
         pipe.answer_as("oracle", image, "?", user="alice", concepts=["rex"])
+
+
+def test_an_image_is_embedded_once_across_questions(concept_db, monkeypatch):
+    from pipelines.retrieval import Retriever
+
+    retriever = Retriever(concept_db)
+    calls = []
+    real = concept_db.embedder.embed_images
+    monkeypatch.setattr(concept_db.embedder, "embed_images", lambda images, **kw: calls.append(1) or real(images, **kw))
+    photo = drawn("ellipse", (200, 30, 30))
+    first = retriever.by_image("alice", photo)
+    assert retriever.by_image("alice", photo.copy()) == first and len(calls) == 1  # same pixels: one embedding
+    assert retriever.by_image("bob", photo)[0].concept.owner == "bob" and len(calls) == 1  # per user results
+    retriever.by_image("alice", drawn("rectangle", (30, 60, 200)))
+    assert len(calls) == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -65,8 +66,8 @@ def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path 
     import torch
     from tqdm.auto import tqdm
 
+    from mmpersona import __version__, load_image
     from pipelines.vlm import ANSWER_METHODS
-    from mmpersona import __version__
 
     unknown = [m for m in methods if m not in ANSWER_METHODS]
     if unknown:
@@ -78,6 +79,17 @@ def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path 
         out.mkdir(parents=True, exist_ok=True)
     model = pipe.vlm.spec.id if getattr(pipe.vlm, "spec", None) is not None else str(pipe.vlm)
     cache = AnswerCache(out / "answers.jsonl" if out is not None else None)
+    decoded: OrderedDict[Path, Any] = OrderedDict()  # items come grouped by image: decode each image once
+
+    def image_of(path: Path | None) -> Any:
+        if path is None:
+            return None
+        if path not in decoded:
+            decoded[path] = load_image(path)
+            if len(decoded) > 32:
+                decoded.popitem(last=False)
+        return decoded[path]
+
     results: dict[str, dict[str, Any]] = {}
     for method in methods:
         rows: dict[tuple[str, str], list[Any]] = {}
@@ -85,7 +97,8 @@ def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path 
             answer = cache.get(method, item.id, model)
             if answer is None:
                 torch.manual_seed(seed)
-                answer = pipe.answer_as(method, item.image, item.question, user=user, concepts=item.concepts).answer
+                answer = pipe.answer_as(method, image_of(item.image), item.question, user=user,
+                                        concepts=item.concepts).answer
                 cache.put(method, item.id, model, answer)
             rows.setdefault((item.protocol, item.scorer), []).append(item.answered(answer))
         results[method] = {}
