@@ -547,23 +547,19 @@ def eval_bench_cmd(
 def eval_score_cmd(
     ctx: typer.Context,
     fmt: str = typer.Argument(..., metavar="FORMAT",
-                              help="rap-qa, yollava-recognition, repic-single, repic-2 or repic-4."),
-    files: list[Path] = typer.Argument(..., help="Prediction files in that format (another system's outputs)."),
+                              help="rap-qa, yollava-recognition, repic-single, repic-2, repic-4 or mmpb."),
+    files: list[Path] = typer.Argument(..., help="Prediction files in that format (another system's outputs; "
+                                                 "JSON, or CSV for MMPB's table)."),
 ) -> None:
     """Score released prediction files in their own format, by the peer's own rule (the peer's numbers)."""
-    from pipelines.peers.scoring import SCORERS, PredictionFormatError, format_repic, score_file
-
-    from .safe_io import UnsafeInputError, parse_json, read_limited
+    from pipelines.peers.scoring import SCORERS, PredictionFormatError, format_repic, read_predictions, score_file
 
     s = settings(ctx)
     if fmt not in SCORERS:
         raise PredictionFormatError(f"unknown prediction format {fmt!r}; valid: {', '.join(SCORERS)}")
     results, lines = [], []
     for f in files:
-        try:
-            rows = parse_json(read_limited(f, 1 << 30, "prediction file"), repr(str(f)))
-        except UnsafeInputError as e:
-            raise PredictionFormatError(str(e)) from e
+        rows = read_predictions(f)
         try:
             metrics = score_file(fmt, rows)
         except PredictionFormatError as e:
@@ -573,7 +569,8 @@ def eval_score_cmd(
             lines.append(format_repic(f.name, metrics))
         else:
             lines.append(f"{f.name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                   for k, v in metrics.items()))
+                                                   for k, v in metrics.items() if k != "groups"))
+            lines += [f"  {k}: {v:.4f}" for k, v in metrics.get("groups", {}).items()]
     emit(s, results, "\n".join(lines))
 
 

@@ -105,3 +105,49 @@ def test_eval_score_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mmpersona", "eval", "score", "repic-2", str(bad)],
                           capture_output=True, text=True, env=dict(os.environ), timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+
+
+# ------------------------------------------------------------------------------------------ MMPB
+
+
+def test_mmpb_parsing_rules():
+    from pipelines.peers.scoring import mmpb_choice, mmpb_yes_no
+
+    opts = {"A": "a red ball", "B": "a blue mug", "C": "tea", "D": "coffee"}
+    assert mmpb_choice("(B) a blue mug", opts) == "B"
+    assert mmpb_choice("Answer: C.", opts) == "C"
+    assert mmpb_choice("A or B", opts) == "Z"  # two letters, and two option texts: no answer
+    assert mmpb_choice("I would pick coffee", opts) == "D"  # no letter: exactly one option's text
+    assert mmpb_choice("Cannot determine the answer", opts) == "Z"
+    assert mmpb_yes_no("Yes, it is.") == "yes" and mmpb_yes_no("nope") == "no"
+    assert mmpb_yes_no("The answer is yes") == "the"  # only the first word counts
+    assert mmpb_yes_no("") == ""
+
+
+def test_mmpb_scores_and_groups(tmp_path):
+    import csv
+
+    from pipelines.peers.scoring import read_predictions, score_mmpb
+
+    header = ["index", "question", "A", "B", "C", "D", "answer", "attribute", "category", "l2-category", "concept",
+              "target", "prediction"]
+    rows = [
+        [0, "q", "", "", "", "", "Yes", "human", "preference", "awareness", "travel", "", "Yes."],
+        [1, "q", "", "", "", "", "Yes", "human", "preference", "awareness", "travel", "", "I think yes"],
+        [2, "q", "", "", "", "", "No", "animal", "recognition", "overconcept", "", "Homo", "no"],
+        [3, "q", "cat", "dog", "", "", "B", "animal", "recognition", "inconsistency", "", "Single", "B. dog"],
+    ]
+    path = tmp_path / "model_MMPB.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    m = score_mmpb(read_predictions(path))
+    assert m["accuracy"] == 3 / 4 and m["items"] == 4
+    g = m["groups"]
+    assert g["preference"] == 1 / 2 and g["recognition"] == 1.0 and g["awareness"] == 1 / 2
+    assert g["preference + awareness + travel"] == 1 / 2
+    assert g["recognition + +animal + overconcept + Homo"] == 1.0
+    assert g["recognition + inconsistency"] == 1.0 and g["human"] == 1 / 2
+    with pytest.raises(PredictionFormatError, match="prediction"):
+        score_mmpb([{"l2-category": "awareness", "category": "x", "answer": "Yes"}])

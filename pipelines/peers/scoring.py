@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import string
+from pathlib import Path
 from typing import Any
 
 from mmpersona.errors import MmpersonaError
@@ -151,10 +152,118 @@ def score_repic_captions(rows: Any, setting: str) -> dict[str, Any]:
             "misses": predictions.count("MISS"), "setting": setting}
 
 
+# ------------------------------------------------------------------------------------------ MMPB
+
+MMPB_YES = {"yes", "y", "yeah", "yep", "sure", "affirmative", "ok", "okay"}
+MMPB_NO = {"no", "n", "nope", "nah", "negative"}
+_MMPB_REFUSALS = ["Sorry, I can't help with images of people yet.", "I can't process this file.",
+                  "I'm sorry, but without the image provided", "Cannot determine the answer"]
+
+
+def mmpb_yes_no(text: Any) -> str:
+    """MMPB's `normalize_yes_no`: the first word, lower-cased and stripped of punctuation, mapped to yes / no
+    (any other first word is kept as it is, so "The answer is yes" is not a yes)."""
+    text = str(text).lower().strip()
+    first = re.sub(r"[^\w\s]", "", text.split()[0]) if text else ""
+    return "yes" if first in MMPB_YES else "no" if first in MMPB_NO else first
+
+
+def mmpb_choice(answer: Any, choices: dict[str, str]) -> str:
+    """VLMEvalKit's `can_infer` as MMPB scores with it (no LLM judge): exactly one option letter standing alone
+    after `.()[],:;!*#{}` become spaces; else a lone `Z` (or a known refusal) -> Z; else exactly one option's
+    text inside the lower-cased answer; else Z (MMPB's "Failed in Prefetch")."""
+    answer = str(answer)
+    if "Failed to obtain answer via API" not in answer:
+        if any(refusal in answer for refusal in _MMPB_REFUSALS):
+            return "Z"
+        mod = answer
+        for ch in ".()[],:;!*#{}":
+            mod = mod.replace(ch, " ")
+        splits = [x.strip() for x in mod.split()]
+        found = [c for c in choices if c in splits]
+        if len(found) == 1:
+            return found[0]
+        if not found and "Z" in splits:
+            return "Z"
+    lowered = answer.lower()
+    texts = [k for k, v in choices.items() if str(v).lower() in lowered]
+    return texts[0] if len(texts) == 1 else "Z"
+
+
+def _mmpb_row(row: dict[str, Any]) -> dict[str, Any]:
+    # MMPB lower-cases column names except single capital letters (the options)
+    return {(k if len(k) == 1 and k.isupper() else k.lower()): v for k, v in row.items()}
+
+
+def _present(value: Any) -> bool:
+    return value is not None and value == value and str(value).strip() != ""  # NaN != NaN
+
+
+def score_mmpb(rows: Any) -> dict[str, Any]:
+    """MMPB's `evaluate` on its prediction table (the xlsx MMPB writes, as a list of row objects: exported to
+    JSON, or read from CSV): `inconsistency` rows are multiple choice (`mmpb_choice` against the answer
+    letter), `awareness` and `overconcept` rows Yes/No (`mmpb_yes_no` of prediction and answer). Accuracy is
+    the mean hit overall and per category, attribute, l2-category and MMPB's combinations of them (its keys,
+    e.g. "preference + awareness + travel", "recognition + +human + overconcept + Homo")."""
+    if not isinstance(rows, list) or not rows:
+        raise PredictionFormatError("an MMPB prediction file is a non-empty list of rows")
+    hits: dict[str, list[int]] = {}
+
+    def add(key: str, hit: int) -> None:
+        hits.setdefault(key, []).append(hit)
+
+    for i, raw in enumerate(rows):
+        if not isinstance(raw, dict):
+            raise PredictionFormatError(f"row {i}: expected an object of MMPB's columns")
+        row = _mmpb_row(raw)
+        missing = [k for k in ("l2-category", "category", "answer", "prediction") if k not in row]
+        if missing:
+            raise PredictionFormatError(f"row {i}: missing MMPB column {missing[0]!r}")
+        l2 = str(row["l2-category"])
+        if l2 == "inconsistency":
+            choices = {c: row[c] for c in string.ascii_uppercase if c in row and _present(row[c])}
+            hit = int(mmpb_choice(row["prediction"], choices) == str(row["answer"]))
+        else:
+            hit = int(mmpb_yes_no(row["prediction"]) == mmpb_yes_no(row["answer"]))
+        category, attribute = str(row["category"]), str(row.get("attribute", ""))
+        add("Overall", hit)
+        add(category, hit)
+        add(attribute, hit)
+        add(l2, hit)
+        add(f"{category} + {l2}", hit)
+        add(f"{category} + {attribute}", hit)
+        if _present(row.get("concept")):
+            add(f"{category} + {l2} + {row['concept']}", hit)
+        if _present(row.get("target")):
+            add(f"{category} + +{attribute} + {l2} + {row['target']}", hit)
+    return {"accuracy": sum(hits["Overall"]) / len(hits["Overall"]), "items": len(hits["Overall"]),
+            "groups": {k: sum(v) / len(v) for k, v in hits.items()}}
+
+
 def format_repic(name: str, m: dict[str, Any]) -> str:
     """The line RePIC's scorers print."""
     return f"file: {name:<60}  metric (P/R/F1): {m['precision'] * 100:5.1f} / {m['recall'] * 100:5.1f} / " \
            f"{m['f1'] * 100:5.1f}"
+
+
+def read_predictions(path: str | Path) -> Any:
+    """A prediction file: JSON (any peer), or CSV (MMPB's table exported from its xlsx: one object per row)."""
+    import csv
+    import io
+
+    from mmpersona.safe_io import UnsafeInputError, parse_json, read_limited
+
+    path = Path(path)
+    try:
+        data = read_limited(path, 1 << 30, "prediction file")
+        if path.suffix.lower() == ".csv":
+            try:
+                return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+            except (UnicodeDecodeError, csv.Error) as e:
+                raise PredictionFormatError(f"{str(path)!r} is not a readable UTF-8 CSV file ({e})") from e
+        return parse_json(data, repr(str(path)))
+    except UnsafeInputError as e:
+        raise PredictionFormatError(str(e)) from e
 
 
 SCORERS = {
@@ -163,6 +272,7 @@ SCORERS = {
     "repic-single": lambda rows: score_repic_captions(rows, "single"),
     "repic-2": lambda rows: score_repic_captions(rows, "2"),
     "repic-4": lambda rows: score_repic_captions(rows, "4"),
+    "mmpb": score_mmpb,
 }
 
 
