@@ -510,6 +510,11 @@ def eval_bench_cmd(
     out: Path = typer.Option(Path("mmpersona-eval"), "--out",
                              help="Report folder: report.json/.md/.png, the peer-format predictions, answers cache."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N items (a quick look)."),
+    distractors: Optional[Path] = typer.Option(None, "--distractors",
+                                               help="A folder of per-concept image folders added to the database "
+                                                    "(e.g. another dataset's train/): database size as a variable."),
+    sizes: Optional[str] = typer.Option(None, "--sizes",
+                                        help="Distractor counts to run at, e.g. 0,100,1000 (default: 0 and all)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
@@ -538,8 +543,13 @@ def eval_bench_cmd(
             register(db, s.user, bench)
             pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), preset=s.preset, device=s.device, dtype=s.dtype,
                                            max_new_tokens=max_new_tokens)
+            extra = datasets.concept_folders(distractors) if distractors is not None else []
+            try:
+                counts = [int(x) for x in sizes.split(",")] if sizes else None
+            except ValueError as e:
+                raise MmpersonaError(f"--sizes expects comma-separated counts, got {sizes!r}") from e
             report = run(pipe, s.user, bench, method or list(ANSWER_METHODS), out=out, limit=limit,
-                         progress=not s.json, seed=seed)
+                         progress=not s.json, seed=seed, distractors=extra, sizes=counts)
     emit(s, report, (out / "report.md").read_text(encoding="utf-8") + f"\nreport: {out / 'report.json'}")
 
 

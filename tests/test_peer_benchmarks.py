@@ -164,3 +164,18 @@ def test_repic_bench_and_score_agree(repic_root, tiny_cache, tmp_path):
     metrics = report["results"]["oracle"]["caption-2"]
     scored = json.loads(cli("--json", "eval", "score", "repic-2", str(out / "oracle-caption-2.json")))
     assert scored[0]["f1"] == metrics["f1"] and scored[0]["slots"] == 4
+
+
+def test_database_size_as_a_variable(yollava_data, tiny_cache, tmp_path):
+    others = tmp_path / "others"
+    for i, color in enumerate([(20, 200, 20), (200, 200, 20), (120, 20, 200)]):
+        drawn(others / f"d{i}" / "0.png", color)
+    drawn(others / "bo" / "0.png", (1, 2, 3))  # a benchmark name: skipped, it would be ambiguous
+    out = tmp_path / "sizes"
+    report = json.loads(cli("--json", "eval", "bench", "yollava", str(yollava_data / "yollava-data"),
+                            "--method", "retrieval", "--method", "vanilla", "--distractors", str(others),
+                            "--sizes", "0,4", "--limit", "2", "--max-new-tokens", "2", "--out", str(out)))
+    assert list(report["results"]) == ["retrieval@0", "vanilla@0", "retrieval@4", "vanilla@4"]
+    assert report["concepts_in_database"] == {"retrieval@0": 2, "vanilla@0": 2, "retrieval@4": 5, "vanilla@4": 5}
+    assert (out / "retrieval@4-recognition.json").is_file()
+    assert "retrieval@4" in (out / "report.md").read_text()

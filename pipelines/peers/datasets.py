@@ -214,3 +214,12 @@ def repic(root: str | Path, queries: str | Path, database: str | Path) -> Benchm
                                     [image, names, prompt]))
             n += 1
     return bench
+
+
+def concept_folders(root: str | Path) -> list[Concept]:
+    """Concepts from a folder of per-concept folders of images (Yo'LLaVA's train/ layout, or any such folder):
+    the distractors of `--distractors`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PredictionFormatError(f"{str(root)!r} is not a folder of per-concept folders")
+    return [Concept(p.name, _images(p)) for p in sorted(root.iterdir()) if p.is_dir() and _images(p)]

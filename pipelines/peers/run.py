@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from mmpersona.errors import MmpersonaError
 
-from .datasets import Benchmark
+from .datasets import Benchmark, Concept
 from .scoring import SCORERS
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,14 @@ def register(db, user: str, bench: Benchmark) -> int:
             db.add(user, c.name, c.images, category=c.category, info=c.info)
             added += 1
     return added
+
+
+def add_distractors(db, user: str, concepts: Sequence[Concept], bench: Benchmark) -> None:
+    """Register distractor concepts (a name the benchmark uses is skipped: it would be ambiguous)."""
+    taken = {c.name for c in bench.concepts}
+    for c in concepts:
+        if c.name not in taken and c.images and db.store.find(user, c.name) is None:
+            db.add(user, c.name, c.images, category=c.category, info=c.info)
 
 
 class AnswerCache:
@@ -61,8 +69,13 @@ class AnswerCache:
 
 
 def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path | None = None,
-        limit: int | None = None, progress: bool = True, seed: int = 0) -> dict[str, Any]:
-    """Answer and score every item of `bench` with each method; writes the report files under `out`."""
+        limit: int | None = None, progress: bool = True, seed: int = 0,
+        distractors: Sequence[Concept] = (), sizes: Sequence[int] | None = None) -> dict[str, Any]:
+    """Answer and score every item of `bench` with each method; writes the report files under `out`.
+
+    With `distractors` (other concepts, e.g. another dataset's), the database size is a variable: for each of
+    `sizes` (ascending; default 0 and all of them) that many distractors are registered beside the benchmark's
+    concepts and every method runs again, its results labelled `method@N`."""
     import torch
     from tqdm.auto import tqdm
 
@@ -90,29 +103,41 @@ def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path 
                 decoded.popitem(last=False)
         return decoded[path]
 
+    if distractors:
+        sizes = sorted(set(sizes if sizes is not None else (0, len(distractors))))
+        if sizes[0] < 0 or sizes[-1] > len(distractors):
+            raise MmpersonaError(f"--sizes must lie between 0 and the {len(distractors)} distractors given")
+    runs = [(None, m) for m in methods] if not distractors else [(n, m) for n in sizes for m in methods]
     results: dict[str, dict[str, Any]] = {}
-    for method in methods:
+    concepts_in_db: dict[str, int] = {}
+    registered = 0
+    for size, method in runs:
+        label = method if size is None else f"{method}@{size}"
+        if size is not None and size > registered:
+            add_distractors(pipe.db, user, distractors[registered:size], bench)
+            registered = size
+        concepts_in_db[label] = pipe.db.store.count(user)
         rows: dict[tuple[str, str], list[Any]] = {}
-        for item in tqdm(items, desc=f"{bench.name} {method}", disable=not progress):
-            answer = cache.get(method, item.id, model)
+        for item in tqdm(items, desc=f"{bench.name} {label}", disable=not progress):
+            answer = cache.get(label, item.id, model)
             if answer is None:
                 torch.manual_seed(seed)
                 answer = pipe.answer_as(method, image_of(item.image), item.question, user=user,
                                         concepts=item.concepts).answer
-                cache.put(method, item.id, model, answer)
+                cache.put(label, item.id, model, answer)
             rows.setdefault((item.protocol, item.scorer), []).append(item.answered(answer))
-        results[method] = {}
+        results[label] = {}
         for (protocol, scorer), answered in rows.items():
             metrics = SCORERS[scorer](answered)
-            results[method][protocol] = {"scorer": scorer, **metrics}
+            results[label][protocol] = {"scorer": scorer, **metrics}
             if out is not None:
-                (out / f"{method}-{protocol}.json").write_text(json.dumps(answered, indent=1), encoding="utf-8")
+                (out / f"{label}-{protocol}.json").write_text(json.dumps(answered, indent=1), encoding="utf-8")
     report = {"benchmark": bench.name, "dataset": str(bench.root), "model": model, "user": user,
               "methods": list(methods), "items": len(items), "limit": limit, "seed": seed,
               "mmpersona": __version__, "python": platform.python_version(),
               "note": ("tiny random models: these numbers are noise, the run only shows the harness works"
                        if model.startswith("tiny:") else ""),
-              "results": results}
+              "concepts_in_database": concepts_in_db, "results": results}
     if out is not None:
         (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         (out / "report.md").write_text(markdown(report), encoding="utf-8")
