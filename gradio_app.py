@@ -57,7 +57,7 @@ class App:
         self._vlm_lock = threading.Lock()
         self._t2i_lock = threading.Lock()
         self._thumb_lock = threading.Lock()
-        self._thumbs: OrderedDict[str, str] = OrderedDict()
+        self._thumbs: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     def user(self, request: Any) -> str:
         name = getattr(request, "username", None) if request is not None else None
@@ -89,20 +89,20 @@ class App:
     # ------------------------------------------------------------------ concepts
 
     def thumbnail(self, user: str, image_hash: str) -> str:
-        """A small data-URI thumbnail of one of the user's images, made once per image (by content hash: the
-        value depends on the bytes alone) and served inline, never as a file another user could fetch."""
+        """A small data-URI thumbnail of one of the user's images, made once per (user, image) and served inline,
+        never as a file another user could fetch. Made from `image_bytes(user, ...)`, which refuses an image
+        that is not the user's; kept per user, so no user is ever served from another's entry."""
+        key = (user, image_hash)
         with self._thumb_lock:
-            cached = self._thumbs.get(image_hash)
+            cached = self._thumbs.get(key)
             if cached is not None:
-                self._thumbs.move_to_end(image_hash)
-        if cached is None:
-            cached = data_uri(self.db.store.image_bytes(user, image_hash), THUMB_SIZE)
-            with self._thumb_lock:
-                self._thumbs[image_hash] = cached
-                while len(self._thumbs) > 4096:
-                    self._thumbs.popitem(last=False)
-        else:
-            self.db.store.image_bytes(user, image_hash)  # still the caller's own image
+                self._thumbs.move_to_end(key)
+                return cached
+        cached = data_uri(self.db.store.image_bytes(user, image_hash), THUMB_SIZE)
+        with self._thumb_lock:
+            self._thumbs[key] = cached
+            while len(self._thumbs) > 4096:
+                self._thumbs.popitem(last=False)
         return cached
 
     def gallery(self, user: str) -> str:

@@ -153,6 +153,9 @@ def test_yollava_bench_end_to_end_three_methods_and_cache(yollava_data, tiny_cac
     assert again["results"] == report["results"]
     quick = json.loads(cli(*args[:-2], "--out", str(tmp_path / "quick"), "--limit", "3", "--method", "oracle"))
     assert quick["items"] == 3 and list(quick["results"]) == ["oracle"]
+    longer = [a if a != "2" else "3" for a in args]  # another generation length: answered afresh
+    json.loads(cli(*longer))
+    assert (out / "answers.jsonl").read_text().count("\n") == 2 * answered
 
 
 def test_repic_bench_and_score_agree(repic_root, tiny_cache, tmp_path):

@@ -46,7 +46,8 @@ def add_distractors(db, user: str, concepts: Sequence[Concept], bench: Benchmark
 
 
 class AnswerCache:
-    """answers.jsonl: one line per (method, item id, model) answered; read back on the next run."""
+    """answers.jsonl: one line per (method, item id, model and generation settings) answered; read back on the
+    next run."""
 
     def __init__(self, path: Path | None):
         self.path, self.answers = path, {}
@@ -91,6 +92,8 @@ def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path 
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     model = pipe.vlm.spec.id if getattr(pipe.vlm, "spec", None) is not None else str(pipe.vlm)
+    # an answer is reused only for the same model, generation length and seed
+    answered_by = f"{model}|max_new_tokens={pipe.max_new_tokens}|seed={seed}"
     cache = AnswerCache(out / "answers.jsonl" if out is not None else None)
     decoded: OrderedDict[Path, Any] = OrderedDict()  # items come grouped by image: decode each image once
 
@@ -119,12 +122,12 @@ def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path 
         concepts_in_db[label] = pipe.db.store.count(user)
         rows: dict[tuple[str, str], list[Any]] = {}
         for item in tqdm(items, desc=f"{bench.name} {label}", disable=not progress):
-            answer = cache.get(label, item.id, model)
+            answer = cache.get(label, item.id, answered_by)
             if answer is None:
                 torch.manual_seed(seed)
                 answer = pipe.answer_as(method, image_of(item.image), item.question, user=user,
                                         concepts=item.concepts).answer
-                cache.put(label, item.id, model, answer)
+                cache.put(label, item.id, answered_by, answer)
             rows.setdefault((item.protocol, item.scorer), []).append(item.answered(answer))
         results[label] = {}
         for (protocol, scorer), answered in rows.items():
