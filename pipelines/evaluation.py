@@ -55,7 +55,7 @@ def load_dataset(root: str | Path) -> Dataset:
     """Read a dataset folder (layout in the module docs), with clear errors for what is missing or malformed."""
     root = Path(root)
     if not (root / "test").is_dir():
-        raise MmpersonaError(f"{str(root)!r}: an evaluation dataset needs a test/ folder (see `mmpersona eval --help`)")
+        raise MmpersonaError(f"{str(root)!r}: an evaluation dataset needs a test/ folder (see `mmpersona eval run --help`)")
     concepts = {p.name: images_in(p) for p in sorted((root / "concepts").iterdir()) if p.is_dir()} \
         if (root / "concepts").is_dir() else {}
     tests = {p.name: images_in(p) for p in sorted((root / "test").iterdir()) if p.is_dir() and p.name != "negatives"}
