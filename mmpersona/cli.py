@@ -506,7 +506,9 @@ def eval_bench_cmd(
     database: Optional[Path] = typer.Option(None, "--database",
                                             help="A RAP database.json (yollava: info; repic: database_mod.json)."),
     method: Optional[list[str]] = typer.Option(None, "--method",
-                                               help="vanilla, oracle, retrieval (repeatable; default all three)."),
+                                               help="vanilla, oracle, retrieval, tokens, hybrid (repeatable; "
+                                                    "default the first three; tokens/hybrid learn tokens first)."),
+    learn_steps: int = typer.Option(40, "--learn-steps", min=1, help="tokens/hybrid: steps per concept."),
     out: Path = typer.Option(Path("mmpersona-eval"), "--out",
                              help="Report folder: report.json/.md/.png, the peer-format predictions, answers cache."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N items (a quick look)."),
@@ -549,7 +551,7 @@ def eval_bench_cmd(
             except ValueError as e:
                 raise MmpersonaError(f"--sizes expects comma-separated counts, got {sizes!r}") from e
             report = run(pipe, s.user, bench, method or list(ANSWER_METHODS), out=out, limit=limit,
-                         progress=not s.json, seed=seed, distractors=extra, sizes=counts)
+                         progress=not s.json, seed=seed, distractors=extra, sizes=counts, learn_steps=learn_steps)
     emit(s, report, (out / "report.md").read_text(encoding="utf-8") + f"\nreport: {out / 'report.json'}")
 
 

@@ -182,3 +182,13 @@ def test_database_size_as_a_variable(yollava_data, tiny_cache, tmp_path):
     assert report["concepts_in_database"] == {"retrieval@0": 2, "vanilla@0": 2, "retrieval@4": 5, "vanilla@4": 5}
     assert (out / "retrieval@4-recognition.json").is_file()
     assert "retrieval@4" in (out / "report.md").read_text()
+
+
+def test_learned_token_methods(yollava_data, tiny_cache, tmp_path):
+    out = tmp_path / "tokens"
+    report = json.loads(cli("--json", "eval", "bench", "yollava", str(yollava_data / "yollava-data"),
+                            "--method", "tokens", "--method", "hybrid", "--learn-steps", "2", "--limit", "2",
+                            "--max-new-tokens", "2", "--out", str(out)))
+    assert list(report["results"]) == ["tokens", "hybrid"] and report["learn_steps"] == 2
+    assert report["concepts_learned"] == 2  # both concepts learned first, then answered with their tokens
+    assert report["results"]["tokens"]["recognition"]["scorer"] == "yollava-recognition"

@@ -69,9 +69,30 @@ class AnswerCache:
                 f.write(json.dumps({"method": method, "item": item, "model": model, "answer": answer}) + "\n")
 
 
+#: the methods a benchmark run compares: `PersonalizedVLMPipeline.answer_as`'s, and the learned-token modes
+#: (tokens: learned concepts only, Yo'LLaVA; hybrid: learned tokens where a concept has them, text for the rest)
+METHODS = ("vanilla", "oracle", "retrieval", "tokens", "hybrid")
+
+
+def learn_all(pipe, user: str, bench: Benchmark, steps: int, progress: bool) -> int:
+    """Learn tokens for every benchmark concept that has none yet (stored in the database); returns how many."""
+    from pipelines.tokens import TENSOR_NAME, LearnConfig, learn_concept
+
+    learned = 0
+    for c in bench.concepts:
+        concept = pipe.db.store.find(user, c.name)
+        if concept is None or TENSOR_NAME in pipe.db.store.list_tensors(user, concept.id):
+            continue
+        learn_concept(pipe.vlm, pipe.db, user, c.name, config=LearnConfig(steps=steps), progress=progress)
+        learned += 1
+    pipe.vlm.unload_tokens()
+    return learned
+
+
 def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path | None = None,
         limit: int | None = None, progress: bool = True, seed: int = 0,
-        distractors: Sequence[Concept] = (), sizes: Sequence[int] | None = None) -> dict[str, Any]:
+        distractors: Sequence[Concept] = (), sizes: Sequence[int] | None = None,
+        learn_steps: int = 40) -> dict[str, Any]:
     """Answer and score every item of `bench` with each method; writes the report files under `out`.
 
     With `distractors` (other concepts, e.g. another dataset's), the database size is a variable: for each of
@@ -83,9 +104,16 @@ def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path 
     from mmpersona import __version__, load_image
     from pipelines.vlm import ANSWER_METHODS
 
-    unknown = [m for m in methods if m not in ANSWER_METHODS]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise MmpersonaError(f"unknown method {unknown[0]!r}; valid: {', '.join(ANSWER_METHODS)}")
+        raise MmpersonaError(f"unknown method {unknown[0]!r}; valid: {', '.join(METHODS)}")
+    by_mode, learned = {}, 0
+    if any(m in ("tokens", "hybrid") for m in methods):
+        from pipelines.vlm import PersonalizedVLMPipeline
+
+        learned = learn_all(pipe, user, bench, learn_steps, progress)
+        by_mode = {m: PersonalizedVLMPipeline(pipe.db, vlm=pipe.vlm, mode=m, max_new_tokens=pipe.max_new_tokens)
+                   for m in ("tokens", "hybrid") if m in methods}
     items = bench.items[:limit] if limit else bench.items
     if not items:
         raise MmpersonaError(f"{bench.name}: no items to evaluate")
@@ -125,8 +153,12 @@ def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path 
             answer = cache.get(label, item.id, answered_by)
             if answer is None:
                 torch.manual_seed(seed)
-                answer = pipe.answer_as(method, image_of(item.image), item.question, user=user,
-                                        concepts=item.concepts).answer
+                if method in ANSWER_METHODS:
+                    answer = pipe.answer_as(method, image_of(item.image), item.question, user=user,
+                                            concepts=item.concepts).answer
+                else:  # retrieval in that learned-token mode
+                    answer = by_mode[method].answer_as("retrieval", image_of(item.image), item.question,
+                                                       user=user).answer
                 cache.put(label, item.id, answered_by, answer)
             rows.setdefault((item.protocol, item.scorer), []).append(item.answered(answer))
         results[label] = {}
@@ -137,6 +169,7 @@ def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path 
                 (out / f"{label}-{protocol}.json").write_text(json.dumps(answered, indent=1), encoding="utf-8")
     report = {"benchmark": bench.name, "dataset": str(bench.root), "model": model, "user": user,
               "methods": list(methods), "items": len(items), "limit": limit, "seed": seed,
+              "learn_steps": learn_steps if by_mode else None, "concepts_learned": learned,
               "mmpersona": __version__, "python": platform.python_version(),
               "note": ("tiny random models: these numbers are noise, the run only shows the harness works"
                        if model.startswith("tiny:") else ""),
