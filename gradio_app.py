@@ -659,7 +659,7 @@ class SessionGuard:
             return await self.app(scope, receive, send)
         if method == "GET" and route.startswith("/call/"):
             event = route.rstrip("/").rsplit("/", 1)[-1]
-            if self.events.get(event) is None or user not in self.events.get(event):
+            if user not in (self.events.get(event) or ()):
                 return await self._refuse(scope, receive, send, 403, "not your event")
             return await self.app(scope, receive, send)
         if method == "POST" and route.startswith("/upload"):

@@ -58,7 +58,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bench = datasets.yollava(fixture(Path(tmp), args.concepts, args.images))
         with ConceptDB(Path(tmp) / "e.db", preset="tiny", device="cpu") as db:
-            register(db, "bench", bench)
+            register(db, "bench", bench.concepts)
             pipe = PersonalizedVLMPipeline(db, preset="tiny", device="cpu", max_new_tokens=args.max_new_tokens)
             # the fixed costs before the run (models loaded, the index warm) are not the harness's
             pipe.answer_as(args.method, bench.items[0].image, bench.items[0].question, user="bench")

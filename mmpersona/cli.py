@@ -542,7 +542,7 @@ def eval_bench_cmd(
     with tempfile.TemporaryDirectory(prefix="mmpersona-eval-") as tmp:
         with ConceptDB(Path(tmp) / "eval.db", embedder=s.overrides.get("embedder"), preset=s.preset,
                        device=s.device, dtype=s.dtype) as db:
-            register(db, s.user, bench)
+            register(db, s.user, bench.concepts)
             pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), preset=s.preset, device=s.device, dtype=s.dtype,
                                            max_new_tokens=max_new_tokens)
             extra = datasets.concept_folders(distractors) if distractors is not None else []

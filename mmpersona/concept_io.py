@@ -76,6 +76,18 @@ def _inside(root: Path, candidate: Path, label: str) -> Path:
     return resolved
 
 
+def resolve_relative(root: Path, rel: Any, label: str) -> Path:
+    """An image path as RAP-style files write them (relative; starting with the folder's own name, resolved from
+    its parent, or else relative to the folder itself), refused when it leaves `root`."""
+    if not isinstance(rel, str) or not rel.strip():
+        raise ImportFormatError(f"{label}: image path must be a non-empty string, got {rel!r}")
+    p = PurePosixPath(rel.replace("\\", "/"))
+    if p.is_absolute():
+        raise ImportFormatError(f"{label}: image path {rel!r} must be relative to the database folder")
+    base = root.parent if p.parts and p.parts[0] == root.name else root
+    return _inside(root, base.joinpath(*p.parts), label)
+
+
 def read_rap(path: str | Path) -> list[_Pending]:
     """RAP's `database.json` (or the folder holding it).
 
@@ -100,13 +112,7 @@ def read_rap(path: str | Path) -> list[_Pending]:
         raise ImportFormatError(f"{str(file)!r}: 'path_to_concept' must be an object")
 
     def resolve(rel: Any, label: str) -> Path:
-        if not isinstance(rel, str) or not rel.strip():
-            raise ImportFormatError(f"{label}: image path must be a non-empty string, got {rel!r}")
-        p = PurePosixPath(rel.replace("\\", "/"))
-        if p.is_absolute():
-            raise ImportFormatError(f"{label}: image path {rel!r} must be relative to the database folder")
-        base = root.parent if p.parts and p.parts[0] == root.name else root
-        return _inside(root, base.joinpath(*p.parts), label)
+        return resolve_relative(root, rel, label)
 
     pending: dict[str, _Pending] = {}
     for key, entry in data["concept_dict"].items():

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from mmpersona.safe_io import UnsafeInputError, parse_json, read_limited
 
+from ..calibrate import images_in, positives_from_folder
+
 from .scoring import PredictionFormatError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 RAP_RECOGNITION = "Is <{name}> in this image? Answer with a single word or phrase."
 RAP_QA_TAIL = "Please give a single character from the options above. \n"
 #: the prompts RePIC's released caption files cycle through, by item index
@@ -65,23 +66,18 @@ def _json(path: str | Path, what: str) -> Any:
         raise PredictionFormatError(str(e)) from e
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def resolve_in(root: Path, rel: Any, what: str) -> Path:
     """A peer's relative image path (`./yollava-data/test/bo/4.png`, `yollava-data/...`, `test/bo/4.png`): from
-    the root's parent when it starts with the root's own name, else from the root; never outside the root."""
+    the root's parent when it starts with the root's own name, else from the root; never outside the root
+    (the rule of RAP's database.json: `concept_io.resolve_relative`)."""
+    from mmpersona.concept_io import ImportFormatError, resolve_relative
+
     if not isinstance(rel, str) or not rel.strip():
         raise PredictionFormatError(f"{what}: an image path must be a non-empty string, got {rel!r}")
-    parts = [p for p in PurePosixPath(rel.replace("\\", "/")).parts if p != "."]
-    if not parts or parts[0] == "/" or ".." in parts:
-        raise PredictionFormatError(f"{what}: image path {rel!r} must stay inside {str(root)!r}")
-    base = root.parent if parts[0] == root.name else root
-    path = base.joinpath(*parts).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise PredictionFormatError(f"{what}: image path {rel!r} must stay inside {str(root)!r}")
-    return path
+    try:
+        return resolve_relative(root, rel, what)
+    except ImportFormatError as e:
+        raise PredictionFormatError(f"{what}: image path {rel!r} must stay inside {str(root)!r}") from e
 
 
 def _item_id(*parts: Any) -> str:
@@ -119,7 +115,7 @@ def yollava(root: str | Path, *, recognition: str | Path | None = None, visual_q
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise PredictionFormatError(f"{str(root)!r}: a Yo'LLaVA dataset has train/ and test/ concept folders")
     meta = _rap_info(database)
-    concepts = [Concept(p.name, _images(p), **meta.get(p.name, {}))
+    concepts = [Concept(p.name, images_in(p), **meta.get(p.name, {}))
                 for p in sorted((root / "train").iterdir()) if p.is_dir()]
     names = [c.name for c in concepts]
     bench = Benchmark("yollava", root, concepts)
@@ -140,7 +136,7 @@ def yollava(root: str | Path, *, recognition: str | Path | None = None, visual_q
                                     "yollava-recognition", image, question, shown, dict(row)))
     else:
         for folder in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
-            for image in _images(folder):
+            for image in images_in(folder):
                 rel = f"{root.name}/test/{folder.name}/{image.name}"
                 for name in names:
                     row = {"image": rel, "question": "<image>\n" + RAP_RECOGNITION.format(name=name), "concept": name,
@@ -219,7 +215,4 @@ def repic(root: str | Path, queries: str | Path, database: str | Path) -> Benchm
 def concept_folders(root: str | Path) -> list[Concept]:
     """Concepts from a folder of per-concept folders of images (Yo'LLaVA's train/ layout, or any such folder):
     the distractors of `--distractors`."""
-    root = Path(root)
-    if not root.is_dir():
-        raise PredictionFormatError(f"{str(root)!r} is not a folder of per-concept folders")
-    return [Concept(p.name, _images(p)) for p in sorted(root.iterdir()) if p.is_dir() and _images(p)]
+    return [Concept(name, images) for name, images in positives_from_folder(root).items() if images]

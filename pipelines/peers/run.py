@@ -27,22 +27,14 @@ HEADLINE = {"yollava-recognition": "weighted_accuracy", "rap-qa": "accuracy", "r
             "repic-2": "f1", "repic-4": "f1"}
 
 
-def register(db, user: str, bench: Benchmark) -> int:
-    """Register the benchmark's concepts for `user` (kept if already there); returns how many were added."""
+def register(db, user: str, concepts: Sequence[Concept], *, skip: Sequence[str] = ()) -> int:
+    """Register concepts for `user` (one already there, or named in `skip`, is left out); returns how many."""
     added = 0
-    for c in bench.concepts:
-        if db.store.find(user, c.name) is None and c.images:
+    for c in concepts:
+        if c.name not in skip and c.images and db.store.find(user, c.name) is None:
             db.add(user, c.name, c.images, category=c.category, info=c.info)
             added += 1
     return added
-
-
-def add_distractors(db, user: str, concepts: Sequence[Concept], bench: Benchmark) -> None:
-    """Register distractor concepts (a name the benchmark uses is skipped: it would be ambiguous)."""
-    taken = {c.name for c in bench.concepts}
-    for c in concepts:
-        if c.name not in taken and c.images and db.store.find(user, c.name) is None:
-            db.add(user, c.name, c.images, category=c.category, info=c.info)
 
 
 class AnswerCache:
@@ -145,7 +137,8 @@ def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path 
     for size, method in runs:
         label = method if size is None else f"{method}@{size}"
         if size is not None and size > registered:
-            add_distractors(pipe.db, user, distractors[registered:size], bench)
+            # a distractor with a benchmark concept's name is left out: it would be ambiguous
+            register(pipe.db, user, distractors[registered:size], skip={c.name for c in bench.concepts})
             registered = size
         concepts_in_db[label] = pipe.db.store.count(user)
         rows: dict[tuple[str, str], list[Any]] = {}
