@@ -496,18 +496,34 @@ def evaluate_cmd(
 @eval_app.command("bench")
 def eval_bench_cmd(
     ctx: typer.Context,
-    benchmark: str = typer.Argument(..., help="yollava or repic."),
-    root: Path = typer.Argument(..., help="yollava: the yollava-data folder; repic: the RePIC folder."),
+    benchmark: str = typer.Argument(..., help="yollava, repic, myvlm, mc-llava or mmpb."),
+    root: Path = typer.Argument(..., help="yollava: the yollava-data folder; repic: the RePIC folder; myvlm: its "
+                                          "data_root; mc-llava: the dataset folder; mmpb: the folder of "
+                                          "dataset.csv."),
     recognition: Optional[Path] = typer.Option(None, "--recognition",
                                                help="yollava: RAP's recognition_test.json (default: generated)."),
     visual_qa: Optional[Path] = typer.Option(None, "--visual-qa", help="yollava: yollava-visual-qa.json."),
     text_qa: Optional[Path] = typer.Option(None, "--text-qa", help="yollava: yollava-text-only-qa.json."),
     queries: Optional[Path] = typer.Option(None, "--queries", help="repic: a *_query_templates.json."),
     database: Optional[Path] = typer.Option(None, "--database",
-                                            help="A RAP database.json (yollava: info; repic: database_mod.json)."),
+                                            help="A RAP database.json (yollava, myvlm: info; repic: "
+                                                 "database_mod.json)."),
+    scenario: Optional[list[str]] = typer.Option(None, "--scenario",
+                                                 help="mc-llava: a scenario such as Alex_Gloria_Marty (repeatable; "
+                                                      "default: all of scenarios.json)."),
+    task: Optional[list[str]] = typer.Option(None, "--task",
+                                             help="mc-llava: recognition, choice, vqa, text, caption, grounding "
+                                                  "(repeatable; default all)."),
+    description: str = typer.Option("moderate", "--description",
+                                    help="mmpb: the description injected (simple, moderate, detailed, "
+                                         "super_detailed)."),
+    references: int = typer.Option(1, "--references", min=1,
+                                   help="myvlm: images per concept registered (the rest are asked about)."),
     method: Optional[list[str]] = typer.Option(None, "--method",
-                                               help="vanilla, oracle, retrieval, tokens, hybrid (repeatable; "
-                                                    "default the first three; tokens/hybrid learn tokens first)."),
+                                               help="vanilla, oracle, retrieval, tokens, hybrid, each with "
+                                                    "options as a row of its own, e.g. retrieval:regions,k=1 "
+                                                    "(repeatable; default the first three; tokens/hybrid learn "
+                                                    "tokens first)."),
     learn_steps: int = typer.Option(40, "--learn-steps", min=1, help="tokens/hybrid: steps per concept."),
     out: Path = typer.Option(Path("mmpersona-eval"), "--out",
                              help="Report folder: report.json/.md/.png, the peer-format predictions, answers cache."),
@@ -537,8 +553,14 @@ def eval_bench_cmd(
         if queries is None or database is None:
             raise MmpersonaError("repic needs --queries (a *_query_templates.json) and --database (database_mod.json)")
         bench = datasets.repic(root, queries, database)
+    elif benchmark == "myvlm":
+        bench = datasets.myvlm(root, database=database, references=references)
+    elif benchmark == "mc-llava":
+        bench = datasets.mc_llava(root, scenarios=scenario or None, tasks=tuple(task or datasets.MC_LLAVA_TASKS))
+    elif benchmark == "mmpb":
+        bench = datasets.mmpb(root, description=description)
     else:
-        raise MmpersonaError(f"unknown benchmark {benchmark!r}; valid: yollava, repic")
+        raise MmpersonaError(f"unknown benchmark {benchmark!r}; valid: yollava, repic, myvlm, mc-llava, mmpb")
     with tempfile.TemporaryDirectory(prefix="mmpersona-eval-") as tmp:
         with ConceptDB(Path(tmp) / "eval.db", embedder=s.overrides.get("embedder"), preset=s.preset,
                        device=s.device, dtype=s.dtype) as db:
@@ -559,9 +581,12 @@ def eval_bench_cmd(
 def eval_score_cmd(
     ctx: typer.Context,
     fmt: str = typer.Argument(..., metavar="FORMAT",
-                              help="rap-qa, yollava-recognition, repic-single, repic-2, repic-4 or mmpb."),
+                              help="rap-qa, yollava-recognition, repic-single, repic-2, repic-4, mmpb, "
+                                   "mc-llava-rec, mc-llava-choice, mc-llava-text, mc-llava-vqa or "
+                                   "mc-llava-caption."),
     files: list[Path] = typer.Argument(..., help="Prediction files in that format (another system's outputs; "
-                                                 "JSON, or CSV for MMPB's table)."),
+                                                 "JSON; CSV for MMPB's table; MC-LLaVA's eval.py printout as "
+                                                 ".log/.txt)."),
 ) -> None:
     """Score released prediction files in their own format, by the peer's own rule (the peer's numbers)."""
     from pipelines.peers.scoring import SCORERS, PredictionFormatError, format_repic, read_predictions, score_file

@@ -110,6 +110,7 @@ class PersonalizedVLMPipeline:
                                                                    max_visual_tokens=max_visual_tokens)
         if (regions and detector is None) or isinstance(detector, str):
             detector = load_detector(detector, preset=preset, device=device, dtype=dtype)
+        self._load_args = {"preset": preset, "device": device, "dtype": dtype}  # for a detector `variant` loads
         self.regions = regions
         self.retriever = Retriever(self.db, detector)
         self.k = k
@@ -117,6 +118,39 @@ class PersonalizedVLMPipeline:
         # the checkpoint's own special tokens, never learned concept tokens (a handle must reach those)
         self.prompts = PromptBuilder(budget, self.vlm.model_tokens(), interleaved=self.vlm.interleaves_images)
         self.max_new_tokens = max_new_tokens
+
+    #: the options `variant` changes: retrieval and prompt options, the learned-token mode
+    OPTIONS = ("regions", "k", "min_score", "mode", "max_concepts", "max_images", "max_info_chars", "max_total_chars")
+
+    def variant(self, **options: Any) -> "PersonalizedVLMPipeline":
+        """This pipeline with some options changed (`OPTIONS`: regions, k, min_score, mode, and the prompt budget's
+        fields), sharing its database, models and image-vector cache: how an evaluation runs each option as a row
+        of its own. A detector is loaded (from the same preset) when regions are asked for and there is none."""
+        from dataclasses import replace
+
+        unknown = [k for k in options if k not in self.OPTIONS]
+        if unknown:
+            raise MmpersonaError(f"unknown pipeline option {unknown[0]!r}; valid: {', '.join(self.OPTIONS)}")
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out.mode = options.get("mode", self.mode)
+        if out.mode not in MODES:
+            raise MmpersonaError(f"`mode` must be one of {', '.join(MODES)}, got {out.mode!r}")
+        out.k = int(options.get("k", self.k))
+        if out.k < 1:
+            raise MmpersonaError(f"`k` must be at least 1, got {out.k}")
+        out.min_score = options.get("min_score", self.min_score)
+        out.regions = bool(options.get("regions", self.regions))
+        if out.regions and self.retriever.detector is None:
+            from mmpersona.models import load_detector
+
+            out.retriever = Retriever(self.db, load_detector(None, **self._load_args))
+            out.retriever._vectors = self.retriever._vectors
+        fields = {k: int(v) for k, v in options.items() if k.startswith("max_")}
+        if fields:
+            out.prompts = PromptBuilder(replace(self.prompts.budget, **fields), self.vlm.model_tokens(),
+                                        interleaved=self.vlm.interleaves_images)
+        return out
 
     # ------------------------------------------------------------------ steps
 

@@ -144,7 +144,11 @@ def test_yollava_bench_end_to_end_three_methods_and_cache(yollava_data, tiny_cac
             rows = json.loads((out / f"{method}-{protocol}.json").read_text())
             assert {k: v for k, v in score_file(metrics["scorer"], rows).items()} == \
                 {k: v for k, v in metrics.items() if k != "scorer"}
-    assert (out / "report.md").read_text().count("\n| ") == 4  # header + 3 methods
+    blocks = (out / "report.md").read_text().split("\n\n")
+    assert blocks[2].startswith("| method |") and len(blocks[2].splitlines()) == 5  # header, rule, 3 methods
+    assert blocks[3].startswith("Against vanilla") and [line.split(" |")[0] for line in blocks[4].splitlines()[2:]] \
+        == ["| oracle", "| retrieval"]
+    assert set(report["against_vanilla"]) == {"oracle", "retrieval"}
     assert (out / "report.png").stat().st_size > 0
     answered = (out / "answers.jsonl").read_text().count("\n")
     assert answered == 3 * 15
@@ -192,3 +196,239 @@ def test_learned_token_methods(yollava_data, tiny_cache, tmp_path):
     assert list(report["results"]) == ["tokens", "hybrid"] and report["learn_steps"] == 2
     assert report["concepts_learned"] == 2  # both concepts learned first, then answered with their tokens
     assert report["results"]["tokens"]["recognition"]["scorer"] == "yollava-recognition"
+
+
+# ------------------------------------------------------------------------------------------ MC-LLaVA, MMPB, MyVLM
+
+@pytest.fixture
+def mc_llava_root(tmp_path):
+    """MC-LLaVA's dataset layout for one two-concept scenario (bo_mam), image keys written as its scripts open
+    them (relative to the eval folder: ../mcdataset/...)."""
+    root = tmp_path / "mcdataset"
+    case = root / "two_concept"
+    root.mkdir()
+    (root / "scenarios.json").write_text(json.dumps(["bo_mam"]))
+    (root / "concept_type.json").write_text(json.dumps({"bo": "two_concept", "mam": "two_concept"}))
+    for name, (color, kind) in COLORS.items():
+        for i in range(2):
+            drawn(case / "concept/train" / name / f"{i}.png", color, kind)
+            drawn(case / "concept/train" / name / f"{i}_mask.png", (255, 255, 255))
+            drawn(case / "concept/test" / name / f"{i}.png", tuple(c + 3 * i for c in color), kind)
+        test = case / "concept/test" / name
+        key = f"../mcdataset/two_concept/concept/test/{name}/0.png"
+        (test / "choice.json").write_text(json.dumps({key: {"Human": f"What is <{name}>? A. a dog B. a mug",
+                                                            "AI": "A" if name == "bo" else "B"}}))
+        (test / "vqa.json").write_text(json.dumps({key: {"Human": f"What colour is <{name}>?", "AI": "It is red."}}))
+        (test / "qa.json").write_text(json.dumps([{"question": f"Is <{name}> a dog? A. yes B. no", "answer": "A"}]))
+    multi = case / "multi/bo_mam"
+    multi.mkdir(parents=True)
+    for i in range(2):  # 0.png shows both concepts, 1.png only <bo>
+        img = Image.new("RGB", (96, 64), (240, 240, 240))
+        ImageDraw.Draw(img).ellipse((4, 10, 44, 54), fill=COLORS["bo"][0])
+        if i == 0:
+            ImageDraw.Draw(img).rectangle((52, 10, 92, 54), fill=COLORS["mam"][0])
+        img.save(multi / f"{i}.png")
+    keys = [f"../mcdataset/two_concept/multi/bo_mam/{i}.png" for i in range(2)]
+    qa = [{"Human": f"Question {j}? A. x B. y", "AI": "A"} for j in range(3)]
+    (multi / "choice.json").write_text(json.dumps({keys[0]: qa}))
+    (multi / "vqa.json").write_text(json.dumps({keys[1]: [{"Human": "Who is left?", "AI": "<bo> is."}]}))
+    (multi / "qa.json").write_text(json.dumps([{"question": "Do <bo> and <mam> live together? A. yes B. no",
+                                                "answer": "A"}]))
+    (multi / "position.json").write_text(json.dumps({"1.png": {"bo": "left", "mam": None},
+                                                     "0.png": {"bo": "left", "mam": "right"}}))
+    (multi / "vqa_position.json").write_text(json.dumps({keys[0]: [{"Human": "Where is <mam>? A. left B. right",
+                                                                    "AI": "B"}]}))
+    return root
+
+
+def test_mc_llava_reader(mc_llava_root):
+    bench = datasets.mc_llava(mc_llava_root)
+    assert [(c.name, len(c.images)) for c in bench.concepts] == [("bo", 2), ("mam", 2)]  # masks left out
+    by = {}
+    for item in bench.items:
+        by.setdefault(item.protocol, []).append(item)
+    assert {k: len(v) for k, v in by.items()} == {"recognition": 14, "choice": 5, "vqa": 3, "text": 3,
+                                                   "caption": 6, "grounding": 1}
+    rec = [(i.row["type"], i.row["ground_truth"]) for i in by["recognition"]]
+    # per concept: 2 own test images + 2 multi images (Yes); all names about the 2 multi images; 2 x 2 negatives
+    assert rec.count(("si_sq", "Yes")) == 4 and rec.count(("mi_sq", "Yes")) == 4 and rec.count(("mi_mq", "Yes")) == 2
+    assert rec.count(("si_sq", "No")) == 4
+    assert by["recognition"][8].question == ("Can you see <bo> and <mam> in this photo? Answer the question using "
+                                             "a single word Yes or No.")
+    assert [i.row["type"] for i in by["choice"]] == ["si_sq", "si_sq", "mi_sq", "mi_sq", "mi_mq"]
+    assert by["choice"][0].question.endswith("\nIMPORTANT: Answer the question using a single letter.")
+    assert by["choice"][0].image == (mc_llava_root / "two_concept/concept/test/bo/0.png").resolve()
+    caps = {i.image.name + i.image.parent.name: i.row["ground_truth"] for i in by["caption"]}
+    assert caps["0.pngbo_mam"] == ["bo", "mam"] and caps["1.pngbo_mam"] == ["bo"]  # position.json, by image
+    assert by["caption"][0].row["ground_truth"] == "<bo>"
+    assert by["caption"][-1].concepts == ["bo"]  # the oracle injects what position.json places there
+    assert by["text"][-1].image is None and by["text"][-1].row["type"] == "m"
+    only = datasets.mc_llava(mc_llava_root, tasks=("grounding",))
+    assert [i.protocol for i in only.items] == ["grounding"]
+    with pytest.raises(PredictionFormatError, match="not in concept_type"):
+        datasets.mc_llava(mc_llava_root, scenarios=["bo_nobody"])
+    (mc_llava_root / "two_concept/multi/bo_mam/vqa.json").write_text(json.dumps({"../../../etc/passwd": []}))
+    with pytest.raises(PredictionFormatError, match="not found under"):
+        datasets.mc_llava(mc_llava_root)
+
+
+@pytest.fixture
+def mmpb_root(tmp_path):
+    """MMPB's on-disk release layout: dataset.csv and <attribute>/train/<name>/*.png."""
+    import csv
+
+    root = tmp_path / "MMPB"
+    for name, attribute in (("bo", "animal"), ("mam", "object")):
+        for i in range(2):
+            drawn(root / attribute / "train" / name / f"{i}.png", *COLORS[name])
+    test = drawn(root / "animal/test/bo/recognition/0.png", *COLORS["bo"])
+    pref = drawn(root / "object/test/mam/preference/travel/likes0.png", (20, 160, 40))
+    rows = [
+        {"index": 0, "question": "Is <sks> in this image?", "image_path": str(test.relative_to(root)), "answer": "Yes",
+         "attribute": "animal", "category": "recognition", "l2-category": "awareness", "name": "bo",
+         "description_moderate": "<sks> is a red shiba.", "preference": "<sks> likes parks."},
+        {"index": 1, "question": "Which would <sks> pick?", "A": "a beach", "B": "a mall",
+         "image_path": str(pref.relative_to(root)), "answer": "A", "attribute": "object", "category": "preference",
+         "l2-category": "inconsistency", "concept": "travel", "name": "mam",
+         "description_moderate": "<sks> is a blue mug.", "preference": "<sks> loves beaches."},
+    ]
+    fields = ["index", "question", "A", "B", "C", "D", "image_path", "answer", "attribute", "category", "l2-category",
+              "concept", "target", "name", "preference", "description_simple", "description_moderate",
+              "description_detailed", "description_super_detailed", "prompt"]
+    with (root / "dataset.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_mmpb_reader(mmpb_root):
+    bench = datasets.mmpb(mmpb_root)
+    assert [(c.name, len(c.images), c.info, c.category) for c in bench.concepts] == [
+        ("bo", 2, "<bo> is a red shiba. <bo> likes parks.", "animal"),
+        ("mam", 2, "<mam> is a blue mug. <mam> loves beaches.", "object")]
+    rec, pref = bench.items
+    assert (rec.protocol, rec.scorer, rec.question, rec.concepts) == ("recognition", "mmpb", "\nIs <bo> in this image?\n",
+                                                                      ["bo"])
+    assert pref.question == "\nWhich would <mam> pick?\nOptions:\nA. a beach\nB. a mall\n"
+    assert score_file("mmpb", [rec.answered("Yes, it is."), pref.answered("B")])["accuracy"] == 0.5
+    with pytest.raises(PredictionFormatError, match="description"):
+        datasets.mmpb(mmpb_root, description="long")
+
+
+def test_myvlm_reader(tmp_path):
+    root = tmp_path / "myvlm_data"
+    for name, (color, kind) in COLORS.items():
+        for i in range(3):
+            drawn(root / name / f"{name}_{i}.jpg", color, kind)
+        (root / name / "captions.json").write_text(json.dumps({f"{name}_1.jpg": [f"{name} on a table"]}))
+    bench = datasets.myvlm(root, references=2)
+    assert [(c.name, [p.name for p in c.images]) for c in bench.concepts] == [
+        ("bo", ["bo_0.jpg", "bo_1.jpg"]), ("mam", ["mam_0.jpg", "mam_1.jpg"])]
+    assert [(i.scorer, i.row[:2]) for i in bench.items] == [("repic-single", ["myvlm_data/bo/bo_2.jpg", ["<bo>"]]),
+                                                          ("repic-single", ["myvlm_data/mam/mam_2.jpg", ["<mam>"]])]
+    with pytest.raises(PredictionFormatError, match="none left"):
+        datasets.myvlm(root, references=3)
+
+
+def test_every_protocol_runs_with_every_method(yollava_data, repic_root, mc_llava_root, mmpb_root, tiny_cache,
+                                               tmp_path):
+    """Each reader's protocols, every method (and an option row), on the tiny preset end to end: one pipeline, one
+    user per benchmark. The peer-format predictions written score to the reported numbers."""
+    from mmpersona.conceptdb import ConceptDB
+    from pipelines.peers.run import METHODS, register, run
+    from pipelines.peers.scoring import SCORERS
+    from pipelines.vlm import PersonalizedVLMPipeline
+
+    myvlm_root = tmp_path / "myvlm_data"
+    for name, (color, kind) in COLORS.items():
+        for i in range(2):
+            drawn(myvlm_root / name / f"{name}_{i}.jpg", color, kind)
+        (myvlm_root / name / "captions.json").write_text("{}")
+    benches = {
+        "yollava": datasets.yollava(yollava_data / "yollava-data", visual_qa=yollava_data / "yollava-visual-qa.json",
+                                    text_qa=yollava_data / "yollava-text-only-qa.json"),
+        "repic": datasets.repic(repic_root, repic_root / "data/query_tot/2_concept_query_templates.json",
+                                repic_root / "data/database_tot/database_2_concepts/database_mod.json"),
+        "myvlm": datasets.myvlm(myvlm_root),
+        "mc-llava": datasets.mc_llava(mc_llava_root),
+        "mmpb": datasets.mmpb(mmpb_root),
+    }
+    methods = [*METHODS, "retrieval:k=1,max_images=1"]
+    with ConceptDB(tmp_path / "e.db", preset="tiny", device="cpu") as db:
+        pipe = PersonalizedVLMPipeline(db, preset="tiny", device="cpu", max_new_tokens=2)
+        for user, bench in benches.items():
+            register(db, user, bench.concepts)
+            out = tmp_path / user
+            report = run(pipe, user, bench, methods, out=out, progress=False, learn_steps=1)
+            protocols = {i.protocol for i in bench.items}
+            assert report["concepts_learned"] == len(bench.concepts)
+            for method in methods:
+                assert set(report["results"][method]) == protocols, (user, method)
+                for protocol, metrics in report["results"][method].items():
+                    label = method.replace(":", "_").replace(",", "_")
+                    written = json.loads((out / f"{label}-{protocol}.json").read_text())
+                    assert SCORERS[metrics["scorer"]](written) == {k: v for k, v in metrics.items() if k != "scorer"}
+            assert set(report["against_vanilla"]) == set(methods) - {"vanilla"}
+            assert db.store.count(user) == len(bench.concepts)  # no benchmark saw another's concepts
+
+
+def test_method_options_are_rows_of_their_own(yollava_data, tiny_cache, tmp_path):
+    from mmpersona.errors import MmpersonaError
+    from pipelines.peers.run import parse_method
+
+    assert parse_method("retrieval:regions,k=1,min_score=0.25") == ("retrieval", {"regions": True, "k": 1,
+                                                                                  "min_score": 0.25})
+    assert parse_method("hybrid:max_images=1") == ("hybrid", {"max_images": 1, "mode": "hybrid"})
+    for bad, match in (("retrieval:colour=red", "unknown option"), ("retrieval:k=two", "needs a number"),
+                       ("best", "unknown method"), ("retrieval:mode=tokens", "unknown option")):
+        with pytest.raises(MmpersonaError, match=match):
+            parse_method(bad)
+    out = tmp_path / "opts"
+    report = json.loads(cli("--json", "eval", "bench", "yollava", str(yollava_data / "yollava-data"),
+                            "--method", "retrieval", "--method", "retrieval:regions,k=1", "--limit", "2",
+                            "--max-new-tokens", "2", "--out", str(out)))
+    assert list(report["results"]) == ["retrieval", "retrieval:regions,k=1"]
+    assert (out / "retrieval_regions_k=1-recognition.json").is_file()
+    cached = [json.loads(line)["method"] for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert cached.count("retrieval:regions,k=1") == 2  # cached under its own label, not the plain row's
+
+
+def test_mmpb_parquet_release_is_laid_out_as_mmpbs_converter_does(tmp_path, monkeypatch):
+    """The Hugging Face release (Parquet, images as {bytes, path} structs, answers as codes) read directly: the
+    images written once into the cache, the answers as MMPB's CSV writes them."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("MMPERSONA_CACHE_DIR", str(tmp_path / "cache"))
+
+    def png(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), color).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": "x.png"}
+
+    rows = [{"index": 0, "question": "Is <sks> in this image?", "A": None, "B": None, "C": None, "D": None,
+             "image_path": png((200, 30, 30)), "answer": 4, "attribute": "animal", "category": "recognition",
+             "l2-category": "awareness", "concept": None, "target": None, "name": "bo ",
+             "preference": "<sks> likes parks.", "description_moderate": "<sks> is a shiba.",
+             **{f"injection_image_{i}": png((200, 30 + i, 30)) for i in range(1, 6)}},
+            {"index": 1, "question": "Which would <sks> pick?", "A": "a beach", "B": "a mall", "C": None, "D": None,
+             "image_path": png((20, 160, 40)), "answer": 1, "attribute": "animal", "category": "preference",
+             "l2-category": "inconsistency", "concept": "travel", "target": None, "name": "bo",
+             "preference": "<sks> likes parks.", "description_moderate": "<sks> is a shiba.",
+             **{f"injection_image_{i}": None for i in range(1, 6)}}]
+    release = tmp_path / "MMPB-hf" / "data"
+    release.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), release / "train-00000-of-00001.parquet")
+    bench = datasets.mmpb(tmp_path / "MMPB-hf")
+    assert [(c.name, len(c.images), c.info) for c in bench.concepts] == [("bo", 5, "<bo> is a shiba. <bo> likes parks.")]
+    assert [i.row["answer"] for i in bench.items] == ["Yes", "B"]  # codes 4 and 1 (with options)
+    assert all(i.image.is_file() and str(i.image).startswith(str(tmp_path / "cache")) for i in bench.items)
+    assert bench.items[1].question.endswith("Options:\nA. a beach\nB. a mall\n")
+    again = datasets.mmpb(tmp_path / "MMPB-hf")  # laid out once: read back from the cache
+    assert [i.image for i in again.items] == [i.image for i in bench.items]
+    (release / "train-00000-of-00001.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(PredictionFormatError, match="not a readable MMPB Parquet"):
+        datasets.mmpb(tmp_path / "MMPB-hf")

@@ -151,3 +151,84 @@ def test_mmpb_scores_and_groups(tmp_path):
     assert g["recognition + inconsistency"] == 1.0 and g["human"] == 1 / 2
     with pytest.raises(PredictionFormatError, match="prediction"):
         score_mmpb([{"l2-category": "awareness", "category": "x", "answer": "Yes"}])
+
+
+# ------------------------------------------------------------------------------------------ MC-LLaVA
+
+REC = {  # eval.py's four lists, mode rec
+    "queries": ["Can you see <Alex> in this photo? ..."] * 6,
+    "predictions": ["Yes", "Yes.", "No", "Yes", "No", "yes"],
+    "ground_truths": ["Yes", "Yes", "Yes", "Yes", "No", "No"],
+    "conversation_types": ["si_sq", "si_sq", "mi_sq", "mi_mq", "si_sq", "si_sq"],
+}
+
+
+def test_mc_llava_recognition_by_hand():
+    m = score_file("mc-llava-rec", REC)
+    # exact strings: "Yes." and "yes" are wrong. Yes items: 1, 0, 0, 1 -> recall 2/4; No items: 1, 0 -> 1/2
+    assert m["recall"] == 0.5 and m["no_recall"] == 0.5 and m["weighted"] == 0.5
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["groups"]["accuracy si_sq"] == pytest.approx(2 / 4)  # Yes, Yes., No(gold No), yes
+    assert m["groups"]["recall mi_mq"] == 1.0 and m["groups"]["no recall mi_sq"] == 0.0  # an empty group prints 0
+
+
+def test_mc_llava_choice_text_and_caption_by_hand():
+    choice = {"predictions": ["A", "A.", "B", "C"], "ground_truths": ["A", "A", "B", "D"],
+              "conversation_types": ["si_sq", "si_sq", "mi_sq", "mi_mq"], "queries": ["q"] * 4}
+    m = score_file("mc-llava-choice", choice)
+    assert m["accuracy"] == 0.5 and m["groups"] == {"accuracy si_sq": 0.5, "accuracy mi_sq": 1.0,
+                                                    "accuracy mi_mq": 0.0}
+    text = {"predictions": ["B", "b"], "ground_truths": ["B", "B"], "conversation_types": ["s", "m"], "queries": ["q"] * 2}
+    assert score_file("mc-llava-text", text)["groups"] == {"accuracy s": 1.0, "accuracy m": 0.0}
+    caption = {"predictions": ["<Alex> runs", "alex runs", "Alex and Marty sit", "nobody"],
+               "ground_truths": ["<Alex>", "<Alex>", ["Alex", "Gloria", "Marty"], ["Alex"]],
+               "conversation_types": ["si", "si", "mi", "mi"], "queries": ["q"] * 4}
+    m = score_file("mc-llava-caption", caption)
+    # si: 1 + 0 (case-sensitive, with the brackets); mi: 2/3 + 0; total (1 + 2/3) / 4
+    assert m["groups"] == {"recall si": 0.5, "recall mi": pytest.approx(1 / 3)}
+    assert m["recall"] == pytest.approx((1 + 2 / 3) / 4)
+
+
+def test_mc_llava_character_bleu_is_nltks():
+    """`bleu_chars` against NLTK's own sentence_bleu, as MC-LLaVA calls it, on strings that reach every branch
+    (empty candidate, no match, one character, longer than the reference)."""
+    import warnings
+
+    from hypothesis import given, settings, strategies as st
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    from pipelines.peers.scoring import bleu_chars
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.text("abc d", max_size=12), st.text("abcde ", max_size=12))
+    def check(reference, candidate):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = sentence_bleu([list(reference)], list(candidate), weights=(0.7, 0.3),
+                                     smoothing_function=SmoothingFunction().method1)
+        assert bleu_chars(reference, candidate) == pytest.approx(expected, abs=1e-12)
+
+    check()
+    m = score_file("mc-llava-vqa", {"predictions": ["a red dog", "x"], "ground_truths": ["a red dog", "blue"],
+                                    "conversation_types": ["si_sq", "mi_sq"], "queries": ["q"] * 2})
+    assert m["groups"]["bleu si_sq"] == pytest.approx(1.0) and m["groups"]["bleu mi_sq"] == 0.0
+
+
+def test_mc_llava_printout_is_read_as_eval_py_prints_it(tmp_path):
+    """eval.py's stdout, as a run leaves it in a log: the four lists, each on the line after its title."""
+    log = tmp_path / "eval_rec.log"
+    log.write_text("100%|##########| 6/6\n    Quaries: \n    " + repr(REC["queries"]) + "\n    Predictions: \n    "
+                   + repr(REC["predictions"]) + "\n    Ground truths: \n    " + repr(REC["ground_truths"])
+                   + "\n    Conversation types: \n    " + repr(REC["conversation_types"])
+                   + "\n  Accuracy for si_sq: 0.5//4, ...\n")
+    out = subprocess.run([sys.executable, "-m", "mmpersona", "--json", "eval", "score", "mc-llava-rec", str(log)],
+                         capture_output=True, text=True, env=dict(os.environ), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[0]["weighted"] == 0.5
+    log.write_text("    Predictions: \n    __import__('os').system('true')\n")
+    with pytest.raises(PredictionFormatError, match="not a Python literal"):
+        from pipelines.peers.scoring import read_predictions
+
+        read_predictions(log)
+    with pytest.raises(PredictionFormatError, match="one length"):
+        score_file("mc-llava-rec", {**REC, "predictions": REC["predictions"][:2]})

@@ -268,3 +268,35 @@ def test_an_image_is_embedded_once_across_questions(concept_db, monkeypatch):
     assert retriever.by_image("bob", photo)[0].concept.owner == "bob" and len(calls) == 1  # per user results
     retriever.by_image("alice", drawn("rectangle", (30, 60, 200)))
     assert len(calls) == 2
+
+
+def test_variant_changes_options_and_shares_the_rest(tiny_cache, tmp_path):
+    """`variant`: one option changed, the database, models and image-vector cache shared; regions load a
+    detector from the pipeline's preset; the original is untouched."""
+    from PIL import Image
+
+    from mmpersona.conceptdb import ConceptDB
+    from mmpersona.errors import MmpersonaError
+    from pipelines.vlm import PersonalizedVLMPipeline
+
+    with ConceptDB(tmp_path / "v.db", preset="tiny", device="cpu") as db:
+        img = Image.new("RGB", (32, 32), (200, 30, 30))
+        db.add("u", "bo", [img])
+        pipe = PersonalizedVLMPipeline(db, preset="tiny", device="cpu", max_new_tokens=2)
+        other = pipe.variant(k=1, regions=True, max_images=1)
+        assert (other.k, other.regions, other.prompts.budget.max_images) == (1, True, 1)
+        assert (pipe.k, pipe.regions, pipe.prompts.budget.max_images) == (3, False, 0)
+        assert other.vlm is pipe.vlm and other.db is pipe.db and other.retriever.detector is not None
+        assert pipe.retriever.detector is None
+        other.retriever.image_vector(img)
+        assert len(pipe.retriever._vectors) == 1  # one cache for both
+        calls = []
+        by_regions = other.retriever.by_regions
+        other.retriever.by_regions = lambda *a, **k: calls.append(a) or by_regions(*a, **k)
+        other.retrieve("u", "what is this?", img)
+        pipe.retrieve("u", "what is this?", img)
+        assert len(calls) == 1  # the variant looks at regions, the original does not
+        with pytest.raises(MmpersonaError, match="unknown pipeline option"):
+            pipe.variant(temperature=0.1)
+        with pytest.raises(MmpersonaError, match="mode"):
+            pipe.variant(mode="best")

@@ -18,13 +18,17 @@ from typing import Any, Sequence
 from mmpersona.errors import MmpersonaError
 
 from .datasets import Benchmark, Concept
-from .scoring import SCORERS
+from .scoring import ASSEMBLE, SCORERS
 
 logger = logging.getLogger(__name__)
 
-#: the headline metric of each scorer, for the table and the plot
-HEADLINE = {"yollava-recognition": "weighted_accuracy", "rap-qa": "accuracy", "repic-single": "f1",
-            "repic-2": "f1", "repic-4": "f1"}
+#: the table's columns for each scorer; the last is the headline metric of the plot
+COLUMNS = {"yollava-recognition": ["positive_accuracy", "negative_accuracy", "weighted_accuracy"],
+           "rap-qa": ["accuracy"], "repic-single": ["precision", "recall", "f1"], "repic-2": ["precision", "recall", "f1"],
+           "repic-4": ["precision", "recall", "f1"], "mmpb": ["accuracy"],
+           "mc-llava-rec": ["accuracy", "recall", "no_recall", "weighted"], "mc-llava-choice": ["accuracy"],
+           "mc-llava-text": ["accuracy"], "mc-llava-vqa": ["bleu"], "mc-llava-caption": ["recall"]}
+HEADLINE = {scorer: columns[-1] for scorer, columns in COLUMNS.items()}
 
 
 def register(db, user: str, concepts: Sequence[Concept], *, skip: Sequence[str] = ()) -> int:
@@ -66,6 +70,35 @@ class AnswerCache:
 METHODS = ("vanilla", "oracle", "retrieval", "tokens", "hybrid")
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """`method[:option,option=value,...]`: a method and the pipeline options of its row (`variant`'s), e.g.
+    `retrieval:regions`, `retrieval:k=1,min_score=0.25`, `oracle:max_images=1`, `hybrid:regions`."""
+    from pipelines.vlm import PersonalizedVLMPipeline
+
+    name, _, rest = spec.partition(":")
+    if name not in METHODS:
+        raise MmpersonaError(f"unknown method {name!r}; valid: {', '.join(METHODS)} (each may take options: "
+                             "retrieval:regions,k=1)")
+    options: dict[str, Any] = {}
+    for part in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if key not in PersonalizedVLMPipeline.OPTIONS or key == "mode":
+            raise MmpersonaError(f"{spec!r}: unknown option {key!r}; valid: "
+                                 f"{', '.join(o for o in PersonalizedVLMPipeline.OPTIONS if o != 'mode')}")
+        try:
+            if key == "regions":
+                options[key] = not eq or value.lower() in ("1", "true", "yes", "on")
+            elif key == "min_score":
+                options[key] = float(value)
+            else:
+                options[key] = int(value)
+        except ValueError as e:
+            raise MmpersonaError(f"{spec!r}: option {key!r} needs a number, got {value!r}") from e
+    if name in ("tokens", "hybrid"):
+        options["mode"] = name
+    return name, options
+
+
 def learn_all(pipe, user: str, bench: Benchmark, steps: int, progress: bool) -> int:
     """Learn tokens for every benchmark concept that has none yet (stored in the database); returns how many."""
     from pipelines.tokens import TENSOR_NAME, LearnConfig, learn_concept
@@ -96,16 +129,10 @@ def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path 
     from mmpersona import __version__, load_image
     from pipelines.vlm import ANSWER_METHODS
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise MmpersonaError(f"unknown method {unknown[0]!r}; valid: {', '.join(METHODS)}")
-    by_mode, learned = {}, 0
-    if any(m in ("tokens", "hybrid") for m in methods):
-        from pipelines.vlm import PersonalizedVLMPipeline
-
-        learned = learn_all(pipe, user, bench, learn_steps, progress)
-        by_mode = {m: PersonalizedVLMPipeline(pipe.db, vlm=pipe.vlm, mode=m, max_new_tokens=pipe.max_new_tokens)
-                   for m in ("tokens", "hybrid") if m in methods}
+    parsed = {m: parse_method(m) for m in methods}
+    runners = {m: pipe.variant(**options) if options else pipe for m, (_, options) in parsed.items()}
+    learning = any(name in ("tokens", "hybrid") for name, _ in parsed.values())
+    learned = learn_all(pipe, user, bench, learn_steps, progress) if learning else 0
     items = bench.items[:limit] if limit else bench.items
     if not items:
         raise MmpersonaError(f"{bench.name}: no items to evaluate")
@@ -146,32 +173,56 @@ def run(pipe, user: str, bench: Benchmark, methods: Sequence[str], *, out: Path 
             answer = cache.get(label, item.id, answered_by)
             if answer is None:
                 torch.manual_seed(seed)
-                if method in ANSWER_METHODS:
-                    answer = pipe.answer_as(method, image_of(item.image), item.question, user=user,
-                                            concepts=item.concepts).answer
-                else:  # retrieval in that learned-token mode
-                    answer = by_mode[method].answer_as("retrieval", image_of(item.image), item.question,
-                                                       user=user).answer
+                name = parsed[method][0]
+                # tokens / hybrid: retrieval, in that learned-token mode
+                answer = runners[method].answer_as(name if name in ANSWER_METHODS else "retrieval",
+                                                   image_of(item.image), item.question, user=user,
+                                                   concepts=item.concepts).answer
                 cache.put(label, item.id, answered_by, answer)
             rows.setdefault((item.protocol, item.scorer), []).append(item.answered(answer))
         results[label] = {}
         for (protocol, scorer), answered in rows.items():
-            metrics = SCORERS[scorer](answered)
+            written = ASSEMBLE.get(scorer, list)(answered)  # the peer's own file
+            metrics = SCORERS[scorer](written)
             results[label][protocol] = {"scorer": scorer, **metrics}
             if out is not None:
-                (out / f"{label}-{protocol}.json").write_text(json.dumps(answered, indent=1), encoding="utf-8")
+                (out / f"{_file_safe(label)}-{protocol}.json").write_text(json.dumps(written, indent=1),
+                                                                         encoding="utf-8")
     report = {"benchmark": bench.name, "dataset": str(bench.root), "model": model, "user": user,
               "methods": list(methods), "items": len(items), "limit": limit, "seed": seed,
-              "learn_steps": learn_steps if by_mode else None, "concepts_learned": learned,
+              "learn_steps": learn_steps if learning else None, "concepts_learned": learned,
               "mmpersona": __version__, "python": platform.python_version(),
               "note": ("tiny random models: these numbers are noise, the run only shows the harness works"
                        if model.startswith("tiny:") else ""),
-              "concepts_in_database": concepts_in_db, "results": results}
+              "concepts_in_database": concepts_in_db, "results": results,
+              "against_vanilla": against_vanilla(results)}
     if out is not None:
         (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         (out / "report.md").write_text(markdown(report), encoding="utf-8")
         plot(report, out / "report.png")
     return report
+
+
+def against_vanilla(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each method's headline metric minus vanilla's on the same protocol (and database size): whether concepts,
+    retrieval or learned tokens did anything (Yo'LLaVA #13). Empty without a vanilla row."""
+    out: dict[str, dict[str, float]] = {}
+    for label, by_protocol in results.items():
+        method, at, size = label.partition("@")
+        base = results.get("vanilla" + (at + size if at else ""))
+        if base is None or method == "vanilla":
+            continue
+        for protocol, entry in by_protocol.items():
+            key = HEADLINE[entry["scorer"]]
+            mine, theirs = entry.get(key), base.get(protocol, {}).get(key)
+            if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)):
+                out.setdefault(label, {})[protocol] = mine - theirs
+    return out
+
+
+def _file_safe(label: str) -> str:
+    """A method label as a file name part: `retrieval:k=1,regions` -> `retrieval_k=1_regions`."""
+    return "".join(ch if ch.isalnum() or ch in "=@.-" else "_" for ch in label)
 
 
 def _fmt(v: Any) -> str:
@@ -184,9 +235,7 @@ def markdown(report: dict[str, Any]) -> str:
     columns = []
     for p in protocols:
         scorer = next(r[p]["scorer"] for r in report["results"].values() if p in r)
-        keys = {"yollava-recognition": ["positive_accuracy", "negative_accuracy", "weighted_accuracy"],
-                "rap-qa": ["accuracy"]}.get(scorer, ["precision", "recall", "f1"])
-        columns += [(p, k) for k in keys]
+        columns += [(p, k) for k in COLUMNS[scorer]]
     lines = [f"# {report['benchmark']}: {report['model']} ({report['items']} items, mmpersona {report['mmpersona']})",
              ""]
     if report["note"]:
@@ -195,6 +244,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("|---" * (len(columns) + 1) + "|")
     for method, r in report["results"].items():
         lines.append(f"| {method} | " + " | ".join(_fmt(r.get(p, {}).get(k)) for p, k in columns) + " |")
+    deltas = report.get("against_vanilla") or {}
+    if deltas:
+        lines += ["", "Against vanilla (headline metric, points; > 0: the method helped):", "",
+                  "| method | " + " | ".join(protocols) + " |", "|---" * (len(protocols) + 1) + "|"]
+        for method, d in deltas.items():
+            lines.append(f"| {method} | " + " | ".join(f"{d[p] * 100:+.1f}" if p in d else "-" for p in protocols)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ are the same number.
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from pathlib import Path
@@ -240,6 +241,155 @@ def score_mmpb(rows: Any) -> dict[str, Any]:
             "groups": {k: sum(v) / len(v) for k, v in hits.items()}}
 
 
+# ------------------------------------------------------------------------------------------ MC-LLaVA (eval/eval.py)
+
+#: the four lists MC-LLaVA's eval/eval.py prints after a run (its only output), by the names it prints them under
+MC_LLAVA_LISTS = {"queries": "Quaries:", "predictions": "Predictions:", "ground_truths": "Ground truths:",
+                  "conversation_types": "Conversation types:"}
+
+
+def bleu_chars(reference: str, candidate: str) -> float:
+    """MC-LLaVA's `calculate_bleu`: NLTK's `sentence_bleu([list(reference)], list(candidate), weights=(0.7, 0.3),
+    smoothing_function=SmoothingFunction().method1)`, on characters, reproduced without NLTK: clipped 1- and
+    2-gram precisions (denominator at least 1), a zero numerator smoothed to 0.1 / denominator, the brevity
+    penalty exp(1 - r/c) when the candidate is shorter, and 0 when no character matches at all."""
+    from collections import Counter
+
+    ref, hyp = list(reference), list(candidate)
+    logs = []
+    for n, weight in ((1, 0.7), (2, 0.3)):
+        grams = Counter(tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1))
+        ref_grams = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+        matched = sum(min(c, ref_grams[g]) for g, c in grams.items())
+        total = max(1, sum(grams.values()))
+        if n == 1 and matched == 0:
+            return 0.0
+        logs.append(weight * math.log((matched if matched else 0.1) / total))
+    if not hyp:
+        return 0.0
+    penalty = 1.0 if len(hyp) > len(ref) else math.exp(1 - len(ref) / len(hyp))
+    return penalty * math.exp(math.fsum(logs))
+
+
+def _mc_llava_lists(data: Any) -> tuple[list[Any], list[Any], list[str]]:
+    """(predictions, ground truths, conversation types) of an MC-LLaVA output: the dict of its four printed lists
+    (`read_predictions` turns eval.py's printout into one)."""
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in
+                                             ("predictions", "ground_truths", "conversation_types")):
+        raise PredictionFormatError("an MC-LLaVA output holds the lists eval.py prints: queries, predictions, "
+                                    "ground_truths and conversation_types")
+    preds, gts, types = data["predictions"], data["ground_truths"], data["conversation_types"]
+    if not (len(preds) == len(gts) == len(types)) or not preds:
+        raise PredictionFormatError(f"MC-LLaVA lists must be non-empty and of one length, got {len(preds)} "
+                                    f"predictions, {len(gts)} ground truths, {len(types)} conversation types")
+    if not all(isinstance(p, str) for p in preds) or not all(isinstance(t, str) for t in types):
+        raise PredictionFormatError("MC-LLaVA predictions and conversation types must be strings")
+    return preds, gts, types
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0  # eval.py prints 0 for an empty group
+
+
+def _by_type(types: list[str], values: list[float], order: tuple[str, ...]) -> dict[str, float]:
+    return {t: _mean([v for v, k in zip(values, types, strict=True) if k == t]) for t in order}
+
+
+def score_mc_llava_rec(data: Any) -> dict[str, Any]:
+    """eval.py `analyze_rec` (mode rec): the raw answer must equal "Yes" / "No" exactly. Accuracy, recall (over
+    gold Yes), no recall (over gold No), per si_sq / mi_sq / mi_mq and in total; weighted = (recall + no recall)
+    / 2, the figure train_joint.py selects checkpoints by."""
+    preds, gts, types = _mc_llava_lists(data)
+    hit = [float(p == g) for p, g in zip(preds, gts, strict=True)]
+    groups = {}
+    for t in ("si_sq", "mi_sq", "mi_mq"):
+        groups[f"accuracy {t}"] = _mean([h for h, k in zip(hit, types, strict=True) if k == t])
+        groups[f"recall {t}"] = _mean([h for h, k, g in zip(hit, types, gts, strict=True) if k == t and g == "Yes"])
+        groups[f"no recall {t}"] = _mean([h for h, k, g in zip(hit, types, gts, strict=True) if k == t and g == "No"])
+    recall = _mean([h for h, g in zip(hit, gts, strict=True) if g == "Yes"])
+    no_recall = _mean([h for h, g in zip(hit, gts, strict=True) if g == "No"])
+    return {"accuracy": _mean(hit), "recall": recall, "no_recall": no_recall, "weighted": (recall + no_recall) / 2,
+            "items": len(hit), "groups": groups}
+
+
+def score_mc_llava_choice(data: Any) -> dict[str, Any]:
+    """eval.py `analyze_choice` (modes choice and vg): exact string equality, e.g. "A." is not "A"; accuracy per
+    si_sq / mi_sq / mi_mq and in total."""
+    preds, gts, types = _mc_llava_lists(data)
+    hit = [float(p == g) for p, g in zip(preds, gts, strict=True)]
+    return {"accuracy": _mean(hit), "items": len(hit),
+            "groups": {f"accuracy {t}": v for t, v in _by_type(types, hit, ("si_sq", "mi_sq", "mi_mq")).items()}}
+
+
+def score_mc_llava_text(data: Any) -> dict[str, Any]:
+    """eval.py `analyze_text_choice` (mode text): exact string equality; accuracy for single-concept (s) and
+    multi-concept (m) questions and in total."""
+    preds, gts, types = _mc_llava_lists(data)
+    hit = [float(p == g) for p, g in zip(preds, gts, strict=True)]
+    return {"accuracy": _mean(hit), "items": len(hit),
+            "groups": {f"accuracy {t}": v for t, v in _by_type(types, hit, ("s", "m")).items()}}
+
+
+def score_mc_llava_vqa(data: Any) -> dict[str, Any]:
+    """eval.py `analyze_vqa` (mode vqa): the mean character-level BLEU (`bleu_chars`) per type and in total."""
+    preds, gts, types = _mc_llava_lists(data)
+    if not all(isinstance(g, str) for g in gts):
+        raise PredictionFormatError("MC-LLaVA VQA ground truths must be strings")
+    scores = [bleu_chars(g, p) for p, g in zip(preds, gts, strict=True)]
+    return {"bleu": _mean(scores), "items": len(scores),
+            "groups": {f"bleu {t}": v for t, v in _by_type(types, scores, ("si_sq", "mi_sq", "mi_mq")).items()}}
+
+
+def score_mc_llava_caption(data: Any) -> dict[str, Any]:
+    """eval.py `analyze_caption` (mode caption): single-concept images (si) count 1 when the gold `<name>` is a
+    substring of the caption (case-sensitive); multi-concept images (mi) count the share of their gold names
+    (bare, from position.json) that are substrings. Recall per type and in total (the sum over all images)."""
+    preds, gts, types = _mc_llava_lists(data)
+    counts = []
+    for i, (p, g, t) in enumerate(zip(preds, gts, types, strict=True)):
+        if t == "si" and isinstance(g, str):
+            counts.append(float(g in p))
+        elif t == "mi" and isinstance(g, list) and all(isinstance(w, str) for w in g):
+            counts.append(sum(w in p for w in g) / len(g) if g else 0.0)
+        elif t in ("si", "mi"):
+            raise PredictionFormatError(f"item {i}: a {t} ground truth must be a "
+                                        f"{'name' if t == 'si' else 'list of names'}, got {g!r}")
+        else:
+            counts.append(0.0)  # eval.py counts another type in the total's denominator only
+    return {"recall": _mean(counts), "items": len(counts),
+            "groups": {f"recall {t}": v for t, v in _by_type(types, counts, ("si", "mi")).items()}}
+
+
+def parse_mc_llava_log(text: str) -> dict[str, list[Any]]:
+    """The four lists from the printout of MC-LLaVA's eval.py (each printed as a Python list on the line after its
+    title), read with `ast.literal_eval` (literals only, never code)."""
+    import ast
+
+    lines = text.splitlines()
+    out: dict[str, list[Any]] = {}
+    for key, title in MC_LLAVA_LISTS.items():
+        at = next((i for i, line in enumerate(lines) if line.strip() == title), None)
+        if at is None or at + 1 >= len(lines):
+            continue
+        try:
+            value = ast.literal_eval(lines[at + 1].strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+            raise PredictionFormatError(f"the list after {title!r} is not a Python literal ({type(e).__name__})") from e
+        if not isinstance(value, list):
+            raise PredictionFormatError(f"expected a list after {title!r}")
+        out[key] = value
+    if not out:
+        raise PredictionFormatError("no MC-LLaVA printout found (expected the lines 'Predictions:', 'Ground truths:' "
+                                    "and 'Conversation types:', each followed by a list)")
+    return out
+
+
+def assemble_mc_llava(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Our answered MC-LLaVA items as the four lists eval.py prints."""
+    return {"queries": [r["query"] for r in rows], "predictions": [r["prediction"] for r in rows],
+            "ground_truths": [r["ground_truth"] for r in rows], "conversation_types": [r["type"] for r in rows]}
+
+
 def format_repic(name: str, m: dict[str, Any]) -> str:
     """The line RePIC's scorers print."""
     return f"file: {name:<60}  metric (P/R/F1): {m['precision'] * 100:5.1f} / {m['recall'] * 100:5.1f} / " \
@@ -247,7 +397,8 @@ def format_repic(name: str, m: dict[str, Any]) -> str:
 
 
 def read_predictions(path: str | Path) -> Any:
-    """A prediction file: JSON (any peer), or CSV (MMPB's table exported from its xlsx: one object per row)."""
+    """A prediction file: JSON (any peer), CSV (MMPB's table exported from its xlsx: one object per row), or the
+    printout of MC-LLaVA's eval.py (`.log` / `.txt`)."""
     import csv
     import io
 
@@ -256,6 +407,11 @@ def read_predictions(path: str | Path) -> Any:
     path = Path(path)
     try:
         data = read_limited(path, 1 << 30, "prediction file")
+        if path.suffix.lower() in (".log", ".txt"):  # MC-LLaVA's eval.py printout
+            try:
+                return parse_mc_llava_log(data.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise PredictionFormatError(f"{str(path)!r} is not UTF-8 text") from e
         if path.suffix.lower() == ".csv":
             try:
                 return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
@@ -273,7 +429,15 @@ SCORERS = {
     "repic-2": lambda rows: score_repic_captions(rows, "2"),
     "repic-4": lambda rows: score_repic_captions(rows, "4"),
     "mmpb": score_mmpb,
+    "mc-llava-rec": score_mc_llava_rec,
+    "mc-llava-choice": score_mc_llava_choice,
+    "mc-llava-text": score_mc_llava_text,
+    "mc-llava-vqa": score_mc_llava_vqa,
+    "mc-llava-caption": score_mc_llava_caption,
 }
+
+#: how a protocol's answered rows become the peer's file (the default: the list of rows itself)
+ASSEMBLE = {name: assemble_mc_llava for name in SCORERS if name.startswith("mc-llava")}
 
 
 def score_file(fmt: str, rows: Any) -> dict[str, Any]:
