@@ -395,6 +395,10 @@ def chat(
     k: int = typer.Option(3, "-k", min=1, help="Concepts retrieved per source."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Threshold (default: calibrated)."),
     regions: bool = typer.Option(False, "--regions", help="Also retrieve per detected region."),
+    assign: bool = typer.Option(False, "--assign", help="Regions: one concept per region, one region per concept."),
+    boxes: bool = typer.Option(False, "--boxes", help="Tell the model each region concept's box."),
+    marks: bool = typer.Option(False, "--marks", help="Draw numbered marks on the photo, named in the prompt."),
+    verify: bool = typer.Option(False, "--verify", help="Let the VLM confirm each retrieved concept first."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     mode: str = typer.Option("retrieval", "--mode", help="retrieval, tokens (learned) or hybrid."),
 ) -> None:
@@ -406,7 +410,8 @@ def chat(
     s = settings(ctx)
     with open_db(s) as db:
         pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), detector=s.overrides.get("detector"),
-                                       regions=regions, preset=s.preset, device=s.device, dtype=s.dtype, k=k,
+                                       regions=regions, assign=assign, boxes=boxes, marks=marks, verify=verify,
+                                       preset=s.preset, device=s.device, dtype=s.dtype, k=k,
                                        min_score=min_score, max_new_tokens=max_new_tokens, mode=mode)
         if question is not None:
             answer = pipe(image, question, user=s.user)

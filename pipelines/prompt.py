@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from mmpersona.errors import MmpersonaError
 
@@ -50,13 +50,41 @@ class PromptBudget:
                 raise MmpersonaError(f"PromptBudget.{name} must not be negative, got {getattr(self, name)}")
 
 
+@dataclass(frozen=True)
+class Grounding:
+    """Telling the model where each region-retrieved concept is in the photo.
+
+    Args:
+        mode: `boxes` (each concept's box written in its line, `box_text` renders it in the model's own
+            coordinate convention, `note` says how to read one) or `marks` (numbered marks drawn on a copy of
+            the photo, each concept's line naming its mark: Set-of-Mark).
+        original: marks only: the unmarked photo is sent too, before the marked copy.
+    """
+
+    mode: str
+    box_text: "Callable[[tuple[int, int, int, int]], str] | None" = None
+    note: str = ""
+    original: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("boxes", "marks"):
+            raise MmpersonaError(f"Grounding.mode must be 'boxes' or 'marks', got {self.mode!r}")
+        if self.mode == "boxes" and self.box_text is None:
+            raise MmpersonaError("Grounding(mode='boxes') needs a box_text function")
+
+
+MARKS_NOTE = "Numbered marks drawn on the user's photo show where the concepts listed with a mark are."
+
+
 @dataclass
 class RenderedPrompt:
-    """The messages to send, and which retrieved concepts made it in."""
+    """The messages to send, and which retrieved concepts made it in (`marked`: the marked copy of the photo
+    when the prompt has marks, for display)."""
 
     messages: list[dict[str, Any]]
     injected: list["RetrievedConcept"] = field(default_factory=list)
     reference_images: int = 0
+    marked: "Image.Image | None" = None
 
 
 # Characters a JSON string may hold raw that still break or disguise a line of the prompt: C1 controls (NEL
@@ -90,41 +118,58 @@ class PromptBuilder:
         self.special_tokens = [t for t in special_tokens if t]
         self.interleaved = interleaved
 
-    def concept_block(self, retrieved: list["RetrievedConcept"]) -> tuple[str, list["RetrievedConcept"]]:
-        """The concept list as text, and the concepts it holds (what the budget let in)."""
+    def concept_block(self, retrieved: list["RetrievedConcept"], grounding: Grounding | None = None
+                      ) -> tuple[str, list["RetrievedConcept"], list[tuple[str, tuple[int, int, int, int]]]]:
+        """The concept list as text, the concepts it holds (what the budget let in), and with marks, the
+        (number, box) of each marked concept. With `grounding`, a concept that has a box says where it is."""
         b = self.budget
-        lines, kept, used = [], [], 0
+        lines, kept, marks, used = [], [], [], 0
         for r in retrieved[: b.max_concepts]:
             c = r.concept
             info = c.info if len(c.info) <= b.max_info_chars else c.info[: b.max_info_chars] + "..."
             category = f" ({quote(defuse(c.category, self.special_tokens))})" if c.category else ""
             aliases = (" also called " + ", ".join(f"<{a}>" for a in c.aliases)) if c.aliases else ""
-            line = (f"- {defuse(c.handle, self.special_tokens)}{category}{defuse(aliases, self.special_tokens)}: "
-                    f"{quote(defuse(info, self.special_tokens))}")
+            where = ""
+            if grounding is not None and r.box is not None:
+                where = (f" [mark {len(marks) + 1}]" if grounding.mode == "marks"
+                         else f" [in the photo at {grounding.box_text(r.box)}]")
+            line = (f"- {defuse(c.handle, self.special_tokens)}{category}{defuse(aliases, self.special_tokens)}"
+                    f"{where}: {quote(defuse(info, self.special_tokens))}")
             if used + len(line) > b.max_total_chars and kept:
                 break
             lines.append(line[: b.max_total_chars])
             kept.append(r)
+            if where and grounding.mode == "marks":
+                marks.append((str(len(marks) + 1), r.box))
             used += len(line)
-        return "\n".join(lines), kept
+        return "\n".join(lines), kept, marks
 
     def build(self, question: str, image: "Image.Image | None", retrieved: list["RetrievedConcept"], *,
               history: list[dict[str, Any]] | None = None,
               reference_images: dict[str, "Image.Image"] | None = None,
-              learned: list[tuple["RetrievedConcept", str]] | None = None) -> RenderedPrompt:
+              learned: list[tuple["RetrievedConcept", str]] | None = None,
+              grounding: Grounding | None = None) -> RenderedPrompt:
         """System turn (instructions + concept list), earlier turns, then the user's image and question.
 
         `reference_images` maps a concept id to one of its images, added before the user's image when the
         budget allows (`max_images`). `learned` holds concepts loaded as learned tokens, each with its
-        definition line (`<bo> is <bo|0>...`), rendered as such instead of as text.
+        definition line (`<bo> is <bo|0>...`), rendered as such instead of as text. `grounding` says where
+        region-retrieved concepts are: their boxes in their lines, or numbered marks on a copy of the photo.
         """
         learned = (learned or [])[: self.budget.max_concepts]
-        block, kept = self.concept_block(retrieved[: max(self.budget.max_concepts - len(learned), 0)])
+        if image is None:
+            grounding = None
+        block, kept, marks = self.concept_block(retrieved[: max(self.budget.max_concepts - len(learned), 0)],
+                                                grounding)
         sections = []
         if learned:
             sections.append("Learned concepts:\n" + "\n".join(f"- {line}" for _, line in learned))
         if block:
             sections.append("User's concepts:\n" + block)
+            note = MARKS_NOTE if marks else grounding.note if grounding is not None and grounding.mode == "boxes" \
+                and any(r.box is not None for r in kept) else ""
+            if note:
+                sections.append(note)
         system = INSTRUCTIONS + "\n\n" + ("\n".join(sections) if sections else NO_CONCEPTS)
         kept = [r for r, _ in learned] + kept
         messages: list[dict[str, Any]] = [{"role": "system", "content": [{"type": "text", "text": system}]}]
@@ -135,22 +180,31 @@ class PromptBuilder:
         refs = [r for r in kept if reference_images and r.concept.id in reference_images][: self.budget.max_images]
         images = [(f"Reference photo of {defuse(r.concept.handle, self.special_tokens)}",
                    reference_images[r.concept.id]) for r in refs]
-        if image is not None:
+        marked = None
+        if marks:
+            from .marks import draw_marks
+
+            marked = draw_marks(image, marks)
+            if grounding.original:
+                images.append(("The user's photo", image))
+            images.append(("The user's photo with numbered marks", marked))
+        elif image is not None:
             images.append(("The user's photo", image))
         content: list[dict[str, Any]] = []
-        if refs and not self.interleaved:  # the template puts images first: name them by position
+        named = bool(refs) or len(images) > 1
+        if named and not self.interleaved:  # the template puts images first: name them by position
             content += [{"type": "image", "image": img} for _, img in images]
             content.append({"type": "text", "text": " ".join(
                 f"Image {i}: {label.lower() if label.startswith('The') else label}."
                 for i, (label, _) in enumerate(images, 1))})
-        elif refs:
+        elif named:
             for label, img in images:
                 content += [{"type": "text", "text": f"{label}:"}, {"type": "image", "image": img}]
-        elif image is not None:
-            content.append({"type": "image", "image": image})
+        elif images:
+            content.append({"type": "image", "image": images[0][1]})
         content.append({"type": "text", "text": defuse(question, self.special_tokens)})
         messages.append({"role": "user", "content": content})
-        return RenderedPrompt(messages, kept, len(refs))
+        return RenderedPrompt(messages, kept, len(refs), marked)
 
 
 def printable_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

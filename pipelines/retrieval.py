@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from concept_db.types import InvalidConceptError, normalize_name
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from concept_db import Concept
     from mmpersona.conceptdb import ConceptDB
     from mmpersona.models import Detector
+    from mmpersona.models.loaders import Detection
 
 MENTION = re.compile(r"<([^<>\n]{1,64})>")
 WORD = re.compile(r"[\w][\w'\-]*", re.UNICODE)
@@ -112,35 +113,80 @@ class Retriever:
                 for m in self.db.store.search(user, vector, embedder=self.db.embedder.name, k=k,
                                               min_score=min_score)]
 
-    def by_regions(self, user: str, image: "Image.Image", *, k: int = 3,
-                   min_score: float | None = None) -> list[RetrievedConcept]:
-        """Detect regions of the user's categories, embed each crop in one batch, search each."""
+    def regions(self, user: str, image: "Image.Image", *, merge_iou: float | None = None) -> list["Detection"]:
+        """Boxes of the user's categories in `image` (one detector pass, every category a query), best first;
+        with `merge_iou`, a box overlapping a better one by at least that IoU is merged into it (whatever its
+        label: one object found as "dog" and as "animal" is one region)."""
         if self.detector is None:
             raise InvalidConceptError("region retrieval needs a detector (pass one, or regions=False)")
         labels = self.db.store.categories(user)
         if not labels:
             return []
         detections = self.detector.detect(image, labels, threshold=self.detector_threshold, top_k=self.max_regions)
+        if merge_iou is not None:
+            kept: list = []
+            for d in detections:
+                if all(iou(d.box, other.box) < merge_iou for other in kept):
+                    kept.append(d)
+            detections = kept
+        return detections
+
+    def by_regions(self, user: str, image: "Image.Image", *, k: int = 3, min_score: float | None = None,
+                   assign: bool = False, merge_iou: float = 0.5) -> list[RetrievedConcept]:
+        """Detect regions of the user's categories, embed each crop in one batch, search each.
+
+        `assign`: one concept per region and one region per concept, so that four people in a photo become four
+        concepts, not the best match four times. Overlapping boxes are merged first (`merge_iou`); then the
+        (region, concept) pairs are taken greedily by score, best first, each region and each concept at most
+        once. Without it, each region contributes its `k` best concepts (and `merge` keeps a concept's best)."""
+        detections = self.regions(user, image, merge_iou=merge_iou if assign else None)
         if not detections:
             return []
         crops = [image.crop(d.box) for d in detections]
         vectors = self.db.embedder.embed_images(crops)
-        out = []
-        for det, vector in zip(detections, vectors, strict=True):
-            for m in self.db.store.search(user, vector, embedder=self.db.embedder.name, k=k, min_score=min_score):
-                out.append(RetrievedConcept(m.concept, m.score, "region", det.box, m.image))
+        # assigning: enough candidates per region that a region whose best concept went elsewhere has its next
+        per_region = max(k, len(detections)) if assign else k
+        hits = [self.db.store.search(user, vector, embedder=self.db.embedder.name, k=per_region, min_score=min_score)
+                for vector in vectors]
+        if not assign:
+            return [RetrievedConcept(m.concept, m.score, "region", det.box, m.image)
+                    for det, matches in zip(detections, hits, strict=True) for m in matches]
+        pairs = sorted(((m.score, i, m) for i, matches in enumerate(hits) for m in matches),
+                       key=lambda t: (-t[0], t[1]))
+        out, regions_used, concepts_used = [], set(), set()
+        for _, i, m in pairs:
+            if i in regions_used or m.concept.id in concepts_used:
+                continue
+            regions_used.add(i)
+            concepts_used.add(m.concept.id)
+            out.append(RetrievedConcept(m.concept, m.score, "region", detections[i].box, m.image))
         return out
 
     @staticmethod
     def merge(*groups: list[RetrievedConcept]) -> list[RetrievedConcept]:
-        """One entry per concept: mentions first, then by best score."""
+        """One entry per concept: mentions first, then by best score. A concept found in a region keeps that
+        region's box even when other evidence (a mention, the whole image) ranks higher: where it is."""
         best: dict[str, RetrievedConcept] = {}
+        region: dict[str, RetrievedConcept] = {}  # each concept's best region hit
         for group in groups:
             for r in group:
                 current = best.get(r.concept.id)
                 if current is None or _rank(r) > _rank(current):
                     best[r.concept.id] = r
-        return sorted(best.values(), key=_rank, reverse=True)
+                if r.box is not None and (r.concept.id not in region or r.score > region[r.concept.id].score):
+                    region[r.concept.id] = r
+        merged = [r if r.box is not None or r.concept.id not in region else replace(r, box=region[r.concept.id].box)
+                  for r in best.values()]
+        return sorted(merged, key=_rank, reverse=True)
+
+
+def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over union of two `(x0, y0, x1, y1)` boxes."""
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _rank(r: RetrievedConcept) -> tuple[int, float]:

@@ -24,7 +24,7 @@ from mmpersona.errors import MmpersonaError
 from mmpersona.images import ImageInput, load_image
 from mmpersona.models.loaders import DEFAULT_MAX_VISUAL_TOKENS
 
-from .prompt import PromptBudget, PromptBuilder, printable_messages
+from .prompt import Grounding, PromptBudget, PromptBuilder, defuse, printable_messages, quote
 from .retrieval import RetrievedConcept, Retriever
 
 if TYPE_CHECKING:
@@ -82,6 +82,15 @@ class PersonalizedVLMPipeline:
         vlm: a `LoadedVLM`, or a model id / preset choice for the `vlm` role.
         detector: a `Detector` or model id; used when `regions=True` (loaded from the preset if None).
         regions: also retrieve per detected region (prompted with the user's categories).
+        assign: with regions, one concept per region and one region per concept (overlapping boxes merged), so
+            that several concepts in one photo are each found, not the best match several times.
+        boxes: tell the model where each region-retrieved concept is: its box in the model's own coordinate
+            convention (`LoadedVLM.box_convention`) in the concept's line.
+        marks: numbered marks drawn on a copy of the photo, sent instead of it, the concept list naming each
+            concept's mark (Set-of-Mark); `original`: the unmarked photo sent too, before the marked copy.
+        verify: ask the VLM, for each retrieved candidate (mentions aside), whether the photo (or the region)
+            shows it, its reference image beside the crop; only confirmed ones are injected. At most
+            `max_checks` checks per photo (candidates past the bound are not injected).
         preset, device, dtype: for models loaded here.
         k: concepts retrieved per source.
         min_score: cosine threshold for image/region hits; None uses the user's calibrated threshold if any.
@@ -93,6 +102,8 @@ class PersonalizedVLMPipeline:
 
     def __init__(self, db: "ConceptDB | str | Path | None" = None, *, vlm: "LoadedVLM | str | None" = None,
                  detector: "Detector | str | None" = None, embedder: Any = None, regions: bool = False,
+                 assign: bool = False, boxes: bool = False, marks: bool = False, original: bool = False,
+                 verify: bool = False, max_checks: int = 4,
                  preset: str = "default", device: Any = "auto", dtype: Any = None, k: int = 3,
                  min_score: float | None = None, budget: PromptBudget | None = None, max_new_tokens: int = 128,
                  mode: str = "retrieval", max_visual_tokens: int | None = DEFAULT_MAX_VISUAL_TOKENS):
@@ -112,6 +123,9 @@ class PersonalizedVLMPipeline:
             detector = load_detector(detector, preset=preset, device=device, dtype=dtype)
         self._load_args = {"preset": preset, "device": device, "dtype": dtype}  # for a detector `variant` loads
         self.regions = regions
+        self.assign, self.boxes, self.marks, self.original = assign, boxes, marks, original
+        self.verify, self.max_checks = verify, max_checks
+        self._check_options()
         self.retriever = Retriever(self.db, detector)
         self.k = k
         self.min_score = min_score
@@ -120,7 +134,19 @@ class PersonalizedVLMPipeline:
         self.max_new_tokens = max_new_tokens
 
     #: the options `variant` changes: retrieval and prompt options, the learned-token mode
-    OPTIONS = ("regions", "k", "min_score", "mode", "max_concepts", "max_images", "max_info_chars", "max_total_chars")
+    OPTIONS = ("regions", "assign", "boxes", "marks", "original", "verify", "max_checks", "k", "min_score", "mode",
+               "max_concepts", "max_images", "max_info_chars", "max_total_chars")
+    #: the options that are on / off switches
+    FLAGS = ("regions", "assign", "boxes", "marks", "original", "verify")
+
+    def _check_options(self) -> None:
+        if self.boxes and self.marks:
+            raise MmpersonaError("choose `boxes` (boxes written in the prompt) or `marks` (marks drawn on the "
+                                 "photo), not both")
+        if self.original and not self.marks:
+            raise MmpersonaError("`original` sends the unmarked photo beside the marked one: it needs `marks`")
+        if not isinstance(self.max_checks, int) or self.max_checks < 1:
+            raise MmpersonaError(f"`max_checks` must be a positive integer, got {self.max_checks!r}")
 
     def variant(self, **options: Any) -> "PersonalizedVLMPipeline":
         """This pipeline with some options changed (`OPTIONS`: regions, k, min_score, mode, and the prompt budget's
@@ -141,12 +167,17 @@ class PersonalizedVLMPipeline:
             raise MmpersonaError(f"`k` must be at least 1, got {out.k}")
         out.min_score = options.get("min_score", self.min_score)
         out.regions = bool(options.get("regions", self.regions))
+        for flag in ("assign", "boxes", "marks", "original", "verify"):
+            setattr(out, flag, bool(options.get(flag, getattr(self, flag))))
+        out.max_checks = int(options.get("max_checks", self.max_checks))
+        out._check_options()
         if out.regions and self.retriever.detector is None:
             from mmpersona.models import load_detector
 
             out.retriever = Retriever(self.db, load_detector(None, **self._load_args))
             out.retriever._vectors = self.retriever._vectors
-        fields = {k: int(v) for k, v in options.items() if k.startswith("max_")}
+        fields = {k: int(v) for k, v in options.items()
+                  if k in ("max_concepts", "max_images", "max_info_chars", "max_total_chars")}
         if fields:
             out.prompts = PromptBuilder(replace(self.prompts.budget, **fields), self.vlm.model_tokens(),
                                         interleaved=self.vlm.interleaves_images)
@@ -178,7 +209,8 @@ class PersonalizedVLMPipeline:
         if image is not None:
             groups.append(self.retriever.by_image(user, image, k=self.k, min_score=threshold))
             if self.regions:
-                groups.append(self.retriever.by_regions(user, image, k=self.k, min_score=threshold))
+                groups.append(self.retriever.by_regions(user, image, k=self.k, min_score=threshold,
+                                                        assign=self.assign))
         return Retriever.merge(*groups)
 
     def reference_images(self, user: str, retrieved: list[RetrievedConcept]) -> dict[str, "Image.Image"]:
@@ -229,16 +261,73 @@ class PersonalizedVLMPipeline:
         `oracle` method (RAP's skip-retrieval upper bound). `text_only`: no image needed."""
         t0 = time.perf_counter()
         img = self.check_inputs(image, question, user, text_only=text_only)
+        timings: dict[str, float] = {}
         if concepts is None:
             candidates = self.retrieve(user, question, img)
+            if self.verify and img is not None:
+                tv = time.perf_counter()
+                candidates, timings["verify_checks"] = self.verified(user, img, candidates)
+                timings["verify_ms"] = (time.perf_counter() - tv) * 1000
         else:
             candidates = [RetrievedConcept(self.db.resolve(user, c), 1.0, "oracle") for c in concepts]
         as_text, learned = self.load_learned(user, candidates)
         t1 = time.perf_counter()
         prompt = self.prompts.build(question, img, as_text, history=history,
-                                    reference_images=self.reference_images(user, as_text), learned=learned)
+                                    reference_images=self.reference_images(user, as_text), learned=learned,
+                                    grounding=self.grounding(img))
         t2 = time.perf_counter()
-        return prompt, candidates, {"retrieval_ms": (t1 - t0) * 1000, "prompt_ms": (t2 - t1) * 1000}
+        return prompt, candidates, {"retrieval_ms": (t1 - t0) * 1000, "prompt_ms": (t2 - t1) * 1000, **timings}
+
+    def grounding(self, image: "Image.Image | None") -> Grounding | None:
+        """How the prompt says where region-retrieved concepts are in `image` (None: it does not)."""
+        if image is None or not (self.boxes or self.marks):
+            return None
+        if self.marks:
+            return Grounding("marks", original=self.original)
+        convention = self.vlm.box_convention
+        size = self.vlm.input_size(image) if convention == "absolute" else None
+        note = {"absolute": f"A box [x0, y0, x1, y1] is in pixels of the user's photo as you see it "
+                            f"({size[0]}x{size[1]})." if size else "",
+                "relative-1000": "A box [x0, y0, x1, y1] is on a 0-1000 scale of the photo's width and height.",
+                }.get(convention, "A box [x0, y0, x1, y1] is in fractions (0 to 1) of the photo's width and height.")
+        return Grounding("boxes", box_text=lambda box: str(self.vlm.box_in_prompt(box, image, input_size=size)),
+                         note=note)
+
+    def verified(self, user: str, image: "Image.Image", candidates: list[RetrievedConcept]
+                 ) -> tuple[list[RetrievedConcept], int]:
+        """The candidates the VLM confirms: for each retrieved one (mentions are kept: the user named them), up
+        to `max_checks`, the concept's reference image beside the photo or the region's crop, and the question
+        whether it is the same one. Returns (confirmed, checks made)."""
+        kept, checks = [], 0
+        for r in candidates:
+            if r.source == "mention":
+                kept.append(r)
+                continue
+            if checks >= self.max_checks:
+                continue
+            ref = r.image or (r.concept.images[0] if r.concept.images else None)
+            if ref is None:
+                continue
+            checks += 1
+            crop = image.crop(r.box) if r.box is not None else image
+            handle = defuse(r.concept.handle, self.prompts.special_tokens)
+            what = f" (a {quote(defuse(r.concept.category, self.prompts.special_tokens))})" if r.concept.category \
+                else ""
+            ask = f"Is {handle}{what} in the second image? Answer yes or no."
+            images = [load_image(self.db.store.image_bytes(user, ref)), crop]
+            if self.vlm.interleaves_images:
+                content = [{"type": "text", "text": f"Reference photo of {handle}:"},
+                           {"type": "image", "image": images[0]},
+                           {"type": "text", "text": "Second image:"}, {"type": "image", "image": images[1]},
+                           {"type": "text", "text": ask}]
+            else:  # images first: named by position
+                content = [{"type": "image", "image": images[0]}, {"type": "image", "image": images[1]},
+                           {"type": "text", "text": f"Image 1: reference photo of {handle}. Image 2: the second "
+                                                    f"image. {ask}"}]
+            answer = self.generate([{"role": "user", "content": content}], max_new_tokens=3)
+            if answer.strip().lower().lstrip("\"'*( ").startswith("yes"):
+                kept.append(r)
+        return kept, checks
 
     def __call__(self, image: ImageInput | None, question: str, *, user: str,
                  history: list[dict[str, Any]] | None = None, **generate_kwargs: Any) -> VLMAnswer:

@@ -234,7 +234,7 @@ def test_line_separators_are_escaped_in_the_prompt():
     from pipelines.retrieval import RetrievedConcept
 
     c = Concept(id="1", owner="u", name="bo", category="dog\u2028cat", info="line\u2028two\u0085three\u202eevil")
-    block, _ = PromptBuilder().concept_block([RetrievedConcept(c, 1.0, "image")])
+    block, _, _ = PromptBuilder().concept_block([RetrievedConcept(c, 1.0, "image")])
     assert not any(ch in block for ch in "\u2028\u0085\u202e")
     assert "\\u2028" in block and "\\u0085" in block and "\\u202e" in block
     assert len(block.splitlines()) == 1

@@ -189,6 +189,46 @@ class LoadedVLM:
             out.append({**m, "content": content})
         return out
 
+    def input_size(self, image: Any) -> tuple[int, int]:
+        """(width, height) of `image` as the vision encoder receives it: after `prepare_image` and, on
+        dynamic-resolution processors (Qwen2/2.5-VL), the processor's own `smart_resize` to multiples of
+        patch * merge within its pixel limits; a fixed-size processor's input size otherwise."""
+        img = self.prepare_image(image)
+        ip = getattr(self.processor, "image_processor", None)
+        if self.pixels_per_token is not None:
+            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+            h, w = smart_resize(img.height, img.width, factor=ip.patch_size * ip.merge_size,
+                                min_pixels=_size(ip, "shortest_edge"), max_pixels=_size(ip, "longest_edge"))
+            return w, h
+        crop = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
+        get = crop.get if isinstance(crop, dict) else lambda k: getattr(crop, k, None)
+        if get("width") and get("height"):
+            return int(get("width")), int(get("height"))
+        return img.width, img.height
+
+    @property
+    def box_convention(self) -> str:
+        """How this model family writes boxes, so a prompt can speak its language: `absolute` (Qwen2.5-VL:
+        pixels of the resized input, `input_size`), `relative-1000` (Qwen2-VL: 0-1000 of width and height), or
+        `normalized` (others, e.g. LLaVA-1.5's grounding data: fractions of width and height, 3 decimals)."""
+        model_type = getattr(getattr(self.model, "config", None), "model_type", "")
+        return {"qwen2_5_vl": "absolute", "qwen2_vl": "relative-1000"}.get(model_type, "normalized")
+
+    def box_in_prompt(self, box: tuple[float, float, float, float], image: Any,
+                      input_size: tuple[int, int] | None = None) -> list[float] | list[int]:
+        """A box `(x0, y0, x1, y1)` in pixels of `image` (the original photo) in `box_convention`
+        (`input_size`: `self.input_size(image)` when already known)."""
+        w0, h0 = image.size
+        x0, y0, x1, y1 = box
+        convention = self.box_convention
+        if convention == "absolute":
+            w, h = input_size or self.input_size(image)
+            return [round(x0 * w / w0), round(y0 * h / h0), round(x1 * w / w0), round(y1 * h / h0)]
+        if convention == "relative-1000":
+            return [round(x0 * 1000 / w0), round(y0 * 1000 / h0), round(x1 * 1000 / w0), round(y1 * 1000 / h0)]
+        return [round(x0 / w0, 3), round(y0 / h0, 3), round(x1 / w0, 3), round(y1 / h0, 3)]
+
     def visual_tokens(self, image: Any) -> int:
         """How many tokens `image` costs in this model's prompt (counted in the processor's own output)."""
         inputs = self.inputs([{"role": "user", "content": [{"type": "image", "image": image},

@@ -72,7 +72,8 @@ METHODS = ("vanilla", "oracle", "retrieval", "tokens", "hybrid")
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """`method[:option,option=value,...]`: a method and the pipeline options of its row (`variant`'s), e.g.
-    `retrieval:regions`, `retrieval:k=1,min_score=0.25`, `oracle:max_images=1`, `hybrid:regions`."""
+    `retrieval:regions`, `retrieval:regions,assign,marks`, `retrieval:k=1,min_score=0.25`, `oracle:max_images=1`,
+    `hybrid:regions`. A switch (regions, assign, boxes, marks, original, verify) alone means on."""
     from pipelines.vlm import PersonalizedVLMPipeline
 
     name, _, rest = spec.partition(":")
@@ -86,14 +87,18 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
             raise MmpersonaError(f"{spec!r}: unknown option {key!r}; valid: "
                                  f"{', '.join(o for o in PersonalizedVLMPipeline.OPTIONS if o != 'mode')}")
         try:
-            if key == "regions":
+            if key in PersonalizedVLMPipeline.FLAGS:
+                if eq and value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError(value)
                 options[key] = not eq or value.lower() in ("1", "true", "yes", "on")
             elif key == "min_score":
                 options[key] = float(value)
             else:
                 options[key] = int(value)
         except ValueError as e:
-            raise MmpersonaError(f"{spec!r}: option {key!r} needs a number, got {value!r}") from e
+            raise MmpersonaError(f"{spec!r}: option {key!r} needs "
+                                 f"{'on or off' if key in PersonalizedVLMPipeline.FLAGS else 'a number'}, "
+                                 f"got {value!r}") from e
     if name in ("tokens", "hybrid"):
         options["mode"] = name
     return name, options

@@ -1,0 +1,237 @@
+"""Several concepts in one photo: boxes in each model's coordinate convention (checked against the processor's own
+resize), numbered marks, one concept per region, and verification by the VLM; on the tiny models end to end."""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from mmpersona.conceptdb import ConceptDB
+from mmpersona.models import Detection, load_vlm
+from pipelines.prompt import Grounding, PromptBudget, PromptBuilder
+from pipelines.retrieval import Retriever, RetrievedConcept, iou
+
+COLOURS = {"bo": (205, 35, 30), "mam": (35, 60, 195), "kiki": (40, 170, 60), "dug": (230, 200, 40)}
+BOXES = {"bo": (0, 0, 60, 60), "mam": (70, 0, 130, 60), "kiki": (0, 70, 60, 130), "dug": (70, 70, 130, 130)}
+
+
+def scene() -> Image.Image:
+    """A 4-concept photo: each concept's colour in its own quadrant."""
+    img = Image.new("RGB", (130, 130), (250, 250, 250))
+    draw = ImageDraw.Draw(img)
+    for name, box in BOXES.items():
+        draw.rectangle(box, fill=COLOURS[name])
+    return img
+
+
+class ColourEmbedder:
+    """A test double for the image embedder: an image's vector is looked up by its mean colour's nearest entry
+    in `table`, so that similarities are exactly what a test needs (the real embedder runs elsewhere)."""
+
+    name, dim = "colour-table", 4
+
+    def __init__(self, table: dict[tuple[int, int, int], list[float]]):
+        self.table = {k: np.asarray(v, np.float32) / np.linalg.norm(v) for k, v in table.items()}
+
+    def embed_images(self, images, **_):
+        from mmpersona.images import load_image
+
+        out = []
+        for item in images:
+            mean = np.asarray(load_image(item).convert("RGB"), np.float32).reshape(-1, 3).mean(0)
+            key = min(self.table, key=lambda c: float(np.sum((np.asarray(c) - mean) ** 2)))
+            out.append(self.table[key])
+        return np.stack(out)
+
+    def embed_texts(self, texts, **_):
+        return np.zeros((len(texts), self.dim), np.float32)
+
+
+class KnownBoxes:
+    """A detector double: the quadrants of `scene()` (and one box overlapping the first), as a detector finds
+    them: one pass, every category a query."""
+
+    def __init__(self, boxes):
+        self.boxes, self.calls = boxes, 0
+
+    def detect(self, image, labels, *, threshold=0.1, top_k=None):
+        self.calls += 1
+        return [Detection(labels[0], 0.9 - 0.01 * i, box) for i, box in enumerate(self.boxes)][:top_k]
+
+
+def test_one_concept_per_region_not_the_best_match_twice(tmp_path):
+    """Two regions whose best match is the same concept (a "hub" reference): without assignment both give <bo>
+    and <mam> is lost; with it, the region that fits <mam> second-best gets <mam>. Overlapping boxes merge."""
+    red, pink = (205, 35, 30), (35, 60, 195)
+    embedder = ColourEmbedder({red: [1, 0.2, 0, 0], pink: [0.8, 0.6, 0, 0]})
+    with ConceptDB(tmp_path / "a.db", embedder=embedder) as db:
+        db.add("u", "bo", [Image.new("RGB", (8, 8), red)], category="thing")
+        db.add("u", "mam", [Image.new("RGB", (8, 8), (35, 61, 195))], category="thing")
+        # both regions are red-ish: their best match is <bo>, <mam> second
+        boxes = [BOXES["bo"], (1, 1, 59, 59), BOXES["mam"]]  # the second box is the first one found again
+        photo = Image.new("RGB", (130, 130), red)
+        retriever = Retriever(db, KnownBoxes(boxes))
+        plain = Retriever.merge(retriever.by_regions("u", photo, k=1))
+        assert [r.concept.name for r in plain] == ["bo"]
+        assigned = retriever.by_regions("u", photo, k=1, assign=True)
+        assert [r.concept.name for r in assigned] == ["bo", "mam"]
+        assert [r.box for r in assigned] == [BOXES["bo"], BOXES["mam"]]  # (1, 1, 59, 59) merged into the first
+    assert iou(BOXES["bo"], (1, 1, 59, 59)) > 0.9 and iou(BOXES["bo"], BOXES["dug"]) == 0.0
+
+
+@pytest.mark.parametrize("model", ["tiny:qwen2.5-vl", "tiny:qwen2-vl"])
+def test_input_size_is_the_processors_own_resize(model, tiny_cache):
+    """Qwen2.5-VL boxes are pixels of the resized input: `input_size` must be the size the processor produces
+    (its image_grid_thw x patch size), at several photo sizes and visual budgets (1024 tokens is RePIC's)."""
+    vlm = load_vlm(model, preset="tiny", device="cpu")
+    patch = vlm.processor.image_processor.patch_size
+    for budget in (1024, 256):
+        vlm.set_visual_budget(budget)
+        for size in ((640, 480), (1920, 1080), (4032, 3024), (33, 500), (301, 300)):
+            img = Image.new("RGB", size, (90, 90, 90))
+            inputs = vlm.inputs([{"role": "user", "content": [{"type": "image", "image": img},
+                                                              {"type": "text", "text": "."}]}])
+            _, gh, gw = inputs["image_grid_thw"][0].tolist()
+            assert vlm.input_size(img) == (gw * patch, gh * patch), (size, budget)
+
+
+def test_box_conventions_per_family(tiny_cache):
+    photo = Image.new("RGB", (1920, 1080))
+    box = (960, 270, 1920, 1080)
+    qwen25 = load_vlm("tiny:qwen2.5-vl", preset="tiny", device="cpu")
+    w, h = qwen25.input_size(photo)
+    assert qwen25.box_convention == "absolute"
+    assert qwen25.box_in_prompt(box, photo) == [round(960 * w / 1920), round(270 * h / 1080), w, h]
+    assert load_vlm("tiny:qwen2-vl", preset="tiny", device="cpu").box_in_prompt(box, photo) == [500, 250, 1000, 1000]
+    llava = load_vlm("tiny:llava", preset="tiny", device="cpu")
+    assert llava.box_convention == "normalized" and llava.box_in_prompt(box, photo) == [0.5, 0.25, 1.0, 1.0]
+
+
+def _retrieved(db_concepts):
+    return [RetrievedConcept(c, 0.9, "region", BOXES[c.name]) for c in db_concepts]
+
+
+def test_grounded_prompt_boxes_and_marks(tmp_path, tiny_embedder):
+    with ConceptDB(tmp_path / "g.db", embedder=tiny_embedder) as db:
+        concepts = [db.add("u", name, [Image.new("RGB", (8, 8), colour)], category="toy")
+                    for name, colour in COLOURS.items()]
+    photo = scene()
+    builder = PromptBuilder(special_tokens=["<image>"])
+    boxes = Grounding("boxes", box_text=lambda b: str(list(b)), note="A box is in pixels.")
+    prompt = builder.build("Who is here?", photo, _retrieved(concepts), grounding=boxes)
+    system = prompt.messages[0]["content"][0]["text"]
+    assert '- <bo> ("toy") [in the photo at [0, 0, 60, 60]]:' in system and "A box is in pixels." in system
+    assert prompt.marked is None
+    marked = builder.build("Who is here?", photo, _retrieved(concepts), grounding=Grounding("marks"))
+    system = marked.messages[0]["content"][0]["text"]
+    assert [f"<{n}> (\"toy\") [mark {i}]" in system for i, n in enumerate(COLOURS, 1)] == [True] * 4
+    sent = [p["image"] for p in marked.messages[-1]["content"] if p["type"] == "image"]
+    assert sent == [marked.marked] and marked.marked is not photo
+    # the outline is drawn on the copy (the box edge changed colour), the photo itself is untouched
+    from pipelines.marks import PALETTE
+
+    assert marked.marked.getpixel((0, 30)) == PALETTE[0] and marked.marked.getpixel((70, 30)) == PALETTE[1]
+    assert photo.getpixel((0, 30)) == COLOURS["bo"] and marked.marked.getpixel((30, 40)) == COLOURS["bo"]
+    both = builder.build("Who is here?", photo, _retrieved(concepts), grounding=Grounding("marks", original=True))
+    texts = [p["text"] for p in both.messages[-1]["content"] if p["type"] == "text"]
+    assert texts[:2] == ["The user's photo:", "The user's photo with numbered marks:"]
+    images_first = PromptBuilder(interleaved=False).build("Who?", photo, _retrieved(concepts),
+                                                          grounding=Grounding("marks", original=True))
+    content = images_first.messages[-1]["content"]
+    assert [p["type"] for p in content] == ["image", "image", "text", "text"]
+    assert content[2]["text"] == "Image 1: the user's photo. Image 2: the user's photo with numbered marks."
+    # a concept without a box (a mention) has no mark; the budget's cut concepts get none either
+    few = PromptBuilder(budget=PromptBudget(max_concepts=2))
+    cut = few.build("Q", photo, [RetrievedConcept(concepts[0], 1.0, "mention"), *_retrieved(concepts[1:])],
+                    grounding=Grounding("marks"))
+    assert "[mark 1]" in cut.messages[0]["content"][0]["text"] and "[mark 2]" not in cut.messages[0]["content"][0]["text"]
+
+
+@pytest.fixture
+def four(tmp_path, tiny_embedder):
+    db = ConceptDB(tmp_path / "four.db", embedder=tiny_embedder)
+    photo = scene()
+    for name in COLOURS:
+        db.add("u", name, [photo.crop(BOXES[name])], category="toy", info=f"{name} is a toy")
+    yield db, photo
+    db.close()
+
+
+@pytest.mark.parametrize("model", ["tiny:qwen2.5-vl", "tiny:llava"])
+def test_multi_concept_options_end_to_end(four, model, tiny_cache):
+    """Every option through the real tiny VLM: regions with assignment, boxes, marks (with the original), and
+    verification, whose checks are bounded and timed."""
+    from pipelines.vlm import PersonalizedVLMPipeline
+
+    db, photo = four
+    pipe = PersonalizedVLMPipeline(db, vlm=model, preset="tiny", device="cpu", max_new_tokens=2, min_score=-1.0,
+                                   k=4, detector=KnownBoxes(list(BOXES.values())), regions=True, assign=True)
+    prompt, candidates, _ = pipe.prepare(photo, "Who is in this photo?", user="u")
+    regions = [r for r in candidates if r.box is not None]
+    assert len({r.concept.id for r in regions}) == len(regions) == 4  # four regions, four different concepts
+    boxed = pipe.variant(boxes=True)
+    prompt, _, _ = boxed.prepare(photo, "Who is in this photo?", user="u")
+    system = prompt.messages[0]["content"][0]["text"]
+    assert system.count("[in the photo at [") == 4 and "A box [x0, y0, x1, y1]" in system
+    marks = pipe.variant(marks=True, original=True)
+    answer = marks(photo, "Who is in this photo?", user="u")
+    assert [p["image"] for p in answer.messages[-1]["content"] if p["type"] == "image"] == ["<image 130x130>"] * 2
+    asked = []
+    checking = pipe.variant(verify=True, max_checks=2)
+    checking.generate = lambda messages, **kw: asked.append(messages) or ("Yes." if len(asked) == 1 else "No")
+    prompt, kept, timings = checking.prepare(photo, "Who is in this photo?", user="u")
+    assert timings["verify_checks"] == 2 and timings["verify_ms"] >= 0 and len(kept) == 1
+    images = [p for p in asked[0][0]["content"] if p["type"] == "image"]
+    assert len(images) == 2 and images[1]["image"].size == (60, 60)  # the region's crop beside the reference
+    with pytest.raises(Exception, match="not both"):
+        pipe.variant(boxes=True, marks=True)
+    with pytest.raises(Exception, match="needs `marks`"):
+        pipe.variant(original=True)
+    real = pipe.variant(verify=True, max_checks=1)(photo, "Who is in this photo?", user="u")  # the real VLM checks
+    assert real.timings["verify_checks"] == 1
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_each_option_is_a_row_of_the_evaluation_on_repics_sets(size, tmp_path, tiny_cache):
+    """RePIC's 2- and 4-concept query templates and database in its layout, every multi-concept option a row of
+    its own (through the real tiny detector), scored by RePIC's own rule."""
+    import json
+
+    from pipelines.peers import datasets
+    from pipelines.peers.run import run
+    from pipelines.peers.scoring import score_file
+    from pipelines.vlm import PersonalizedVLMPipeline
+
+    root = tmp_path / "RePIC"
+    names = list(COLOURS)[:size]
+    db_dir = root / f"data/database_tot/database_{size}_concepts"
+    db_dir.mkdir(parents=True)
+    photo = scene()
+    concept_dict = {}
+    for name in names:
+        photo.crop(BOXES[name]).save(db_dir / f"{name}.jpg")
+        concept_dict[f"<{name}>"] = {"name": name, "image": f"./data/database_tot/database_{size}_concepts/{name}.jpg",
+                                     "info": f"{name} info", "category": "toy"}
+    (db_dir / "database_mod.json").write_text(json.dumps({"concept_dict": concept_dict, "path_to_concept": {}}))
+    (root / "data/query").mkdir(parents=True)
+    photo.save(root / "data/query/scene.jpg")
+    gold = [f"<{n}>" for n in names]
+    queries = {"./data/query/scene.jpg": [gold] if size == 4 else gold}
+    (root / "q.json").write_text(json.dumps(queries))
+    bench = datasets.repic(root, root / "q.json", db_dir / "database_mod.json")
+    assert [i.scorer for i in bench.items] == [f"repic-{size}"]
+    methods = ["retrieval", "retrieval:regions", "retrieval:regions,assign", "retrieval:regions,assign,boxes",
+               "retrieval:regions,assign,marks,original", "retrieval:regions,assign,verify,max_checks=2",
+               "oracle"]
+    with ConceptDB(tmp_path / "e.db", preset="tiny", device="cpu") as db:
+        from pipelines.peers.run import register
+
+        register(db, "u", bench.concepts)
+        pipe = PersonalizedVLMPipeline(db, preset="tiny", device="cpu", max_new_tokens=3)
+        report = run(pipe, "u", bench, methods, out=tmp_path / "out", progress=False)
+    assert list(report["results"]) == methods
+    for method in methods:
+        metrics = report["results"][method][f"caption-{size}"]
+        written = json.loads((tmp_path / "out" / f"{method.replace(':', '_').replace(',', '_')}-caption-{size}.json")
+                             .read_text())
+        assert score_file(f"repic-{size}", written) == {k: v for k, v in metrics.items() if k != "scorer"}
+        assert metrics["slots"] == size
