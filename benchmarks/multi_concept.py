@@ -61,7 +61,7 @@ def main() -> None:
     photo = Image.new("RGB", (448, 448), (245, 245, 240))
     draw = ImageDraw.Draw(photo)
     boxes = [(10, 10, 214, 214), (234, 10, 438, 214), (10, 234, 214, 438), (234, 234, 438, 438)]
-    for (name, (_, colour)), box in zip(concepts.items(), boxes, strict=True):
+    for (_, (_, colour)), box in zip(concepts.items(), boxes, strict=True):
         draw.ellipse(box, fill=colour)
     tmp = Path(tempfile.mkdtemp(prefix="mmpersona-multi-bench-"))
     db = ConceptDB(tmp / "c.db", preset=args.preset, device="cpu")
