@@ -30,6 +30,7 @@ OPTIONS = {
     "regions+assign+boxes": {"regions": True, "assign": True, "boxes": True},
     "regions+assign+marks": {"regions": True, "assign": True, "marks": True},
     "regions+assign+marks+original": {"regions": True, "assign": True, "marks": True, "original": True},
+    "regions+assign+instance": {"regions": True, "assign": True, "instance": True},
     "regions+assign+verify": {"regions": True, "assign": True, "verify": True, "max_checks": 4},
 }
 

@@ -338,6 +338,30 @@ def concepts_migrate(
     emit(s, report.to_dict(), "\n".join(lines) or "nothing to copy: the source has no users")
 
 
+@concepts_app.command("reindex")
+def concepts_reindex(
+    ctx: typer.Context,
+    instance: bool = typer.Option(True, "--instance/--no-instance",
+                                  help="Also the instance embedder's vectors (DINOv2; --model instance=ID)."),
+) -> None:
+    """Compute the vectors the user's reference images lack: the embedder's (after it changed) and the instance
+    embedder's (for `--instance` retrieval); vectors already stored are kept."""
+    from .instance import ensure_vectors
+    from .models import load_instance_embedder
+
+    s = settings(ctx)
+    with open_db(s) as db:
+        if not db.store.has_owner(s.user):
+            raise MmpersonaError(f"user {s.user!r} has no concepts in this database (check --user)")
+        done = {db.embedder.name: ensure_vectors(db, s.user, db.embedder, progress=not s.json)}
+        if instance:
+            inst = load_instance_embedder(s.overrides.get("instance"), preset=s.preset, device=s.device,
+                                          dtype=s.dtype)
+            done[inst.name] = ensure_vectors(db, s.user, inst, progress=not s.json)
+    emit(s, {"user": s.user, "computed": done},
+         "\n".join(f"{name}: {n} vector(s) computed" for name, n in done.items()))
+
+
 @concepts_app.command("calibrate")
 def concepts_calibrate(
     ctx: typer.Context,
@@ -399,6 +423,7 @@ def chat(
     boxes: bool = typer.Option(False, "--boxes", help="Tell the model each region concept's box."),
     marks: bool = typer.Option(False, "--marks", help="Draw numbered marks on the photo, named in the prompt."),
     verify: bool = typer.Option(False, "--verify", help="Let the VLM confirm each retrieved concept first."),
+    instance: bool = typer.Option(False, "--instance", help="Match images with DINOv2 beside CLIP (fused)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     mode: str = typer.Option("retrieval", "--mode", help="retrieval, tokens (learned) or hybrid."),
 ) -> None:
@@ -411,6 +436,7 @@ def chat(
     with open_db(s) as db:
         pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), detector=s.overrides.get("detector"),
                                        regions=regions, assign=assign, boxes=boxes, marks=marks, verify=verify,
+                                       instance=(s.overrides.get("instance") or True) if instance else False,
                                        preset=s.preset, device=s.device, dtype=s.dtype, k=k,
                                        min_score=min_score, max_new_tokens=max_new_tokens, mode=mode)
         if question is not None:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from concept_db import Concept
     from mmpersona.conceptdb import ConceptDB
+    from mmpersona.instance import InstanceEmbedder
     from mmpersona.models import Detector
     from mmpersona.models.loaders import Detection
 
@@ -71,12 +72,18 @@ class Retriever:
     """Retrieval over one `ConceptDB` (and, for regions, a detector)."""
 
     def __init__(self, db: "ConceptDB", detector: "Detector | None" = None, *, detector_threshold: float = 0.1,
-                 max_regions: int = 8):
+                 max_regions: int = 8, instance: "InstanceEmbedder | None" = None, instance_weight: float = 0.5):
         self.db = db
         self.detector = detector
         self.detector_threshold = detector_threshold
         self.max_regions = max_regions
+        self.instance = instance
+        if not 0.0 <= instance_weight <= 1.0:
+            raise InvalidConceptError(f"instance_weight must lie in [0, 1], got {instance_weight}")
+        self.instance_weight = instance_weight
         self._vectors: OrderedDict[tuple, Any] = OrderedDict()  # see image_vector
+        # (user, instance embedder) -> the store revision at which all the user's images had its vectors
+        self._indexed: dict[tuple[str, str], int] = {}
 
     def image_vector(self, image: "Image.Image") -> Any:
         """The embedder's vector of a whole image, remembered for the last 256 images by their pixels: the
@@ -107,11 +114,54 @@ class Retriever:
 
     def by_image(self, user: str, image: "Image.Image", *, k: int = 3,
                  min_score: float | None = None) -> list[RetrievedConcept]:
-        """The user's concepts that look most like the whole image."""
+        """The user's concepts that look most like the whole image (fused with the instance embedder's
+        similarity when the retriever has one: `fused`)."""
         vector = self.image_vector(image)
+        if self.instance is not None:
+            return [RetrievedConcept(m.concept, score, "image", None, m.image)
+                    for m, score in self.fused(user, vector, self.instance_vectors([image])[0], k, min_score)]
         return [RetrievedConcept(m.concept, m.score, "image", None, m.image)
                 for m in self.db.store.search(user, vector, embedder=self.db.embedder.name, k=k,
                                               min_score=min_score)]
+
+    def instance_vectors(self, images: list["Image.Image"]) -> Any:
+        return self.instance.embed_images(images)
+
+    def ensure_instance_vectors(self, user: str) -> int:
+        """Give every reference image of the user an instance vector (lazily: once per change of the user's
+        data, one listing when nothing is missing); returns how many were computed."""
+        from mmpersona.instance import ensure_vectors
+
+        key = (user, self.instance.name)
+        if self._indexed.get(key) == self.db.store.revision(user):
+            return 0
+        done = ensure_vectors(self.db, user, self.instance)
+        self._indexed[key] = self.db.store.revision(user)
+        return done
+
+    def fused(self, user: str, clip_vector: Any, instance_vector: Any, k: int,
+              min_score: float | None) -> list[tuple[Any, float]]:
+        """CLIP and the instance embedder, fused (the documented rule):
+
+        1. CLIP's best `4k` concepts above `min_score` are the candidates (the threshold stays CLIP's, as
+           calibrated);
+        2. the instance embedder's best `4k` are searched too; a candidate outside them takes the lowest of
+           those scores (a bound on its own);
+        3. fused score = (1 - w) * CLIP + w * instance, with w = `instance_weight` (0.5 by default); the best
+           `k` by fused score are returned, each with the fused score.
+        """
+        self.ensure_instance_vectors(user)
+        wide = max(4 * k, 8)
+        clip = self.db.store.search(user, clip_vector, embedder=self.db.embedder.name, k=wide, min_score=min_score)
+        if not clip:
+            return []
+        inst = {m.concept.id: m.score
+                for m in self.db.store.search(user, instance_vector, embedder=self.instance.name, k=wide)}
+        floor = min(inst.values()) if inst else 0.0
+        w = self.instance_weight
+        scored = [(m, (1 - w) * m.score + w * inst.get(m.concept.id, floor)) for m in clip]
+        scored.sort(key=lambda t: -t[1])
+        return scored[:k]
 
     def regions(self, user: str, image: "Image.Image", *, merge_iou: float | None = None) -> list["Detection"]:
         """Boxes of the user's categories in `image` (one detector pass, every category a query), best first;
@@ -146,20 +196,25 @@ class Retriever:
         vectors = self.db.embedder.embed_images(crops)
         # assigning: enough candidates per region that a region whose best concept went elsewhere has its next
         per_region = max(k, len(detections)) if assign else k
-        hits = [self.db.store.search(user, vector, embedder=self.db.embedder.name, k=per_region, min_score=min_score)
-                for vector in vectors]
+        if self.instance is not None:
+            instance = self.instance_vectors(crops)
+            hits = [self.fused(user, v, iv, per_region, min_score) for v, iv in zip(vectors, instance, strict=True)]
+        else:
+            hits = [[(m, m.score) for m in self.db.store.search(user, v, embedder=self.db.embedder.name,
+                                                                 k=per_region, min_score=min_score)]
+                    for v in vectors]
         if not assign:
-            return [RetrievedConcept(m.concept, m.score, "region", det.box, m.image)
-                    for det, matches in zip(detections, hits, strict=True) for m in matches]
-        pairs = sorted(((m.score, i, m) for i, matches in enumerate(hits) for m in matches),
+            return [RetrievedConcept(m.concept, score, "region", det.box, m.image)
+                    for det, matches in zip(detections, hits, strict=True) for m, score in matches]
+        pairs = sorted(((score, i, m) for i, matches in enumerate(hits) for m, score in matches),
                        key=lambda t: (-t[0], t[1]))
         out, regions_used, concepts_used = [], set(), set()
-        for _, i, m in pairs:
+        for score, i, m in pairs:
             if i in regions_used or m.concept.id in concepts_used:
                 continue
             regions_used.add(i)
             concepts_used.add(m.concept.id)
-            out.append(RetrievedConcept(m.concept, m.score, "region", detections[i].box, m.image))
+            out.append(RetrievedConcept(m.concept, score, "region", detections[i].box, m.image))
         return out
 
     @staticmethod

@@ -88,6 +88,9 @@ class PersonalizedVLMPipeline:
             convention (`LoadedVLM.box_convention`) in the concept's line.
         marks: numbered marks drawn on a copy of the photo, sent instead of it, the concept list naming each
             concept's mark (Set-of-Mark); `original`: the unmarked photo sent too, before the marked copy.
+        instance: match images and region crops with an instance embedder (DINOv2) beside CLIP, scores fused
+            (`Retriever.fused`): True for the preset's, a model id, or a loaded `InstanceEmbedder`. Its vectors
+            of the user's reference images are computed on first use (or by `mmpersona concepts reindex`).
         verify: ask the VLM, for each retrieved candidate (mentions aside), whether the photo (or the region)
             shows it, its reference image beside the crop; only confirmed ones are injected. At most
             `max_checks` checks per photo (candidates past the bound are not injected).
@@ -103,7 +106,7 @@ class PersonalizedVLMPipeline:
     def __init__(self, db: "ConceptDB | str | Path | None" = None, *, vlm: "LoadedVLM | str | None" = None,
                  detector: "Detector | str | None" = None, embedder: Any = None, regions: bool = False,
                  assign: bool = False, boxes: bool = False, marks: bool = False, original: bool = False,
-                 verify: bool = False, max_checks: int = 4,
+                 verify: bool = False, max_checks: int = 4, instance: "bool | str | Any" = False,
                  preset: str = "default", device: Any = "auto", dtype: Any = None, k: int = 3,
                  min_score: float | None = None, budget: PromptBudget | None = None, max_new_tokens: int = 128,
                  mode: str = "retrieval", max_visual_tokens: int | None = DEFAULT_MAX_VISUAL_TOKENS):
@@ -126,7 +129,15 @@ class PersonalizedVLMPipeline:
         self.assign, self.boxes, self.marks, self.original = assign, boxes, marks, original
         self.verify, self.max_checks = verify, max_checks
         self._check_options()
-        self.retriever = Retriever(self.db, detector)
+        if instance is True:
+            instance = None  # the preset's
+        if instance is not False:
+            from mmpersona.instance import InstanceEmbedder
+            from mmpersona.models import load_instance_embedder
+
+            if not isinstance(instance, InstanceEmbedder):
+                instance = load_instance_embedder(instance, preset=preset, device=device, dtype=dtype)
+        self.retriever = Retriever(self.db, detector, instance=instance or None)
         self.k = k
         self.min_score = min_score
         # the checkpoint's own special tokens, never learned concept tokens (a handle must reach those)
@@ -134,10 +145,10 @@ class PersonalizedVLMPipeline:
         self.max_new_tokens = max_new_tokens
 
     #: the options `variant` changes: retrieval and prompt options, the learned-token mode
-    OPTIONS = ("regions", "assign", "boxes", "marks", "original", "verify", "max_checks", "k", "min_score", "mode",
-               "max_concepts", "max_images", "max_info_chars", "max_total_chars")
+    OPTIONS = ("regions", "assign", "instance", "boxes", "marks", "original", "verify", "max_checks", "k",
+               "min_score", "mode", "max_concepts", "max_images", "max_info_chars", "max_total_chars")
     #: the options that are on / off switches
-    FLAGS = ("regions", "assign", "boxes", "marks", "original", "verify")
+    FLAGS = ("regions", "assign", "instance", "boxes", "marks", "original", "verify")
 
     def _check_options(self) -> None:
         if self.boxes and self.marks:
@@ -171,11 +182,24 @@ class PersonalizedVLMPipeline:
             setattr(out, flag, bool(options.get(flag, getattr(self, flag))))
         out.max_checks = int(options.get("max_checks", self.max_checks))
         out._check_options()
-        if out.regions and self.retriever.detector is None:
+        detector, instance = self.retriever.detector, self.retriever.instance
+        if out.regions and detector is None:
             from mmpersona.models import load_detector
 
-            out.retriever = Retriever(self.db, load_detector(None, **self._load_args))
-            out.retriever._vectors = self.retriever._vectors
+            detector = load_detector(None, **self._load_args)
+        wants_instance = bool(options.get("instance", instance is not None))
+        if wants_instance and instance is None:
+            from mmpersona.models import load_instance_embedder
+
+            instance = load_instance_embedder(None, **self._load_args)
+        elif not wants_instance:
+            instance = None
+        if detector is not self.retriever.detector or instance is not self.retriever.instance:
+            out.retriever = Retriever(self.db, detector, instance=instance,
+                                      detector_threshold=self.retriever.detector_threshold,
+                                      max_regions=self.retriever.max_regions,
+                                      instance_weight=self.retriever.instance_weight)
+            out.retriever._vectors, out.retriever._indexed = self.retriever._vectors, self.retriever._indexed
         fields = {k: int(v) for k, v in options.items()
                   if k in ("max_concepts", "max_images", "max_info_chars", "max_total_chars")}
         if fields:

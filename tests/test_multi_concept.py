@@ -235,3 +235,88 @@ def test_each_option_is_a_row_of_the_evaluation_on_repics_sets(size, tmp_path, t
                              .read_text())
         assert score_file(f"repic-{size}", written) == {k: v for k, v in metrics.items() if k != "scorer"}
         assert metrics["slots"] == size
+
+
+# ------------------------------------------------------------------------------------------ instance embedder
+
+
+def test_tiny_dinov2_through_the_real_loader(tiny_cache):
+    """The tiny DINOv2 loads through AutoModel / AutoImageProcessor.from_pretrained as facebook/dinov2-base
+    does, with its processor's rule: bicubic resize of the short side, centre crop (borders of a crop lost)."""
+    from mmpersona.models import load_instance_embedder
+
+    emb = load_instance_embedder(preset="tiny", device="cpu")
+    assert (emb.name, emb.dim, type(emb.model).__name__) == ("tiny:dinov2", 32, "Dinov2Model")
+    assert type(emb.processor).__name__.startswith("BitImageProcessor")
+    vectors = emb.embed_images([scene(), scene().crop(BOXES["bo"]), Image.new("RGB", (300, 40), (9, 9, 9))])
+    assert vectors.shape == (3, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    # a crop whose border differs only in the part the centre crop drops embeds the same
+    a = Image.new("RGB", (64, 64), (200, 30, 30))
+    b = a.copy()
+    ImageDraw.Draw(b).rectangle((0, 0, 63, 2), fill=(0, 0, 255))
+    va, vb = emb.embed_images([a, b])
+    assert np.allclose(va, vb, atol=1e-6)
+
+
+def test_fused_scores_follow_the_documented_rule(tmp_path):
+    """CLIP likes <bo> best, the instance embedder <mam>; fused = (1 - w) CLIP + w instance decides, and a
+    concept outside the instance list takes that list's lowest score."""
+    from pipelines.retrieval import Retriever
+
+    red, blue = (205, 35, 30), (35, 60, 195)
+    clip = ColourEmbedder({red: [1, 0, 0, 0], blue: [0.8, 0.6, 0, 0]})
+    inst = ColourEmbedder({red: [0, 0, 1, 0], blue: [0, 0, 0.2, 0.98]})
+    inst.name = "instance-table"
+    with ConceptDB(tmp_path / "f.db", embedder=clip) as db:
+        db.add("u", "bo", [Image.new("RGB", (8, 8), red)])
+        db.add("u", "mam", [Image.new("RGB", (8, 8), blue)])
+        photo = Image.new("RGB", (8, 8), red)  # CLIP: bo 1.0, mam 0.8
+        plain = Retriever(db).by_image("u", photo, k=2)
+        assert [r.concept.name for r in plain] == ["bo", "mam"]
+        fused = Retriever(db, instance=inst, instance_weight=0.5)
+        # the instance embedder sees the photo as mam's: instance bo 0.2, mam 1.0
+        fused.instance_vectors = lambda images: inst.embed_images([Image.new("RGB", (8, 8), blue)] * len(images))
+        got = fused.by_image("u", photo, k=2)
+        # bo: 0.5 * 1.0 + 0.5 * 0.2 = 0.6; mam: 0.5 * 0.8 + 0.5 * 1.0 = 0.9
+        assert [r.concept.name for r in got] == ["mam", "bo"]
+        assert [round(r.score, 4) for r in got] == [0.9, 0.6]
+        assert fused.ensure_instance_vectors("u") == 0  # vectors computed on first use, kept in the database
+        assert set(db.store.vectors("u", db.store.find("u", "bo").id)) == {"colour-table", "instance-table"}
+
+
+def test_instance_vectors_lazily_once_per_change_and_by_reindex(four, tiny_cache, tmp_path, monkeypatch):
+    """The instance embedder's vectors are computed on the first query, not again until the user's concepts
+    change, then only for what is new; `concepts reindex` computes the missing ones; other users untouched."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pipelines.vlm import PersonalizedVLMPipeline
+
+    db, photo = four
+    db.add("other", "zed", [photo.crop(BOXES["kiki"])])
+    pipe = PersonalizedVLMPipeline(db, vlm="tiny:qwen2.5-vl", preset="tiny", device="cpu", max_new_tokens=2,
+                                   instance=True, regions=True, assign=True,
+                                   detector=KnownBoxes(list(BOXES.values())), min_score=-1.0)
+    import mmpersona.instance as instance_module
+
+    computed = []
+    ensure = instance_module.ensure_vectors
+    monkeypatch.setattr(instance_module, "ensure_vectors",
+                        lambda *a, **kw: computed.append(ensure(*a, **kw)) or computed[-1])
+    pipe(photo, "Who is here?", user="u")
+    assert computed == [4]  # the four reference images, once, on the first query
+    pipe(photo, "Who is here?", user="u")
+    assert computed == [4]  # nothing changed: not even a listing
+    db.add("u", "extra", [Image.new("RGB", (20, 20), (1, 2, 3))])
+    pipe(photo, "Who is here?", user="u")
+    assert computed == [4, 1]  # only the new concept's image
+    assert "tiny:dinov2" not in db.store.vectors("other", db.store.find("other", "zed").id)
+    db.close()
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", "mmpersona", "--preset", "tiny", "--device", "cpu", "--db",
+                          str(tmp_path / "four.db"), "--user", "other", "--json", "concepts", "reindex"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["computed"] == {"tiny:clip": 0, "tiny:dinov2": 1}

@@ -94,6 +94,7 @@ def _assert_clear(err: ModelUnavailableError, role: str, model_id: str) -> None:
     ("load_vlm", "vlm", "Qwen/Qwen2.5-VL-3B-Instruct"),
     ("load_embedder", "embedder", "timm/vit_large_patch14_clip_336.openai"),
     ("load_detector", "detector", "google/owlv2-base-patch16-ensemble"),
+    ("load_instance_embedder", "instance", "facebook/dinov2-base"),
 ])
 def test_unavailable_hub_model_offline_mode(monkeypatch, loader, role, model_id):
     import mmpersona.models as models

@@ -30,7 +30,7 @@ def test_all_built_small_and_listed(tiny_cache):
         assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
         total += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert total < 20e6
-    for role in ("embedder", "vlm", "detector", "t2i", "t2i_xl"):
+    for role in ("embedder", "vlm", "detector", "instance", "t2i", "t2i_xl"):
         status = model_status(resolve(role, preset="tiny"))
         assert status.available and status.source == "tiny"
 

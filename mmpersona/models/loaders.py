@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..embedder import ClipEmbedder
+    from ..instance import InstanceEmbedder
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -406,6 +407,35 @@ def load_detector(spec: SpecLike = None, *, preset: str = "default", device: Any
                                     "post_process_grounded_object_detection", fix="use an OWLv2, OWL-ViT or "
                                     "Grounding DINO checkpoint")
     return Detector(model.to(dev).eval(), processor, spec, dev, dt)
+
+
+# --------------------------------------------------------------------------------------------- instance embedder
+
+
+def load_instance_embedder(spec: SpecLike = None, *, preset: str = "default", device: Any = "auto",
+                           dtype: Any = None) -> "InstanceEmbedder":
+    """Load the instance embedder (DINOv2, or any transformers vision backbone with a pooled output) for
+    image-to-image matching of reference images and region crops (`mmpersona.instance.InstanceEmbedder`)."""
+    from ..instance import InstanceEmbedder
+
+    spec = resolve("instance", spec, preset=preset)
+    path = local_dir(spec, allow_patterns=TRANSFORMERS_PATTERNS)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+
+    def build():
+        from transformers import AutoImageProcessor, AutoModel
+
+        processor = AutoImageProcessor.from_pretrained(str(path))
+        model = AutoModel.from_pretrained(str(path), dtype=dt)
+        return processor, model
+
+    processor, model = _load(spec, path, "a vision backbone (DINOv2)", build)
+    dim = getattr(model.config, "hidden_size", None)
+    if not isinstance(dim, int):
+        raise ModelUnavailableError(spec.role, spec.id, "its config has no hidden_size",
+                                    fix="use a DINOv2 (or other ViT backbone) checkpoint")
+    return InstanceEmbedder(model.to(dev).eval(), processor, name=spec.id, dim=dim, device=dev, dtype=dt)
 
 
 # --------------------------------------------------------------------------------------------- text-to-image

@@ -21,6 +21,7 @@ ROLES: dict[str, str] = {
     "embedder": "open_clip image/text embedder for concept retrieval and preference embeddings",
     "vlm": "image-text-to-text chat model that answers personalized questions",
     "detector": "open-vocabulary object detector for region retrieval",
+    "instance": "self-supervised image embedder for instance matching of reference images and region crops",
     "t2i": "Stable Diffusion 1.5-family text-to-image pipeline (with IP-Adapter)",
     "t2i_xl": "Stable Diffusion XL text-to-image pipeline (with IP-Adapter)",
 }
@@ -66,6 +67,8 @@ PRESETS: dict[str, dict[str, ModelSpec]] = {
         "embedder": ModelSpec("embedder", "hf-hub:timm/vit_large_patch14_clip_336.openai"),
         "vlm": ModelSpec("vlm", "Qwen/Qwen2.5-VL-3B-Instruct"),
         "detector": ModelSpec("detector", "google/owlv2-base-patch16-ensemble"),
+        # DINOv2 tells one dog from another dog where CLIP sees "a dog" (PeKit, R2P match instances with it)
+        "instance": ModelSpec("instance", "facebook/dinov2-base"),
         "t2i": ModelSpec(
             "t2i", "stable-diffusion-v1-5/stable-diffusion-v1-5",
             ip_adapter=IPAdapterSpec("h94/IP-Adapter", "models", "ip-adapter_sd15.safetensors"),
@@ -80,6 +83,7 @@ PRESETS: dict[str, dict[str, ModelSpec]] = {
         "embedder": ModelSpec("embedder", "tiny:clip"),
         "vlm": ModelSpec("vlm", "tiny:qwen2.5-vl"),
         "detector": ModelSpec("detector", "tiny:owlv2"),
+        "instance": ModelSpec("instance", "tiny:dinov2"),
         "t2i": ModelSpec(
             "t2i", "tiny:sd",
             ip_adapter=IPAdapterSpec("tiny:ip-adapter", "models", "ip-adapter_sd15.safetensors"),

@@ -397,6 +397,22 @@ def build_owlv2(folder: Path) -> None:
     shutil.rmtree(folder / "_tok")
 
 
+def build_dinov2(folder: Path) -> None:
+    """DINOv2 (the instance embedder): patch 14, layer scale, LayerNorm eps 1e-6 as facebook/dinov2-base, and its
+    BitImageProcessor's rule (bicubic resize of the short side, then a centre crop of 224/256 of it: a region
+    crop loses its borders), at 64 -> 56 pixels."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4, patch_size=14,
+                          image_size=56, layer_norm_eps=1e-6, layerscale_value=1.0)
+    _seed()
+    Dinov2Model(config).eval().save_pretrained(str(folder))
+    BitImageProcessor(do_resize=True, size={"shortest_edge": 64}, resample=3, do_center_crop=True,
+                      crop_size={"height": 56, "width": 56}, do_rescale=True, rescale_factor=1 / 255,
+                      do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                      do_convert_rgb=True).save_pretrained(str(folder))
+
+
 def _text_encoder_config(tok, **extra):
     from transformers import CLIPTextConfig
 
@@ -546,6 +562,8 @@ TINY_MODELS: dict[str, TinyModel] = {
         TinyModel("llava", "vlm", "LLaVA-1.5 chat VLM (CLIP vision + Llama, untied padded vocabulary, images "
                   "first)", build_llava),
         TinyModel("owlv2", "detector", "OWLv2 zero-shot object detector", build_owlv2),
+        TinyModel("dinov2", "instance", "DINOv2 instance embedder (patch 14, layer scale, 224/256 centre crop)",
+                  build_dinov2),
         TinyModel("sd", "t2i", "Stable Diffusion 1.5-family pipeline", build_sd),
         TinyModel("sdxl", "t2i_xl", "Stable Diffusion XL pipeline", build_sdxl),
         TinyModel("ip-adapter", "ip_adapter", "IP-Adapter for tiny SD and SDXL (h94/IP-Adapter layout)",

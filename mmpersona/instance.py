@@ -1,0 +1,74 @@
+"""The instance embedder: DINOv2 vectors for image-to-image matching, beside CLIP.
+
+CLIP places "a Shiba Inu" near every Shiba Inu; self-supervised DINOv2 features separate one dog from another
+(PeKit and R2P match instances with them). The vectors are stored in the concept database per embedder, like
+CLIP's (an image's DINOv2 vector under the DINOv2 model's id), computed lazily for concepts that have none
+(`ensure_vectors`, or `mmpersona concepts reindex`). Text search stays CLIP: DINOv2 has no text side.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .errors import MmpersonaError
+from .images import ImageInput, load_image
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from .conceptdb import ConceptDB
+
+
+class InstanceEmbedder:
+    """A transformers vision backbone (DINOv2) with its image processor; `embed_images` returns the
+    L2-normalised pooled (CLS) features as `(n, dim)` float32. Build it with
+    `mmpersona.models.load_instance_embedder(...)`."""
+
+    def __init__(self, model: Any, processor: Any, *, name: str, dim: int, device: "torch.device",
+                 dtype: "torch.dtype"):
+        self.model, self.processor = model, processor
+        self.name, self.dim = name, dim
+        self.device, self.dtype = device, dtype
+
+    def __repr__(self) -> str:
+        return f"InstanceEmbedder(name={self.name!r}, dim={self.dim}, device={str(self.device)!r})"
+
+    def embed_images(self, images: Sequence[ImageInput], *, batch_size: int = 32,
+                     progress: bool = False) -> "np.ndarray":
+        """Embed images (paths, bytes, file objects or PIL images) through the safe loader, in batches."""
+        import numpy as np
+        import torch
+        from tqdm.auto import tqdm
+
+        if batch_size < 1:
+            raise MmpersonaError(f"`batch_size` must be at least 1, got {batch_size}")
+        items = list(images)
+        out = np.empty((len(items), self.dim), dtype=np.float32)
+        starts = range(0, len(items), batch_size)
+        with torch.inference_mode():
+            for start in tqdm(starts, desc="instance vectors", unit="batch",
+                              disable=not progress or len(items) <= batch_size):
+                batch = [load_image(x) for x in items[start:start + batch_size]]
+                pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
+                output = self.model(pixel_values=pixels.to(self.device, self.dtype))
+                pooled = getattr(output, "pooler_output", None)
+                feats = (pooled if pooled is not None else output.last_hidden_state[:, 0]).float()
+                out[start:start + len(batch)] = torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
+        return out
+
+
+def ensure_vectors(db: "ConceptDB", user: str, embedder: InstanceEmbedder, *, progress: bool = False) -> int:
+    """Compute and store `embedder`'s vector of each of the user's reference images that has none yet; returns
+    how many were computed (0 when all are there: the lazy path costs one listing)."""
+    ids, hashes, _ = db.store.owner_vectors(user, embedder.name)
+    have = set(zip(ids, hashes, strict=True))
+    done = 0
+    for concept in db.store.list(user, limit=db.store.count(user)):
+        missing = [h for h in concept.images if (concept.id, h) not in have]
+        if not missing:
+            continue
+        vectors = embedder.embed_images([db.store.image_bytes(user, h) for h in missing], progress=progress)
+        db.store.add_vectors(user, concept.id, embedder.name, missing, vectors)
+        done += len(missing)
+    return done
