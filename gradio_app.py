@@ -53,6 +53,7 @@ class App:
         self.preset, self.device, self.multi_user = preset, device, multi_user
         self.db = ConceptDB(db_path, preset=preset, device=device)
         self._vlm_pipe = None
+        self._region_pipe = None
         self._t2i_pipe = None
         self._vlm_lock = threading.Lock()
         self._t2i_lock = threading.Lock()
@@ -76,6 +77,16 @@ class App:
                 self._vlm_pipe = PersonalizedVLMPipeline(self.db, preset=self.preset, device=self.device,
                                                          max_new_tokens=64)
         return self._vlm_pipe
+
+    @property
+    def region_pipe(self):
+        """The chat pipeline that also finds each concept in the photo: regions from the detector, one concept
+        per region (built once, sharing the chat pipeline's models)."""
+        base = self.vlm_pipe
+        with self._vlm_lock:
+            if self._region_pipe is None:
+                self._region_pipe = base.variant(regions=True, assign=True)
+        return self._region_pipe
 
     @property
     def t2i_pipe(self):
@@ -147,19 +158,21 @@ class App:
 
     # ------------------------------------------------------------------ chat
 
-    def chat(self, user: str, image: Any, question: str, history: list[dict]):
-        """Yields (chat messages, retrieved rows, retrieved thumbnails, status) as the answer streams."""
+    def chat(self, user: str, image: Any, question: str, history: list[dict], regions: bool = False):
+        """Yields (chat messages, retrieved rows, retrieved thumbnails, the photo with each region-retrieved
+        concept's box, label and score drawn, status) as the answer streams. `regions`: find each concept in
+        the photo (detector regions, one concept per region)."""
         question = question or ""
         if len(question) > MAX_QUESTION_CHARS:
             raise ValueError(f"the question is {len(question)} characters, over the limit of {MAX_QUESTION_CHARS}")
         turns = bounded_history(history)
-        pipe = self.vlm_pipe
+        pipe = self.region_pipe if regions else self.vlm_pipe
         shown = history + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         with self._vlm_lock:  # one generation at a time on the shared model
             stream = pipe.stream(image, question, user=user, history=turns)
             for piece in stream:
                 shown[-1]["content"] += piece
-                yield shown, [], "", "answering..."
+                yield shown, [], "", "", "answering..."
         answer = stream.result
         rows = [[r.concept.handle, round(r.score, 4), r.source, str(r.box) if r.box else ""] for r in answer.retrieved]
         thumbs = cards_html([(self.thumbnail(user, r.image or r.concept.images[0]),
@@ -168,7 +181,7 @@ class App:
         status = ("no concept recognised: answered without personal context" if answer.abstained else
                   "used " + ", ".join(r.concept.handle for r in answer.retrieved))
         shown[-1]["content"] = answer.answer
-        yield shown, rows, thumbs, status
+        yield shown, rows, thumbs, boxes_html(image, answer.retrieved), status
 
     # ------------------------------------------------------------------ preferences
 
@@ -227,6 +240,22 @@ def image_uri(img: Any) -> str:
     buf = io.BytesIO()
     img.save(buf, format="WEBP", quality=90)
     return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def boxes_html(image: Any, retrieved: list) -> str:
+    """The photo with each region-retrieved concept's box, label and score drawn (inline; empty when no
+    concept came with a box)."""
+    from mmpersona import load_image
+    from pipelines.marks import draw_marks
+
+    marks = [(f"{r.concept.handle} {r.score:.2f}", r.box) for r in retrieved if r.box is not None]
+    if not marks or image is None:
+        return ""
+    drawn = draw_marks(load_image(image), marks)
+    drawn.thumbnail((640, 640))
+    labels = ", ".join(label for label, _ in marks)
+    return (f'<img src="{image_uri(drawn)}" alt="{html.escape(labels)}" style="max-width:100%" '
+            f'data-boxes="{len(marks)}">')
 
 
 def cards_html(cards: list[tuple[str | None, str]], *, empty: str) -> str:
@@ -346,15 +375,19 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
             ch_rows = gr.Dataframe(headers=["concept", "score", "source", "box"], label="Retrieved concepts",
                                    interactive=False, elem_id="chat-retrieved")
             ch_thumbs = gr.HTML(label="Retrieved", elem_id="chat-thumbs")
+            ch_regions = gr.Checkbox(label="Find each concept in the photo (regions)", value=False,
+                                     elem_id="chat-regions")
+            ch_boxes = gr.HTML(label="Where", elem_id="chat-boxes")
 
-            def ask(image, question, history, request: gr.Request):
+            def ask(image, question, history, regions, request: gr.Request):
                 try:
                     user = app.user(request)
-                    yield from app.chat(user, image, question, history or [])
+                    yield from app.chat(user, image, question, history or [], bool(regions))
                 except (MmpersonaError, ValueError, PermissionError) as e:
                     raise gr.Error(str(e)) from e
 
-            ch_btn.click(ask, [ch_image, ch_q, chatbot], [chatbot, ch_rows, ch_thumbs, ch_status], api_name="chat")
+            ch_btn.click(ask, [ch_image, ch_q, chatbot, ch_regions],
+                         [chatbot, ch_rows, ch_thumbs, ch_boxes, ch_status], api_name="chat")
 
         with gr.Tab("Preferences"):
             with gr.Row():

@@ -48,10 +48,13 @@ def test_concepts_chat_preferences_generate(server):
     assert cleared is None  # stored: the form is cleared
     assert "/gradio_api/file=" not in gallery and "data:image/webp;base64," in gallery  # inline, not a URL
     assert "added <bo>" in status and table["data"][0][0] == "<bo>" and gallery.count("<img") == 1
-    chat, rows, thumbs, chat_status = alice.predict(gradio_client.handle_file(str(images["red"])),
-                                                    "What is in this photo?", [], api_name="/chat")
+    chat, rows, thumbs, boxes, chat_status = alice.predict(gradio_client.handle_file(str(images["red"])),
+                                                           "What is in this photo?", [], False, api_name="/chat")
     assert rows["data"][0][0] == "<bo>" and rows["data"][0][2] == "image" and "used <bo>" in chat_status
-    assert chat[-1]["role"] == "assistant" and thumbs.count("<img") >= 1
+    assert chat[-1]["role"] == "assistant" and thumbs.count("<img") >= 1 and boxes == ""  # no regions asked
+    *_, boxes, _ = alice.predict(gradio_client.handle_file(str(images["red"])), "Where is <bo>?", [], True,
+                                 api_name="/chat")
+    assert boxes == "" or ("data:image/webp;base64," in boxes and "data-boxes=" in boxes)
     assert "liked the image" in alice.predict(gradio_client.handle_file(str(images["red"])), "warm red",
                                               api_name="/like")
     assert "recorded a choice" in alice.predict(gradio_client.handle_file(str(images["red"])),
@@ -93,8 +96,8 @@ def test_concurrent_requests(server):
                          api_name="/add_concept") for i in range(4)]
     for job in jobs:
         job.result(timeout=120)
-    chats = [carol.submit(gradio_client.handle_file(str(images["blue"])), f"Is <c{i}> here?", [], api_name="/chat")
-             for i in range(4)]
+    chats = [carol.submit(gradio_client.handle_file(str(images["blue"])), f"Is <c{i}> here?", [], False,
+                          api_name="/chat") for i in range(4)]
     results = [job.result(timeout=300) for job in chats]
     assert all(r[0][-1]["role"] == "assistant" for r in results)
     handles = {row[0] for row in carol.predict(api_name="/list_concepts")[1]["data"]}

@@ -320,3 +320,29 @@ def test_instance_vectors_lazily_once_per_change_and_by_reindex(four, tiny_cache
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["computed"] == {"tiny:clip": 0, "tiny:dinov2": 1}
+
+
+def test_app_draws_each_region_concepts_box_label_and_score(four, tiny_cache, tmp_path):
+    """The chat with "find each concept" on: the photo comes back with each region-retrieved concept's box,
+    label and score drawn (inline, as the other outputs)."""
+    import base64
+    import io
+
+    import gradio_app
+    from pipelines.marks import PALETTE
+
+    db, photo = four
+    app = gradio_app.App("tiny", tmp_path / "four.db", device="cpu")
+    app.region_pipe.retriever.detector = KnownBoxes(list(BOXES.values()))
+    app.region_pipe.min_score = -1.0
+    path = tmp_path / "scene.png"
+    photo.save(path)
+    *_, (chat, rows, thumbs, boxes, status) = list(app.chat("u", str(path), "Who is here?", [], regions=True))
+    assert 'data-boxes="4"' in boxes and all(f"&lt;{n}&gt;" in boxes for n in COLOURS)  # labels in the alt text
+    drawn = Image.open(io.BytesIO(base64.b64decode(boxes.split("base64,")[1].split('"')[0])))
+    assert drawn.size == photo.size
+    pixel = drawn.convert("RGB").getpixel((0, 30))  # on bo's box edge: an outline colour (WebP-compressed)
+    assert min(sum(abs(a - b) for a, b in zip(pixel, colour, strict=True)) for colour in PALETTE[:4]) < 30
+    assert sorted(row[0] for row in rows if row[3]) == sorted(f"<{n}>" for n in COLOURS)
+    *_, (_, _, _, plain, _) = list(app.chat("u", str(path), "Who is here?", []))
+    assert plain == ""
