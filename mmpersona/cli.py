@@ -387,25 +387,61 @@ def concepts_calibrate(
 def concepts_learn(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="The concept to learn (name, alias or id)."),
+    together: Optional[list[str]] = typer.Option(None, "--with", help="Another concept learned jointly with it "
+                                                                      "(repeatable; MC-LLaVA style)."),
     negatives: Optional[Path] = typer.Option(None, "--negatives", help="Folder of images without the concept "
                                                                       "(default: the user's other concepts)."),
+    mine_negatives: Optional[Path] = typer.Option(None, "--mine-negatives",
+                                                  help="Folder to mine hard negatives from: its images most like "
+                                                       "each concept (CLIP), near-duplicates left out."),
+    generate_negatives: int = typer.Option(0, "--generate-negatives", min=0,
+                                           help="Hard negatives per concept made by the text-to-image model "
+                                                "(\"a photo of a <category>\"), cached."),
+    n_negatives: int = typer.Option(10, "--hard-negatives", min=1, help="Mined negatives per concept."),
+    held_out: int = typer.Option(1, "--held-out", min=0,
+                                 help="Images per concept (and of its negatives) kept out of training, on which "
+                                      "recognition accuracy is reported before and after."),
     tokens: int = typer.Option(16, "--tokens", min=1, help="Latent tokens for the concept."),
     steps: int = typer.Option(100, "--steps", min=1, help="Training steps at most (early stopping may end sooner)."),
     lr: float = typer.Option(1e-2, "--lr", help="Learning rate of the new rows."),
 ) -> None:
-    """Learn soft tokens for a concept (Yo'LLaVA style): only its new embedding rows are trained and stored."""
+    """Learn soft tokens for a concept (Yo'LLaVA style; several jointly with --with): only the new embedding
+    rows are trained and stored. Reports recognition accuracy on held-out images before and after."""
+    from pipelines import negatives as hard
     from pipelines.calibrate import images_in
-    from pipelines.tokens import LearnConfig, learn_concept
+    from pipelines.tokens import LearnConfig, learn_concepts
+
+    from .models import load_t2i
 
     s = settings(ctx)
+    names = [name, *(together or [])]
     with open_db(s) as db:
+        extra: dict[str, list] = {n: [] for n in names}
+        if mine_negatives is not None:
+            for n in names:
+                extra[n] += hard.mine(db, s.user, n, mine_negatives, n_negatives, progress=not s.json)
+        if generate_negatives:
+            t2i = load_t2i(s.overrides.get("t2i"), preset=s.preset, device=s.device, dtype=s.dtype, ip_adapter=False)
+            for n in names:
+                extra[n] += hard.generate(t2i, db.resolve(s.user, n).category, generate_negatives,
+                                          steps=25 if s.preset != "tiny" else 4, progress=not s.json)
         vlm = s.vlm()
-        result = learn_concept(vlm, db, s.user, name, negatives=images_in(negatives) if negatives else None,
-                               config=LearnConfig(tokens=tokens, steps=steps, lr=lr), progress=not s.json)
-    data = {**result.to_dict(), "model": vlm.spec.id}
-    emit(s, data, f"learned {result.concept} for {vlm.spec.id}: {result.steps} steps in {result.seconds:.1f}s, "
-                  f"loss {data['first_loss']:.3f} -> {data['last_loss']:.3f}, training recognition accuracy "
-                  f"{result.accuracy}")
+        results = learn_concepts(vlm, db, s.user, names, negatives=images_in(negatives) if negatives else None,
+                                 hard_negatives={n: v for n, v in extra.items() if v} or None, held_out=held_out,
+                                 config=LearnConfig(tokens=tokens, steps=steps, lr=lr), progress=not s.json)
+    data = [{**r.to_dict(), "model": vlm.spec.id} for r in results]
+
+    def line(r) -> str:
+        d = r.to_dict()
+        text = (f"learned {r.concept}{' with ' + ', '.join(r.together) if r.together else ''} for {vlm.spec.id}: "
+                f"{r.steps} steps in {r.seconds:.1f}s, loss {d['first_loss']:.3f} -> {d['last_loss']:.3f}, "
+                f"training recognition accuracy {r.accuracy}, {r.negatives} negatives")
+        if r.held_out_items:
+            return text + (f"; held-out recognition accuracy {r.held_out_before:.3f} -> {r.held_out_after:.3f} "
+                           f"on {r.held_out_items} image(s)")
+        return text + "; no held-out images (a concept needs more images than --held-out)"
+
+    emit(s, data if len(data) > 1 else data[0], "\n".join(line(r) for r in results))
 
 
 # ------------------------------------------------------------------------------------------ chat

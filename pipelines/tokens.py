@@ -88,17 +88,29 @@ class LearnConfig:
 
 @dataclass
 class LearnResult:
+    """What learning one concept did. `accuracy` is recognition accuracy on the training examples;
+    `held_out_before` / `held_out_after` on images held out of training (its own and negatives), with the
+    initial rows and with the learned ones: whether the tokens did anything (Yo'LLaVA #13). `together`: the
+    concepts learned jointly with it."""
+
     concept: str
     steps: int
     losses: list[float] = field(default_factory=list)
     accuracy: float | None = None
     seconds: float = 0.0
     stopped_early: bool = False
+    held_out_before: float | None = None
+    held_out_after: float | None = None
+    held_out_items: int = 0
+    negatives: int = 0
+    together: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"concept": self.concept, "steps": self.steps, "first_loss": self.losses[0] if self.losses else None,
                 "last_loss": self.losses[-1] if self.losses else None, "accuracy": self.accuracy,
-                "seconds": round(self.seconds, 3), "stopped_early": self.stopped_early}
+                "seconds": round(self.seconds, 3), "stopped_early": self.stopped_early,
+                "held_out_before": self.held_out_before, "held_out_after": self.held_out_after,
+                "held_out_items": self.held_out_items, "negatives": self.negatives, "together": self.together}
 
 
 def token_strings(concept: "Concept", k: int) -> list[str]:
@@ -317,9 +329,10 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 
 
 def _examples(concept: "Concept", positives: list, negatives: list,
-              tokens: list[str]) -> list[tuple[list[dict], str]]:
-    """(messages, answer) pairs: recognition on positives and negatives, and a description QA."""
-    system = [{"role": "system", "content": [{"type": "text", "text": latent_definition(tokens)}]}]
+              definition: str, *, describe: bool = True) -> list[tuple[list[dict], str]]:
+    """(messages, answer) pairs: recognition on positives and negatives, and a description QA. `definition`:
+    the system text defining the tokens of every concept learned together."""
+    system = [{"role": "system", "content": [{"type": "text", "text": definition}]}]
     q = RECOGNITION.format(handle=concept.handle)
     out = []
     for img in positives:
@@ -330,7 +343,7 @@ def _examples(concept: "Concept", positives: list, negatives: list,
         out.append((system + [{"role": "user", "content": [{"type": "image", "image": img},
                                                            {"type": "text", "text": q}]}],
                     f"No, {concept.handle} is not in this image."))
-    if concept.info:
+    if concept.info and describe:
         out.append((system + [{"role": "user", "content": [{"type": "text",
                                                             "text": f"What do you know about {concept.handle}?"}]}],
                     f"{concept.handle} is {concept.info[:200]}"))
@@ -464,12 +477,30 @@ class _RowHooks:
 
 def learn_concept(vlm: "LoadedVLM", db: "ConceptDB", user: str, name: str, *,
                   negatives: Sequence["ImageInput"] | None = None, config: LearnConfig | None = None,
-                  progress: bool = True, save: bool = True, manager: TokenManager | None = None) -> LearnResult:
+                  progress: bool = True, save: bool = True, manager: TokenManager | None = None,
+                  hard_negatives: Sequence["ImageInput"] = (), held_out: int = 0) -> LearnResult:
     """Learn `name`'s tokens from its reference images; store them in the database (unless `save=False`).
 
-    Negatives: the given images, else the user's other concepts' images. The model's weights never change;
+    Negatives: the given images, else the user's other concepts' images; `hard_negatives` (mined or generated,
+    `pipelines.negatives`) are added to them. `held_out`: images of the concept and negatives kept out of
+    training, on which recognition accuracy is measured before and after. The model's weights never change;
     the learned concept stays loaded in `vlm.tokens`, ready for `PersonalizedVLMPipeline(mode="tokens")`.
     """
+    return learn_concepts(vlm, db, user, [name], negatives=negatives, config=config, progress=progress, save=save,
+                          manager=manager, hard_negatives={name: hard_negatives} if hard_negatives else None,
+                          held_out=held_out)[0]
+
+
+def learn_concepts(vlm: "LoadedVLM", db: "ConceptDB", user: str, names: Sequence[str], *,
+                   negatives: Sequence["ImageInput"] | None = None, config: LearnConfig | None = None,
+                   progress: bool = True, save: bool = True, manager: TokenManager | None = None,
+                   hard_negatives: "dict[str, Sequence[ImageInput]] | None" = None,
+                   held_out: int = 0) -> list[LearnResult]:
+    """Learn several concepts' tokens jointly (MC-LLaVA style): one system turn defines all their tokens, every
+    step trains all their rows, and each concept's images are negatives for the others (as are `negatives`, or
+    else the user's other concepts' images, and each concept's `hard_negatives`). With more than one concept,
+    "which of them is here?" questions teach them apart. `held_out` images per concept (and per concept's
+    negatives) are kept out of training and scored before and after. Returns one result per concept."""
     import contextlib
 
     import torch
@@ -478,30 +509,69 @@ def learn_concept(vlm: "LoadedVLM", db: "ConceptDB", user: str, name: str, *,
     from mmpersona.images import load_image
 
     config = config or LearnConfig()
-    concept = db.resolve(user, name)
-    if not concept.images:
-        raise MmpersonaError(f"{concept.handle} has no reference images to learn from")
-    positives = [load_image(db.store.image_bytes(user, h)) for h in concept.images]
-    if negatives is None:
-        others = [c for c in db.list(user, limit=1000) if c.id != concept.id]
-        negatives_imgs = [load_image(db.store.image_bytes(user, c.images[0])) for c in others if c.images][:10]
-    else:
-        negatives_imgs = [load_image(n) for n in negatives]
+    if held_out < 0:
+        raise MmpersonaError(f"held_out must not be negative, got {held_out}")
+    concepts = list({c.id: c for c in (db.resolve(user, n) for n in names)}.values())
+    if not concepts:
+        raise MmpersonaError("name at least one concept to learn")
     manager = manager or vlm.tokens
-    if concept.id in manager.loaded:
-        raise MmpersonaError(f"{concept.handle} is loaded already: unload before learning it again")
-    ids = manager.add_concept(concept, config.tokens, seed=config.seed)
-    tokens = manager.loaded[concept.id]
-    examples = _examples(concept, positives, negatives_imgs, tokens)
+    for c in concepts:
+        if not c.images:
+            raise MmpersonaError(f"{c.handle} has no reference images to learn from")
+        if c.id in manager.loaded:
+            raise MmpersonaError(f"{c.handle} is loaded already: unload before learning it again")
+    unknown = set(hard_negatives or {}) - {n for n in names}
+    if unknown:
+        raise MmpersonaError(f"hard negatives for {sorted(unknown)[0]!r}, which is not being learned")
+
+    def split(images: list) -> tuple[list, list]:  # (train, held out): at least one stays in training
+        return (images[:-held_out], images[-held_out:]) if held_out and len(images) > held_out else (images, [])
+
+    group = {c.id for c in concepts}
+    if negatives is None:
+        others = [c for c in db.list(user, limit=1000) if c.id not in group]
+        shared = [load_image(db.store.image_bytes(user, c.images[0])) for c in others if c.images][:10]
+    else:
+        shared = [load_image(n) for n in negatives]
+    own = {c.id: split([load_image(db.store.image_bytes(user, h)) for h in c.images]) for c in concepts}
+    by_name = {db.resolve(user, n).id: list(v) for n, v in (hard_negatives or {}).items()}
+    negs = {}
+    for c in concepts:
+        mates = [img for o in concepts if o.id != c.id for img in own[o.id][0]]
+        hard = [load_image(x) for x in by_name.get(c.id, [])]
+        negs[c.id] = split(shared + hard) if held_out else (shared + hard, [])
+        negs[c.id] = (negs[c.id][0] + mates, negs[c.id][1])
+    for i, c in enumerate(concepts):
+        manager.add_concept(c, config.tokens, seed=config.seed + i)
+    ids = {c.id: manager.ids(c) for c in concepts}
+    definition = "\n".join(latent_definition(manager.loaded[c.id]) for c in concepts)
+    examples = []
+    for c in concepts:
+        examples += _examples(c, own[c.id][0], negs[c.id][0], definition)
+    if len(concepts) > 1:  # tell them apart: which of them is in this image
+        handles = ", ".join(c.handle for c in concepts)
+        system = [{"role": "system", "content": [{"type": "text", "text": definition}]}]
+        for c in concepts:
+            for img in own[c.id][0]:
+                examples.append((system + [{"role": "user", "content": [
+                    {"type": "image", "image": img},
+                    {"type": "text", "text": f"Which of {handles} is in this image?"}]}], f"{c.handle}."))
     encoded = [_encode(vlm, m, a) for m, a in examples]  # tokenized once, images resized once
+    held = {c.id: [_encode(vlm, m, a) for m, a in _examples(c, own[c.id][1], negs[c.id][1], definition,
+                                                               describe=False)] for c in concepts}
+    results = {c.id: LearnResult(c.handle, 0, negatives=len(negs[c.id][0]),
+                                 together=[o.handle for o in concepts if o.id != c.id]) for c in concepts}
+    for c in concepts:
+        results[c.id].held_out_items = len(held[c.id])
+        results[c.id].held_out_before = recognition_accuracy(vlm, held[c.id]) if held[c.id] else None
 
     model = vlm.model
-    rows = manager.trained[concept.id]
-    params = list(rows.values())
+    rows = {c.id: manager.trained[c.id] for c in concepts}
+    params = [p for r in rows.values() for p in r.values()]
     for p in params:
         p.requires_grad_(True)
     model.requires_grad_(False)
-    hooks = _RowHooks(manager, ids, rows)
+    hooks = [_RowHooks(manager, ids[c.id], rows[c.id]) for c in concepts]
     checkpointing = config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
     was_checkpointing = checkpointing and _checkpointing(model)
     if checkpointing and not was_checkpointing:
@@ -511,10 +581,11 @@ def learn_concept(vlm: "LoadedVLM", db: "ConceptDB", user: str, name: str, *,
                                else torch.bfloat16) if config.mixed_precision != "no" else contextlib.nullcontext())
     order = list(range(len(encoded)))
     rng = random.Random(config.seed)
-    result = LearnResult(concept.handle, 0)
+    label = concepts[0].handle if len(concepts) == 1 else f"{len(concepts)} concepts"
+    result = LearnResult(label, 0)
     start = time.perf_counter()
     perfect = 0
-    bar = tqdm(range(config.steps), desc=f"learning {concept.handle}", disable=not progress, unit="step")
+    bar = tqdm(range(config.steps), desc=f"learning {label}", disable=not progress, unit="step")
     try:
         model.train()
         for step in bar:
@@ -530,7 +601,7 @@ def learn_concept(vlm: "LoadedVLM", db: "ConceptDB", user: str, name: str, *,
             result.steps = step + 1
             if not math.isfinite(value):
                 raise MmpersonaError(
-                    f"training {concept.handle} diverged: the loss became {value} at step {step + 1} with the model "
+                    f"training {label} diverged: the loss became {value} at step {step + 1} with the model "
                     f"in {str(vlm.dtype).removeprefix('torch.')}; the learned rows are float32 already, so try "
                     "`--dtype float32`, fewer --tokens or a smaller --lr")
             bar.set_postfix(loss=f"{value:.3f}")
@@ -545,20 +616,30 @@ def learn_concept(vlm: "LoadedVLM", db: "ConceptDB", user: str, name: str, *,
         model.eval()
         if result.accuracy is None or not result.stopped_early:
             result.accuracy = recognition_accuracy(vlm, encoded)
+        for c in concepts:  # with the learned rows, through the hooks
+            results[c.id].held_out_after = recognition_accuracy(vlm, held[c.id]) if held[c.id] else None
     except BaseException:
-        hooks.remove()
+        for h in hooks:
+            h.remove()
         manager.unload_all()  # no half-trained rows stay in the model (other loaded concepts go too)
         raise
     finally:
-        hooks.remove()
+        for h in hooks:
+            h.remove()
         if checkpointing and not was_checkpointing:
             _checkpointing(model, False)
         model.eval()
         model.requires_grad_(False)
         for p in params:
             p.requires_grad_(False)
-    manager.write_rows(concept)
-    result.seconds = time.perf_counter() - start
-    if save:
-        manager.save(db, user, concept)
-    return result
+    seconds = time.perf_counter() - start
+    out = []
+    for c in concepts:
+        manager.write_rows(c)
+        r = results[c.id]
+        r.steps, r.losses, r.accuracy = result.steps, result.losses, result.accuracy
+        r.seconds, r.stopped_early = seconds, result.stopped_early
+        if save:
+            manager.save(db, user, c)
+        out.append(r)
+    return out

@@ -17,6 +17,7 @@ from mmpersona import ConceptDB, MmpersonaError
 from mmpersona.models import load_vlm
 from pipelines import PersonalizedVLMPipeline
 from pipelines.tokens import TENSOR_NAME, LearnConfig, TokenManager, TokenMismatchError, learn_concept
+import pipelines.tokens as tokens_module
 
 CONFIG = LearnConfig(tokens=4, steps=24, eval_every=8, lr=2e-2)
 VLMS = ["tiny:qwen2.5-vl", "tiny:llava"]
@@ -319,3 +320,96 @@ def test_mixed_precision_autocasts_the_frozen_model_only(db, tiny_cache):
     assert rows.dtype is torch.float32 and next(vlm.model.parameters()).dtype is torch.float32
     with pytest.raises(MmpersonaError, match="mixed_precision"):
         LearnConfig(mixed_precision="fp8")
+
+
+def test_joint_learning_with_held_out_accuracy_before_and_after(db, tiny_cache):
+    """Two concepts learned together: one system turn defines both, each one's images are the other's
+    negatives, both sets of rows train on every step, and held-out recognition accuracy is reported before
+    (initial rows) and after, on images kept out of training."""
+    from pipelines.tokens import learn_concepts
+
+    db.add_images("alice", "mug", [drawn((40, 70, 210), "rectangle", shift=2), drawn((20, 50, 190), "rectangle")])
+    vlm = load_vlm("tiny:qwen2.5-vl", device="cpu")
+    seen = []
+    encode = tokens_module._encode
+    tokens_module._encode = lambda v, m, a: seen.append((m, a)) or encode(v, m, a)
+    try:
+        bo, mug = learn_concepts(vlm, db, "alice", ["bo", "mug"], held_out=1, progress=False,
+                                 config=LearnConfig(tokens=2, steps=12, eval_every=6, lr=0.05))
+    finally:
+        tokens_module._encode = encode
+    assert (bo.together, mug.together) == (["<mug>"], ["<bo>"])
+    assert bo.steps == mug.steps and bo.losses == mug.losses  # one training run for both
+    system = seen[0][0][0]["content"][0]["text"]
+    assert "<bo>" in system and "<mug>" in system  # both defined in one system turn
+    answers = [a for _, a in seen]
+    assert "<bo>." in answers and "<mug>." in answers  # "which of them is in this image?"
+    # held out: bo keeps 1 of 2 images, mug 1 of 3, and one of each one's negatives (the user's leaf)
+    assert bo.held_out_items == 1 and mug.held_out_items == 1
+    assert bo.held_out_before is not None and bo.held_out_after is not None
+    # mug's two training images are bo's negatives, beside leaf (held out, there being just one)
+    assert bo.negatives == 1 + 2 and mug.negatives == 1 + 1
+    both = vlm.tokens.loaded
+    assert {db.get("alice", "bo").id, db.get("alice", "mug").id} <= set(both)
+    stored = db.store.list_tensors("alice", db.get("alice", "mug").id)
+    assert TENSOR_NAME in stored
+
+
+def test_hard_negatives_mined_from_a_folder_and_generated(db, tiny_cache, tmp_path, monkeypatch):
+    """Mined: the folder's images most like the concept by CLIP, its own near-duplicates left out, the folder
+    embedded once (cached). Generated: the text-to-image model's images of the category, made once."""
+    from mmpersona.models import load_t2i
+    from pipelines import negatives
+
+    monkeypatch.setenv("MMPERSONA_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    bo_image = drawn((200, 30, 30))
+    bo_image.save(folder / "bo-itself.png")  # the concept's own image: a near-duplicate, never a negative
+    for i, colour in enumerate([(180, 60, 40), (30, 60, 200), (30, 160, 40), (250, 250, 250)]):
+        drawn(colour).save(folder / f"p{i}.png")
+    calls = []
+    embed = db.embedder.embed_images
+    monkeypatch.setattr(db.embedder, "embed_images", lambda images, **kw: calls.append(len(images)) or embed(images, **kw))
+    mined = negatives.mine(db, "alice", "bo", folder, n=2)
+    assert len(mined) == 2 and folder / "bo-itself.png" not in mined
+    sims = {}
+    refs = db.store.vectors("alice", db.get("alice", "bo").id)[db.embedder.name][1]
+    for p in sorted(folder.iterdir()):
+        if p.name != "bo-itself.png":
+            v = embed([p])[0]
+            sims[p] = float((refs @ v).max())
+    itself = float((refs @ embed([folder / "bo-itself.png"])[0]).max())
+    assert itself >= negatives.DUPLICATE_SIMILARITY  # why it is left out
+    expected = sorted((p for p in sims if sims[p] < negatives.DUPLICATE_SIMILARITY), key=lambda p: -sims[p])
+    assert mined == expected[:2], sims  # the most similar first
+    assert negatives.mine(db, "alice", "bo", folder, n=2) == mined and calls == [5]  # embedded once, cached
+    t2i = load_t2i(preset="tiny", device="cpu", ip_adapter=False)
+    made = negatives.generate(t2i, "dog", n=2, steps=2)
+    assert [p.name for p in made] == ["0.png", "1.png"] and all(p.is_file() for p in made)
+    stamp = made[0].stat().st_mtime_ns
+    assert negatives.generate(t2i, "dog", n=2, steps=2) == made and made[0].stat().st_mtime_ns == stamp
+    with pytest.raises(MmpersonaError, match="IP-Adapter"):
+        negatives.generate(load_t2i(preset="tiny", device="cpu"), "dog", n=1, steps=1)
+    vlm = load_vlm("tiny:qwen2.5-vl", device="cpu")
+    result = learn_concept(vlm, db, "alice", "bo", hard_negatives=mined + made, progress=False,
+                           config=LearnConfig(tokens=2, steps=2, eval_every=10))
+    assert result.negatives == 2 + 4  # the user's other two concepts, then the mined and generated ones
+
+
+def test_learn_cli_reports_held_out_accuracy_jointly(db, tiny_cache, tmp_path):
+    db.add_images("alice", "mug", [drawn((40, 70, 210), "rectangle", shift=2)])
+    db.close()
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(3):
+        drawn((100 + 40 * i, 80, 60)).save(pool / f"{i}.png")
+    proc = subprocess.run([sys.executable, "-m", "mmpersona", "--preset", "tiny", "--device", "cpu", "--db",
+                           str(tmp_path / "c.db"), "--user", "alice", "concepts", "learn", "bo", "--with", "mug",
+                           "--mine-negatives", str(pool), "--hard-negatives", "2", "--generate-negatives", "1",
+                           "--tokens", "2", "--steps", "4"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("learned <bo> with <mug>") and lines[1].startswith("learned <mug> with <bo>")
+    assert all("held-out recognition accuracy" in line and " -> " in line for line in lines)
