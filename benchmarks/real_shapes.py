@@ -18,6 +18,9 @@ Stages (the toolkit's code path each one goes through):
 - embed: `ClipEmbedder.embed_images` on a 4000x3000 photo (ViT-L/14 at 336 px).
 - retrieve: `ConceptDB.add` of 20 concepts, then `Retriever.by_image` and `by_regions` with the OWLv2 detector
   (960x960, one pass for all categories) on the photo.
+- instance: `InstanceEmbedder.embed_images` on the photo and 8 region crops (DINOv2 ViT-B/14: transformers'
+  Dinov2Config defaults are facebook/dinov2-base's widths, with its 518-px position grid and its BitImageProcessor
+  rule, resize 256 then centre crop 224; no config file of it is vendored, see README "Models").
 - answer: `PersonalizedVLMPipeline` one chat turn about the 4000x3000 photo with one reference image
   (Qwen2.5-VL-3B widths, the default visual-token budget).
 - learn_tokens: one `learn_concept` step (16 latent tokens) on the photo.
@@ -45,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = ("embed", "retrieve", "answer", "learn_tokens", "generate", "dpo", "generate_xl", "dpo_xl")
+STAGES = ("embed", "retrieve", "instance", "answer", "learn_tokens", "generate", "dpo", "generate_xl", "dpo_xl")
 QWEN = "Qwen/Qwen2.5-VL-3B-Instruct"
 SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -297,6 +300,18 @@ def run_stage(stage: str, level: int, device, dtype, resolution: int) -> dict:
             db.close()
         out["seconds"] = time.perf_counter() - start
         return out
+    if stage == "instance":
+        emb = instance_embedder(level, device, dtype)
+        out["params"] = _params(emb.model)
+        out["full_params"] = _meta_params(lambda lv: [dinov2_model(lv)])
+        out["visual_tokens"] = (224 // 14) ** 2
+        big = photo()
+        start = time.perf_counter()
+        crops = [big.crop((x, y, x + 900, y + 700)) for x in (0, 1000, 2000, 3000) for y in (0, 2000)]
+        vectors = emb.embed_images([big, *crops])
+        out["ok"] = bool(vectors.shape == (9, 768) and abs(float((vectors[0] ** 2).sum()) - 1) < 1e-3)
+        out["seconds"] = time.perf_counter() - start
+        return out
     if stage in ("answer", "learn_tokens"):
         from pipelines import PersonalizedVLMPipeline, PromptBudget
         from pipelines.tokens import LearnConfig, learn_concept
@@ -360,6 +375,27 @@ def owlv2_model(level):
     cfg.text_config.num_hidden_layers = min(level, cfg.text_config.num_hidden_layers)
     cfg.vision_config.num_hidden_layers = min(level, cfg.vision_config.num_hidden_layers)
     return Owlv2ForObjectDetection(cfg)
+
+
+def dinov2_model(level):
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(image_size=518)  # the defaults are dinov2-base's: 768 wide, 12 x 12 heads, patch 14
+    cfg.num_hidden_layers = min(level, cfg.num_hidden_layers)
+    return Dinov2Model(cfg)
+
+
+def instance_embedder(level: int, device, dtype):
+    from transformers import BitImageProcessor
+
+    from mmpersona.instance import InstanceEmbedder
+
+    with torch_device(device):
+        model = dinov2_model(level).to(dtype).eval()
+    processor = BitImageProcessor(size={"shortest_edge": 256}, resample=3, crop_size={"height": 224, "width": 224},
+                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    return InstanceEmbedder(model, processor, name="facebook/dinov2-base", dim=model.config.hidden_size,
+                            device=device, dtype=dtype)
 
 
 def qwen_model(level):

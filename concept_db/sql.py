@@ -507,18 +507,6 @@ class SQLStore:
         row = self._conn.execute("SELECT revision FROM owner_revisions WHERE owner = ?", (owner,)).fetchone()
         return int(row[0]) if row else 0
 
-    def add_vectors(self, owner: str, concept_id: str, embedder: str, hashes: Sequence[str],
-                    vectors: "np.ndarray") -> None:
-        """Store another embedder's vectors of a concept's existing images (replacing that embedder's vectors of
-        those images): how a second embedder (the instance embedder) is indexed after the fact."""
-        concept = self.get(owner, concept_id)
-        unknown = [h for h in hashes if h not in concept.images]
-        if unknown:
-            raise ConceptNotFound(f"concept <{concept.name}> has no image {unknown[0][:12]}")
-        with self._tx() as c:
-            self._insert_embeddings(c, owner, concept_id, list(hashes), {embedder: vectors})
-            self._bump(c, owner)
-
     def remove_image(self, owner: str, concept_id: str, image_hash: str) -> Concept:
         concept = self.get(owner, concept_id)
         if image_hash not in concept.images:

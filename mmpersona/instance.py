@@ -58,17 +58,17 @@ class InstanceEmbedder:
         return out
 
 
-def ensure_vectors(db: "ConceptDB", user: str, embedder: InstanceEmbedder, *, progress: bool = False) -> int:
-    """Compute and store `embedder`'s vector of each of the user's reference images that has none yet; returns
-    how many were computed (0 when all are there: the lazy path costs one listing)."""
-    ids, hashes, _ = db.store.owner_vectors(user, embedder.name)
-    have = set(zip(ids, hashes, strict=True))
-    done = 0
-    for concept in db.store.list(user, limit=db.store.count(user)):
-        missing = [h for h in concept.images if (concept.id, h) not in have]
-        if not missing:
-            continue
-        vectors = embedder.embed_images([db.store.image_bytes(user, h) for h in missing], progress=progress)
-        db.store.add_vectors(user, concept.id, embedder.name, missing, vectors)
-        done += len(missing)
-    return done
+def ensure_vectors(db: "ConceptDB", user: str, embedder: Any, *, progress: bool = False) -> int:
+    """Compute and store `embedder`'s vector of each of the user's reference images that has none yet (any
+    embedder with `name` and `embed_images`: the instance embedder, or CLIP after a switch); returns how many
+    were computed (0 when all are there: one query)."""
+    from tqdm.auto import tqdm
+
+    by_concept: dict[str, list[str]] = {}
+    for concept_id, image_hash in db.store.missing_embeddings(user, embedder.name):
+        by_concept.setdefault(concept_id, []).append(image_hash)
+    for concept_id, hashes in tqdm(by_concept.items(), desc=f"indexing ({embedder.name})", unit="concept",
+                                   disable=not progress or len(by_concept) < 2):
+        vectors = embedder.embed_images([db.store.image_bytes(user, h) for h in hashes])
+        db.store.set_embeddings(user, concept_id, embedder.name, hashes, vectors)
+    return sum(len(h) for h in by_concept.values())

@@ -16,6 +16,8 @@ def test_full_architectures_have_the_published_sizes():
     full = real_shapes.FULL
     assert real_shapes._meta_params(lambda lv: [real_shapes.qwen_model(lv)]) == 3_754_622_976  # "3.75B"
     assert real_shapes._meta_params(lambda lv: [real_shapes.clip_model(lv)[0]]) == 427_944_193  # ViT-L/14-336
+    dinov2 = real_shapes._meta_params(lambda lv: [real_shapes.dinov2_model(lv)])
+    assert abs(dinov2 - 86.6e6) < 0.5e6  # dinov2-base: "86M parameters" (its 518-px grid: 1370 positions)
     with torch.device("meta"):
         sd = real_shapes.t2i_modules(real_shapes.SD, full)
         xl = real_shapes.t2i_modules(real_shapes.SDXL, full)

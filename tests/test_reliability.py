@@ -74,6 +74,7 @@ def cross_owner_calls(store, victim):
         "owner_vectors": lambda: store.owner_vectors("mallory", "e")[0],
         "set_embeddings": lambda: store.set_embeddings("mallory", cid, "e", [img], q[None, :]),
         "missing_embeddings": lambda: store.missing_embeddings("mallory", "e"),
+        "revision": lambda: store.revision("mallory"),
         "put_tensor": lambda: store.put_tensor("mallory", cid, "x", save({"t": np.ones(1, np.float32)}),
                                                model="m", fingerprint="f"),
         "get_tensor": lambda: store.get_tensor("mallory", cid, "tokens"),
