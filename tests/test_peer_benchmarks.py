@@ -267,6 +267,8 @@ def test_mc_llava_reader(mc_llava_root):
     assert [i.protocol for i in only.items] == ["grounding"]
     with pytest.raises(PredictionFormatError, match="not in concept_type"):
         datasets.mc_llava(mc_llava_root, scenarios=["bo_nobody"])
+    with pytest.raises(PredictionFormatError, match="not a plain name"):
+        datasets.mc_llava(mc_llava_root, scenarios=["../../bo_mam"])
     (mc_llava_root / "two_concept/multi/bo_mam/vqa.json").write_text(json.dumps({"../../../etc/passwd": []}))
     with pytest.raises(PredictionFormatError, match="not found under"):
         datasets.mc_llava(mc_llava_root)
@@ -314,6 +316,10 @@ def test_mmpb_reader(mmpb_root):
     assert score_file("mmpb", [rec.answered("Yes, it is."), pref.answered("B")])["accuracy"] == 0.5
     with pytest.raises(PredictionFormatError, match="description"):
         datasets.mmpb(mmpb_root, description="long")
+    table = (mmpb_root / "dataset.csv").read_text()
+    (mmpb_root / "dataset.csv").write_text(table.replace(",bo,", ",../../bo,"))
+    with pytest.raises(PredictionFormatError, match="not a plain name"):
+        datasets.mmpb(mmpb_root)
 
 
 def test_myvlm_reader(tmp_path):

@@ -104,6 +104,15 @@ def locate(root: Path, rel: Any, what: str) -> Path:
     raise PredictionFormatError(f"{what}: image {rel!r} is not found under {str(root)!r}")
 
 
+def _component(value: Any, what: str) -> str:
+    """A folder or file name a peer's file gives (a concept, attribute or scenario): one path component, never a
+    path (`../x`, `a/b`) that could reach outside the dataset."""
+    if not isinstance(value, str) or not value.strip() or value.strip() in (".", "..") \
+            or any(sep in value for sep in ("/", "\\", "\x00")):
+        raise PredictionFormatError(f"{what}: {value!r} is not a plain name (no path separators)")
+    return value.strip()
+
+
 def _item_id(*parts: Any) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
 
@@ -301,10 +310,13 @@ def mc_llava(root: str | Path, *, scenarios: list[str] | None = None,
                                 answer_key="prediction"))
 
     for scenario in scenarios:
+        scenario = _component(scenario, "scenario")
         names = scenario.split("_")
         missing = [n for n in names if n not in types]
         if missing:
             raise PredictionFormatError(f"scenario {scenario!r}: {missing[0]!r} is not in concept_type.json")
+        for n in names:
+            _component(types[n], f"concept_type.json[{n!r}]")
         case = root / types[names[0]]
         multi = case / "multi" / scenario
         if not multi.is_dir():
@@ -436,11 +448,12 @@ def mmpb(root: str | Path, *, description: str = "moderate", csv_path: str | Pat
         missing = [k for k in needed if not (row.get(k) or "").strip()]
         if missing:
             raise PredictionFormatError(f"{str(table)!r} row {i + 1}: missing MMPB column {missing[0]!r}")
-        name = row["name"].strip()
+        name = _component(row["name"], f"row {i + 1} name")
         handle = f"<{name}>"
         if name not in concepts:
             info = " ".join(x for x in (row.get(f"description_{description}", ""), row.get("preference", "")) if x)
-            concepts[name] = Concept(name, _concept_images(root / row["attribute"] / "train" / name),
+            attribute = _component(row["attribute"], f"row {i + 1} attribute")
+            concepts[name] = Concept(name, _concept_images(root / attribute / "train" / name),
                                      info.replace("<sks>", handle).strip(), row["attribute"])
         query = f"\n{row['question']}\n"
         if row["l2-category"] == "inconsistency":
