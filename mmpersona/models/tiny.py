@@ -474,6 +474,89 @@ def build_sd(folder: Path) -> None:
     shutil.rmtree(folder / "_tok")
 
 
+#: what the trained tiny text-to-image preset trains, and for how long (about 4 minutes on 2 CPU cores)
+TRAINED_SD = {"size": 32, "images": 4096, "vae_steps": 450, "vae_batch": 32, "unet_steps": 2000, "unet_batch": 128,
+              "generic_share": 0.45, "uncond_share": 0.1}
+
+
+def build_sd_trained(folder: Path) -> None:
+    """A Stable Diffusion 1.5-family pipeline that has learned something: its VAE (8x down, as the real one) and
+    UNet trained for a few CPU minutes on the synthetic domain of `synthetic` (a shape of some hue, brightness and
+    kind on a grey ground, 32x32). Generation from `synthetic.GENERIC_PROMPT` ("a shape") covers the domain, and
+    captions ("a bright red circle") steer it, so a learned preference has something to move. The random tiny SD
+    cannot show that: its VAE decodes red and blue to the same grey. Text encoder, tokenizer and scheduler are
+    tiny:sd's (the published PNDM); the text encoder stays frozen."""
+    import random
+
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from . import synthetic
+
+    cfg = TRAINED_SD
+    base = StableDiffusionPipeline.from_pretrained(str(tiny_path("sd")), torch_dtype=torch.float32)
+    _seed()
+    rng, g = random.Random(SEED), torch.Generator().manual_seed(SEED)
+    images, drawn = synthetic.batch(rng, cfg["images"], cfg["size"])
+    x_all = torch.from_numpy(images)
+    vae = AutoencoderKL(block_out_channels=[16, 32, 32, 32], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        latent_channels=4, norm_num_groups=8, sample_size=cfg["size"], layers_per_block=1,
+                        scaling_factor=0.18215, force_upcast=True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
+    vae.train()
+    for _ in range(cfg["vae_steps"]):
+        x = x_all[torch.randint(0, len(x_all), (cfg["vae_batch"],), generator=g)]
+        posterior = vae.encode(x).latent_dist
+        loss = torch.nn.functional.mse_loss(vae.decode(posterior.sample(generator=g)).sample, x) \
+            + 1e-6 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vae.eval()
+    with torch.no_grad():  # the latents once, and a scaling factor that gives them unit variance (as SD's does)
+        dists = [vae.encode(x_all[i:i + 512]).latent_dist for i in range(0, len(x_all), 512)]
+        mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+    scale = float(1 / mean.std())
+    vae.register_to_config(scaling_factor=round(scale, 5))
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=cfg["size"] // 8,
+                                in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=8, attention_head_dim=8)
+    tok, text = base.tokenizer, base.text_encoder
+    captions = sorted({"", synthetic.GENERIC_PROMPT} | {d.caption() for d in drawn})
+    with torch.no_grad():
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        embeds = text(ids)[0]
+    index = {c: i for i, c in enumerate(captions)}
+    own = torch.tensor([index[d.caption()] for d in drawn])
+    noise_schedule = DDPMScheduler.from_config(base.scheduler.config)  # the training schedule SD 1.5 was trained on
+    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    unet.train()
+    n = cfg["unet_batch"]
+    for _ in range(cfg["unet_steps"]):
+        i = torch.randint(0, len(x_all), (n,), generator=g)
+        z = (mean[i] + std[i] * torch.randn(mean[i].shape, generator=g)) * vae.config.scaling_factor
+        r = torch.rand(n, generator=g)  # each image under its caption, the generic prompt, or none (for guidance)
+        which = torch.where(r < cfg["uncond_share"], index[""],
+                            torch.where(r < cfg["uncond_share"] + cfg["generic_share"], index[synthetic.GENERIC_PROMPT],
+                                        own[i]))
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (n,), generator=g)
+        loss = torch.nn.functional.mse_loss(
+            unet(noise_schedule.add_noise(z, noise, t), t, encoder_hidden_states=embeds[which]).sample, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet.eval(), scheduler=base.scheduler,
+                                   safety_checker=None, image_encoder=None, requires_safety_checker=False,
+                                   feature_extractor=base.feature_extractor)
+    pipe.save_pretrained(str(folder))  # no fp16 variant: it stands in for no published repository
+    (folder / "training.json").write_text(json.dumps({**cfg, "seed": SEED, "domain": "mmpersona.models.synthetic",
+                                                      "generic_prompt": synthetic.GENERIC_PROMPT}, indent=1))
+
+
 def build_sdxl(folder: Path) -> None:
     """Stable Diffusion XL pipeline (two CLIP text encoders, text_time conditioning, Euler as published, a VAE
     that must be upcast); 64x64 images."""
@@ -566,6 +649,9 @@ TINY_MODELS: dict[str, TinyModel] = {
                   build_dinov2),
         TinyModel("sd", "t2i", "Stable Diffusion 1.5-family pipeline", build_sd),
         TinyModel("sdxl", "t2i_xl", "Stable Diffusion XL pipeline", build_sdxl),
+        TinyModel("sd-trained", "t2i", "SD 1.5-family pipeline trained a few CPU minutes on a synthetic domain (hue, "
+                  "brightness, shape): vanilla samples cover it, a preference can move them", build_sd_trained,
+                  requires=("sd",)),
         TinyModel("ip-adapter", "ip_adapter", "IP-Adapter for tiny SD and SDXL (h94/IP-Adapter layout)",
                   build_ip_adapter, requires=("sd", "sdxl")),
     )

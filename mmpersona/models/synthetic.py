@@ -1,0 +1,97 @@
+"""A synthetic image domain that spans the preference dimensions the tests plant: hue, brightness and shape.
+
+The trained tiny text-to-image preset (`tiny:sd-trained`) learns this domain, so that its vanilla samples cover
+it and a preference can move them; the preference tests and benchmarks measure an image's properties back in
+pixel space with `measure`. Pure PIL and numpy, seeded.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+SHAPES = ("circle", "square", "triangle")
+#: the caption every sample is also trained under: generation from it covers the whole domain
+GENERIC_PROMPT = "a shape"
+HUE_NAMES = ((0.0, "red"), (1 / 6, "yellow"), (2 / 6, "green"), (3 / 6, "cyan"), (4 / 6, "blue"), (5 / 6, "magenta"))
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """What one synthetic image shows."""
+
+    hue: float  # 0..1
+    value: float  # brightness of the shape, 0.35..1
+    shape: str
+    background: int  # grey level 40..220
+
+    @property
+    def hue_name(self) -> str:
+        return min(HUE_NAMES, key=lambda hn: min(abs(self.hue - hn[0]), 1 - abs(self.hue - hn[0])))[1]
+
+    def caption(self) -> str:
+        return f"a {'bright' if self.value > 0.7 else 'dark'} {self.hue_name} {self.shape}"
+
+
+def render(d: Drawn, rng: random.Random, size: int = 64) -> "Image.Image":
+    """The shape `d` describes, about centred, on its grey background."""
+    from PIL import Image, ImageDraw
+
+    r, g, b = colorsys.hsv_to_rgb(d.hue, 0.85, d.value)
+    img = Image.new("RGB", (size, size), (d.background,) * 3)
+    draw = ImageDraw.Draw(img)
+    s = rng.randint(size * 9 // 16, size * 11 // 16)  # centred, a little jitter: the domain is what it shows
+    x = (size - s) // 2 + rng.randint(-size // 16, size // 16)
+    y = (size - s) // 2 + rng.randint(-size // 16, size // 16)
+    fill = (round(r * 255), round(g * 255), round(b * 255))
+    if d.shape == "circle":
+        draw.ellipse((x, y, x + s, y + s), fill=fill)
+    elif d.shape == "square":
+        draw.rectangle((x, y, x + s, y + s), fill=fill)
+    else:
+        draw.polygon([(x + s / 2, y), (x, y + s), (x + s, y + s)], fill=fill)
+    return img
+
+
+def sample(rng: random.Random, size: int = 64) -> tuple["Image.Image", Drawn]:
+    d = Drawn(rng.random(), 0.35 + 0.65 * rng.random(), rng.choice(SHAPES), rng.randint(40, 220))
+    return render(d, rng, size), d
+
+
+def measure(image: "Image.Image") -> tuple[float, float, float]:
+    """(hue, brightness, saturated share) of an image's shape, read back in pixel space: the median hue and value
+    of its saturated pixels (hue as a point on the circle, 0..1), and what share of the image they cover."""
+    import numpy as np
+
+    a = np.asarray(image.convert("RGB"), np.float32) / 255
+    mx, mn = a.max(-1), a.min(-1)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0)
+    mask = sat > 0.35
+    if mask.sum() < 8:
+        return 0.0, float(mx.mean()), 0.0
+    r, g, b = (a[..., i][mask] for i in range(3))
+    m, d = mx[mask], np.maximum(mx[mask] - mn[mask], 1e-6)
+    h = np.where(m == r, (g - b) / d % 6, np.where(m == g, (b - r) / d + 2, (r - g) / d + 4)) / 6
+    angle = np.arctan2(np.sin(2 * np.pi * h).mean(), np.cos(2 * np.pi * h).mean()) / (2 * np.pi) % 1
+    return float(angle), float(np.median(m)), float(mask.mean())
+
+
+def hue_distance(a: float, b: float) -> float:
+    """Distance of two hues on the colour circle (0..0.5)."""
+    d = abs(a - b) % 1
+    return min(d, 1 - d)
+
+
+def batch(rng: random.Random, n: int, size: int = 64) -> tuple["np.ndarray", list[Drawn]]:
+    """`n` samples as a float32 array (n, 3, size, size) in [-1, 1], and what each shows."""
+    import numpy as np
+
+    images, drawn = zip(*[sample(rng, size) for _ in range(n)], strict=True)
+    x = np.stack([np.asarray(im, np.float32) / 127.5 - 1 for im in images]).transpose(0, 3, 1, 2)
+    return x, list(drawn)

@@ -1,0 +1,74 @@
+"""The trained tiny text-to-image preset (`tiny:sd-trained`): a pipeline that has learned a synthetic domain, so
+that preference learning can be proved offline. Its vanilla samples must cover the domain, its captions must
+steer it, and its VAE must carry colour (the random tiny SD decodes red and blue to the same grey)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from mmpersona.models import synthetic
+
+
+def test_the_domain_is_measured_back_in_pixel_space():
+    rng = random.Random(3)
+    for _ in range(20):
+        image, drawn = synthetic.sample(rng, 32)
+        hue, value, share = synthetic.measure(image)
+        assert synthetic.hue_distance(hue, drawn.hue) < 0.03 and abs(value - drawn.value) < 0.05 and share > 0.12
+    assert synthetic.measure(Image.new("RGB", (32, 32), (128, 128, 128)))[2] == 0.0  # grey: no shape
+    assert synthetic.Drawn(0.67, 0.4, "square", 100).caption() == "a dark blue square"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cache):
+    from mmpersona.models import load_t2i
+
+    t2i = load_t2i("tiny:sd-trained", device="cpu", ip_adapter=False)
+    t2i.pipeline.set_progress_bar_config(disable=True)
+    return t2i
+
+
+def generate(t2i, prompt, seed):
+    return t2i.pipeline(prompt, num_inference_steps=20, generator=torch.Generator().manual_seed(seed)).images[0]
+
+
+def test_vanilla_generation_covers_the_domain(trained):
+    measured = [synthetic.measure(generate(trained, synthetic.GENERIC_PROMPT, seed)) for seed in range(16)]
+    shapes = [(h, v) for h, v, share in measured if share > 0.1]
+    assert len(shapes) >= 12, measured  # a shape in (nearly) every sample
+    assert len({int(h * 6) % 6 for h, _ in shapes}) >= 4, measured  # many hues, not one
+    values = [v for _, v in shapes]
+    assert max(values) - min(values) >= 0.3, measured  # dark and bright
+
+
+def test_captions_steer_it_and_the_vae_carries_colour(trained):
+    red = synthetic.measure(generate(trained, "a bright red circle", 0))
+    blue = synthetic.measure(generate(trained, "a dark blue square", 0))
+    assert synthetic.hue_distance(red[0], 0.0) < 0.1 and synthetic.hue_distance(blue[0], 4 / 6) < 0.1, (red, blue)
+    assert red[1] > blue[1] + 0.2
+    vae = trained.pipeline.vae
+    decoded = []
+    for colour in ((220, 30, 30), (30, 30, 220)):
+        img = Image.new("RGB", (32, 32), (120, 120, 120))
+        ImageDraw.Draw(img).ellipse((6, 6, 26, 26), fill=colour)
+        x = torch.from_numpy(np.asarray(img, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            out = vae.decode(vae.encode(x).latent_dist.mode()).sample[0, :, 16, 16]
+        decoded.append(((out + 1) * 127.5).tolist())
+    (r1, _, b1), (r2, _, b2) = decoded
+    assert r1 > b1 + 60 and b2 > r2 + 60, decoded  # red stays red, blue stays blue
+
+
+def test_built_once_seeded_and_versioned(trained):
+    import json
+
+    from mmpersona.models.tiny import SEED, TINY_VERSION, is_built, tiny_path
+
+    folder = tiny_path("sd-trained")
+    assert is_built("sd-trained") and folder.parent.name == f"v{TINY_VERSION}"
+    training = json.loads((folder / "training.json").read_text())
+    assert training["seed"] == SEED and training["generic_prompt"] == synthetic.GENERIC_PROMPT
+    assert trained.pipeline.vae.config.block_out_channels == [16, 32, 32, 32]  # 8x down, as the real SD's VAE
