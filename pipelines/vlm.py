@@ -160,9 +160,10 @@ class PersonalizedVLMPipeline:
             raise MmpersonaError(f"`max_checks` must be a positive integer, got {self.max_checks!r}")
 
     def variant(self, **options: Any) -> "PersonalizedVLMPipeline":
-        """This pipeline with some options changed (`OPTIONS`: regions, k, min_score, mode, and the prompt budget's
-        fields), sharing its database, models and image-vector cache: how an evaluation runs each option as a row
-        of its own. A detector is loaded (from the same preset) when regions are asked for and there is none."""
+        """This pipeline with some options changed (`OPTIONS`: the retrieval switches, k, min_score, mode, and the
+        prompt budget's fields), sharing its database, models and image-vector cache: how an evaluation runs each
+        option as a row of its own. A detector or instance embedder is loaded (from the same preset) when an
+        option needs one and there is none."""
         from dataclasses import replace
 
         unknown = [k for k in options if k not in self.OPTIONS]
