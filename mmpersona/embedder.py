@@ -66,19 +66,25 @@ class ClipEmbedder:
         return self._run(texts, batch_size, encode, progress, "embedding texts")
 
     def _run(self, items: list, batch_size: int, encode, progress: bool, label: str) -> "np.ndarray":
-        import numpy as np
-        import torch
-        from tqdm.auto import tqdm
+        return embed_batched(items, self.dim, batch_size, encode, progress, label)
 
-        if batch_size < 1:
-            raise MmpersonaError(f"`batch_size` must be at least 1, got {batch_size}")
-        out = np.empty((len(items), self.dim), dtype=np.float32)
-        starts: Iterable[int] = range(0, len(items), batch_size)
-        if progress and len(items) > batch_size:
-            starts = tqdm(starts, desc=label, unit="batch")
-        with torch.inference_mode():
-            for start in starts:
-                feats = encode(items[start : start + batch_size]).float()
-                feats = torch.nn.functional.normalize(feats, dim=-1)
-                out[start : start + len(feats)] = feats.cpu().numpy()
-        return out
+
+def embed_batched(items: list, dim: int, batch_size: int, encode, progress: bool, label: str) -> "np.ndarray":
+    """`encode` over `items`, `batch_size` at a time, without autograd: L2-normalised float32 rows (n, dim); a
+    progress bar when asked for and there is more than one batch. Serves every embedder (CLIP, DINOv2)."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise MmpersonaError(f"`batch_size` must be at least 1, got {batch_size}")
+    out = np.empty((len(items), dim), dtype=np.float32)
+    starts: Iterable[int] = range(0, len(items), batch_size)
+    if progress and len(items) > batch_size:
+        starts = tqdm(starts, desc=label, unit="batch")
+    with torch.inference_mode():
+        for start in starts:
+            feats = encode(items[start : start + batch_size]).float()
+            feats = torch.nn.functional.normalize(feats, dim=-1)
+            out[start : start + len(feats)] = feats.cpu().numpy()
+    return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .errors import MmpersonaError
 from .images import ImageInput, load_image
 
 if TYPE_CHECKING:
@@ -37,25 +36,15 @@ class InstanceEmbedder:
     def embed_images(self, images: Sequence[ImageInput], *, batch_size: int = 32,
                      progress: bool = False) -> "np.ndarray":
         """Embed images (paths, bytes, file objects or PIL images) through the safe loader, in batches."""
-        import numpy as np
-        import torch
-        from tqdm.auto import tqdm
+        from .embedder import embed_batched
 
-        if batch_size < 1:
-            raise MmpersonaError(f"`batch_size` must be at least 1, got {batch_size}")
-        items = list(images)
-        out = np.empty((len(items), self.dim), dtype=np.float32)
-        starts = range(0, len(items), batch_size)
-        with torch.inference_mode():
-            for start in tqdm(starts, desc="instance vectors", unit="batch",
-                              disable=not progress or len(items) <= batch_size):
-                batch = [load_image(x) for x in items[start:start + batch_size]]
-                pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
-                output = self.model(pixel_values=pixels.to(self.device, self.dtype))
-                pooled = getattr(output, "pooler_output", None)
-                feats = (pooled if pooled is not None else output.last_hidden_state[:, 0]).float()
-                out[start:start + len(batch)] = torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
-        return out
+        def encode(batch: list[ImageInput]) -> "torch.Tensor":
+            pixels = self.processor(images=[load_image(x) for x in batch], return_tensors="pt")["pixel_values"]
+            output = self.model(pixel_values=pixels.to(self.device, self.dtype))
+            pooled = getattr(output, "pooler_output", None)
+            return pooled if pooled is not None else output.last_hidden_state[:, 0]
+
+        return embed_batched(list(images), self.dim, batch_size, encode, progress, "instance vectors")
 
 
 def ensure_vectors(db: "ConceptDB", user: str, embedder: Any, *, progress: bool = False) -> int:

@@ -45,6 +45,27 @@ def _load(spec: ModelSpec, path: Path, what: str, loader: Callable[[], T]) -> T:
         ) from e
 
 
+def _load_transformers(role: str, spec: SpecLike, preset: str, device: Any, dtype: Any, what: str,
+                       processor_class: str, model_class: str) -> tuple[ModelSpec, Any, Any, Any, Any]:
+    """A transformers model and its processor for `role`, from a local directory made by `local_dir` (built,
+    cached or downloaded), through `transformers.<processor_class>` / `<model_class>.from_pretrained`. Returns
+    (spec, processor, model on the CPU in `dtype`, device, dtype)."""
+    spec = resolve(role, spec, preset=preset)
+    path = local_dir(spec, allow_patterns=TRANSFORMERS_PATTERNS)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+
+    def build():
+        import transformers
+
+        processor = getattr(transformers, processor_class).from_pretrained(str(path))
+        model = getattr(transformers, model_class).from_pretrained(str(path), dtype=dt)
+        return processor, model
+
+    processor, model = _load(spec, path, what, build)
+    return spec, processor, model, dev, dt
+
+
 # --------------------------------------------------------------------------------------------- embedder
 
 
@@ -307,19 +328,9 @@ def load_vlm(spec: SpecLike = None, *, preset: str = "default", device: Any = "a
     """Load any transformers image-text-to-text model (Qwen2/2.5-VL, LLaVA, ...) with its processor.
 
     `max_visual_tokens`: what one image may cost on dynamic-resolution models (see `LoadedVLM`)."""
-    spec = resolve("vlm", spec, preset=preset)
-    path = local_dir(spec, allow_patterns=TRANSFORMERS_PATTERNS)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-
-    def build():
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(str(path))
-        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dt)
-        return processor, model
-
-    processor, model = _load(spec, path, "an image-text-to-text model", build)
+    spec, processor, model, dev, dt = _load_transformers("vlm", spec, preset, device, dtype,
+                                                         "an image-text-to-text model", "AutoProcessor",
+                                                         "AutoModelForImageTextToText")
     if getattr(processor, "chat_template", None) is None:
         raise ModelUnavailableError(spec.role, spec.id, "its processor has no chat template",
                                     fix="use an instruction-tuned (chat) checkpoint")
@@ -389,19 +400,9 @@ class Detector:
 def load_detector(spec: SpecLike = None, *, preset: str = "default", device: Any = "auto",
                   dtype: Any = None) -> Detector:
     """Load a zero-shot object detector (OWLv2, OWL-ViT, Grounding DINO, ...)."""
-    spec = resolve("detector", spec, preset=preset)
-    path = local_dir(spec, allow_patterns=TRANSFORMERS_PATTERNS)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-
-    def build():
-        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(str(path))
-        model = AutoModelForZeroShotObjectDetection.from_pretrained(str(path), dtype=dt)
-        return processor, model
-
-    processor, model = _load(spec, path, "a zero-shot object detector", build)
+    spec, processor, model, dev, dt = _load_transformers("detector", spec, preset, device, dtype,
+                                                         "a zero-shot object detector", "AutoProcessor",
+                                                         "AutoModelForZeroShotObjectDetection")
     if not hasattr(processor, "post_process_grounded_object_detection"):
         raise ModelUnavailableError(spec.role, spec.id, f"its processor ({type(processor).__name__}) has no "
                                     "post_process_grounded_object_detection", fix="use an OWLv2, OWL-ViT or "
@@ -418,19 +419,9 @@ def load_instance_embedder(spec: SpecLike = None, *, preset: str = "default", de
     image-to-image matching of reference images and region crops (`mmpersona.instance.InstanceEmbedder`)."""
     from ..instance import InstanceEmbedder
 
-    spec = resolve("instance", spec, preset=preset)
-    path = local_dir(spec, allow_patterns=TRANSFORMERS_PATTERNS)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-
-    def build():
-        from transformers import AutoImageProcessor, AutoModel
-
-        processor = AutoImageProcessor.from_pretrained(str(path))
-        model = AutoModel.from_pretrained(str(path), dtype=dt)
-        return processor, model
-
-    processor, model = _load(spec, path, "a vision backbone (DINOv2)", build)
+    spec, processor, model, dev, dt = _load_transformers("instance", spec, preset, device, dtype,
+                                                         "a vision backbone (DINOv2)", "AutoImageProcessor",
+                                                         "AutoModel")
     dim = getattr(model.config, "hidden_size", None)
     if not isinstance(dim, int):
         raise ModelUnavailableError(spec.role, spec.id, "its config has no hidden_size",

@@ -16,7 +16,7 @@ from mmpersona.safe_io import UnsafeInputError, parse_json, read_limited
 
 from ..calibrate import images_in, positives_from_folder
 
-from .scoring import PredictionFormatError
+from .scoring import PredictionFormatError, csv_rows
 
 RAP_RECOGNITION = "Is <{name}> in this image? Answer with a single word or phrase."
 RAP_QA_TAIL = "Please give a single character from the options above. \n"
@@ -424,9 +424,6 @@ def mmpb(root: str | Path, *, description: str = "moderate", csv_path: str | Pat
     as MMPB's `build_prompt` asks it ("\n{question}\n", plus "Options:" for inconsistency rows), with MMPB's
     `<sks>` written as the concept's handle. Protocols: MMPB's two categories (recognition, preference), scored
     by `mmpb` on the table with a `prediction` column."""
-    import csv
-    import io
-
     root = Path(root)
     if description not in MMPB_DESCRIPTIONS:
         raise PredictionFormatError(f"unknown MMPB description {description!r}; valid: {', '.join(MMPB_DESCRIPTIONS)}")
@@ -438,9 +435,9 @@ def mmpb(root: str | Path, *, description: str = "moderate", csv_path: str | Pat
         raise PredictionFormatError(f"{str(table)!r}: an MMPB dataset has dataset.csv (its on-disk release layout) "
                                     "or the Parquet files of its Hugging Face release")
     try:
-        rows = list(csv.DictReader(io.StringIO(read_limited(table, 256 << 20, "dataset.csv").decode("utf-8-sig"))))
-    except (UnsafeInputError, UnicodeDecodeError, csv.Error) as e:
-        raise PredictionFormatError(f"{str(table)!r} is not a readable UTF-8 CSV file ({e})") from e
+        rows = csv_rows(read_limited(table, 256 << 20, "dataset.csv"), table)
+    except UnsafeInputError as e:
+        raise PredictionFormatError(str(e)) from e
     needed = ("index", "question", "image_path", "answer", "attribute", "category", "l2-category", "name")
     bench = Benchmark("mmpb", root, [])
     concepts: dict[str, Concept] = {}

@@ -399,9 +399,6 @@ def format_repic(name: str, m: dict[str, Any]) -> str:
 def read_predictions(path: str | Path) -> Any:
     """A prediction file: JSON (any peer), CSV (MMPB's table exported from its xlsx: one object per row), or the
     printout of MC-LLaVA's eval.py (`.log` / `.txt`)."""
-    import csv
-    import io
-
     from mmpersona.safe_io import UnsafeInputError, parse_json, read_limited
 
     path = Path(path)
@@ -413,13 +410,21 @@ def read_predictions(path: str | Path) -> Any:
             except UnicodeDecodeError as e:
                 raise PredictionFormatError(f"{str(path)!r} is not UTF-8 text") from e
         if path.suffix.lower() == ".csv":
-            try:
-                return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
-            except (UnicodeDecodeError, csv.Error) as e:
-                raise PredictionFormatError(f"{str(path)!r} is not a readable UTF-8 CSV file ({e})") from e
+            return csv_rows(data, path)
         return parse_json(data, repr(str(path)))
     except UnsafeInputError as e:
         raise PredictionFormatError(str(e)) from e
+
+
+def csv_rows(data: bytes, path: Path) -> list[dict[str, str]]:
+    """A UTF-8 CSV table (a BOM allowed, as Excel writes one) as one object per row."""
+    import csv
+    import io
+
+    try:
+        return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise PredictionFormatError(f"{str(path)!r} is not a readable UTF-8 CSV file ({e})") from e
 
 
 SCORERS = {
