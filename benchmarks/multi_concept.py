@@ -4,8 +4,9 @@
 
 On the tiny preset (CPU), through the real tiny detector (OWLv2) and VLM: four concepts of four categories, a
 photo holding all four. Each option (`PersonalizedVLMPipeline.variant`) answers the same question; the median
-wall time of a whole answer (retrieval, prompt, generation of exactly --max-new-tokens) over --runs, and its
-ratio to plain retrieval (whole image only), is printed as one JSON line per option. Then the detector alone:
+wall time of a whole answer (retrieval, prompt, generation of exactly --max-new-tokens) over --runs, and the
+median of its ratios to plain retrieval (whole image only) in runs interleaved with it, is printed as one JSON
+line per option. Then the detector alone:
 one pass with all N categories as queries against one pass per category (`detector_ratio`, target
 <= 1/N + 0.2). Final JSON line: options (each with option, ms, ratio_vs_retrieval), detector_ratio,
 categories, target.
@@ -15,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from t2i_overhead import paired, timed  # noqa: E402  (the benchmarks' shared timing)
 
 OPTIONS = {
     "retrieval": {},
@@ -33,15 +34,6 @@ OPTIONS = {
     "regions+assign+instance": {"regions": True, "assign": True, "instance": True},
     "regions+assign+verify": {"regions": True, "assign": True, "verify": True, "max_checks": 4},
 }
-
-
-def median_ms(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -75,21 +67,19 @@ def main() -> None:
     gen = {"min_new_tokens": args.max_new_tokens, "do_sample": False}
 
     rows = []
-    for label, options in OPTIONS.items():
-        pipe = base.variant(**{"regions": False, **options})
-        pipe(photo, question, user="alice", **gen)  # warm-up
-        ms = median_ms(lambda p=pipe: p(photo, question, user="alice", **gen), args.runs)
-        rows.append({"option": label, "ms": round(ms, 1)})
-    plain = rows[0]["ms"]
-    for row in rows:
-        row["ratio_vs_retrieval"] = round(row["ms"] / plain, 3)
+    calls = {label: (lambda p=base.variant(**{"regions": False, **options}): p(photo, question, user="alice", **gen))
+             for label, options in OPTIONS.items()}
+    plain = calls["retrieval"]
+    for label, call in calls.items():
+        ratio, _ = paired(plain, call, args.runs)  # interleaved with plain retrieval: noise hits both alike
+        row = {"option": label, "ms": round(timed(call, args.runs), 1), "ratio_vs_retrieval": round(ratio, 3)}
+        rows.append(row)
         print(json.dumps(row))
 
     detector = base.retriever.detector
     labels = db.store.categories("alice")
-    detector.detect(photo, labels)  # warm-up
-    one_pass = median_ms(lambda: detector.detect(photo, labels, threshold=0.0), args.runs)
-    per_category = median_ms(lambda: [detector.detect(photo, [x], threshold=0.0) for x in labels], args.runs)
+    one_pass = timed(lambda: detector.detect(photo, labels, threshold=0.0), args.runs)
+    per_category = timed(lambda: [detector.detect(photo, [x], threshold=0.0) for x in labels], args.runs)
     ratio = one_pass / per_category
     n = len(labels)
     print(f"detector: {n} categories in one pass {one_pass:.1f} ms, one pass per category {per_category:.1f} ms "
