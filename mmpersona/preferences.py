@@ -7,10 +7,12 @@
     profile.attributes            # {"liked": [...], "disliked": [...]}, editable
     profile.embeddings()          # mean CLIP embeddings of liked and disliked images
     profile.train_reward()        # the personal reward model, stored for later
+    profile.user_embedding()      # one vector for the preference adapter, kept and refreshed with the profile
 """
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from .attributes import Attributes, clean_list
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from .models import LoadedVLM
 
 ATTRIBUTES_KEY = "profile.attributes"
+USER_EMBEDDING_BLOB = "user_embedding"
 
 
 class PreferenceProfile:
@@ -120,6 +123,43 @@ class PreferenceProfile:
             else:
                 out[key] = None
         return out
+
+    def user_embedding(self) -> "np.ndarray | None":
+        """The user's preference vector (`mmpersona.user_embedding.RULE` over pairs, likes and comments), or None
+        without any. Kept with the profile and computed again only when the events or the embedder change."""
+        import hashlib
+
+        import numpy as np
+        from safetensors.numpy import load, save
+
+        from .user_embedding import RULE, user_embedding
+
+        emb = self.db.embedder
+        events = [e for e in self.events() if e.kind in ("like", "dislike", "pair")]
+        key = hashlib.sha256(json.dumps([RULE, emb.name, sorted(e.id for e in events)]).encode()).hexdigest()
+        stored = self.db.store.get_blob(self.user, USER_EMBEDDING_BLOB)
+        if stored is not None and stored[1] == emb.name:
+            try:
+                data = load(stored[0])
+                u, fresh = data["u"], bytes(data["key"]) == key.encode()
+            except Exception:  # unreadable: computed again below
+                fresh = False
+            if fresh and u.shape in {(0,), (emb.dim,)} and bool(np.isfinite(u).all()):
+                return u if u.size else None
+        pairs = [e for e in events if e.kind == "pair"]
+        liked = [e for e in events if e.kind == "like"]
+        disliked = [e for e in events if e.kind == "dislike"]
+        texts = emb.embed_texts([e.comment for e in liked + disliked if e.comment]) if any(
+            e.comment for e in liked + disliked) else np.zeros((0, emb.dim), np.float32)
+        n_liked_text = sum(1 for e in liked if e.comment)
+        u = user_embedding(self.image_vectors([e.image for e in pairs]), self.image_vectors([e.other for e in pairs]),
+                           liked=self.image_vectors([e.image for e in liked]),
+                           disliked=self.image_vectors([e.image for e in disliked]),
+                           liked_text=texts[:n_liked_text], disliked_text=texts[n_liked_text:])
+        blob = save({"u": u if u is not None else np.zeros(0, np.float32),
+                     "key": np.frombuffer(key.encode(), np.uint8).copy()})
+        self.db.store.put_blob(self.user, USER_EMBEDDING_BLOB, blob, model=emb.name)
+        return u
 
     def train_reward(self, *, l2: float = 1e-3, seed: int = 0, store: bool = True) -> RewardModel:
         """Fit the personal reward model on this profile's pairs, likes and dislikes (and store it)."""

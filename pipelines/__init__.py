@@ -23,10 +23,14 @@ _EXPORTS = {
     "PersonalizedT2IPipeline": "pipelines.t2i",
     "T2IResult": "pipelines.t2i",
     "register_strategy": "pipelines.t2i",
+    "PreferenceAdapter": "pipelines.preference_adapter",
+    "train_adapter": "pipelines.adapter_training",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from .adapter_training import train_adapter
+    from .preference_adapter import PreferenceAdapter
     from .prompt import PromptBudget, PromptBuilder
     from .retrieval import RetrievedConcept, Retriever
     from .t2i import PersonalizedT2IPipeline, T2IResult, register_strategy

@@ -50,11 +50,11 @@ def generate_batch(prompts: list[str], *, out_dir: str | Path, user: str, n: int
                    role: str = "t2i", db: Any = None, preset: str = "default", device: Any = "auto",
                    dtype: Any = None, model: str | None = None, embedder: str | None = None,
                    progress: bool = True, batch_size: int | None = None,
-                   load_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                   load_options: dict[str, Any] | None = None, adapter: Any = None) -> dict[str, Any]:
     """Generate this process's share of `prompts`; returns counts for this process.
 
     `strategies` None: the pipeline's defaults for what is loaded. `batch_size` and `load_options` (model CPU
-    offload, VAE slicing / tiling) as in `PersonalizedT2IPipeline`."""
+    offload, VAE slicing / tiling) and `adapter` (the preference adapter) as in `PersonalizedT2IPipeline`."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -82,7 +82,7 @@ def generate_batch(prompts: list[str], *, out_dir: str | Path, user: str, n: int
         return report
     pipe = PersonalizedT2IPipeline(db, t2i=model, role=role, preset=preset, device=device, dtype=dtype,
                                    embedder=embedder, strategies=strategies, batch_size=batch_size,
-                                   load_options=load_options)
+                                   load_options=load_options, adapter=adapter)
     import time
 
     start = time.perf_counter()

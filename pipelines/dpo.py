@@ -196,6 +196,9 @@ def add_lora(pipe, config: DPOConfig) -> list:
     unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha or config.rank, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=ADAPTER)
     unet.set_adapter(ADAPTER)
+    # a pipeline that has served LoRAs leaves them disabled between calls (`disable_lora`), and that switch holds
+    # for every adapter, a new one too: without this the adapter trains nothing (no gradient reaches it)
+    unet.enable_adapters()
     unet.requires_grad_(False)
     params = []
     for name, p in unet.named_parameters():
@@ -279,6 +282,8 @@ def train_dpo_lora(t2i: "LoadedT2I", db: "ConceptDB", user: str, config: DPOConf
             db.store.put_blob(user, LORA_BLOB, save_tensors(state), model=t2i.spec.id)
     finally:
         pipe.unet.delete_adapters(ADAPTER)
+        if getattr(pipe.unet, "peft_config", None):  # served LoRAs stay off until a call names them
+            pipe.unet.disable_adapters()
         pipe.unet.requires_grad_(False)
         pipe.unet.eval()
         if checkpointing:

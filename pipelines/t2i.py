@@ -7,13 +7,20 @@
 
 Strategies are small units, each with a config dataclass, registered by name and composed in one call:
 - attributes: liked attributes join the prompt, disliked ones the negative prompt; the text encoders run once
-  (pooled embeddings too for SDXL), so each denoising step is still ONE UNet pass (ViPer spends a second one);
+  (pooled embeddings too for SDXL);
 - ip_adapter: embeddings of liked images are the positive IP-Adapter input, of disliked images the negative
   half (diffusers' `ip_adapter_image_embeds`, shapes checked here since diffusers does not);
 - subject: `<name>` from the user's concept database brings its reference images in as IP-Adapter input, and
   the handle is replaced by its category / description;
 - lora: the user's LoRA (trained with Diffusion-DPO) loaded by adapter name with a weight;
+- preference: the user's embedding (`PreferenceProfile.user_embedding`) through a trained preference adapter
+  (`pipelines.preference_adapter`) becomes K tokens appended to the prompt embeddings: no training per user;
+- viper: ViPer's embedding arithmetic, E(p) + beta * (E(liked attributes) - E(disliked attributes)), in one
+  UNet pass per step (ViPer's released code spends a second one on the attribute prompts);
 - rerank: best-of-N by the personal reward model.
+
+Every strategy changes the text, the embeddings or the adapters going into ONE diffusers call: each denoising step
+is one UNet pass whatever the combination.
 """
 
 from __future__ import annotations
@@ -84,7 +91,13 @@ class Conditioning:
     ip_scale: float = 0.0
     loras: list[tuple[str, float]] = field(default_factory=list)
     candidates: int = 1  # images generated per requested image (rerank)
+    tokens: Any = None  # (tokens (1, K, width), pooled shift or None, scale) appended to the prompt embeddings
+    viper: tuple[str, str, float, bool] | None = None  # (liked prompt, disliked prompt, beta, split)
     notes: dict[str, Any] = field(default_factory=dict)  # per strategy, for the sidecar
+
+    @property
+    def edits_embeddings(self) -> bool:
+        return self.tokens is not None or self.viper is not None
 
 
 class Strategy:
@@ -205,6 +218,73 @@ class LoraStrategy(Strategy):
 
 
 @dataclass
+class PreferenceConfig:
+    """adapter: a trained preference adapter (folder or hub id; None: the pipeline's `adapter`); scale: 0 leaves
+    generation as it was, 1 is the adapter as trained; embedding: a user embedding to use instead of the user's
+    own (for example `mmpersona.user_embedding.interpolate(a, b, t)` between two users)."""
+
+    adapter: str | None = None
+    scale: float = 1.0
+    embedding: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.embedding is not None:
+            import numpy as np
+
+            values = np.asarray(self.embedding, np.float64).reshape(-1)
+            if not values.size or not np.isfinite(values).all():
+                raise MmpersonaError("PreferenceConfig.embedding must be a non-empty vector of finite numbers")
+            self.embedding = tuple(float(x) for x in values)
+        if not -4.0 <= float(self.scale) <= 4.0:
+            raise MmpersonaError(f"PreferenceConfig.scale must be in [-4, 4], got {self.scale}")
+
+
+@register_strategy("preference")
+class PreferenceStrategy(Strategy):
+    config_cls = PreferenceConfig
+
+    def apply(self, run, cond):
+        adapter = run.pipeline.preference_adapter(self.config.adapter)
+        given = self.config.embedding is not None
+        u = self.config.embedding if given else run.profile.user_embedding()
+        if u is None:
+            cond.notes["preference"] = {"skipped": "the user has no pairwise choices, likes or comments yet"}
+            return
+        tokens, shift = adapter.tokens(u)
+        cond.tokens = (tokens, shift, float(self.config.scale))
+        cond.notes["preference"] = {"adapter": run.pipeline.adapter_ref(self.config.adapter),
+                                    "tokens": adapter.config.tokens, "scale": self.config.scale,
+                                    "embedding": "given" if given else "the user's own"}
+
+
+@dataclass
+class ViperConfig:
+    """beta: ViPer's degree (0.85 in its released pipeline); split: its released form, the liked attributes
+    added to the prompt's embeddings and the disliked ones to the negative prompt's, instead of the difference
+    added to the prompt's."""
+
+    beta: float = 0.85
+    split: bool = False
+    max_liked: int = 8
+    max_disliked: int = 8
+
+
+@register_strategy("viper")
+class ViperStrategy(Strategy):
+    config_cls = ViperConfig
+
+    def apply(self, run, cond):
+        attrs = run.profile.attributes
+        liked, disliked = attrs.liked[: self.config.max_liked], attrs.disliked[: self.config.max_disliked]
+        if not liked and not disliked:
+            cond.notes["viper"] = {"skipped": "the user has no liked or disliked attributes yet"}
+            return
+        cond.viper = (", ".join(liked), ", ".join(disliked), float(self.config.beta), bool(self.config.split))
+        cond.notes["viper"] = {"liked": liked, "disliked": disliked, "beta": self.config.beta,
+                               "split": self.config.split}
+
+
+@dataclass
 class RerankConfig:
     """candidates: images generated per image returned; the reward model keeps the best."""
 
@@ -302,13 +382,15 @@ class PersonalizedT2IPipeline:
             means less memory, the same images.
         load_options: passed to `load_t2i` when the model is loaded here (`cpu_offload`, `vae_slicing`,
             `vae_tiling`, `ip_adapter`).
+        adapter: the preference adapter the `preference` strategy uses (a folder, a hub id or a loaded
+            `PreferenceAdapter`); a strategy config may name another.
     """
 
     def __init__(self, db: "ConceptDB | str | Path | None" = None, *, t2i: "LoadedT2I | str | None" = None,
                  role: str = "t2i", preset: str = "default", device: Any = "auto", dtype: Any = None,
                  embedder: Any = None, strategies: Sequence[str] | None = None,
                  configs: dict[str, Any] | None = None, batch_size: int | None = None,
-                 load_options: dict[str, Any] | None = None):
+                 load_options: dict[str, Any] | None = None, adapter: Any = None):
         from mmpersona.conceptdb import ConceptDB
         from mmpersona.models import LoadedT2I, load_t2i
 
@@ -329,6 +411,8 @@ class PersonalizedT2IPipeline:
         self.diffusers.set_progress_bar_config(disable=True)
         self._loras: dict[str, str] = {}
         self.ip_cache: dict[str, Any] = {}
+        self.adapter = adapter
+        self._adapters: dict[str, Any] = {}
 
     def _strategies(self, names: Sequence[str]) -> list[Strategy]:
         if isinstance(names, str):
@@ -401,12 +485,14 @@ class PersonalizedT2IPipeline:
             pipe.set_adapters([name for name, _ in cond.loras], adapter_weights=[w for _, w in cond.loras])
         elif self._loras:
             pipe.disable_lora()
+        text: dict[str, Any] = (self.embeddings(cond, do_cfg) if cond.edits_embeddings else
+                                {"prompt": cond.prompt, "negative_prompt": cond.negative_prompt or None})
         images: list = []
         batch = self.batch_size or total
         try:
             for first in range(0, total, batch):
                 part = seeds[first : first + batch]  # each image keeps its own seed: batching changes nothing
-                out = pipe(cond.prompt, negative_prompt=cond.negative_prompt or None, num_inference_steps=steps,
+                out = pipe(**text, num_inference_steps=steps,
                            guidance_scale=guidance_scale, num_images_per_prompt=len(part), height=height,
                            width=width, generator=[torch.Generator("cpu").manual_seed(s) for s in part], **kwargs)
                 images += out.images
@@ -440,21 +526,76 @@ class PersonalizedT2IPipeline:
         emb = self.db.embedder
         return [float(s) for s in model.score(emb.embed_images(images), emb.embed_texts([prompt])[0])]
 
+    def adapter_ref(self, ref: Any = None) -> str:
+        ref = ref if ref is not None else self.adapter
+        if ref is None:
+            raise MmpersonaError("the `preference` strategy needs a trained preference adapter: pass "
+                                 "`adapter=` (a folder or hub id; `--adapter` on the CLI), or train one with "
+                                 "`mmpersona adapter train`")
+        return ref if isinstance(ref, str) else str(getattr(ref, "source", ref))
+
+    def preference_adapter(self, ref: Any = None):
+        """The preference adapter `ref` names (default: the pipeline's), loaded once and checked against the model
+        and the database's embedder."""
+        from .preference_adapter import PreferenceAdapter
+
+        ref = ref if ref is not None else self.adapter
+        if isinstance(ref, PreferenceAdapter):
+            ref.check(self.t2i, self.db.embedder.name)
+            return ref
+        key = self.adapter_ref(ref)
+        if key not in self._adapters:
+            adapter = PreferenceAdapter.load(key, device=self.t2i.device)
+            adapter.check(self.t2i, self.db.embedder.name)
+            self._adapters[key] = adapter
+        return self._adapters[key]
+
+    def embeddings(self, cond: Conditioning, do_cfg: bool) -> dict[str, Any]:
+        """diffusers' `prompt_embeds` (and negative, pooled) with the strategies' embedding edits applied."""
+        from .preference_adapter import append_tokens, encode
+
+        pe, ne, pooled, neg_pooled = encode(self.t2i, [cond.prompt], [cond.negative_prompt], cfg=do_cfg)
+        if cond.viper is not None:
+            liked, disliked, beta, split = cond.viper
+            vp, _, vp_pooled, _ = encode(self.t2i, [liked, disliked], None, cfg=False)
+            if split:  # ViPer's released form
+                pe = pe + beta * vp[:1]
+                if ne is not None:
+                    ne = ne + beta * vp[1:]
+            else:
+                pe = pe + beta * (vp[:1] - vp[1:])
+        if cond.tokens is not None:
+            tokens, shift, scale = cond.tokens
+            pe, ne, pooled, neg_pooled = append_tokens(tokens, shift, pe, ne, pooled, neg_pooled, scale=scale)
+        out = {"prompt_embeds": pe, "negative_prompt_embeds": ne}
+        if self.t2i.is_xl:
+            out.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
+        return out
+
     def load_user_lora(self, user: str) -> str:
-        """Load the user's DPO LoRA into the pipeline once, by adapter name; returns the name."""
-        if user in self._loras:
-            return self._loras[user]
+        """Load the user's DPO LoRA into the pipeline once per trained version, by adapter name; returns the name.
+
+        Names are unique in the diffusers pipeline, which other `PersonalizedT2IPipeline`s may share."""
+        import hashlib
+
         stored = self.db.store.get_blob(user, LORA_BLOB)
         if stored is None:
             raise MmpersonaError(f"user {user!r} has no LoRA yet: train one with `mmpersona profile train-lora`")
         data, model = stored
         if model != self.t2i.spec.id:
             raise MmpersonaError(f"{user!r}'s LoRA was trained for {model!r}, not {self.t2i.spec.id!r}")
+        key = f"{user}\0{hashlib.sha256(data).hexdigest()}"  # a retrained LoRA is loaded afresh
+        if key in self._loras:
+            return self._loras[key]
         from safetensors.torch import load
 
-        name = f"user_{len(self._loras)}"
+        taken = set(getattr(self.diffusers.unet, "peft_config", None) or {})
+        i = len(self._loras)
+        while f"user_{i}" in taken:
+            i += 1
+        name = f"user_{i}"
         self.diffusers.load_lora_weights(load(data), adapter_name=name)
-        self._loras[user] = name
+        self._loras[key] = name
         return name
 
 

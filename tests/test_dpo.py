@@ -72,6 +72,29 @@ def test_train_store_and_serve_by_adapter_name(db, tiny_cache):
         train_dpo_lora(pipe.t2i, db, "bob", DPOConfig(steps=1), progress=False)
 
 
+def test_a_second_user_trains_after_the_pipeline_served_a_lora(db, tiny_cache):
+    """Serving LoRAs leaves them disabled between calls; that switch held for a new adapter too, so a second
+    user's LoRA got no gradient at all (found on the trained tiny preset)."""
+    pipe = PersonalizedT2IPipeline(db, preset="tiny", device="cpu")
+    train_dpo_lora(pipe.t2i, db, "alice", DPOConfig(steps=2, lr=1e-2), progress=False)
+    alice = pipe("a ball", user="alice", steps=2, strategies=["lora"]).images[0]
+    pipe("a ball", user="alice", steps=2, strategies=[])  # the LoRA is now disabled
+    profile = PreferenceProfile(db, "bob")
+    profile.compare("a ball", drawn((20, 200, 20)), drawn((200, 20, 200), "rectangle"))
+    result = train_dpo_lora(pipe.t2i, db, "bob", DPOConfig(steps=3, lr=1e-2, patience=10), progress=False)
+    assert result.losses[-1] != result.losses[0]  # it learned
+    bob = pipe("a ball", user="bob", steps=2, strategies=["lora"]).images[0]
+    assert not np.array_equal(np.asarray(alice), np.asarray(bob))
+    # a second pipeline over the same model loads its LoRAs under names of its own
+    other = PersonalizedT2IPipeline(db, t2i=pipe.t2i)
+    again = other("a ball", user="alice", steps=2, strategies=["lora"]).images[0]
+    assert np.array_equal(np.asarray(alice), np.asarray(again))
+    # a retrained LoRA is served afresh, not the one loaded before
+    train_dpo_lora(pipe.t2i, db, "alice", DPOConfig(steps=2, lr=5e-2, seed=3), progress=False)
+    retrained = pipe("a ball", user="alice", steps=2, strategies=["lora"]).images[0]
+    assert not np.array_equal(np.asarray(alice), np.asarray(retrained))
+
+
 def test_training_noise_is_ddpm_even_after_sdxl_generated(db, tiny_cache):
     """SDXL samples with Euler, whose add_noise returns x + sigma * noise and, once a generation has set its
     begin_index, noises every timestep with the last step's sigma (0). Training noise is DDPM's."""

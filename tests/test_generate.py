@@ -59,7 +59,7 @@ def test_generate_bad_input(setup):
     out = run(*base, "generate", "--prompts", str(tmp / "empty.txt"), "--out", str(tmp / "o"), check=False)
     assert out.returncode == 2 and "has no prompts" in out.stderr
     out = run(*base, "generate", "--prompt", "x", "--out", str(tmp / "o"), "--strategies", "sparkle", check=False)
-    assert out.returncode == 2 and "valid: attributes, ip_adapter, lora, rerank, subject" in out.stderr
+    assert out.returncode == 2 and "valid: attributes, ip_adapter, lora, preference, rerank, subject, viper" in out.stderr
     out = run(*base, "generate", "--prompt", "<ghost> on a sofa", "--out", str(tmp / "o"), "--strategies", "subject",
               "--steps", "1", check=False)
     assert out.returncode == 2 and "<ghost> is not in 'alice'" in out.stderr

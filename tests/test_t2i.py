@@ -135,7 +135,7 @@ def test_same_seed_same_image(pipe):
 
 
 def test_bad_input(db, pipe):
-    with pytest.raises(UnknownStrategyError, match="valid: attributes, ip_adapter, lora, rerank, subject"):
+    with pytest.raises(UnknownStrategyError, match="valid: attributes, ip_adapter, lora, preference, rerank, subject, viper"):
         pipe("a ball", user="alice", strategies=["sparkle"])
     with pytest.raises(MmpersonaError, match="`prompt` must be a non-empty string"):
         pipe("  ", user="alice")
@@ -143,7 +143,7 @@ def test_bad_input(db, pipe):
         PersonalizedT2IPipeline(db, t2i=pipe.t2i, configs={"ip_adapter": 3})
     with pytest.raises(MmpersonaError, match="has no LoRA yet"):
         pipe("a ball", user="alice", strategies=["lora"], steps=1)
-    assert set(STRATEGIES) == {"attributes", "ip_adapter", "subject", "lora", "rerank"}
+    assert set(STRATEGIES) == {"attributes", "ip_adapter", "subject", "lora", "rerank", "preference", "viper"}
     assert IPAdapterConfig().scale == 0.6
 
 

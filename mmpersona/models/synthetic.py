@@ -95,3 +95,32 @@ def batch(rng: random.Random, n: int, size: int = 64) -> tuple["np.ndarray", lis
     images, drawn = zip(*[sample(rng, size) for _ in range(n)], strict=True)
     x = np.stack([np.asarray(im, np.float32) / 127.5 - 1 for im in images]).transpose(0, 3, 1, 2)
     return x, list(drawn)
+
+
+@dataclass(frozen=True)
+class PlantedUser:
+    """A synthetic user with a hidden preference: images whose shape's hue is nearer `hue` are better. The
+    preference tests and benchmarks label pairs by it and judge generated images by it, in pixel space."""
+
+    name: str
+    hue: float
+
+    def score(self, image: "Image.Image") -> float:
+        """Minus the hue distance of the image's shape to the preferred hue (-0.5, the worst, without a shape)."""
+        hue, _, share = measure(image)
+        return -0.5 if share < 0.05 else -hue_distance(hue, self.hue)
+
+    def pairs(self, rng: random.Random, n: int, size: int = 32) -> list[tuple["Image.Image", "Image.Image"]]:
+        """`n` (chosen, rejected) pairs of domain samples, labelled by the hidden preference."""
+        out = []
+        while len(out) < n:
+            (a, da), (b, db) = sample(rng, size), sample(rng, size)
+            near_a, near_b = hue_distance(da.hue, self.hue), hue_distance(db.hue, self.hue)
+            if abs(near_a - near_b) < 0.02:  # too close to call: a person would not choose either
+                continue
+            out.append((a, b) if near_a < near_b else (b, a))
+        return out
+
+
+def planted_users(prefix: str, n: int, rng: random.Random) -> list[PlantedUser]:
+    return [PlantedUser(f"{prefix}{i}", rng.random()) for i in range(n)]
