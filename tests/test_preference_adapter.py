@@ -389,3 +389,29 @@ def test_cli_trains_an_adapter_and_generates_with_it(tmp_path, profiles, tiny_ca
     assert result.exit_code == 0, result.output
     sidecar = json.loads(next((tmp_path / "img").rglob("*.json")).read_text())
     assert sidecar["notes"]["preference"]["tokens"] == AdapterConfig.__dataclass_fields__["tokens"].default
+
+
+def test_training_and_generation_run_where_the_pipeline_is(tmp_path, profiles, tiny_cache, tiny_embedder):
+    """On a second device (see fake_device.py): latents, noise, timesteps, the adapter and its tokens follow the
+    pipeline, and the results are those of the CPU."""
+    from fake_device import fake_device, on_fake_device
+
+    from mmpersona.models import load_t2i
+
+    rows = planted_rows(4, 4)
+    config = AdapterTrainConfig(steps=2, **SMALL)
+    cpu = load_t2i("tiny:sd-trained", device="cpu", ip_adapter=False)
+    expected = train_adapter(cpu, tiny_embedder, rows, tmp_path / "cpu", config, progress=False)
+    plain = PersonalizedT2IPipeline(profiles, t2i=cpu, adapter=str(tmp_path / "cpu"), strategies=["preference"])
+    want = np.asarray(plain(synthetic.GENERIC_PROMPT, user="alice", steps=2).images[0], dtype=int)
+    t2i = load_t2i("tiny:sd-trained", device="cpu", ip_adapter=False)
+    with fake_device() as dev:
+        t2i.pipeline.to(dev)
+        result = train_adapter(t2i, tiny_embedder, rows, tmp_path / "dev", config, progress=False)
+        assert all(on_fake_device(p) for p in t2i.pipeline.unet.parameters())
+        pipe = PersonalizedT2IPipeline(profiles, t2i=t2i, adapter=str(tmp_path / "dev"), strategies=["preference"])
+        got = np.asarray(pipe(synthetic.GENERIC_PROMPT, user="alice", steps=2).images[0], dtype=int)
+        assert all(on_fake_device(p) for p in pipe.preference_adapter().module.parameters())
+    assert result.losses == pytest.approx(expected.losses, abs=1e-3)
+    assert result.heldout_pair_accuracy == expected.heldout_pair_accuracy
+    assert np.abs(got - want).max() <= 1
