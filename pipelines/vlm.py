@@ -416,10 +416,21 @@ class AnswerStream:
         from transformers import TextIteratorStreamer
 
         vlm = self.pipe.vlm
+        kwargs = {"max_new_tokens": self.pipe.max_new_tokens, **self.generate_kwargs}
+        if vlm.remote is not None:  # the server streams: no local thread
+            from mmpersona.models.remote import openai_messages
+
+            t = time.perf_counter()
+            messages = openai_messages(vlm._prepared(self.prompt.messages))
+            pieces = []
+            for piece in vlm.remote.stream(messages, kwargs.pop("max_new_tokens"), **kwargs):
+                pieces.append(piece)
+                yield piece
+            self._finish("".join(pieces), t)
+            return
         inputs = vlm.inputs(self.prompt.messages)
         # learned concept tokens are not special tokens: the handles stay in the text
         streamer = TextIteratorStreamer(vlm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        kwargs = {"max_new_tokens": self.pipe.max_new_tokens, **self.generate_kwargs}
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -440,9 +451,12 @@ class AnswerStream:
         worker.join()
         if errors:
             raise errors[0]
-        self.timings["generate_ms"] = (time.perf_counter() - t) * 1000
+        self._finish("".join(pieces), t)
+
+    def _finish(self, text: str, started: float) -> None:
+        self.timings["generate_ms"] = (time.perf_counter() - started) * 1000
         self.timings["total_ms"] = (time.perf_counter() - self.start) * 1000
-        self.result = VLMAnswer("".join(pieces).strip(), self.prompt.injected, not self.prompt.injected,
+        self.result = VLMAnswer(text.strip(), self.prompt.injected, not self.prompt.injected,
                                 printable_messages(self.prompt.messages), self.timings, self.candidates)
 
 

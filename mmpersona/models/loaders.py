@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
@@ -153,6 +154,8 @@ class LoadedVLM:
     max_visual_tokens: int | None = DEFAULT_MAX_VISUAL_TOKENS
     _token_manager: Any = field(default=None, repr=False, compare=False)
     _interleaves: bool | None = field(default=None, repr=False, compare=False)
+    #: a `remote.RemoteClient` when generation runs on an OpenAI-compatible server (`openai:URL#MODEL`)
+    remote: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.set_visual_budget(self.max_visual_tokens)
@@ -317,6 +320,10 @@ class LoadedVLM:
         """Answer one chat turn; returns only the newly generated text."""
         import torch
 
+        if self.remote is not None:
+            from .remote import openai_messages
+
+            return self.remote.complete(openai_messages(self._prepared(messages)), max_new_tokens, **kwargs)
         inputs = self.inputs(messages)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
@@ -327,7 +334,14 @@ def load_vlm(spec: SpecLike = None, *, preset: str = "default", device: Any = "a
              max_visual_tokens: int | None = DEFAULT_MAX_VISUAL_TOKENS) -> LoadedVLM:
     """Load any transformers image-text-to-text model (Qwen2/2.5-VL, LLaVA, ...) with its processor.
 
-    `max_visual_tokens`: what one image may cost on dynamic-resolution models (see `LoadedVLM`)."""
+    `max_visual_tokens`: what one image may cost on dynamic-resolution models (see `LoadedVLM`). A spec
+    `openai:<base URL>#<model>` (or `MMPERSONA_VLM_MODEL` set to one) generates on that OpenAI-compatible server
+    (`mmpersona.models.remote`)."""
+    from .remote import is_remote, load_remote_vlm
+
+    raw = spec if spec is not None else os.environ.get("MMPERSONA_VLM_MODEL")
+    if is_remote(raw):
+        return load_remote_vlm(raw, max_visual_tokens=max_visual_tokens)
     spec, processor, model, dev, dt = _load_transformers("vlm", spec, preset, device, dtype,
                                                          "an image-text-to-text model", "AutoProcessor",
                                                          "AutoModelForImageTextToText")
