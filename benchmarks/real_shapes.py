@@ -1,7 +1,7 @@
 """Each default architecture at its real widths, through the toolkit's own code: does every stage run, and
 what would it cost at full depth?
 
-    python benchmarks/real_shapes.py [--stages embed,retrieve,answer,learn_tokens,generate,dpo,generate_xl,dpo_xl]
+    python benchmarks/real_shapes.py [--stages embed,retrieve,answer,learn_tokens,generate,dpo,adapter,generate_xl,...]
                                      [--device cpu|cuda|cuda:N] [--dtype float32|bfloat16|float16] [--full]
                                      [--resolution 256] [--resolution-xl 512] [--out report.json]
 
@@ -27,6 +27,8 @@ Stages (the toolkit's code path each one goes through):
 - generate / generate_xl: `PersonalizedT2IPipeline` one denoising step with attributes + IP-Adapter (SD 1.5 /
   SDXL widths).
 - dpo / dpo_xl: one `train_dpo_lora` step on one pair.
+- adapter / adapter_xl: one multi-user `train_adapter` step (the preference adapter at the UNet's real
+  cross-attention width, SDXL's pooled head too), then one denoising step with attributes + viper + preference.
 
 Memory: on CUDA the peak of `torch.cuda.max_memory_allocated`; on CPU the process's peak RSS above what it held
 before building the model. Prints one JSON line per stage with `stage`, `params`, `visual_tokens`, `peak_mb`,
@@ -48,7 +50,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = ("embed", "retrieve", "instance", "answer", "learn_tokens", "generate", "dpo", "generate_xl", "dpo_xl")
+STAGES = ("embed", "retrieve", "instance", "answer", "learn_tokens", "generate", "dpo", "adapter", "generate_xl", "dpo_xl",
+          "adapter_xl")
 QWEN = "Qwen/Qwen2.5-VL-3B-Instruct"
 SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -337,7 +340,7 @@ def run_stage(stage: str, level: int, device, dtype, resolution: int) -> dict:
         out["seconds"] = time.perf_counter() - start
         db.close()
         return out
-    if stage in ("generate", "dpo", "generate_xl", "dpo_xl"):
+    if stage in ("generate", "dpo", "adapter", "generate_xl", "dpo_xl", "adapter_xl"):
         from pipelines import PersonalizedT2IPipeline
         from pipelines.dpo import DPOConfig, train_dpo_lora
 
@@ -356,6 +359,26 @@ def run_stage(stage: str, level: int, device, dtype, resolution: int) -> dict:
             pipe = PersonalizedT2IPipeline(db, t2i=loaded, strategies=["attributes", "ip_adapter"])
             result = pipe("a dog on a sofa", user="alice", steps=1, height=resolution, width=resolution)
             out["ok"] = result.images[0].size == (resolution, resolution)
+        elif stage.startswith("adapter"):
+            import io
+
+            from pipelines.adapter_training import AdapterTrainConfig, PairRow, train_adapter
+
+            def png(seed):
+                buf = io.BytesIO()
+                photo((512, 512), seed=seed).save(buf, format="PNG")
+                return buf.getvalue()
+
+            rows = [PairRow(u, "a dog on a sofa", png(10 + 2 * i + k), png(11 + 2 * i + k))
+                    for k, u in enumerate(("u1", "u2")) for i in range(2)]
+            trained = train_adapter(loaded, db.embedder, rows, tmp / "adapter",
+                                    AdapterTrainConfig(steps=1, batch_size=2, context=1, heldout_users=0.0,
+                                                       resolution=resolution), progress=False)
+            pipe = PersonalizedT2IPipeline(db, t2i=loaded, adapter=str(tmp / "adapter"),
+                                           strategies=["attributes", "viper", "preference"])
+            result = pipe("a dog on a sofa", user="alice", steps=1, height=resolution, width=resolution)
+            out["ok"] = (trained.steps == 1 and all(x == x for x in trained.losses)
+                         and result.images[0].size == (resolution, resolution))
         else:
             result = train_dpo_lora(loaded, db, "alice", DPOConfig(steps=1, resolution=resolution), progress=False,
                                     save=False)
