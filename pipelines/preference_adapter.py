@@ -120,9 +120,10 @@ def _module(config: AdapterConfig):
 class PreferenceAdapter:
     """The trained mapping (a torch module in float32) and its config."""
 
-    def __init__(self, config: AdapterConfig, module: Any = None):
+    def __init__(self, config: AdapterConfig, module: Any = None, source: str = "(in memory)"):
         self.config = config
         self.module = module if module is not None else _module(config)
+        self.source = source  # where it was loaded from, for the images' metadata
 
     # ------------------------------------------------------------------ making, saving, loading
 
@@ -180,6 +181,7 @@ class PreferenceAdapter:
             raise MmpersonaError(f"{folder / WEIGHTS} does not match {CONFIG} (tensors {wrong[:4]})")
         adapter.module.load_state_dict({k: v.float() for k, v in state.items()})
         adapter.module.eval().to(device)
+        adapter.source = str(ref)
         return adapter
 
     # ------------------------------------------------------------------ using

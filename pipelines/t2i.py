@@ -532,7 +532,7 @@ class PersonalizedT2IPipeline:
             raise MmpersonaError("the `preference` strategy needs a trained preference adapter: pass "
                                  "`adapter=` (a folder or hub id; `--adapter` on the CLI), or train one with "
                                  "`mmpersona adapter train`")
-        return ref if isinstance(ref, str) else str(getattr(ref, "source", ref))
+        return ref if isinstance(ref, str) else str(getattr(ref, "source", type(ref).__name__))
 
     def preference_adapter(self, ref: Any = None):
         """The preference adapter `ref` names (default: the pipeline's), loaded once and checked against the model

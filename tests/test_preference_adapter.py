@@ -331,6 +331,7 @@ def test_sdxl_takes_tokens_and_a_pooled_shift(profiles, tiny_cache, tmp_path):
     assert text["pooled_prompt_embeds"].shape == (1, adapter.config.pooled_dim)
     out = pipe("a shape", user="alice", steps=2, strategies=["preference"])
     assert out.images[0].size == (64, 64)
+    assert out.metadata[0]["notes"]["preference"]["adapter"] == str(tmp_path / "xl")  # where it came from
 
 
 def test_viper_arithmetic_is_one_pass_and_beta_zero_is_vanilla(profiles, trained_sd):

@@ -150,3 +150,15 @@ def test_server_failures_are_clear_errors_that_name_the_server(server, monkeypat
         load_vlm(f"openai:{url}#{model}").tokens  # learning tokens needs the weights here
     with pytest.raises(ModelUnavailableError, match="neither a local folder nor a hub id"):
         load_vlm(f"openai:{url}#just-a-name")
+
+
+def test_attribute_extraction_asks_the_server_as_it_asks_the_local_model(server):
+    from mmpersona.attributes import extract_attributes
+
+    url, model = server
+    outcomes = []
+    for vlm in (load_vlm(model, device="cpu", dtype="float32"), load_vlm(f"openai:{url}#{model}")):
+        with pytest.raises(MmpersonaError, match="no valid attribute JSON") as err:  # random weights write no JSON
+            extract_attributes(vlm, [("like", "warm light, film grain")], retries=0, max_new_tokens=12)
+        outcomes.append(str(err.value).replace("\ufffd", ""))
+    assert outcomes[0] == outcomes[1]  # the same answer, so the same report
