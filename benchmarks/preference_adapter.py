@@ -68,8 +68,6 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7, help="timing runs")
     args = parser.parse_args()
 
-    import torch
-
     from mmpersona import ConceptDB
     from mmpersona.models import load_t2i, synthetic
     from mmpersona.preferences import PreferenceProfile
@@ -77,7 +75,6 @@ def main() -> None:
     from pipelines.adapter_training import AdapterTrainConfig, PairRow, train_adapter
     from pipelines.dpo import DPOConfig, train_dpo_lora
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rng = random.Random(0)
     t2i = load_t2i("tiny:sd-trained", device="cpu", ip_adapter=False)
     with tempfile.TemporaryDirectory() as tmp:

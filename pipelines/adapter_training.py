@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from mmpersona.errors import MmpersonaError
 
-from .preference_adapter import AdapterConfig, PreferenceAdapter, append_tokens, encode
+from .preference_adapter import PreferenceAdapter, append_tokens, encode
 
 if TYPE_CHECKING:
     from mmpersona.conceptdb import ConceptDB
@@ -179,6 +179,8 @@ class Prepared:
 
         from mmpersona.images import load_image
 
+        from .dpo import vae_in_float32
+
         pipe = t2i.pipeline
         self.t2i = t2i
         self.size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -205,11 +207,8 @@ class Prepared:
         self.digest = digest.hexdigest()
         self.vectors = np.asarray(embedder.embed_images(blobs, progress=progress), np.float32)
         vae, dtype, device = pipe.vae, pipe.unet.dtype, t2i.device
-        vae_dtype = vae.dtype
         latents = []
-        if vae_dtype != torch.float32:  # the SDXL VAE overflows in fp16
-            vae.to(torch.float32)
-        try:
+        with vae_in_float32(vae):
             with torch.no_grad():
                 for i in tqdm(range(0, len(blobs), 16), desc="encoding training images", disable=not progress):
                     x = pipe.image_processor.preprocess([load_image(b) for b in blobs[i:i + 16]], height=self.size,
@@ -218,9 +217,6 @@ class Prepared:
                     if not bool(torch.isfinite(z).all()):
                         raise MmpersonaError("the VAE gave non-finite latents for a training image")
                     latents.append(z.to(dtype))
-        finally:
-            if vae_dtype != torch.float32:
-                vae.to(vae_dtype)
         self.latents = torch.cat(latents)
         texts = list(prompts)
         embeds, pooled = [], []

@@ -28,6 +28,7 @@ import logging
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +98,21 @@ def noise_scheduler(pipe):
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
+@contextmanager
+def vae_in_float32(vae):
+    """The VAE in float32 for encoding training images (the SDXL VAE gives NaN in fp16), then back."""
+    import torch
+
+    dtype = vae.dtype
+    if dtype != torch.float32:
+        vae.to(torch.float32)
+    try:
+        yield vae
+    finally:
+        if dtype != torch.float32:
+            vae.to(dtype)
+
+
 def prepare_pairs(t2i: "LoadedT2I", db: "ConceptDB", user: str,
                   resolution: int | None = None) -> list[dict[str, Any]]:
     """Latents of each chosen / rejected image and the prompt conditioning, computed once."""
@@ -114,11 +130,8 @@ def prepare_pairs(t2i: "LoadedT2I", db: "ConceptDB", user: str,
     device, dtype = t2i.device, pipe.unet.dtype
     xl = t2i.is_xl
     vae = pipe.vae
-    vae_dtype = vae.dtype
     out = []
-    if vae_dtype != torch.float32:  # encode in float32 (the SDXL VAE gives NaN in fp16), then back
-        vae.to(torch.float32)
-    try:
+    with vae_in_float32(vae):
         pixels_of = {}
         for e in pairs:
             for h in (e.image, e.other):
@@ -132,9 +145,6 @@ def prepare_pairs(t2i: "LoadedT2I", db: "ConceptDB", user: str,
                 if not bool(torch.isfinite(latents).all()):
                     raise MmpersonaError("the VAE gave non-finite latents for a training image")
                 out.append({"latents": latents.to(dtype), "prompt": e.prompt})
-    finally:
-        if vae_dtype != torch.float32:
-            vae.to(vae_dtype)
     with torch.no_grad():
         for item in out:
             e_prompt = item.pop("prompt")

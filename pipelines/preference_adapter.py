@@ -94,7 +94,6 @@ class AdapterConfig:
 
 
 def _module(config: AdapterConfig):
-    import torch
     from torch import nn
 
     class Net(nn.Module):

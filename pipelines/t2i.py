@@ -128,14 +128,18 @@ class AttributesConfig:
     max_liked: int = 8
     max_disliked: int = 8
 
+    def pick(self, run: "Run") -> tuple[list[str], list[str]]:
+        """The user's liked and disliked attributes, at most as many as configured."""
+        attrs = run.profile.attributes
+        return attrs.liked[: self.max_liked], attrs.disliked[: self.max_disliked]
+
 
 @register_strategy("attributes")
 class AttributesStrategy(Strategy):
     config_cls = AttributesConfig
 
     def apply(self, run, cond):
-        attrs = run.profile.attributes
-        liked, disliked = attrs.liked[: self.config.max_liked], attrs.disliked[: self.config.max_disliked]
+        liked, disliked = self.config.pick(run)
         if liked:
             cond.prompt = f"{cond.prompt}, {', '.join(liked)}"
         if disliked:
@@ -258,15 +262,13 @@ class PreferenceStrategy(Strategy):
 
 
 @dataclass
-class ViperConfig:
+class ViperConfig(AttributesConfig):
     """beta: ViPer's degree (0.85 in its released pipeline); split: its released form, the liked attributes
     added to the prompt's embeddings and the disliked ones to the negative prompt's, instead of the difference
-    added to the prompt's."""
+    added to the prompt's; max_liked / max_disliked as for `attributes`."""
 
     beta: float = 0.85
     split: bool = False
-    max_liked: int = 8
-    max_disliked: int = 8
 
 
 @register_strategy("viper")
@@ -274,8 +276,7 @@ class ViperStrategy(Strategy):
     config_cls = ViperConfig
 
     def apply(self, run, cond):
-        attrs = run.profile.attributes
-        liked, disliked = attrs.liked[: self.config.max_liked], attrs.disliked[: self.config.max_disliked]
+        liked, disliked = self.config.pick(run)
         if not liked and not disliked:
             cond.notes["viper"] = {"skipped": "the user has no liked or disliked attributes yet"}
             return

@@ -101,3 +101,13 @@ def pg_url(pg_server, _pg_template):
 
 
 _pg_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_cache):
+    """The trained tiny text-to-image pipeline (`tiny:sd-trained`), loaded once; tests only read it."""
+    from mmpersona.models import load_t2i
+
+    t2i = load_t2i("tiny:sd-trained", device="cpu", ip_adapter=False)
+    t2i.pipeline.set_progress_bar_config(disable=True)
+    return t2i

@@ -97,18 +97,10 @@ def test_the_profile_keeps_its_embedding_and_refreshes_it_when_it_changes(tmp_pa
 # ------------------------------------------------------------------------------------------ the adapter files
 
 
-@pytest.fixture(scope="module")
-def trained_sd(tiny_cache):
-    from mmpersona.models import load_t2i
 
-    t2i = load_t2i("tiny:sd-trained", device="cpu", ip_adapter=False)
-    t2i.pipeline.set_progress_bar_config(disable=True)
-    return t2i
-
-
-def test_adapter_round_trips_through_safetensors_and_json(tmp_path, trained_sd, tiny_embedder):
-    adapter = PreferenceAdapter.for_pipeline(trained_sd, tiny_embedder, tokens=3, hidden=16)
-    assert adapter.config.cross_attention_dim == trained_sd.pipeline.unet.config.cross_attention_dim
+def test_adapter_round_trips_through_safetensors_and_json(tmp_path, trained, tiny_embedder):
+    adapter = PreferenceAdapter.for_pipeline(trained, tiny_embedder, tokens=3, hidden=16)
+    assert adapter.config.cross_attention_dim == trained.pipeline.unet.config.cross_attention_dim
     assert adapter.config.pooled_dim is None and adapter.config.embedder == tiny_embedder.name
     folder = adapter.save(tmp_path / "a")
     assert sorted(p.name for p in folder.iterdir()) == sorted([WEIGHTS, CONFIG])
@@ -122,8 +114,8 @@ def test_adapter_round_trips_through_safetensors_and_json(tmp_path, trained_sd, 
         loaded.tokens(np.zeros(5))
 
 
-def test_bad_adapter_files_give_clear_errors(tmp_path, trained_sd, tiny_embedder):
-    folder = PreferenceAdapter.for_pipeline(trained_sd, tiny_embedder, hidden=16).save(tmp_path / "a")
+def test_bad_adapter_files_give_clear_errors(tmp_path, trained, tiny_embedder):
+    folder = PreferenceAdapter.for_pipeline(trained, tiny_embedder, hidden=16).save(tmp_path / "a")
     config = json.loads((folder / CONFIG).read_text())
     (folder / CONFIG).write_text(json.dumps({**config, "tokens": 5}))
     with pytest.raises(MmpersonaError, match="does not match"):
@@ -189,30 +181,30 @@ def planted_rows(n_users, pairs, seed=0, prefix="u"):
 SMALL = dict(hidden=32, batch_size=4, context=2, heldout_users=0.25, checkpoint_every=3, eval_draws=2)
 
 
-def test_training_saves_an_adapter_that_loads_and_resumes_exactly(tmp_path, trained_sd, tiny_embedder):
+def test_training_saves_an_adapter_that_loads_and_resumes_exactly(tmp_path, trained, tiny_embedder):
     rows = planted_rows(4, 4)
-    straight = train_adapter(trained_sd, tiny_embedder, rows, tmp_path / "straight",
+    straight = train_adapter(trained, tiny_embedder, rows, tmp_path / "straight",
                              AdapterTrainConfig(steps=6, **SMALL), progress=False)
     assert straight.steps == 6 and len(straight.losses) == 6 and straight.train_users == 3
     assert straight.heldout_users and 0.0 <= straight.heldout_pair_accuracy <= 1.0
     info = json.loads((tmp_path / "straight" / "training.json").read_text())
     assert info["heldout"] == straight.heldout_users and info["model"] == "tiny:sd-trained"
     # stopped after 3 steps, then resumed to 6: the same adapter as one run of 6
-    train_adapter(trained_sd, tiny_embedder, rows, tmp_path / "resumed", AdapterTrainConfig(steps=3, **SMALL),
+    train_adapter(trained, tiny_embedder, rows, tmp_path / "resumed", AdapterTrainConfig(steps=3, **SMALL),
                   progress=False)
-    resumed = train_adapter(trained_sd, tiny_embedder, rows, tmp_path / "resumed",
+    resumed = train_adapter(trained, tiny_embedder, rows, tmp_path / "resumed",
                             AdapterTrainConfig(steps=6, **SMALL), progress=False)
     assert resumed.resumed_from == 3 and resumed.losses == straight.losses
     a = PreferenceAdapter.load(tmp_path / "straight").module.state_dict()
     b = PreferenceAdapter.load(tmp_path / "resumed").module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    untrained = PreferenceAdapter.for_pipeline(trained_sd, tiny_embedder, hidden=32).module.state_dict()
+    untrained = PreferenceAdapter.for_pipeline(trained, tiny_embedder, hidden=32).module.state_dict()
     assert any(not torch.equal(a[k], untrained[k]) for k in a)  # it learned something
     with pytest.raises(MmpersonaError, match="different run"):
-        train_adapter(trained_sd, tiny_embedder, planted_rows(4, 4, seed=1), tmp_path / "resumed",
+        train_adapter(trained, tiny_embedder, planted_rows(4, 4, seed=1), tmp_path / "resumed",
                       AdapterTrainConfig(steps=7, **SMALL), progress=False)
     with pytest.raises(MmpersonaError, match="at least 2 users"):
-        train_adapter(trained_sd, tiny_embedder, rows[:4], tmp_path / "one", AdapterTrainConfig(steps=1, **SMALL),
+        train_adapter(trained, tiny_embedder, rows[:4], tmp_path / "one", AdapterTrainConfig(steps=1, **SMALL),
                       progress=False)
 
 
@@ -232,9 +224,9 @@ def test_the_adapter_trains_in_float32_beside_a_half_precision_unet(tmp_path, ti
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory, trained_sd, tiny_embedder):
+def adapter_dir(tmp_path_factory, trained, tiny_embedder):
     out = tmp_path_factory.mktemp("adapter")
-    train_adapter(trained_sd, tiny_embedder, planted_rows(4, 4), out, AdapterTrainConfig(steps=4, **SMALL),
+    train_adapter(trained, tiny_embedder, planted_rows(4, 4), out, AdapterTrainConfig(steps=4, **SMALL),
                   progress=False)
     return out
 
@@ -256,8 +248,8 @@ def unet_calls(pipe):
     return calls, handle
 
 
-def test_preference_strategy_is_one_unet_pass_per_step_and_steers(profiles, trained_sd, adapter_dir):
-    pipe = PersonalizedT2IPipeline(profiles, t2i=trained_sd, strategies=[], adapter=str(adapter_dir))
+def test_preference_strategy_is_one_unet_pass_per_step_and_steers(profiles, trained, adapter_dir):
+    pipe = PersonalizedT2IPipeline(profiles, t2i=trained, strategies=[], adapter=str(adapter_dir))
     calls, handle = unet_calls(pipe)
     try:
         vanilla = pipe(synthetic.GENERIC_PROMPT, user="alice", steps=4, strategies=[])
@@ -281,18 +273,18 @@ def test_preference_strategy_is_one_unet_pass_per_step_and_steers(profiles, trai
     assert "skipped" in newcomer.metadata[0]["notes"]["preference"]
 
 
-def test_interpolating_two_users_embeddings(profiles, trained_sd, adapter_dir):
+def test_interpolating_two_users_embeddings(profiles, trained, adapter_dir):
     from pipelines.t2i import PreferenceConfig
 
     alice = PreferenceProfile(profiles, "alice").user_embedding()
     bob = PreferenceProfile(profiles, "bob").user_embedding()
 
     def image(t):
-        pipe = PersonalizedT2IPipeline(profiles, t2i=trained_sd, adapter=str(adapter_dir), strategies=["preference"],
+        pipe = PersonalizedT2IPipeline(profiles, t2i=trained, adapter=str(adapter_dir), strategies=["preference"],
                                        configs={"preference": PreferenceConfig(embedding=interpolate(alice, bob, t))})
         return np.asarray(pipe(synthetic.GENERIC_PROMPT, user="anyone", steps=4).images[0], np.float32)
 
-    own = PersonalizedT2IPipeline(profiles, t2i=trained_sd, adapter=str(adapter_dir), strategies=["preference"])
+    own = PersonalizedT2IPipeline(profiles, t2i=trained, adapter=str(adapter_dir), strategies=["preference"])
     as_alice = np.asarray(own(synthetic.GENERIC_PROMPT, user="alice", steps=4).images[0], np.float32)
     start, middle, end = image(0.0), image(0.5), image(1.0)
     np.testing.assert_allclose(start, as_alice, atol=1)  # t=0 is alice's own embedding
@@ -300,15 +292,15 @@ def test_interpolating_two_users_embeddings(profiles, trained_sd, adapter_dir):
     assert 0 < np.abs(middle - start).mean() and 0 < np.abs(middle - end).mean()
 
 
-def test_preference_errors_are_clear(profiles, trained_sd, tiny_cache, tmp_path, tiny_embedder):
-    pipe = PersonalizedT2IPipeline(profiles, t2i=trained_sd, strategies=[])
+def test_preference_errors_are_clear(profiles, trained, tiny_cache, tmp_path, tiny_embedder):
+    pipe = PersonalizedT2IPipeline(profiles, t2i=trained, strategies=[])
     with pytest.raises(MmpersonaError, match="needs a trained preference adapter"):
         pipe(synthetic.GENERIC_PROMPT, user="alice", steps=1, strategies=["preference"])
     from mmpersona.models import load_t2i
 
     xl = load_t2i("tiny:sdxl", role="t2i_xl", device="cpu", ip_adapter=False)
     folder = PreferenceAdapter.for_pipeline(xl, tiny_embedder, hidden=16).save(tmp_path / "xl")
-    wrong = PersonalizedT2IPipeline(profiles, t2i=trained_sd, strategies=[], adapter=str(folder))
+    wrong = PersonalizedT2IPipeline(profiles, t2i=trained, strategies=[], adapter=str(folder))
     with pytest.raises(MmpersonaError, match="trained for 'tiny:sdxl'"):
         wrong(synthetic.GENERIC_PROMPT, user="alice", steps=1, strategies=["preference"])
 
@@ -334,22 +326,22 @@ def test_sdxl_takes_tokens_and_a_pooled_shift(profiles, tiny_cache, tmp_path):
     assert out.metadata[0]["notes"]["preference"]["adapter"] == str(tmp_path / "xl")  # where it came from
 
 
-def test_viper_arithmetic_is_one_pass_and_beta_zero_is_vanilla(profiles, trained_sd):
+def test_viper_arithmetic_is_one_pass_and_beta_zero_is_vanilla(profiles, trained):
     from pipelines.preference_adapter import encode
     from pipelines.t2i import ViperConfig
 
     PreferenceProfile(profiles, "alice").set_attributes(liked=["bright red"], disliked=["dark blue"])
-    pipe = PersonalizedT2IPipeline(profiles, t2i=trained_sd, strategies=[],
+    pipe = PersonalizedT2IPipeline(profiles, t2i=trained, strategies=[],
                                    configs={"viper": ViperConfig(beta=0.5)})
     cond, _ = pipe.condition("a shape", "alice", pipe._strategies(["viper"]))
     got = pipe.embeddings(cond, True)
-    e = encode(trained_sd, ["a shape", "bright red", "dark blue"], None, cfg=False)[0]
+    e = encode(trained, ["a shape", "bright red", "dark blue"], None, cfg=False)[0]
     torch.testing.assert_close(got["prompt_embeds"], e[:1] + 0.5 * (e[1:2] - e[2:3]))
-    split = PersonalizedT2IPipeline(profiles, t2i=trained_sd, strategies=[],
+    split = PersonalizedT2IPipeline(profiles, t2i=trained, strategies=[],
                                     configs={"viper": ViperConfig(beta=0.5, split=True)})
     cond, _ = split.condition("a shape", "alice", split._strategies(["viper"]))
     got = split.embeddings(cond, True)
-    neg = encode(trained_sd, [""], None, cfg=False)[0]
+    neg = encode(trained, [""], None, cfg=False)[0]
     torch.testing.assert_close(got["prompt_embeds"], e[:1] + 0.5 * e[1:2])
     torch.testing.assert_close(got["negative_prompt_embeds"], neg + 0.5 * e[2:3])
     calls, handle = unet_calls(pipe)
@@ -361,7 +353,7 @@ def test_viper_arithmetic_is_one_pass_and_beta_zero_is_vanilla(profiles, trained
     finally:
         handle.remove()
     assert calls == plain_calls and set(calls) == {2}
-    zero = PersonalizedT2IPipeline(profiles, t2i=trained_sd, strategies=[], configs={"viper": ViperConfig(beta=0.0)})
+    zero = PersonalizedT2IPipeline(profiles, t2i=trained, strategies=[], configs={"viper": ViperConfig(beta=0.0)})
     same = zero("a shape", user="alice", steps=3, strategies=["viper"])
     np.testing.assert_array_equal(np.asarray(same.images[0]), np.asarray(vanilla.images[0]))
     assert not np.array_equal(np.asarray(steered.images[0]), np.asarray(vanilla.images[0]))

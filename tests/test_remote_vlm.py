@@ -147,7 +147,7 @@ def test_server_failures_are_clear_errors_that_name_the_server(server, monkeypat
     with pytest.raises(MmpersonaError, match="does not take the generation options"):
         dead.generate([{"role": "user", "content": "hi"}], max_new_tokens=2, num_beams=3)
     with pytest.raises(MmpersonaError, match=f"served by {url}.*learned concept tokens"):
-        load_vlm(f"openai:{url}#{model}").tokens  # learning tokens needs the weights here
+        _ = load_vlm(f"openai:{url}#{model}").tokens  # learning tokens needs the weights here
     with pytest.raises(ModelUnavailableError, match="neither a local folder nor a hub id"):
         load_vlm(f"openai:{url}#just-a-name")
 

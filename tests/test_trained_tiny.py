@@ -5,7 +5,6 @@ steer it, and its VAE must carry colour (the random tiny SD decodes red and blue
 import random
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image, ImageDraw
 
@@ -20,15 +19,6 @@ def test_the_domain_is_measured_back_in_pixel_space():
         assert synthetic.hue_distance(hue, drawn.hue) < 0.03 and abs(value - drawn.value) < 0.05 and share > 0.12
     assert synthetic.measure(Image.new("RGB", (32, 32), (128, 128, 128)))[2] == 0.0  # grey: no shape
     assert synthetic.Drawn(0.67, 0.4, "square", 100).caption() == "a dark blue square"
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_cache):
-    from mmpersona.models import load_t2i
-
-    t2i = load_t2i("tiny:sd-trained", device="cpu", ip_adapter=False)
-    t2i.pipeline.set_progress_bar_config(disable=True)
-    return t2i
 
 
 def generate(t2i, prompt, seed):

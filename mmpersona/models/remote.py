@@ -185,7 +185,7 @@ def load_remote_vlm(spec: str, *, max_visual_tokens: Any) -> "LoadedVLM":
     """A `LoadedVLM` whose generation runs on the server `spec` names; the processor and config load locally."""
     import transformers
 
-    from .hub import TRANSFORMERS_PATTERNS, fetch
+    from .hub import TRANSFORMERS_PATTERNS, snapshot
     from .loaders import LoadedVLM
     from .registry import ModelSpec
 
@@ -196,11 +196,8 @@ def load_remote_vlm(spec: str, *, max_visual_tokens: Any) -> "LoadedVLM":
             raise ModelUnavailableError("vlm", spec, f"the model name {model!r} is neither a local folder nor a hub "
                                         "id, so its processor cannot be loaded",
                                         fix="serve the model under its hub id (org/name) or its folder's path")
-        from huggingface_hub import snapshot_download
-
         patterns = [p for p in TRANSFORMERS_PATTERNS if p != "*.safetensors"]  # processor and config: no weights
-        source = str(fetch("vlm", model, lambda local: snapshot_download(model, allow_patterns=patterns,
-                                                                          local_files_only=local)))
+        source = str(snapshot("vlm", model, allow_patterns=patterns))
     try:
         processor = transformers.AutoProcessor.from_pretrained(os.path.expanduser(source))
         config = transformers.AutoConfig.from_pretrained(os.path.expanduser(source))
