@@ -36,6 +36,9 @@ adapter_app = typer.Typer(help="The preference adapter: trained once across many
                                 "generation from a new user's few choices (`generate --strategies preference`).",
                            no_args_is_help=True)
 app.add_typer(adapter_app, name="adapter")
+keys_app = typer.Typer(help="API keys for `mmpersona serve`: each belongs to one user (stored hashed).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 eval_app = typer.Typer(help="Evaluation: run the protocols on a dataset, or score released outputs as the peers do.",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
@@ -889,6 +892,107 @@ def generate(
                                           "vae_tiling": vae_tiling}, adapter=adapter)
     emit(s, report, f"process {report['process'] + 1}/{report['processes']}: generated {report['generated']} "
                     f"image(s), skipped {report['skipped']} finished prompt(s) -> {out}")
+
+
+# ------------------------------------------------------------------------------------------ serve
+
+KEYS_OPTION = typer.Option(None, "--keys", envvar="MMPERSONA_KEYS",
+                           help="The API keys file (default: api_keys.json in the data dir; env MMPERSONA_KEYS).")
+
+
+@keys_app.command("create")
+def keys_create(ctx: typer.Context, user: Optional[str] = typer.Option(None, "--user",
+                                                                       help="Whose key (default: the global --user)."),
+                name: str = typer.Option("", "--name", help="A label, e.g. the application using it."),
+                keys: Optional[Path] = KEYS_OPTION) -> None:
+    """Create an API key for a user; it is printed once (only its hash is kept)."""
+    from .server.keys import KeyStore
+
+    s = settings(ctx)
+    store = KeyStore(keys)
+    record, key = store.create(user or s.user, name)
+    emit(s, {**record.public(), "key": key},
+         f"API key for {record.user} (id {record.id}); shown only now, keep it secret:\n{key}")
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context, user: Optional[str] = typer.Option(None, "--user", help="Only this user's."),
+              keys: Optional[Path] = KEYS_OPTION) -> None:
+    """The API keys (ids, users, labels; never the keys)."""
+    from .server.keys import KeyStore
+
+    s = settings(ctx)
+    records = [r.public() for r in KeyStore(keys).list(user)]
+    emit(s, records, "\n".join(f"{r['id']}  {r['user']}  {r['name'] or '-'}" for r in records) or "no API keys")
+
+
+@keys_app.command("revoke")
+def keys_revoke(ctx: typer.Context, key_id: str = typer.Argument(..., help="The key's id (see `keys list`)."),
+                keys: Optional[Path] = KEYS_OPTION) -> None:
+    """Revoke an API key: a running server refuses it from the next request on."""
+    from .server.keys import KeyStore
+
+    s = settings(ctx)
+    record = KeyStore(keys).revoke(key_id)
+    emit(s, record.public(), f"revoked {record.id} ({record.user})")
+
+
+@app.command("serve")
+def serve(
+    ctx: typer.Context,
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    keys: Optional[Path] = KEYS_OPTION,
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Serve personalized chat (the vlm role)."),
+    images: bool = typer.Option(True, "--images/--no-images", help="Serve personalized generation (t2i)."),
+    xl: bool = typer.Option(False, "--xl", help="Generate with the SDXL model (t2i_xl)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="The preference adapter (folder or hub id)."),
+    preload: bool = typer.Option(True, "--preload/--lazy", help="Load the models at start-up (else on first use)."),
+    queue_size: int = typer.Option(8, "--queue-size", min=1,
+                                   help="Model requests that may wait; more are answered 429 with Retry-After."),
+    max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.01, help="Largest request body."),
+    max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Longest answer a request may ask for."),
+) -> None:
+    """The HTTP API for applications: OpenAI-compatible chat, generation, concepts and preferences per API key."""
+    try:
+        import uvicorn
+
+        from .server.app import ServeConfig, create_app
+    except ImportError as e:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(f'`mmpersona serve` needs FastAPI and uvicorn ({e}): pip install '
+                                     '"mmpersona[serve]"') from e
+    from pipelines import PersonalizedT2IPipeline, PersonalizedVLMPipeline
+
+    from .conceptdb import ConceptDB
+    from .server.keys import KeyStore
+
+    s = settings(ctx)
+    store = KeyStore(keys)
+    if not store.list():
+        typer.echo(f"note: no API keys in {store.path} yet: create one with `mmpersona keys create --user NAME`",
+                   err=True)
+    load = {"preset": s.preset, "device": s.device, "dtype": s.dtype}
+    db = ConceptDB(s.db, embedder=s.overrides.get("embedder"), **load)
+    role = "t2i_xl" if xl else "t2i"
+    config = ServeConfig(queue_size=queue_size, max_body_bytes=int(max_body_mb * 2**20), max_tokens=max_tokens,
+                         default_max_tokens=min(128, max_tokens))
+
+    def make_chat():
+        return PersonalizedVLMPipeline(db, vlm=s.vlm(), max_new_tokens=config.default_max_tokens, **load)
+
+    def make_images():
+        return PersonalizedT2IPipeline(db, t2i=s.overrides.get(role), role=role, adapter=adapter, **load)
+
+    api = create_app(db, store, vlm=make_chat if chat else None, t2i=make_images if images else None, config=config)
+    if preload:  # a model that cannot be had fails here, before the server listens
+        for served in (api.state.chat, api.state.images):
+            if served.state != "not served":
+                served.get()
+    typer.echo(f"serving on http://{host}:{port} (API docs: /docs; health: /health)", err=True)
+    uvicorn.run(api, host=host, port=port, log_level="info" if logging.getLogger().level <= logging.INFO else
+                "warning")
 
 
 def _retrieved_line(answer) -> str:

@@ -148,8 +148,11 @@ class PromptBuilder:
               history: list[dict[str, Any]] | None = None,
               reference_images: dict[str, "Image.Image"] | None = None,
               learned: list[tuple["RetrievedConcept", str]] | None = None,
-              grounding: Grounding | None = None) -> RenderedPrompt:
+              grounding: Grounding | None = None, system: str | None = None) -> RenderedPrompt:
         """System turn (instructions + concept list), earlier turns, then the user's image and question.
+
+        `system`: an application's own instructions (an API client's system message), added to the system turn
+        after ours.
 
         `reference_images` maps a concept id to one of its images, added before the user's image when the
         budget allows (`max_images`). `learned` holds concepts loaded as learned tokens, each with its
@@ -170,7 +173,8 @@ class PromptBuilder:
                 and any(r.box is not None for r in kept) else ""
             if note:
                 sections.append(note)
-        system = INSTRUCTIONS + "\n\n" + ("\n".join(sections) if sections else NO_CONCEPTS)
+        extra = f"\n\nThe application's instructions:\n{defuse(system, self.special_tokens)}" if system else ""
+        system = INSTRUCTIONS + extra + "\n\n" + ("\n".join(sections) if sections else NO_CONCEPTS)
         kept = [r for r, _ in learned] + kept
         messages: list[dict[str, Any]] = [{"role": "system", "content": [{"type": "text", "text": system}]}]
         for turn in history or []:  # earlier turns are user text too

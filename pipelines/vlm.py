@@ -144,6 +144,10 @@ class PersonalizedVLMPipeline:
         self.prompts = PromptBuilder(budget, self.vlm.model_tokens(), interleaved=self.vlm.interleaves_images)
         self.max_new_tokens = max_new_tokens
 
+    #: a user with no concepts is an error (most likely a wrong `user`); False: they are answered like a user none
+    #: of whose concepts was recognised (the HTTP API, where the user comes from an API key)
+    require_concepts = True
+
     #: the options `variant` changes: retrieval and prompt options, the learned-token mode
     OPTIONS = ("regions", "assign", "instance", "boxes", "marks", "original", "verify", "max_checks", "k",
                "min_score", "mode", "max_concepts", "max_images", "max_info_chars", "max_total_chars")
@@ -219,7 +223,7 @@ class PersonalizedVLMPipeline:
             raise MmpersonaError("`image` is required: pass the photo the question is about")
         if not isinstance(user, str) or not user.strip():
             raise MmpersonaError(f"`user` must be a non-empty string, got {user!r}")
-        if not self.db.store.has_owner(user):
+        if self.require_concepts and not self.db.store.has_owner(user):
             raise UnknownUserError(f"user {user!r} has no concepts in this database (add some with "
                                    "`mmpersona concepts add`, or check --user)")
         return load_image(image) if image is not None else None
@@ -279,11 +283,12 @@ class PersonalizedVLMPipeline:
 
     def prepare(self, image: ImageInput | None, question: str, *, user: str,
                 history: list[dict[str, Any]] | None = None, concepts: "list[Any] | None" = None,
-                text_only: bool = False):
+                text_only: bool = False, system: str | None = None):
         """Everything before generation: checked inputs, retrieval, prompt. Returns (prompt, candidates, timings).
 
         `concepts` (names, aliases or ids) skips retrieval and injects exactly those: the evaluation's
-        `oracle` method (RAP's skip-retrieval upper bound). `text_only`: no image needed."""
+        `oracle` method (RAP's skip-retrieval upper bound). `text_only`: no image needed. `system`: the
+        application's own instructions, added to the system turn."""
         t0 = time.perf_counter()
         img = self.check_inputs(image, question, user, text_only=text_only)
         timings: dict[str, float] = {}
@@ -299,7 +304,7 @@ class PersonalizedVLMPipeline:
         t1 = time.perf_counter()
         prompt = self.prompts.build(question, img, as_text, history=history,
                                     reference_images=self.reference_images(user, as_text), learned=learned,
-                                    grounding=self.grounding(img))
+                                    grounding=self.grounding(img), system=system)
         t2 = time.perf_counter()
         return prompt, candidates, {"retrieval_ms": (t1 - t0) * 1000, "prompt_ms": (t2 - t1) * 1000, **timings}
 
@@ -355,10 +360,11 @@ class PersonalizedVLMPipeline:
         return kept, checks
 
     def __call__(self, image: ImageInput | None, question: str, *, user: str,
-                 history: list[dict[str, Any]] | None = None, **generate_kwargs: Any) -> VLMAnswer:
+                 history: list[dict[str, Any]] | None = None, system: str | None = None,
+                 **generate_kwargs: Any) -> VLMAnswer:
         """Answer `question` about `image` for `user`."""
         start = time.perf_counter()
-        prompt, candidates, timings = self.prepare(image, question, user=user, history=history)
+        prompt, candidates, timings = self.prepare(image, question, user=user, history=history, system=system)
         t = time.perf_counter()
         answer = self.generate(prompt.messages, **generate_kwargs)
         timings["generate_ms"] = (time.perf_counter() - t) * 1000
@@ -392,10 +398,11 @@ class PersonalizedVLMPipeline:
         raise MmpersonaError(f"unknown method {method!r}; valid: {', '.join(ANSWER_METHODS)}")
 
     def stream(self, image: ImageInput | None, question: str, *, user: str,
-               history: list[dict[str, Any]] | None = None, **generate_kwargs: Any) -> "AnswerStream":
+               history: list[dict[str, Any]] | None = None, system: str | None = None,
+               **generate_kwargs: Any) -> "AnswerStream":
         """Like calling the pipeline, but the answer arrives as text pieces while it is generated."""
         start = time.perf_counter()
-        prompt, candidates, timings = self.prepare(image, question, user=user, history=history)
+        prompt, candidates, timings = self.prepare(image, question, user=user, history=history, system=system)
         return AnswerStream(self, prompt, candidates, timings, start, generate_kwargs)
 
     def chat(self, user: str, image: ImageInput | None = None) -> "ChatSession":

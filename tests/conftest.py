@@ -111,3 +111,28 @@ def trained(tiny_cache):
     t2i = load_t2i("tiny:sd-trained", device="cpu", ip_adapter=False)
     t2i.pipeline.set_progress_bar_config(disable=True)
     return t2i
+
+
+@pytest.fixture(scope="session")
+def talkative_qwen(tiny_cache, tmp_path_factory) -> str:
+    """The tiny Qwen2.5-VL with its language model's norms drawn at random: the tiny model as built answers only
+    newlines (empty after stripping), which would make "both backends answer alike" hold trivially."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from mmpersona.models.tiny import tiny_path
+
+    src = tiny_path("qwen2.5-vl")
+    folder = tmp_path_factory.mktemp("talkative-qwen")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(str(src), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") and "visual" not in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 2)
+    model.save_pretrained(str(folder))
+    transformers.AutoProcessor.from_pretrained(str(src)).save_pretrained(str(folder))
+    shutil.copy(src / "generation_config.json", folder / "generation_config.json")  # Qwen's, as published
+    return str(folder)

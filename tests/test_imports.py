@@ -1,12 +1,12 @@
 import subprocess
 import sys
 
-HEAVY = ["torch", "numpy", "transformers", "diffusers", "open_clip", "PIL", "psycopg", "typer"]
+HEAVY = ["torch", "numpy", "transformers", "diffusers", "open_clip", "PIL", "psycopg", "typer", "fastapi", "uvicorn"]
 
 
 def test_import_is_light():
     code = (
-        "import sys, mmpersona, concept_db, pipelines, mmpersona.models, mmpersona.images\n"
+        "import sys, mmpersona, concept_db, pipelines, mmpersona.models, mmpersona.images, mmpersona.server\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -2,13 +2,11 @@
 started here on 127.0.0.1 with the tiny Qwen2.5-VL, and the personalized pipeline answering through it."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image, ImageDraw
 
@@ -17,41 +15,14 @@ from mmpersona.errors import ModelUnavailableError
 from mmpersona.models import load_vlm
 from mmpersona.models.remote import openai_messages, parse
 
+from servers import free_port, in_thread, stop, wait_healthy
+
 pytest.importorskip("openai")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def talkative_copy(folder: Path) -> str:
-    """The tiny Qwen2.5-VL with its language model's norms drawn at random: the tiny model as built answers only
-    newlines (empty after stripping), which would make "both backends answer alike" hold trivially."""
-    import shutil
-
-    import torch
-    import transformers
-
-    from mmpersona.models.tiny import tiny_path
-
-    src = tiny_path("qwen2.5-vl")
-    model = transformers.AutoModelForImageTextToText.from_pretrained(str(src), dtype=torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight") and "visual" not in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 2)
-    model.save_pretrained(str(folder))
-    transformers.AutoProcessor.from_pretrained(str(src)).save_pretrained(str(folder))
-    shutil.copy(src / "generation_config.json", folder / "generation_config.json")  # Qwen's, as published
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
-def server(tiny_cache, tmp_path_factory):
-    model = talkative_copy(tmp_path_factory.mktemp("qwen"))
+def server(talkative_qwen):
+    model = talkative_qwen
     port = free_port()
     exe = Path(sys.executable).with_name("transformers")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -59,25 +30,10 @@ def server(tiny_cache, tmp_path_factory):
                              "--dtype", "float32"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"transformers serve exited: {proc.stdout.read().decode(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("transformers serve did not come up within 120 s")
-            time.sleep(0.5)
+        wait_healthy(proc, f"{url}/health", "transformers serve", timeout=120)
         yield f"{url}/v1", model
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def photo():
@@ -162,3 +118,71 @@ def test_attribute_extraction_asks_the_server_as_it_asks_the_local_model(server)
             extract_attributes(vlm, [("like", "warm light, film grain")], retries=0, max_new_tokens=12)
         outcomes.append(str(err.value).replace("\ufffd", ""))
     assert outcomes[0] == outcomes[1]  # the same answer, so the same report
+
+
+def test_evaluation_runs_through_the_server_as_it_does_locally(server, tmp_path, tiny_embedder):
+    """`mmpersona eval`'s protocols on a remote VLM: the same questions, the same answers, the same report."""
+    from pipelines import PersonalizedVLMPipeline
+    from pipelines.evaluation import evaluate, load_dataset, pipeline_answerer, register_concepts
+
+    url, model = server
+    root = tmp_path / "ds"
+    for rel, color in {"concepts/bo/1.png": (200, 30, 30), "concepts/mam/1.png": (30, 60, 200),
+                       "test/bo/a.png": (190, 40, 40), "test/mam/a.png": (40, 70, 190),
+                       "test/negatives/n.png": (30, 160, 40)}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        img = Image.new("RGB", (64, 64), (235, 235, 225))
+        ImageDraw.Draw(img).ellipse((12, 12, 52, 52), fill=color)
+        img.save(root / rel)
+    data = load_dataset(root)
+    runs = {}
+    for name, spec in (("local", model), ("remote", f"openai:{url}#{model}")):
+        with ConceptDB(tmp_path / f"{name}.db", embedder=tiny_embedder) as db:
+            register_concepts(db, "alice", data)
+            pipe = PersonalizedVLMPipeline(db, vlm=load_vlm(spec, device="cpu", dtype="float32"), max_new_tokens=4)
+            inner, said = pipeline_answerer(pipe, "alice"), []
+
+            def answer(image, question, history, inner=inner, said=said):
+                said.append((question, inner(image, question, history).rstrip("\ufffd")))
+                return said[-1][1]
+
+            runs[name] = (evaluate(answer, data, ["recognition", "caption"]), said)
+    (local, said_local), (remote, said_remote) = runs["local"], runs["remote"]
+    assert len(said_local) == 9 and any(a for _, a in said_local)  # 2 concepts x 3 photos, and 3 captions
+    assert said_remote == said_local
+    assert {k: v for k, v in remote.items() if k != "dataset"} == {k: v for k, v in local.items() if k != "dataset"}
+
+
+def test_the_http_api_in_front_of_the_server(server, tmp_path, tiny_embedder):
+    """The whole stack: an application's openai client -> `mmpersona serve`'s API (retrieval, the prompt) ->
+    `transformers serve` (generation). The answer is the one the pipeline gives with the weights in-process."""
+    import base64
+    import io
+
+    from openai import OpenAI
+
+    from mmpersona.server import KeyStore, create_app
+    from pipelines import PersonalizedVLMPipeline
+
+    url, model = server
+    buf = io.BytesIO()
+    photo().save(buf, format="PNG")
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}},
+        {"type": "text", "text": "Who is this?"}]}]
+    with ConceptDB(tmp_path / "c.db", embedder=tiny_embedder) as db:
+        db.add("alice", "bo", images=[photo()], category="dog", info="my Shiba Inu")
+        local = PersonalizedVLMPipeline(db, vlm=load_vlm(model, device="cpu", dtype="float32"))(
+            photo(), "Who is this?", user="alice", max_new_tokens=6)
+        keys = KeyStore(tmp_path / "keys.json")
+        _, key = keys.create("alice")
+        remote = PersonalizedVLMPipeline(db, vlm=load_vlm(f"openai:{url}#{model}"))
+        with in_thread(create_app(db, keys, vlm=remote)) as api:
+            client = OpenAI(base_url=f"{api}/v1", api_key=key, max_retries=0)
+            reply = client.chat.completions.create(model="m", messages=messages, max_tokens=6)
+            chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=6, stream=True))
+    assert reply.choices[0].message.content.rstrip("\ufffd") == local.answer.rstrip("\ufffd") and local.answer
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).strip().rstrip("\ufffd") == \
+        local.answer.rstrip("\ufffd")
+    assert [r["concept"]["handle"] for r in reply.model_extra["mmpersona"]["retrieved"]] == \
+        [r.concept.handle for r in local.retrieved]

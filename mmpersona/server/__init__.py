@@ -1,0 +1,22 @@
+"""`mmpersona serve`: the HTTP API for applications (FastAPI + uvicorn; the `serve` extra).
+
+    from mmpersona.server import create_app, KeyStore
+    app = create_app(db, KeyStore("keys.json"), vlm=chat_pipeline, t2i=image_pipeline)
+
+`app` holds the routes, `keys` the per-user API keys, `worker` the model worker queue.
+"""
+
+from __future__ import annotations
+
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "create_app": "mmpersona.server.app",
+    "ServeConfig": "mmpersona.server.app",
+    "KeyStore": "mmpersona.server.keys",
+    "ModelWorker": "mmpersona.server.worker",
+    "QueueFull": "mmpersona.server.worker",
+}
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports("mmpersona.server", _EXPORTS, globals())

@@ -1,0 +1,491 @@
+"""The HTTP API through real HTTP: a uvicorn server on 127.0.0.1 (in this process, and once through the
+`mmpersona serve` command), spoken to with the official `openai` client and with httpx."""
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+from mmpersona import ConceptDB, MmpersonaError
+from mmpersona.server import KeyStore, ModelWorker, QueueFull, ServeConfig, create_app
+from servers import free_port, in_thread, stop, wait_healthy
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+LIMITS = ServeConfig(queue_size=3, max_body_bytes=2 * 2**20, max_images=2, max_history=4, max_message_chars=500,
+                     max_history_chars=1000, max_tokens=32, default_max_tokens=6, max_n=2, default_steps=2, max_steps=4, max_side=128)
+
+
+def drawn(color, size=(64, 64), kind="ellipse") -> Image.Image:
+    img = Image.new("RGB", size, (235, 235, 225))
+    getattr(ImageDraw.Draw(img), kind)((10, 10, size[0] - 10, size[1] - 10), fill=color)
+    return img
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(img: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png(img)).decode()
+
+
+def ask(text: str, img: Image.Image | None = None) -> list[dict]:
+    content = ([{"type": "image_url", "image_url": {"url": data_url(img)}}] if img is not None else []) + [
+        {"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
+
+
+BO, MAM, OTHER = drawn((200, 40, 30)), drawn((30, 60, 200), kind="rectangle"), drawn((40, 170, 60))
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, tiny_embedder, talkative_qwen):
+    """The API over a fresh database, serving the talkative tiny Qwen2.5-VL and the tiny SD pipeline; keys for
+    alice and bob. Also hands out the pipelines themselves, to compare the API with direct calls."""
+    from mmpersona.models import load_vlm
+    from pipelines import PersonalizedT2IPipeline, PersonalizedVLMPipeline
+
+    root = tmp_path_factory.mktemp("api")
+    db = ConceptDB(root / "concepts.db", embedder=tiny_embedder)
+    keys = KeyStore(root / "keys.json")
+    key = {user: keys.create(user)[1] for user in ("alice", "bob")}
+    vlm = PersonalizedVLMPipeline(db, vlm=load_vlm(talkative_qwen, device="cpu", dtype="float32"),
+                                  max_new_tokens=LIMITS.default_max_tokens, preset="tiny", device="cpu")
+    t2i = PersonalizedT2IPipeline(db, preset="tiny", device="cpu", strategies=["attributes", "rerank"])
+    app = create_app(db, keys, vlm=vlm, t2i=t2i, config=LIMITS)
+    with in_thread(app) as url:
+        ns = SimpleNamespace(url=url, db=db, keys=keys, key=key, vlm=vlm, t2i=t2i, app=app, root=root)
+        ns.client = lambda user: openai.OpenAI(base_url=f"{url}/v1", api_key=key[user], max_retries=0)
+        ns.http = lambda user: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key[user]}"},
+                                            timeout=60)
+        with ns.http("alice") as alice:
+            r = alice.post("/v1/concepts", data={"name": "bo", "category": "dog", "info": "my Shiba Inu",
+                                                 "aliases": ["Bo"]},
+                           files=[("images", ("bo.png", png(BO), "image/png"))])
+            assert r.status_code == 201, r.text
+        yield ns
+
+
+def error_of(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["message"], body
+    return body["error"]
+
+
+# ------------------------------------------------------------------------------------------ chat
+
+
+def test_chat_through_the_openai_client_is_the_pipelines_own_answer(api):
+    question = "What is <bo> doing here?"
+    direct = api.vlm(BO, question, user="alice", max_new_tokens=6)
+    client = api.client("alice")
+    reply = client.chat.completions.create(model="mmpersona", messages=ask(question, BO), max_tokens=6)
+    assert reply.object == "chat.completion" and reply.model == api.vlm.vlm.spec.id
+    assert reply.choices[0].message.content == direct.answer and direct.answer  # the talkative tiny model talks
+    personal = reply.model_extra["mmpersona"]
+    assert [r["concept"]["handle"] for r in personal["retrieved"]] == [r.concept.handle for r in direct.retrieved]
+    assert "<bo>" in [r["concept"]["handle"] for r in personal["retrieved"]] and not personal["abstained"]
+
+    chunks = list(client.chat.completions.create(model="mmpersona", messages=ask(question, BO), max_tokens=6,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed.strip() == direct.answer and chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].model_extra["mmpersona"]["retrieved"] == personal["retrieved"]
+
+
+def test_a_conversation_keeps_its_photo_and_the_clients_system_text(api):
+    """The latest image sent is the photo asked about, as in a chat session; earlier turns go as text; a
+    system message is added to the personalized system turn, after ours."""
+    messages = [{"role": "system", "content": "Answer in one word."}, *ask("Who is this?", BO),
+                {"role": "assistant", "content": "That is <bo>."}, {"role": "user", "content": "And what colour?"}]
+    reply = api.client("alice").chat.completions.create(model="m", messages=messages, max_tokens=4)
+    direct = api.vlm(BO, "And what colour?", user="alice", system="Answer in one word.", max_new_tokens=4,
+                     history=[{"role": "user", "content": [{"type": "text", "text": "Who is this?"}]},
+                              {"role": "assistant", "content": [{"type": "text", "text": "That is <bo>."}]}])
+    assert reply.choices[0].message.content == direct.answer
+    system = direct.messages[0]["content"][0]["text"]
+    assert "Answer in one word." in system and system.index("Answer in one word.") > system.index("helpful")
+    assert "image_url" not in json.dumps(direct.messages[1:3])
+    # `regions`: the same pipeline with per-region retrieval (its detector loaded once, on first use)
+    reply = api.client("alice").chat.completions.create(model="m", messages=ask("Who is this?", BO), max_tokens=3,
+                                                        extra_body={"regions": True})
+    direct = api.vlm.variant(regions=True, assign=True)(BO, "Who is this?", user="alice", max_new_tokens=3)
+    assert reply.choices[0].message.content == direct.answer
+    assert [r["source"] for r in reply.model_extra["mmpersona"]["retrieved"]] == [r.source for r in direct.retrieved]
+
+
+def test_a_user_without_concepts_is_answered_not_refused(api, tmp_path):
+    keys = api.keys
+    _, key = keys.create("carol")
+    reply = openai.OpenAI(base_url=f"{api.url}/v1", api_key=key, max_retries=0).chat.completions.create(
+        model="m", messages=ask("What is this?", OTHER), max_tokens=3)
+    assert reply.model_extra["mmpersona"]["abstained"] and reply.model_extra["mmpersona"]["retrieved"] == []
+
+
+# ------------------------------------------------------------------------------------------ users and keys
+
+
+def test_missing_bad_and_revoked_keys_are_401_and_health_needs_none(api):
+    assert httpx.get(f"{api.url}/health").json()["status"] == "ok"
+    r = httpx.get(f"{api.url}/v1/concepts")
+    assert r.status_code == 401 and error_of(r)["code"] == "missing_api_key"
+    for bad in ("nope", api.key["alice"] + "x", "mmp-000000000000-" + "a" * 43):
+        r = httpx.get(f"{api.url}/v1/concepts", headers={"Authorization": f"Bearer {bad}"})
+        assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{api.url}/v1", api_key="nope", max_retries=0).models.list()
+    record, key = api.keys.create("alice", "to revoke")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(f"{api.url}/v1/concepts", headers=headers).status_code == 200
+    api.keys.revoke(record.id)  # the running server reads the file again: no restart
+    assert httpx.get(f"{api.url}/v1/concepts", headers=headers).status_code == 401
+
+
+def test_keys_are_stored_hashed_and_a_broken_file_is_a_clear_error(tmp_path):
+    store = KeyStore(tmp_path / "keys.json")
+    record, key = store.create("alice", "app")
+    text = (tmp_path / "keys.json").read_text()
+    assert key not in text and key.split("-", 2)[2] not in text and record.sha256 in text
+    assert (tmp_path / "keys.json").stat().st_mode & 0o777 == 0o600
+    assert store.user_for(key) == "alice" and store.user_for(key[:-1]) is None
+    assert KeyStore(tmp_path / "keys.json").user_for(key) == "alice"  # another process reads it too
+    with pytest.raises(MmpersonaError, match="not a valid user id|non-empty"):
+        store.create("")
+    (tmp_path / "keys.json").write_text("{not json")
+    with pytest.raises(MmpersonaError, match="API keys file"):
+        store.user_for(key)
+
+
+def test_a_key_reaches_only_its_own_users_data(api):
+    """Non-interference through the API: bob sees none of alice's data, cannot change it, and nothing bob does
+    changes alice's answers, searches or listings."""
+    with api.http("alice") as alice, api.http("bob") as bob:
+        def alice_view():
+            reply = api.client("alice").chat.completions.create(model="m", messages=ask("Who is <bo>?", BO),
+                                                                max_tokens=5)
+            found = alice.post("/v1/concepts/search", json={"image": data_url(BO), "k": 5}).json()["data"]
+            return (reply.choices[0].message.content, reply.model_extra["mmpersona"]["retrieved"],
+                    [(m["concept"]["id"], round(m["score"], 5)) for m in found],
+                    alice.get("/v1/concepts").json(), alice.get("/v1/profile").json())
+
+        before = alice_view()
+        mine = alice.get("/v1/concepts/bo").json()
+        assert all(c["owner"] == "bob" for c in bob.get("/v1/concepts").json()["data"])
+        for path in (f"/v1/concepts/{mine['id']}", "/v1/concepts/bo", f"/v1/media/{mine['images'][0]}"):
+            r = bob.get(path)
+            assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
+        assert bob.delete(f"/v1/concepts/{mine['id']}").status_code == 404
+        assert bob.patch(f"/v1/concepts/{mine['id']}", json={"info": "mine now"}).status_code == 404
+        assert bob.delete(f"/v1/concepts/{mine['id']}/images/{mine['images'][0]}").status_code == 404
+        # bob's own activity: a concept of the same name, a like of alice's very photo, a generation, a reset
+        assert bob.post("/v1/concepts", data={"name": "bo", "info": "bob's cat"},
+                        files=[("images", ("b.png", png(BO), "image/png"))]).status_code == 201
+        assert bob.post("/v1/profile/events", json={"kind": "like", "image": data_url(BO)}).status_code == 201
+        assert bob.post("/v1/images/generations", json={"prompt": "a dog", "steps": 1, "size": "64x64"}
+                        ).status_code == 200
+        reply = api.client("bob").chat.completions.create(model="m", messages=ask("Who is <bo>?", BO), max_tokens=3)
+        assert {r["concept"]["owner"] for r in reply.model_extra["mmpersona"]["retrieved"]} == {"bob"}
+        assert bob.delete("/v1/profile").status_code == 200
+        assert bob.delete("/v1/concepts/bo").status_code == 200
+        assert alice_view() == before
+
+
+# ------------------------------------------------------------------------------------------ limits
+
+
+def test_limits_and_bad_input_are_clear_errors_and_cost_no_model_time(api):
+    worker = api.app.state.worker
+    done = worker.done
+    with api.http("alice") as alice:
+        def refused(body, status=400, match=""):
+            r = alice.post("/v1/chat/completions", json={"model": "m", **body})
+            assert r.status_code == status, r.text
+            assert match in error_of(r)["message"], error_of(r)["message"]
+
+        long = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}] * 3
+        refused({"messages": long + ask("and now?")}, match="over the limit of 4")
+        refused({"messages": ask("x" * 501)}, match="over the limit of 500")
+        refused({"messages": [*ask("a", BO), {"role": "assistant", "content": "b"}, *ask("c", BO),
+                              {"role": "assistant", "content": "d"}, *ask("e", BO)]}, match="3 images")
+        refused({"messages": ask("hi"), "max_tokens": 33}, match="max_tokens 33")
+        refused({"messages": ask("hi"), "n": 2}, match="n:")
+        refused({"messages": []}, match="messages")
+        refused({"messages": [{"role": "tool", "content": "x"}, *ask("hi")]}, match="role 'tool'")
+        refused({"messages": [{"role": "assistant", "content": "hi"}]}, match="last message")
+        refused({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "http://169.254.169.254/latest"}}, {"type": "text", "text": "hi"}]}]}, match="does not fetch")
+        refused({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64,@@@"}}, {"type": "text", "text": "hi"}]}]}, match="base64")
+        refused({"messages": [{"role": "user", "content": [{"type": "input_audio"}, {"type": "text", "text": "a"}]}]},
+                match="input_audio")
+        r = alice.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and error_of(r)
+        for body, match in (({"prompt": "a", "n": 3}, "n 3"), ({"prompt": "a", "steps": 5}, "steps 5"),
+                            ({"prompt": "a", "size": "100x100"}, "multiple of 8"),
+                            ({"prompt": "a", "size": "1024x1024"}, "between 8 and 128"),
+                            ({"prompt": "a", "response_format": "url"}, "b64_json"), ({"prompt": ""}, "prompt")):
+            r = alice.post("/v1/images/generations", json=body)
+            assert r.status_code == 400 and match in error_of(r)["message"], r.text
+        assert worker.done == done  # none of that reached the model worker
+        # a corrupt photo is refused by the safe loader: a clear 400, and the server goes on
+        corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()
+        refused({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": corrupt}},
+                                                           {"type": "text", "text": "hi"}]}]}, match="image")
+        huge = "data:image/png;base64," + "A" * (3 * 2**20)
+        refused({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": huge}}]}]},
+                status=413, match="over the limit of 2097152 bytes")
+
+        def chunks():  # no Content-Length: the limit is counted as the body arrives
+            for _ in range(40):
+                yield b"x" * 65536
+
+        r = alice.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
+        files = [("images", (f"{i}.png", png(BO), "image/png")) for i in range(LIMITS.max_upload_images + 1)]
+        r = alice.post("/v1/concepts", data={"name": "many"}, files=files)
+        assert r.status_code == 400 and "over the limit" in error_of(r)["message"]
+        r = alice.get("/v1/no/such/route")
+        assert r.status_code == 404 and error_of(r)
+        assert alice.get("/health").json()["status"] == "ok"
+
+
+def test_a_full_queue_is_429_with_retry_after_and_reads_still_work(api):
+    worker = api.app.state.worker
+    gate = threading.Event()
+    running = worker.submit(gate.wait)
+    deadline = time.monotonic() + 10
+    while not worker.busy:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    waiting = [worker.submit(lambda: None) for _ in range(worker.queue_size)]
+    try:
+        with api.http("alice") as alice:
+            r = alice.post("/v1/chat/completions", json={"messages": ask("hi", BO)})
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+            assert error_of(r)["type"] == "server_busy"
+            with pytest.raises(openai.RateLimitError):
+                api.client("alice").chat.completions.create(model="m", messages=ask("hi"), stream=True)
+            assert alice.post("/v1/concepts/search", json={"text": "a dog"}).status_code == 429
+            assert alice.get("/v1/concepts").status_code == 200  # no model needed: not queued
+            assert httpx.get(f"{api.url}/health").json()["queue"] == {"waiting": worker.queue_size,
+                                                                      "size": worker.queue_size, "busy": True}
+    finally:
+        gate.set()
+    running.result(timeout=10)
+    [w.result(timeout=10) for w in waiting]
+    reply = api.client("alice").chat.completions.create(model="m", messages=ask("hi", BO), max_tokens=2)
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_clients_of_two_users_each_get_their_own_answers(api):
+    with api.http("bob") as bob:
+        assert bob.post("/v1/concepts", data={"name": "mam", "category": "cat"},
+                        files=[("images", ("m.png", png(MAM), "image/png"))]).status_code == 201
+    try:
+        expected = {user: api.vlm(img, "Who is this?", user=user, max_new_tokens=4).answer
+                    for user, img in (("alice", BO), ("bob", MAM))}
+
+        def client(i):
+            user, img = ("alice", BO) if i % 2 == 0 else ("bob", MAM)
+            c = api.client(user)
+            out = []
+            for j in range(3):
+                if j % 2:
+                    chunks = list(c.chat.completions.create(model="m", messages=ask("Who is this?", img),
+                                                            max_tokens=4, stream=True))
+                    out.append((user, "".join(x.choices[0].delta.content or "" for x in chunks).strip(),
+                                chunks[-1].model_extra["mmpersona"]))
+                else:
+                    r = c.chat.completions.create(model="m", messages=ask("Who is this?", img), max_tokens=4)
+                    out.append((user, r.choices[0].message.content, r.model_extra["mmpersona"]))
+            return out
+
+        with ThreadPoolExecutor(3) as pool:  # 3 at once: within the queue (3 waiting + 1 running)
+            results = [x for part in pool.map(client, range(6)) for x in part]
+        assert len(results) == 18
+        for user, text, personal in results:
+            assert text == expected[user]
+            assert personal["retrieved"] and {r["concept"]["owner"] for r in personal["retrieved"]} == {user}
+    finally:
+        api.db.delete("bob", "mam")
+
+
+# ------------------------------------------------------------------------------------------ concepts, profile
+
+
+def test_concepts_through_http(api):
+    with api.http("alice") as alice:
+        r = alice.post("/v1/concepts", data={"name": "mochi", "category": "cat", "info": "grey"},
+                       files=[("images", ("m.png", png(MAM), "image/png"))])
+        assert r.status_code == 201
+        c = r.json()
+        assert c["handle"] == "<mochi>" and len(c["images"]) == 1
+        assert alice.post("/v1/concepts", data={"name": "mochi"}).status_code == 409
+        assert alice.get("/v1/concepts/%3Cmochi%3E").json()["id"] == c["id"]
+        assert {x["handle"] for x in alice.get("/v1/concepts", params={"category": "cat"}).json()["data"]} == \
+            {"<mochi>"}
+        edited = alice.patch("/v1/concepts/mochi", json={"info": "grey and fluffy", "aliases": ["Mo"]}).json()
+        assert edited["info"] == "grey and fluffy" and edited["aliases"] == ["Mo"]
+        assert alice.get("/v1/concepts/Mo").json()["id"] == c["id"]
+        assert alice.patch("/v1/concepts/mochi", json={"colour": "grey"}).status_code == 400
+        grown = alice.post("/v1/concepts/mochi/images", files=[("images", ("o.png", png(OTHER), "image/png"))])
+        assert len(grown.json()["images"]) == 2
+        found = alice.post("/v1/concepts/search", json={"image": data_url(MAM), "k": 1}).json()["data"]
+        assert found[0]["concept"]["id"] == c["id"] and found[0]["score"] > 0.99
+        assert alice.post("/v1/concepts/search", json={"text": "a cat", "category": "cat"}).json()["data"][0][
+            "concept"]["id"] == c["id"]
+        assert alice.post("/v1/concepts/search", json={}).status_code == 400
+        media = alice.get(f"/v1/media/{c['images'][0]}")
+        assert media.headers["content-type"] == "image/png" and media.content == png(MAM)
+        shrunk = alice.delete(f"/v1/concepts/mochi/images/{c['images'][0]}").json()
+        assert c["images"][0] not in shrunk["images"] and len(shrunk["images"]) == 1
+        # bad uploads store nothing
+        for name, data in (("broken", b"\x89PNG not really"), ("a/b", png(BO))):
+            r = alice.post("/v1/concepts", data={"name": name}, files=[("images", ("x.png", data, "image/png"))])
+            assert r.status_code == 400 and error_of(r)
+            assert alice.get(f"/v1/concepts/{name}").status_code == 404
+        assert alice.delete("/v1/concepts/mochi").json()["deleted"] is True
+        assert alice.get("/v1/concepts/mochi").status_code == 404
+
+
+def test_profile_events_through_http(api):
+    with api.http("alice") as alice:
+        like = alice.post("/v1/profile/events", json={"kind": "like", "image": data_url(BO), "comment": "warm"})
+        assert like.status_code == 201 and like.json()["comment"] == "warm"
+        alice.post("/v1/profile/events", json={"kind": "dislike", "image": data_url(OTHER)})
+        pair = alice.post("/v1/profile/events", json={"kind": "pair", "prompt": "a dog", "chosen": data_url(BO),
+                                                      "rejected": data_url(MAM)}).json()
+        assert alice.post("/v1/profile/events", json={"kind": "pair", "prompt": "a dog", "chosen": data_url(BO),
+                                                      "rejected": data_url(BO)}).status_code == 400
+        assert alice.post("/v1/profile/events", json={"kind": "like"}).status_code == 400
+        assert alice.post("/v1/profile/events", json={"kind": "love", "image": data_url(BO)}).status_code == 400
+        counts = alice.get("/v1/profile").json()["counts"]
+        assert counts == {"like": 1, "dislike": 1, "pair": 1, "prompt": 0}
+        assert [e["id"] for e in alice.get("/v1/profile/events", params={"kind": "pair"}).json()["data"]] == \
+            [pair["id"]]
+        assert alice.get(f"/v1/media/{pair['other']}").content == png(MAM)
+        assert alice.put("/v1/profile/attributes", json={"liked": ["warm light"]}).json()["liked"] == ["warm light"]
+        assert alice.get("/v1/profile/attributes").json()["liked"] == ["warm light"]
+        assert alice.post("/v1/profile/reward").json()["pairs"] == 1
+        assert alice.delete(f"/v1/profile/events/{like.json()['id']}").json()["deleted"]
+        assert alice.get("/v1/profile").json()["counts"]["like"] == 0
+        assert alice.delete(f"/v1/profile/events/{like.json()['id']}").status_code == 404
+        assert alice.delete("/v1/profile").json()["removed"] >= 2
+        assert alice.get("/v1/profile").json()["counts"] == {"like": 0, "dislike": 0, "pair": 0, "prompt": 0}
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def test_generation_in_the_shape_of_images_generations(api):
+    direct = api.t2i("a red dog", user="alice", n=2, steps=2, seed=3, width=64, height=64)
+    images = api.client("alice").images.generate(prompt="a red dog", n=2, size="64x64", response_format="b64_json",
+                                                 extra_body={"steps": 2, "seed": 3})
+    assert len(images.data) == 2
+    got = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in images.data]
+    assert [g.size for g in got] == [(64, 64)] * 2
+    assert [g.convert("RGB").tobytes() for g in got] == [d.tobytes() for d in direct.images]
+    meta = images.model_extra["mmpersona"]["metadata"]
+    assert [m["seed"] for m in meta] == [m["seed"] for m in direct.metadata]
+    assert images.data[0].revised_prompt == direct.metadata[0]["final_prompt"]
+    with api.http("alice") as alice:
+        r = alice.post("/v1/images/generations", json={"prompt": "a dog", "strategies": ["nope"], "steps": 1})
+        assert r.status_code == 400 and "nope" in error_of(r)["message"]
+
+
+def test_openapi_documents_every_route_and_the_key(api):
+    spec = httpx.get(f"{api.url}/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/images/generations", "/v1/concepts", "/v1/concepts/{ref}",
+                 "/v1/concepts/{ref}/images", "/v1/concepts/search", "/v1/profile/events", "/health"):
+        assert path in spec["paths"], path
+    assert any(s.get("scheme") == "bearer" for s in spec["components"]["securitySchemes"].values())
+    assert httpx.get(f"{api.url}/docs").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ the worker
+
+
+def test_server_limits_are_checked():
+    with pytest.raises(MmpersonaError, match="default_steps"):
+        ServeConfig(default_steps=60, max_steps=50)
+    with pytest.raises(MmpersonaError, match="queue_size"):
+        ServeConfig(queue_size=0)
+
+
+def test_the_worker_runs_one_job_at_a_time_and_hands_back_errors():
+    worker = ModelWorker(queue_size=1)
+    gate, seen = threading.Event(), []
+
+    def job(i):
+        def run():
+            seen.append(("start", i))
+            gate.wait(5)
+            seen.append(("end", i))
+            return i
+        return run
+
+    first = worker.submit(job(1))
+    while not worker.busy:
+        time.sleep(0.01)
+    second = worker.submit(job(2))
+    with pytest.raises(QueueFull) as full:
+        worker.submit(job(3))
+    assert full.value.retry_after >= 1
+    gate.set()
+    assert (first.result(5), second.result(5)) == (1, 2)
+    assert seen == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    failing = worker.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(5)
+    worker.close()
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+def test_the_serve_command_with_a_key_from_the_keys_command(tmp_path, tiny_cache):
+    env = {**os.environ, "MMPERSONA_KEYS": str(tmp_path / "keys.json"), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "mmpersona", "--preset", "tiny", "--device", "cpu", "--db", str(tmp_path / "c.db")]
+    made = subprocess.run([*base, "--json", "keys", "create", "--user", "alice", "--name", "test"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert made.returncode == 0, made.stderr
+    key, key_id = json.loads(made.stdout)["key"], json.loads(made.stdout)["id"]
+    listed = subprocess.run([*base, "keys", "list"], capture_output=True, text=True, env=env, timeout=120)
+    assert key_id in listed.stdout and key not in listed.stdout
+    port = free_port()
+    proc = subprocess.Popen([*base, "serve", "--port", str(port), "--no-images"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, f"{url}/health", "mmpersona serve")
+        assert httpx.get(f"{url}/health").json()["models"] == {"chat": "loaded", "images": "not served"}
+        headers = {"Authorization": f"Bearer {key}"}
+        r = httpx.post(f"{url}/v1/concepts", headers=headers, data={"name": "bo", "category": "dog"},
+                       files=[("images", ("bo.png", png(BO), "image/png"))], timeout=60)
+        assert r.status_code == 201, r.text
+        reply = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0).chat.completions.create(
+            model="m", messages=ask("Who is this?", BO), max_tokens=2)
+        assert "<bo>" in [x["concept"]["handle"] for x in reply.model_extra["mmpersona"]["retrieved"]]
+        r = httpx.post(f"{url}/v1/images/generations", headers=headers, json={"prompt": "a dog"})
+        assert r.status_code == 503 and "serves no image model" in error_of(r)["message"]
+        revoked = subprocess.run([*base, "keys", "revoke", key_id], capture_output=True, text=True, env=env,
+                                 timeout=120)
+        assert revoked.returncode == 0, revoked.stderr
+        assert httpx.get(f"{url}/v1/concepts", headers=headers).status_code == 401
+    finally:
+        stop(proc)
