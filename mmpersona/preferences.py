@@ -51,12 +51,12 @@ class PreferenceProfile:
         return self.db.store.add_profile_event(self.user, "dislike", images=[load_image_bytes(image)],
                                                comment=comment)
 
-    def compare(self, prompt: str, chosen: ImageInput, rejected: ImageInput) -> "ProfileEvent":
-        """Record that for `prompt` the user preferred `chosen` over `rejected`."""
+    def compare(self, prompt: str, chosen: ImageInput, rejected: ImageInput, comment: str = "") -> "ProfileEvent":
+        """Record that for `prompt` the user preferred `chosen` over `rejected` (and why, in `comment`)."""
         a, b = load_image_bytes(chosen), load_image_bytes(rejected)
         if a == b:
             raise MmpersonaError("chosen and rejected are the same image")
-        return self.db.store.add_profile_event(self.user, "pair", images=[a, b], prompt=prompt)
+        return self.db.store.add_profile_event(self.user, "pair", images=[a, b], prompt=prompt, comment=comment)
 
     def add_prompt(self, prompt: str) -> "ProfileEvent":
         return self.db.store.add_profile_event(self.user, "prompt", prompt=prompt)
@@ -65,7 +65,10 @@ class PreferenceProfile:
         return self.db.store.profile_events(self.user, kind)
 
     def comments(self) -> list[tuple[str, str]]:
-        return [(e.kind, e.comment) for e in self.events() if e.kind in ("like", "dislike") and e.comment]
+        """(kind, comment) of each commented like and dislike; a choice's comment says what the user liked in the
+        chosen image, so it counts as a like's."""
+        return [("like" if e.kind == "pair" else e.kind, e.comment) for e in self.events()
+                if e.kind in ("like", "dislike", "pair") and e.comment]
 
     def reset(self) -> int:
         self._vectors.clear()

@@ -241,11 +241,13 @@ def test_limits_and_bad_input_are_clear_errors_and_cost_no_model_time(api):
                             ({"prompt": "a", "response_format": "url"}, "b64_json"), ({"prompt": ""}, "prompt")):
             r = alice.post("/v1/images/generations", json=body)
             assert r.status_code == 400 and match in error_of(r)["message"], r.text
-        assert worker.done == done  # none of that reached the model worker
         # a corrupt photo is refused by the safe loader: a clear 400, and the server goes on
         corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()
         refused({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": corrupt}},
                                                            {"type": "text", "text": "hi"}]}]}, match="image")
+        r = alice.post("/v1/concepts/search", json={"image": corrupt})
+        assert r.status_code == 400 and "image" in error_of(r)["message"]
+        assert worker.done == done  # none of that reached the model worker
         huge = "data:image/png;base64," + "A" * (3 * 2**20)
         refused({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": huge}}]}]},
                 status=413, match="over the limit of 2097152 bytes")

@@ -26,11 +26,13 @@ from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import MmpersonaError
+from ..images import load_image
 from .worker import ModelWorker, QueueFull
 
 if TYPE_CHECKING:
@@ -492,6 +494,8 @@ def create_app(db: "ConceptDB", keys: "KeyStore", *, vlm: "PersonalizedVLMPipeli
         talk = conversation(req.messages, limits)
         options = sampling(req, limits)
         seed = req.seed
+        # the photo is decoded (and a bad one refused) here, before it takes a place in the model queue
+        photo = await run_in_threadpool(load_image, talk.image) if talk.image is not None else None
 
         def pipeline():
             pipe = chat_model.variant(regions=True, assign=True) if req.regions else chat_model.get()
@@ -501,7 +505,7 @@ def create_app(db: "ConceptDB", keys: "KeyStore", *, vlm: "PersonalizedVLMPipeli
 
         common = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time())}
         if not req.stream:
-            answer = await model_job(lambda: pipeline()(talk.image, talk.question, user=user, history=talk.history,
+            answer = await model_job(lambda: pipeline()(photo, talk.question, user=user, history=talk.history,
                                                         system=talk.system, **options))
             return {**common, "object": "chat.completion", "model": chat_model.get().vlm.spec.id,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer},
@@ -509,7 +513,7 @@ def create_app(db: "ConceptDB", keys: "KeyStore", *, vlm: "PersonalizedVLMPipeli
                     "usage": None, "mmpersona": personal(answer)}
 
         def start():
-            stream = pipeline().stream(talk.image, talk.question, user=user, history=talk.history,
+            stream = pipeline().stream(photo, talk.question, user=user, history=talk.history,
                                        system=talk.system, **options)
             return stream, iter(stream)
 
@@ -560,9 +564,10 @@ def create_app(db: "ConceptDB", keys: "KeyStore", *, vlm: "PersonalizedVLMPipeli
                                      height=height)
 
         result = await model_job(job)
+        encoded = await run_in_threadpool(lambda: [png_b64(img) for img in result.images])
         return {"created": int(time.time()),
-                "data": [{"b64_json": png_b64(img), "revised_prompt": meta["final_prompt"]}
-                         for img, meta in zip(result.images, result.metadata, strict=True)],
+                "data": [{"b64_json": data, "revised_prompt": meta["final_prompt"]}
+                         for data, meta in zip(encoded, result.metadata, strict=True)],
                 "mmpersona": {"metadata": result.metadata, "scores": result.scores}}
 
     # -------------------------------------------------------------- concepts
@@ -610,8 +615,7 @@ def create_app(db: "ConceptDB", keys: "KeyStore", *, vlm: "PersonalizedVLMPipeli
     async def concepts_add_images(ref: str, images: list[UploadFile] = File(...),
                                   user: str = Depends(user_of)) -> dict[str, Any]:
         datas = await read_uploads(images)
-        concept = db.resolve(user, ref)
-        return (await model_job(lambda: db.add_images(user, concept.id, datas))).to_dict()
+        return (await model_job(lambda: db.add_images(user, ref, datas))).to_dict()
 
     @app.delete("/v1/concepts/{ref}/images/{image_hash}", tags=["concepts"])
     def concepts_remove_image(ref: str, image_hash: str, user: str = Depends(user_of)) -> dict[str, Any]:
@@ -628,8 +632,8 @@ def create_app(db: "ConceptDB", keys: "KeyStore", *, vlm: "PersonalizedVLMPipeli
                 raise ApiError(400, f"`text` must be 1 to {limits.max_message_chars} characters")
             found = await model_job(lambda: db.search_text(user, req.text, **options))
         else:
-            data = data_url_bytes(req.image)
-            found = await model_job(lambda: db.search_image(user, data, **options))
+            photo = await run_in_threadpool(load_image, data_url_bytes(req.image))
+            found = await model_job(lambda: db.search_image(user, photo, **options))
         return {"object": "list", "data": [m.to_dict() for m in found]}
 
     @app.get("/v1/media/{image_hash}", tags=["concepts"], response_class=Response)
@@ -668,7 +672,7 @@ def create_app(db: "ConceptDB", keys: "KeyStore", *, vlm: "PersonalizedVLMPipeli
             if event.chosen is None or event.rejected is None or not event.prompt.strip():
                 raise ApiError(400, "a pair needs `prompt`, `chosen` and `rejected`")
             e = p.compare(event.prompt, data_url_bytes(event.chosen, "chosen"),
-                          data_url_bytes(event.rejected, "rejected"))
+                          data_url_bytes(event.rejected, "rejected"), comment=event.comment)
         else:
             if not event.prompt.strip():
                 raise ApiError(400, "a prompt event needs `prompt`")
