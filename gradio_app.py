@@ -41,6 +41,15 @@ MAX_IMAGES_PER_ADD = 32
 MAX_UPLOAD = "64mb"  # Gradio refuses larger uploads before they are stored
 CACHE_SECONDS = 3600  # Gradio deletes its cached uploads and outputs older than this, every this often
 THUMB_SIZE = 160
+MAX_IMAGES = 4  # images per generation, each with its own feedback buttons
+# Taste onboarding: pairs generated from these prompts (or the user's own), the user picks one of each pair.
+TASTE_PROMPTS = [
+    "a cozy reading corner by a window", "a portrait of an old fisherman", "a mountain lake at dawn",
+    "a bowl of ramen on a wooden table", "a city street at night in the rain", "a cat asleep on a sofa",
+    "a lighthouse on a rocky coast", "a bouquet of wild flowers",
+]
+TASTE_GOAL = 8  # choices the progress counts towards (PPD personalizes from as few as four)
+TRAIN_EVERY = 4  # choices between two background trainings of the reward model
 
 
 class App:
@@ -59,6 +68,9 @@ class App:
         self._t2i_lock = threading.Lock()
         self._thumb_lock = threading.Lock()
         self._thumbs: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.steps = 20 if preset == "default" else 4  # generation steps the app's own pairs use
+        self._training: dict[str, str] = {}  # user -> the reward model's training status, shown on the page
+        self._train_lock = threading.Lock()
 
     def user(self, request: Any) -> str:
         name = getattr(request, "username", None) if request is not None else None
@@ -117,9 +129,51 @@ class App:
         return cached
 
     def gallery(self, user: str) -> str:
-        cards = [(self.thumbnail(user, c.images[0]) if c.images else None, f"{c.handle} · {c.category or '-'}")
-                 for c in self.db.list(user, limit=500)]
-        return cards_html(cards, empty="No concepts yet.")
+        cards = [(self.thumbnail(user, c.images[0]) if c.images else None, c.handle,
+                  f"{c.category or '-'} · {len(c.images)} image(s)") for c in self.db.list(user, limit=500)]
+        return grid_html(cards, empty="No concepts yet: add one below.", size=120, elem="concept")
+
+    def concept_choices(self, user: str) -> list[str]:
+        return [c.handle for c in self.db.list(user, limit=500)]
+
+    def concept_fields(self, user: str, ref: str | None) -> tuple[str, str, str, str]:
+        """(name, category, info, aliases) of a concept, for the edit form; empty for none."""
+        if not ref:
+            return "", "", "", ""
+        c = self.db.resolve(user, ref)
+        return c.handle, c.category, c.info, ", ".join(c.aliases)
+
+    def save_concept(self, user: str, ref: str, name: str, category: str, info: str, aliases: str) -> tuple[str, str]:
+        """Store the edit form; returns (status, the concept's handle now)."""
+        if not ref:
+            raise ValueError("pick a concept to edit first")
+        names = [a.strip() for a in (aliases or "").split(",") if a.strip()]
+        c = self.db.resolve(user, ref)
+        c = self.db.update(user, c.id, name=(name or "").strip() or None, category=category or "", info=info or "",
+                           aliases=names)
+        return f"saved {c.handle}", c.handle
+
+    def add_concept_images(self, user: str, ref: str, files: list | None) -> str:
+        paths = [f if isinstance(f, str) else f.name for f in files or []]
+        if not ref:
+            raise ValueError("pick a concept to edit first")
+        if not paths:
+            raise ValueError("choose the images to add")
+        if len(paths) > MAX_IMAGES_PER_ADD:
+            raise ValueError(f"{len(paths)} images at once is over the limit of {MAX_IMAGES_PER_ADD}")
+        c = self.db.add_images(user, ref, paths)
+        return f"{c.handle} has {len(c.images)} image(s)"
+
+    def remove_concept_image(self, user: str, ref: str, image_hash: str) -> str:
+        c = self.db.remove_image(user, ref, image_hash)
+        return f"removed an image of {c.handle}: {len(c.images)} left"
+
+    def delete_concept(self, user: str, ref: str) -> str:
+        if not ref:
+            raise ValueError("pick a concept first")
+        c = self.db.resolve(user, ref)
+        self.db.delete(user, c.id)
+        return f"deleted {c.handle}"
 
     def concept_table(self, user: str) -> list[list[Any]]:
         return [[c.handle, c.category, c.info, len(c.images), ", ".join(c.aliases)]
@@ -175,12 +229,12 @@ class App:
                 yield shown, [], "", "", "answering..."
         answer = stream.result
         rows = [[r.concept.handle, round(r.score, 4), r.source, str(r.box) if r.box else ""] for r in answer.retrieved]
-        thumbs = cards_html([(self.thumbnail(user, r.image or r.concept.images[0]),
-                              f"{r.concept.handle} {r.score:.3f} ({r.source})")
-                             for r in answer.retrieved if r.concept.images], empty="")
+        thumbs = grid_html([(self.thumbnail(user, r.image or r.concept.images[0]), r.concept.handle,
+                             f"{r.score:.3f} · {r.source}") for r in answer.retrieved if r.concept.images],
+                           empty="", size=88, elem="retrieved")
         status = ("no concept recognised: answered without personal context" if answer.abstained else
                   "used " + ", ".join(r.concept.handle for r in answer.retrieved))
-        shown[-1]["content"] = answer.answer
+        shown[-1]["content"] = answer.answer or "(the model gave an empty answer)"
         yield shown, rows, thumbs, boxes_html(image, answer.retrieved), status
 
     # ------------------------------------------------------------------ preferences
@@ -189,6 +243,96 @@ class App:
         from mmpersona import PreferenceProfile
 
         return PreferenceProfile(self.db, user)
+
+    def taste_pair(self, user: str, prompts: str, step: int) -> dict[str, Any]:
+        """The onboarding's next pair: two images of one prompt (the user's prompts, one per line, or the built-in
+        set), made without personalization from two seeds. Kept in the page's session state as PNG bytes."""
+        own = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+        if any(len(p) > MAX_PROMPT_CHARS for p in own):
+            raise ValueError(f"a prompt is over the limit of {MAX_PROMPT_CHARS} characters")
+        pool = own or TASTE_PROMPTS
+        prompt = pool[step % len(pool)]
+        pipe = self.t2i_pipe
+        with self._t2i_lock:
+            result = pipe(prompt, user=user, n=2, steps=self.steps, seed=1000 + 2 * step, strategies=[])
+        return {"prompt": prompt, "images": [png_bytes(img) for img in result.images], "step": step}
+
+    def taste_choose(self, user: str, pair: dict | None, which: str, comment: str) -> str:
+        """Store the choice between the pair's images (`A` or `B`) as a pair event; every TRAIN_EVERY choices
+        the reward model trains again in the background."""
+        if not pair or len(pair.get("images", [])) != 2:
+            raise ValueError("start the onboarding first: there is no pair to choose from")
+        a, b = pair["images"]
+        chosen, rejected = (a, b) if which == "A" else (b, a)
+        profile = self.profile(user)
+        profile.compare(pair["prompt"], chosen, rejected, comment=comment or "")
+        count = len(profile.events("pair"))
+        if count % TRAIN_EVERY == 0:
+            self.train_in_background(user)
+        return f"choice {count} stored: {which} for {pair['prompt']!r}"
+
+    def taste_progress(self, user: str) -> str:
+        count = len(self.profile(user).events("pair"))
+        done = min(count, TASTE_GOAL)
+        bar = (f'<progress id="taste-bar" max="{TASTE_GOAL}" value="{done}" style="width:100%"></progress>'
+               f'<p id="taste-count">{count} choice(s) made; {max(TASTE_GOAL - count, 0)} more for a first profile '
+               f'(the reward model trains after every {TRAIN_EVERY}).</p>')
+        return bar
+
+    def train_in_background(self, user: str) -> None:
+        """Train the user's reward model in a thread of its own (one at a time per user); its status is kept
+        for the page to show."""
+        with self._train_lock:
+            if self._training.get(user, "").startswith("training"):
+                return
+            self._training[user] = "training the reward model..."
+
+        def run() -> None:
+            try:
+                model = self.profile(user).train_reward()
+                acc = model.held_out_accuracy
+                text = ("reward model: no data yet" if model.cold_start else
+                        f"reward model trained on {model.pairs} choice(s), {model.likes} like(s), {model.dislikes} "
+                        f"dislike(s); held-out accuracy: {f'{acc:.2f}' if acc is not None else 'n/a (too few)'}")
+            except Exception as e:  # noqa: BLE001 - shown on the page, and logged
+                logger.exception("reward training for %s failed", user)
+                text = f"reward model training failed: {e}"
+            with self._train_lock:
+                self._training[user] = text
+
+        threading.Thread(target=run, name=f"reward-{user}", daemon=True).start()
+
+    def training_status(self, user: str) -> str:
+        with self._train_lock:
+            return self._training.get(user, "")
+
+    def feedback(self, user: str, kind: str, generated: dict | None, index: int, comment: str) -> str:
+        """Feedback on one generated image: `like`, `dislike`, or `choose` (this one over each of the other images
+        of the same prompt: one pair event per other image)."""
+        images = (generated or {}).get("images", [])
+        if not 0 <= index < len(images):
+            raise ValueError("there is no such image: generate first")
+        profile = self.profile(user)
+        if kind in ("like", "dislike"):
+            getattr(profile, kind)(images[index], comment=comment or "")
+            return f"{kind}d image {index + 1} ({len(profile.events(kind))} {kind}(s) in total)"
+        others = [img for j, img in enumerate(images) if j != index]
+        if not others:
+            raise ValueError("one image alone cannot be chosen over others: generate two or more")
+        for other in others:
+            profile.compare(generated["prompt"], images[index], other, comment=comment or "")
+        return f"chose image {index + 1} over {len(others)} other(s) ({len(profile.events('pair'))} choice(s) in total)"
+
+    def profile_entries(self, user: str) -> list[dict[str, Any]]:
+        """The profile's likes, dislikes and choices, newest first, each with its thumbnails, for the page."""
+        out = []
+        for e in reversed(self.profile(user).events()):
+            if e.kind == "prompt":
+                continue
+            hashes = [h for h in (e.image, e.other) if h]
+            out.append({"id": e.id, "kind": e.kind, "prompt": e.prompt, "comment": e.comment,
+                        "thumbs": [self.thumbnail(user, h) for h in hashes]})
+        return out
 
     def generate(self, user: str, prompt: str, strategies: list[str], n: int, steps: int, seed: int,
                  compare: bool = False):
@@ -203,7 +347,8 @@ class App:
         return (cards_html([(image_uri(img), f"score {s:.3f}") for img, s in zip(mine.images, mine.scores, strict=True)],
                            empty=""),
                 cards_html([(image_uri(img), "vanilla") for img in vanilla.images], empty="") if vanilla else "",
-                {"personalized": mine.metadata, "vanilla": vanilla.metadata if vanilla else None})
+                {"personalized": mine.metadata, "vanilla": vanilla.metadata if vanilla else None},
+                {"prompt": prompt, "images": [png_bytes(img) for img in mine.images]})
 
 
 def bounded_history(history: Any) -> list[dict]:
@@ -258,15 +403,38 @@ def boxes_html(image: Any, retrieved: list) -> str:
             f'data-boxes="{len(marks)}">')
 
 
-def cards_html(cards: list[tuple[str | None, str]], *, empty: str) -> str:
+def cards_html(cards: list[tuple[str | None, str]], *, empty: str, size: int = 180) -> str:
     """Images with captions as inline HTML: the image data travels in the page, not as a cached file URL."""
+    return grid_html([(uri, caption, "") for uri, caption in cards], empty=empty, size=size)
+
+
+def grid_html(cards: list[tuple[str | None, str, str]], *, empty: str, size: int = 120, elem: str = "card") -> str:
+    """A thumbnail grid: square tiles of `size` px, each image whole (letterboxed, never cropped), its title and
+    detail readable under it. Inline: the image data travels in the page, not as a cached file URL."""
     if not cards:
         return f"<p>{html.escape(empty)}</p>" if empty else ""
+    tile = (f"width:{size}px;height:{size}px;object-fit:contain;background:#f1f1f1;border-radius:6px;"
+            "display:block")
     items = "".join(
-        '<figure style="display:inline-block;margin:4px;text-align:center;max-width:180px">'
-        + (f'<img src="{uri}" alt="{html.escape(caption)}" style="max-width:100%">' if uri else "")
-        + f'<figcaption>{html.escape(caption)}</figcaption></figure>' for uri, caption in cards)
-    return f'<div class="mmp-cards">{items}</div>'
+        f'<figure class="mmp-{elem}" style="margin:0;width:{size}px">'
+        + (f'<img src="{uri}" alt="{html.escape(title)}" style="{tile}">' if uri else
+           f'<div style="{tile}"></div>')
+        + f'<figcaption style="font-size:13px;line-height:1.3;overflow-wrap:anywhere"><b>{html.escape(title)}</b>'
+        + (f'<br><span style="opacity:.75">{html.escape(detail)}</span>' if detail else "")
+        + "</figcaption></figure>" for uri, title, detail in cards)
+    return (f'<div class="mmp-grid" style="display:grid;grid-template-columns:repeat(auto-fill,{size}px);'
+            f'gap:10px">{items}</div>')
+
+
+def image_uri_bytes(data: bytes) -> str:
+    """A data URI of PNG bytes (generated images: shown as made, not re-encoded)."""
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def png_bytes(img: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _text(content: Any) -> str:
@@ -308,210 +476,467 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
         mode = ("Signed in: each user sees only their own concepts and preferences." if multi_user else
                 "Single-user mode (no --auth): everything here belongs to one local user.")
         gr.Markdown(f"# mmpersona\nPreset **{preset}**. {mode}")
+        # bumped by every change to the profile, in any tab: the profile list renders again
+        profile_tick = gr.State(0)
 
         with gr.Tab("Concepts"):
-            gallery = gr.HTML(label="Your concepts", elem_id="concept-gallery")
-            table = gr.Dataframe(headers=["handle", "category", "info", "images", "aliases"], label="Details",
-                                 interactive=False)
-            with gr.Row():
-                c_name = gr.Textbox(label="Name", placeholder="<bo>")
-                c_cat = gr.Textbox(label="Category", placeholder="dog")
-            c_info = gr.Textbox(label="Info", placeholder="My Shiba Inu, 3 years old")
-            c_files = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="concept-images")
-            with gr.Row():
-                add_btn = gr.Button("Add concept", variant="primary")
-                edit_btn = gr.Button("Save info/category")
-                del_btn = gr.Button("Delete concept", variant="stop")
-            c_status = gr.Textbox(label="Status", interactive=False, elem_id="concept-status")
-            with gr.Accordion("Import", open=False):
-                imp_file = gr.File(label="RAP database or folder (zip), or an mmpersona archive")
-                imp_fmt = gr.Radio(["rap", "folder", "archive"], value="rap", label="Format")
-                imp_btn = gr.Button("Import")
-
-            @guarded
-            def refresh(request: gr.Request):
-                user = app.user(request)
-                return app.gallery(user), app.concept_table(user)
-
-            @guarded
-            def add(name, cat, info, files, request: gr.Request):
-                user = app.user(request)
-                msg = app.add_concept(user, name, cat, info, files)
-                return msg, app.gallery(user), app.concept_table(user), None  # stored: clear the form
-
-            @guarded
-            def edit(name, cat, info, request: gr.Request):
-                user = app.user(request)
-                c = app.db.update(user, name, category=cat or None, info=info or None)
-                return f"updated {c.handle}", app.gallery(user), app.concept_table(user)
-
-            @guarded
-            def delete(name, request: gr.Request):
-                user = app.user(request)
-                app.db.delete(user, name)
-                return f"deleted {name}", app.gallery(user), app.concept_table(user)
-
-            @guarded
-            def do_import(upload, fmt, request: gr.Request):
-                user = app.user(request)
-                if upload is None:
-                    raise ValueError("choose a file to import")
-                return app.import_upload(user, upload, fmt), app.gallery(user), app.concept_table(user)
-
-            outs = [c_status, gallery, table]
-            add_btn.click(add, [c_name, c_cat, c_info, c_files], [*outs, c_files], api_name="add_concept")
-            edit_btn.click(edit, [c_name, c_cat, c_info], outs, api_name="edit_concept")
-            del_btn.click(delete, [c_name], outs, api_name="delete_concept")
-            imp_btn.click(do_import, [imp_file, imp_fmt], outs, api_name="import_concepts")
-            demo.load(refresh, None, [gallery, table], api_name="list_concepts")
-
+            concepts_tab(gr, app, guarded, demo)
         with gr.Tab("Chat"):
-            with gr.Row():
-                ch_image = gr.Image(label="Photo", type="filepath", height=260, elem_id="chat-image")
-                chatbot = gr.Chatbot(label="Conversation", height=320, render_markdown=False)  # <bo> stays text
-            ch_q = gr.Textbox(label="Question", placeholder="What is <bo> doing?")
-            ch_btn = gr.Button("Ask", variant="primary")
-            ch_status = gr.Textbox(label="Status", interactive=False, elem_id="chat-status")
-            ch_rows = gr.Dataframe(headers=["concept", "score", "source", "box"], label="Retrieved concepts",
-                                   interactive=False, elem_id="chat-retrieved")
-            ch_thumbs = gr.HTML(label="Retrieved", elem_id="chat-thumbs")
-            ch_regions = gr.Checkbox(label="Find each concept in the photo (regions)", value=False,
-                                     elem_id="chat-regions")
-            ch_boxes = gr.HTML(label="Where", elem_id="chat-boxes")
-
-            def ask(image, question, history, regions, request: gr.Request):
-                try:
-                    user = app.user(request)
-                    yield from app.chat(user, image, question, history or [], bool(regions))
-                except (MmpersonaError, ValueError, PermissionError) as e:
-                    raise gr.Error(str(e)) from e
-
-            ch_btn.click(ask, [ch_image, ch_q, chatbot, ch_regions],
-                         [chatbot, ch_rows, ch_thumbs, ch_boxes, ch_status], api_name="chat")
-
-        with gr.Tab("Preferences"):
-            with gr.Row():
-                p_image = gr.Image(label="An image", type="filepath", height=200)
-                p_comment = gr.Textbox(label="Comment", placeholder="What you like or dislike about it")
-            with gr.Row():
-                like_btn = gr.Button("Like")
-                dislike_btn = gr.Button("Dislike")
-            gr.Markdown("A/B choice")
-            with gr.Row():
-                ab_a = gr.Image(label="A", type="filepath", height=160)
-                ab_b = gr.Image(label="B", type="filepath", height=160)
-            ab_prompt = gr.Textbox(label="Prompt both were made for")
-            with gr.Row():
-                a_btn = gr.Button("A is better")
-                b_btn = gr.Button("B is better")
-            with gr.Row():
-                liked = gr.Textbox(label="Liked attributes (comma-separated)")
-                disliked = gr.Textbox(label="Disliked attributes (comma-separated)")
-            with gr.Row():
-                save_attr = gr.Button("Save attributes")
-                extract_attr = gr.Button("Derive from comments (VLM)")
-                train_btn = gr.Button("Train reward model", variant="primary")
-            p_status = gr.Textbox(label="Status", interactive=False, elem_id="profile-status")
-
-            def attrs_text(profile):
-                a = profile.attributes
-                return ", ".join(a.liked), ", ".join(a.disliked)
-
-            def record(kind, image, comment, request):
-                if image is None:
-                    raise ValueError("choose an image first")
-                profile = app.profile(app.user(request))
-                getattr(profile, kind)(image, comment=comment or "")
-                return f"{kind}d the image ({len(profile.events(kind))} in total)"
-
-            def choose(which, a, b, prompt, request):
-                if a is None or b is None:
-                    raise ValueError("choose both images")
-                profile = app.profile(app.user(request))
-                chosen, rejected = (a, b) if which == "A" else (b, a)
-                profile.compare(prompt, chosen, rejected)
-                return f"recorded a choice ({len(profile.events('pair'))} in total)"
-
-            @guarded
-            def save_attributes(lk, dl, request: gr.Request):
-                profile = app.profile(app.user(request))
-                split = [x.strip() for x in (lk or "").split(",") if x.strip()]
-                split_d = [x.strip() for x in (dl or "").split(",") if x.strip()]
-                profile.set_attributes(split, split_d)
-                return (*attrs_text(profile), "attributes saved")
-
-            @guarded
-            def derive(request: gr.Request):
-                profile = app.profile(app.user(request))
-                vlm = app.vlm_pipe.vlm
-                with app._vlm_lock:  # the chat tab generates with the same model
-                    profile.extract_attributes(vlm)
-                return (*attrs_text(profile), "attributes derived from your comments")
-
-            @guarded
-            def train(request: gr.Request):
-                model = app.profile(app.user(request)).train_reward()
-                if model.cold_start:
-                    return "no preferences yet: the reward model stays neutral"
-                acc = model.held_out_accuracy
-                return (f"reward model trained on {model.pairs} choices, {model.likes} likes, {model.dislikes} "
-                        f"dislikes; held-out accuracy: {acc if acc is not None else 'n/a (too few examples)'}")
-
-            @guarded
-            def load_attrs(request: gr.Request):
-                return attrs_text(app.profile(app.user(request)))
-
-            @guarded
-            def like(image, comment, request: gr.Request):
-                return record("like", image, comment, request)
-
-            @guarded
-            def dislike(image, comment, request: gr.Request):
-                return record("dislike", image, comment, request)
-
-            @guarded
-            def choose_a(a, b, prompt, request: gr.Request):
-                return choose("A", a, b, prompt, request)
-
-            @guarded
-            def choose_b(a, b, prompt, request: gr.Request):
-                return choose("B", a, b, prompt, request)
-
-            like_btn.click(like, [p_image, p_comment], p_status, api_name="like")
-            dislike_btn.click(dislike, [p_image, p_comment], p_status, api_name="dislike")
-            a_btn.click(choose_a, [ab_a, ab_b, ab_prompt], p_status, api_name="choose_a")
-            b_btn.click(choose_b, [ab_a, ab_b, ab_prompt], p_status, api_name="choose_b")
-            save_attr.click(save_attributes, [liked, disliked], [liked, disliked, p_status],
-                            api_name="save_attributes")
-            extract_attr.click(derive, None, [liked, disliked, p_status], api_name="extract_attributes")
-            train_btn.click(train, None, p_status, api_name="train_reward")
-            demo.load(load_attrs, None, [liked, disliked])
-
+            chat_tab(gr, app)
+        with gr.Tab("Taste"):
+            taste_tab(gr, app, guarded, demo, profile_tick)
         with gr.Tab("Generate"):
-            g_prompt = gr.Textbox(label="Prompt", placeholder="a photo of <bo> on the beach")
-            with gr.Row():
-                g_strats = gr.CheckboxGroup(STRATEGY_CHOICES, value=["attributes", "ip_adapter", "rerank"],
-                                            label="Strategies")
-                g_n = gr.Slider(1, 4, value=1, step=1, label="Images")
-                g_steps = gr.Slider(1, 50, value=20 if preset == "default" else 4, step=1, label="Steps")
-                g_seed = gr.Number(value=0, precision=0, label="Seed")
-            g_compare = gr.Checkbox(value=False, label="Also generate without personalization (twice the time)")
-            g_btn = gr.Button("Generate", variant="primary")
-            with gr.Row():
-                g_mine = gr.HTML(label="Personalized (reward score)", elem_id="generated")
-                g_plain = gr.HTML(label="Vanilla", elem_id="vanilla")
-            g_meta = gr.JSON(label="Metadata")
-
-            @guarded
-            def gen(prompt, strategies, n, steps, seed, compare, request: gr.Request, progress=gr.Progress()):
-                progress(0, desc="generating")
-                return app.generate(app.user(request), prompt, list(strategies or []), int(n), int(steps), int(seed),
-                                    bool(compare))
-
-            g_btn.click(gen, [g_prompt, g_strats, g_n, g_steps, g_seed, g_compare], [g_mine, g_plain, g_meta],
-                        api_name="generate")
+            generate_tab(gr, app, guarded, preset, profile_tick)
+        with gr.Tab("Profile"):
+            profile_tab(gr, app, guarded, demo, profile_tick)
     demo.mmpersona_app = app
     return demo
+
+
+# ------------------------------------------------------------------------------------------ the tabs
+
+
+def concepts_tab(gr, app: App, guarded, demo) -> None:
+    """A thumbnail grid; an add form that clears after each add; an edit form for the concept picked from the
+    list (its images as thumbnails, each with a remove button; images added to it; delete after a confirmation)."""
+    tick = gr.State(0)  # bumped by every change: the edited concept's images render again
+    gallery = gr.HTML(label="Your concepts", elem_id="concept-gallery")
+    table = gr.Dataframe(headers=["handle", "category", "info", "images", "aliases"], label="Details",
+                         interactive=False)
+    status = gr.Textbox(label="Status", interactive=False, elem_id="concept-status")
+    with gr.Accordion("Add a concept", open=True):
+        with gr.Row():
+            c_name = gr.Textbox(label="Name", placeholder="<bo>", elem_id="add-name")
+            c_cat = gr.Textbox(label="Category", placeholder="dog", elem_id="add-category")
+        c_info = gr.Textbox(label="Info", placeholder="My Shiba Inu, 3 years old", elem_id="add-info")
+        c_files = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="concept-images",
+                          height=140)
+        add_btn = gr.Button("Add concept", variant="primary")
+    with gr.Accordion("Edit a concept", open=True):
+        # a typed name works too (and API clients send names): each handler resolves it in the user's own concepts
+        pick = gr.Dropdown(label="Concept to edit", choices=[], value=None, elem_id="edit-pick",
+                           allow_custom_value=True)
+        with gr.Row():
+            e_name = gr.Textbox(label="Edit name", elem_id="edit-name")
+            e_cat = gr.Textbox(label="Edit category", elem_id="edit-category")
+            e_aliases = gr.Textbox(label="Aliases (comma-separated)", elem_id="edit-aliases")
+        e_info = gr.Textbox(label="Edit info", elem_id="edit-info")
+
+        @gr.render(inputs=[pick, tick])
+        def concept_images(ref, _tick, request: gr.Request):
+            if not ref:
+                return
+            user = app.user(request)
+            try:
+                concept = app.db.resolve(user, ref)
+            except Exception:  # noqa: BLE001 - deleted or renamed meanwhile: nothing to show
+                return
+            with gr.Row(elem_id="edit-images"):
+                for number, h in enumerate(concept.images, 1):
+                    with gr.Column(min_width=130, scale=0):
+                        gr.HTML(grid_html([(app.thumbnail(user, h), f"image {number}", h[:8])], empty="",
+                                          size=110, elem="edit-image"))
+                        remove = gr.Button(f"Remove image {number}", size="sm", elem_classes=["remove-image"])
+
+                        @guarded
+                        def remove_image(ref, count, request: gr.Request, h=h):
+                            user = app.user(request)
+                            msg = app.remove_concept_image(user, ref, h)
+                            return msg, count + 1, app.gallery(user), app.concept_table(user)
+
+                        remove.click(remove_image, [pick, tick], [status, tick, gallery, table])
+
+        e_files = gr.File(label="Add images to it", file_count="multiple", file_types=["image"],
+                          elem_id="edit-images-upload", height=140)
+        with gr.Row():
+            save_btn = gr.Button("Save changes")
+            more_btn = gr.Button("Add these images")
+            del_btn = gr.Button("Delete concept", variant="stop")
+        with gr.Row(visible=False, elem_id="delete-confirm") as confirm_row:
+            confirm_text = gr.Markdown()
+            yes_btn = gr.Button("Yes, delete it", variant="stop")
+            no_btn = gr.Button("Cancel")
+    with gr.Accordion("Import", open=False):
+        imp_file = gr.File(label="RAP database or folder (zip), or an mmpersona archive")
+        imp_fmt = gr.Radio(["rap", "folder", "archive"], value="rap", label="Format")
+        imp_btn = gr.Button("Import")
+
+    def views(user: str, selected: str | None = None):
+        """Gallery, table and the pick list (keeping `selected` when it still exists)."""
+        choices = app.concept_choices(user)
+        return (app.gallery(user), app.concept_table(user),
+                gr.update(choices=choices, value=selected if selected in choices else None))
+
+    @guarded
+    def refresh(request: gr.Request):
+        return views(app.user(request))
+
+    @guarded
+    def add(name, cat, info, files, request: gr.Request):
+        user = app.user(request)
+        msg = app.add_concept(user, name, cat, info, files)
+        # stored: the whole form is cleared, so the next concept starts from nothing (no photos carried over)
+        return (msg, *views(user), None, "", "", "")
+
+    @guarded
+    def fill(ref, request: gr.Request):
+        return app.concept_fields(app.user(request), ref)
+
+    @guarded
+    def save(ref, name, cat, info, aliases, count, request: gr.Request):
+        user = app.user(request)
+        msg, handle = app.save_concept(user, ref, name, cat, info, aliases)
+        return (msg, *views(user, handle), count + 1)
+
+    @guarded
+    def add_more(ref, files, count, request: gr.Request):
+        user = app.user(request)
+        msg = app.add_concept_images(user, ref, files)
+        return msg, app.gallery(user), app.concept_table(user), count + 1, gr.update(value=None)
+
+    @guarded
+    def ask_delete(ref, request: gr.Request):
+        if not ref:
+            raise ValueError("pick a concept first")
+        c = app.db.resolve(app.user(request), ref)
+        return gr.update(visible=True), f"Delete **{html.escape(c.handle)}** and its {len(c.images)} image(s)?"
+
+    @guarded
+    def delete(ref, request: gr.Request):
+        user = app.user(request)
+        msg = app.delete_concept(user, ref)
+        return (msg, *views(user), gr.update(visible=False), "", "", "", "")
+
+    @guarded
+    def do_import(upload, fmt, request: gr.Request):
+        user = app.user(request)
+        if upload is None:
+            raise ValueError("choose a file to import")
+        return (app.import_upload(user, upload, fmt), *views(user))
+
+    listing = [gallery, table, pick]
+    add_btn.click(add, [c_name, c_cat, c_info, c_files], [status, *listing, c_files, c_name, c_cat, c_info],
+                  api_name="add_concept")
+    pick.change(fill, [pick], [e_name, e_cat, e_info, e_aliases], api_name="concept_fields")
+    save_btn.click(save, [pick, e_name, e_cat, e_info, e_aliases, tick], [status, *listing, tick],
+                   api_name="edit_concept")
+    more_btn.click(add_more, [pick, e_files, tick], [status, gallery, table, tick, e_files],
+                   api_name="add_concept_images")
+    del_btn.click(ask_delete, [pick], [confirm_row, confirm_text], api_visibility="private")
+    yes_btn.click(delete, [pick], [status, *listing, confirm_row, e_name, e_cat, e_info, e_aliases],
+                  api_name="delete_concept")
+    no_btn.click(lambda: gr.update(visible=False), None, confirm_row, api_visibility="private")
+    imp_btn.click(do_import, [imp_file, imp_fmt], [status, *listing], api_name="import_concepts")
+    demo.load(refresh, None, listing, api_name="list_concepts")
+
+
+def chat_tab(gr, app: App) -> None:
+    from mmpersona import MmpersonaError
+
+    with gr.Row():
+        ch_image = gr.Image(label="Photo", type="filepath", height=260, elem_id="chat-image")
+        chatbot = gr.Chatbot(label="Conversation", height=320, render_markdown=False)  # <bo> stays text
+    ch_q = gr.Textbox(label="Question", placeholder="What is <bo> doing?")
+    ch_regions = gr.Checkbox(label="Find each concept in the photo (regions)", value=False, elem_id="chat-regions")
+    ch_btn = gr.Button("Ask", variant="primary")
+    ch_status = gr.Textbox(label="Status", interactive=False, elem_id="chat-status")
+    with gr.Row():
+        ch_thumbs = gr.HTML(label="Retrieved", elem_id="chat-thumbs")
+        ch_boxes = gr.HTML(label="Where", elem_id="chat-boxes")
+    ch_rows = gr.Dataframe(headers=["concept", "score", "source", "box"], label="Retrieved concepts",
+                           interactive=False, elem_id="chat-retrieved")
+
+    def ask(image, question, history, regions, request: gr.Request):
+        try:
+            user = app.user(request)
+            yield from app.chat(user, image, question, history or [], bool(regions))
+        except (MmpersonaError, ValueError, PermissionError) as e:
+            raise gr.Error(str(e)) from e
+
+    ch_btn.click(ask, [ch_image, ch_q, chatbot, ch_regions], [chatbot, ch_rows, ch_thumbs, ch_boxes, ch_status],
+                 api_name="chat")
+
+
+def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
+    """Onboarding: the app shows pairs of images it generates, the user picks A or B (or skips), with an optional
+    comment; each choice is a pair event; the reward model trains in the background every few choices."""
+    pair = gr.State(None)
+    gr.Markdown("Pick the image you like better in each pair. Every choice goes into your profile; after every "
+                f"{TRAIN_EVERY} choices your personal reward model trains in the background.")
+    t_prompts = gr.Textbox(label="Your own prompts (optional, one per line)", lines=2, elem_id="taste-prompts")
+    start_btn = gr.Button("Show me a pair", variant="primary", elem_id="taste-start")
+    t_prompt = gr.Markdown(elem_id="taste-prompt")
+    with gr.Row():
+        t_a = gr.HTML(label="A", elem_id="taste-a")
+        t_b = gr.HTML(label="B", elem_id="taste-b")
+    t_comment = gr.Textbox(label="Why (optional)", placeholder="warmer light, less clutter", elem_id="taste-comment")
+    with gr.Row():
+        a_btn = gr.Button("A is better", elem_id="taste-choose-a")
+        b_btn = gr.Button("B is better", elem_id="taste-choose-b")
+        skip_btn = gr.Button("Skip", elem_id="taste-skip")
+    t_status = gr.Textbox(label="Status", interactive=False, elem_id="taste-status")
+    t_progress = gr.HTML(elem_id="taste-progress")
+    t_reward = gr.Markdown(elem_id="taste-reward")
+    timer = gr.Timer(1.5, active=False)
+
+    def show(p):
+        return (f"**{html.escape(p['prompt'])}**", cards_html([(image_uri_bytes(p["images"][0]), "A")], empty=""),
+                cards_html([(image_uri_bytes(p["images"][1]), "B")], empty=""))
+
+    @guarded
+    def next_pair(prompts, current, request: gr.Request, progress=gr.Progress()):
+        user = app.user(request)
+        progress(0, desc="generating a pair")
+        step = (current or {}).get("step", len(app.profile(user).events("pair")) - 1) + 1
+        p = app.taste_pair(user, prompts, step)
+        return (p, *show(p), app.taste_progress(user), "")
+
+    def choose(which, prompts, current, comment, count, request, progress):
+        user = app.user(request)
+        msg = app.taste_choose(user, current, which, comment)
+        training = app.training_status(user).startswith("training")
+        progress(0, desc="generating the next pair")
+        p = app.taste_pair(user, prompts, current["step"] + 1)
+        return (p, *show(p), app.taste_progress(user), msg, "", count + 1, app.training_status(user),
+                gr.Timer(active=training))
+
+    @guarded
+    def choose_a(prompts, current, comment, count, request: gr.Request, progress=gr.Progress()):
+        return choose("A", prompts, current, comment, count, request, progress)
+
+    @guarded
+    def choose_b(prompts, current, comment, count, request: gr.Request, progress=gr.Progress()):
+        return choose("B", prompts, current, comment, count, request, progress)
+
+    @guarded
+    def skip(prompts, current, request: gr.Request, progress=gr.Progress()):
+        user = app.user(request)
+        if not current:
+            raise ValueError("start the onboarding first")
+        progress(0, desc="generating the next pair")
+        p = app.taste_pair(user, prompts, current["step"] + 1)
+        return (p, *show(p), app.taste_progress(user), "skipped")
+
+    @guarded
+    def poll(request: gr.Request):
+        text = app.training_status(app.user(request))
+        return text, gr.Timer(active=text.startswith("training"))
+
+    @guarded
+    def load(request: gr.Request):
+        user = app.user(request)
+        return app.taste_progress(user), app.training_status(user)
+
+    shown = [pair, t_prompt, t_a, t_b, t_progress]
+    start_btn.click(next_pair, [t_prompts, pair], [*shown, t_status], api_name="taste_pair")
+    chosen = [*shown, t_status, t_comment, profile_tick, t_reward, timer]
+    a_btn.click(choose_a, [t_prompts, pair, t_comment, profile_tick], chosen, api_name="taste_choose_a")
+    b_btn.click(choose_b, [t_prompts, pair, t_comment, profile_tick], chosen, api_name="taste_choose_b")
+    skip_btn.click(skip, [t_prompts, pair], [*shown, t_status], api_name="taste_skip")
+    timer.tick(poll, None, [t_reward, timer], api_visibility="private")
+    demo.load(load, None, [t_progress, t_reward], api_visibility="private")
+
+
+def generate_tab(gr, app: App, guarded, preset: str, profile_tick) -> None:
+    """Personalized generation; under each image, like, dislike and "this one" (chosen over the others of the
+    same prompt), stored in the profile at once."""
+    generated = gr.State(None)
+    g_prompt = gr.Textbox(label="Prompt", placeholder="a photo of <bo> on the beach", elem_id="generate-prompt")
+    with gr.Row():
+        g_strats = gr.CheckboxGroup(STRATEGY_CHOICES, value=["attributes", "ip_adapter", "rerank"], label="Strategies")
+        g_n = gr.Slider(1, MAX_IMAGES, value=2, step=1, label="Images")
+        g_steps = gr.Slider(1, 50, value=20 if preset == "default" else 4, step=1, label="Steps")
+        g_seed = gr.Number(value=0, precision=0, label="Seed")
+    g_compare = gr.Checkbox(value=False, label="Also generate without personalization (twice the time)")
+    g_btn = gr.Button("Generate", variant="primary")
+    g_status = gr.Textbox(label="Status", interactive=False, elem_id="generate-status")
+    g_comment = gr.Textbox(label="Comment for your feedback (optional)", elem_id="feedback-comment")
+    g_mine = gr.HTML(visible=False)  # the gradio_client API's view of the images (the page shows the slots)
+    slots, buttons = [], []
+    with gr.Row(elem_id="generated"):
+        for i in range(MAX_IMAGES):
+            with gr.Column(visible=False, min_width=200, elem_id=f"generated-{i + 1}") as col:
+                shown = gr.HTML()
+                with gr.Row():
+                    like = gr.Button("Like", size="sm", elem_classes=["feedback-like"])
+                    dislike = gr.Button("Dislike", size="sm", elem_classes=["feedback-dislike"])
+                    choose = gr.Button("This one", size="sm", elem_classes=["feedback-choose"])
+            slots.append((col, shown))
+            buttons.append((like, dislike, choose))
+    g_plain = gr.HTML(label="Vanilla", elem_id="vanilla")
+    g_meta = gr.JSON(label="Metadata")
+
+    @guarded
+    def gen(prompt, strategies, n, steps, seed, compare, request: gr.Request, progress=gr.Progress()):
+        progress(0, desc="generating")
+        mine, plain, meta, state = app.generate(app.user(request), prompt, list(strategies or []), int(n), int(steps),
+                                                int(seed), bool(compare))
+        cells = []
+        for i in range(MAX_IMAGES):
+            if i < len(state["images"]):
+                score = meta["personalized"][i]["reward_score"]
+                cells += [gr.update(visible=True),
+                          cards_html([(image_uri_bytes(state["images"][i]), f"image {i + 1} · score {score:.3f}")],
+                                     empty="", size=240)]
+            else:
+                cells += [gr.update(visible=False), ""]
+        return (mine, plain, meta, state, f"generated {len(state['images'])} image(s)", *cells)
+
+    outputs = [g_mine, g_plain, g_meta, generated, g_status] + [x for pair in slots for x in pair]
+    g_btn.click(gen, [g_prompt, g_strats, g_n, g_steps, g_seed, g_compare], outputs, api_name="generate")
+    for i, trio in enumerate(buttons):
+        for kind, button in zip(("like", "dislike", "choose"), trio, strict=True):
+
+            @guarded
+            def give(state, comment, count, request: gr.Request, kind=kind, i=i):
+                return app.feedback(app.user(request), kind, state, i, comment), count + 1
+
+            button.click(give, [generated, g_comment, profile_tick], [g_status, profile_tick],
+                         api_name=f"{kind}_generated_{i + 1}")
+
+
+def profile_tab(gr, app: App, guarded, demo, profile_tick) -> None:
+    """The profile, visible: likes, dislikes and choices with thumbnails and comments, each removable; the
+    attributes, editable; your own images to like or compare; the reward model; reset after a confirmation."""
+    p_status = gr.Textbox(label="Status", interactive=False, elem_id="profile-status")
+
+    @gr.render(inputs=[profile_tick])
+    def entries(_tick, request: gr.Request):
+        user = app.user(request)
+        rows = app.profile_entries(user)
+        gr.Markdown(f"### Your likes, dislikes and choices ({len(rows)})" if rows else
+                    "### Your profile is empty: make a few choices in the Taste tab, or give feedback on images "
+                    "you generate.")
+        for row in rows:
+            with gr.Row(elem_classes=["profile-entry", f"profile-{row['kind']}"]):
+                labels = ["chosen", "over"] if row["kind"] == "pair" else [row["kind"]]
+                gr.HTML(grid_html([(uri, label, "") for uri, label in zip(row["thumbs"], labels, strict=False)],
+                                  empty="", size=72, elem="profile-thumb"))
+                what = {"like": "Liked", "dislike": "Disliked", "pair": "Chose the first"}[row["kind"]]
+                text = what + (f" for “{row['prompt']}”" if row["prompt"] else "") + (
+                    f": {row['comment']}" if row["comment"] else "")
+                gr.Markdown(html.escape(text))
+                forget = gr.Button("Remove", size="sm", elem_classes=["profile-remove"], scale=0)
+
+                @guarded
+                def remove(count, request: gr.Request, event_id=row["id"]):
+                    app.db.store.delete_profile_event(app.user(request), event_id)
+                    return "removed it from your profile", count + 1
+
+                forget.click(remove, [profile_tick], [p_status, profile_tick])
+
+    with gr.Accordion("Attributes (derived from your comments, editable)", open=True):
+        with gr.Row():
+            liked = gr.Textbox(label="Liked attributes (comma-separated)", elem_id="attr-liked")
+            disliked = gr.Textbox(label="Disliked attributes (comma-separated)", elem_id="attr-disliked")
+        with gr.Row():
+            save_attr = gr.Button("Save attributes")
+            extract_attr = gr.Button("Derive from comments (VLM)")
+            train_btn = gr.Button("Train reward model", variant="primary")
+    with gr.Accordion("Your own images", open=False):
+        with gr.Row():
+            p_image = gr.Image(label="An image", type="filepath", height=200)
+            p_comment = gr.Textbox(label="Comment", placeholder="What you like or dislike about it")
+        with gr.Row():
+            like_btn = gr.Button("Like")
+            dislike_btn = gr.Button("Dislike")
+        gr.Markdown("A/B choice")
+        with gr.Row():
+            ab_a = gr.Image(label="A", type="filepath", height=160)
+            ab_b = gr.Image(label="B", type="filepath", height=160)
+        ab_prompt = gr.Textbox(label="Prompt both were made for")
+        with gr.Row():
+            a_btn = gr.Button("A is better")
+            b_btn = gr.Button("B is better")
+    reset_btn = gr.Button("Reset my profile", variant="stop", elem_id="profile-reset")
+    with gr.Row(visible=False, elem_id="reset-confirm") as confirm_row:
+        gr.Markdown("Forget every like, dislike, choice, attribute and your reward model?")
+        yes_btn = gr.Button("Yes, reset it", variant="stop")
+        no_btn = gr.Button("Cancel")
+
+    def attrs_text(profile):
+        a = profile.attributes
+        return ", ".join(a.liked), ", ".join(a.disliked)
+
+    def record(kind, image, comment, count, request):
+        if image is None:
+            raise ValueError("choose an image first")
+        profile = app.profile(app.user(request))
+        getattr(profile, kind)(image, comment=comment or "")
+        return f"{kind}d the image ({len(profile.events(kind))} in total)", count + 1
+
+    def choose(which, a, b, prompt, count, request):
+        if a is None or b is None:
+            raise ValueError("choose both images")
+        profile = app.profile(app.user(request))
+        chosen, rejected = (a, b) if which == "A" else (b, a)
+        profile.compare(prompt, chosen, rejected)
+        return f"recorded a choice ({len(profile.events('pair'))} in total)", count + 1
+
+    @guarded
+    def save_attributes(lk, dl, request: gr.Request):
+        profile = app.profile(app.user(request))
+        split = [x.strip() for x in (lk or "").split(",") if x.strip()]
+        split_d = [x.strip() for x in (dl or "").split(",") if x.strip()]
+        profile.set_attributes(split, split_d)
+        return (*attrs_text(profile), "attributes saved")
+
+    @guarded
+    def derive(request: gr.Request, progress=gr.Progress()):
+        progress(0, desc="reading your comments")
+        profile = app.profile(app.user(request))
+        vlm = app.vlm_pipe.vlm
+        with app._vlm_lock:  # the chat tab generates with the same model
+            profile.extract_attributes(vlm)
+        return (*attrs_text(profile), "attributes derived from your comments")
+
+    @guarded
+    def train(request: gr.Request, progress=gr.Progress()):
+        progress(0, desc="training the reward model")
+        model = app.profile(app.user(request)).train_reward()
+        if model.cold_start:
+            return "no preferences yet: the reward model stays neutral"
+        acc = model.held_out_accuracy
+        return (f"reward model trained on {model.pairs} choices, {model.likes} likes, {model.dislikes} "
+                f"dislikes; held-out accuracy: {acc if acc is not None else 'n/a (too few examples)'}")
+
+    @guarded
+    def load_attrs(request: gr.Request):
+        return attrs_text(app.profile(app.user(request)))
+
+    @guarded
+    def like(image, comment, count, request: gr.Request):
+        return record("like", image, comment, count, request)
+
+    @guarded
+    def dislike(image, comment, count, request: gr.Request):
+        return record("dislike", image, comment, count, request)
+
+    @guarded
+    def choose_a(a, b, prompt, count, request: gr.Request):
+        return choose("A", a, b, prompt, count, request)
+
+    @guarded
+    def choose_b(a, b, prompt, count, request: gr.Request):
+        return choose("B", a, b, prompt, count, request)
+
+    @guarded
+    def reset(count, request: gr.Request):
+        n = app.profile(app.user(request)).reset()
+        return f"profile reset: {n} entries removed", count + 1, gr.update(visible=False), "", ""
+
+    bumped = [p_status, profile_tick]
+    like_btn.click(like, [p_image, p_comment, profile_tick], bumped, api_name="like")
+    dislike_btn.click(dislike, [p_image, p_comment, profile_tick], bumped, api_name="dislike")
+    a_btn.click(choose_a, [ab_a, ab_b, ab_prompt, profile_tick], bumped, api_name="choose_a")
+    b_btn.click(choose_b, [ab_a, ab_b, ab_prompt, profile_tick], bumped, api_name="choose_b")
+    save_attr.click(save_attributes, [liked, disliked], [liked, disliked, p_status], api_name="save_attributes")
+    extract_attr.click(derive, None, [liked, disliked, p_status], api_name="extract_attributes")
+    train_btn.click(train, None, p_status, api_name="train_reward")
+    reset_btn.click(lambda: gr.update(visible=True), None, confirm_row, api_visibility="private")
+    yes_btn.click(reset, [profile_tick], [*bumped, confirm_row, liked, disliked], api_name="reset_profile")
+    no_btn.click(lambda: gr.update(visible=False), None, confirm_row, api_visibility="private")
+    demo.load(load_attrs, None, [liked, disliked], api_visibility="private")
 
 
 def read_logins(path: str | Path) -> dict[str, str]:

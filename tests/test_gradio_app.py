@@ -1,6 +1,7 @@
 """The Gradio app through gradio_client: each tab's main action, two users, concurrent requests."""
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,11 @@ def client(url, user, password):
 def test_concepts_chat_preferences_generate(server):
     url, images, _ = server
     alice = client(url, "alice", "pw-a")
-    status, gallery, table, cleared = alice.predict("<bo>", "dog", "my shiba",
-                                                    [gradio_client.handle_file(str(images["red"]))],
-                                                    api_name="/add_concept")
-    assert cleared is None  # stored: the form is cleared
+    status, gallery, table, pick, *cleared = alice.predict("<bo>", "dog", "my shiba",
+                                                           [gradio_client.handle_file(str(images["red"]))],
+                                                           api_name="/add_concept")
+    assert cleared == [None, "", "", ""]  # stored: the form is cleared (images, name, category, info)
+    assert alice.predict("<bo>", api_name="/concept_fields") == ("<bo>", "dog", "my shiba", "")
     assert "/gradio_api/file=" not in gallery and "data:image/webp;base64," in gallery  # inline, not a URL
     assert "added <bo>" in status and table["data"][0][0] == "<bo>" and gallery.count("<img") == 1
     chat, rows, thumbs, boxes, chat_status = alice.predict(gradio_client.handle_file(str(images["red"])),
@@ -63,13 +65,13 @@ def test_concepts_chat_preferences_generate(server):
     liked, disliked, msg = alice.predict("warm light, film grain", "blue cast", api_name="/save_attributes")
     assert liked == "warm light, film grain" and disliked == "blue cast"
     assert "reward model trained" in alice.predict(api_name="/train_reward")
-    mine, plain, meta = alice.predict("a ball", ["attributes", "rerank"], 1, 2, 0, True, api_name="/generate")
+    mine, plain, meta, *_ = alice.predict("a ball", ["attributes", "rerank"], 1, 2, 0, True, api_name="/generate")
     assert mine.count("<img") == 1 and plain.count("<img") == 1 and "score" in mine
     metadata = meta  # JSON in the page: no metadata file is left on the server
     assert metadata["personalized"][0]["final_prompt"] == "a ball, warm light, film grain"
     assert metadata["vanilla"][0]["final_prompt"] == "a ball"
     # the vanilla comparison costs a second generation, so only when asked for
-    mine, plain, meta = alice.predict("a ball", ["attributes"], 1, 2, 0, False, api_name="/generate")
+    mine, plain, meta, *_ = alice.predict("a ball", ["attributes"], 1, 2, 0, False, api_name="/generate")
     assert mine.count("<img") == 1 and plain == "" and meta["vanilla"] is None
 
 
@@ -78,12 +80,12 @@ def test_users_never_see_each_other(server):
     alice, bob = client(url, "alice", "pw-a"), client(url, "bob", "pw-b")
     alice.predict("<secret>", "thing", "alice only", [gradio_client.handle_file(str(images["blue"]))],
                   api_name="/add_concept")
-    gallery, table = bob.predict(api_name="/list_concepts")
-    assert "<img" not in gallery and not table["data"]
+    gallery, table, choices = bob.predict(api_name="/list_concepts")
+    assert "<img" not in gallery and not table["data"] and choices["choices"] == []
     with pytest.raises(gradio_client.exceptions.AppError, match="no concept"):
         bob.predict("<secret>", api_name="/delete_concept")
     bob.predict("<rex>", "dog", "bob's dog", [gradio_client.handle_file(str(images["red"]))], api_name="/add_concept")
-    _, alice_table = alice.predict(api_name="/list_concepts")
+    _, alice_table, _ = alice.predict(api_name="/list_concepts")
     assert "<rex>" not in [row[0] for row in alice_table["data"]]
     with pytest.raises((ValueError, gradio_client.exceptions.AuthenticationError), match="(?i)login|credential"):
         gradio_client.Client(url, auth=("alice", "wrong"), verbose=False)
@@ -163,3 +165,49 @@ def test_oversized_uploads_are_refused(server):
     big = b"\0" * (65 * 1024 * 1024)  # over the app's 64 MB limit
     response = alice.post("/gradio_api/upload", files={"files": ("big.png", big, "image/png")})
     assert response.status_code == 413
+
+
+def test_feedback_and_choices_store_exactly_what_was_picked(tmp_path, tiny_cache):
+    """The app's feedback and onboarding handlers, without a server: what each stores, and what each refuses."""
+    import io
+
+    import gradio_app
+    from concept_db.types import content_hash
+
+    def png(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), color).save(buf, format="PNG")
+        return buf.getvalue()
+
+    app = gradio_app.App("tiny", tmp_path / "a.db", "cpu")
+    shown = {"prompt": "a ball", "images": [png((200, 0, 0)), png((0, 200, 0)), png((0, 0, 200))]}
+    assert "liked image 2" in app.feedback("alice", "like", shown, 1, "green")
+    like = app.db.store.profile_events("alice", "like")[0]
+    assert like.image == content_hash(shown["images"][1]) and like.comment == "green"
+    assert "over 2 other" in app.feedback("alice", "choose", shown, 0, "")
+    pairs = app.db.store.profile_events("alice", "pair")
+    assert [(p.image, p.other) for p in pairs] == [(content_hash(shown["images"][0]), content_hash(x))
+                                                   for x in shown["images"][1:]]
+    with pytest.raises(ValueError, match="generate two or more"):
+        app.feedback("alice", "choose", {"prompt": "a", "images": shown["images"][:1]}, 0, "")
+    with pytest.raises(ValueError, match="generate first"):
+        app.feedback("alice", "like", None, 0, "")
+    with pytest.raises(ValueError, match="start the onboarding"):
+        app.taste_choose("alice", None, "A", "")
+    pair = {"prompt": "a lake", "images": shown["images"][:2], "step": 0}
+    app.taste_choose("alice", pair, "B", "calmer")
+    last = app.db.store.profile_events("alice", "pair")[-1]
+    assert (last.image, last.other, last.comment) == (content_hash(pair["images"][1]), content_hash(pair["images"][0]),
+                                                      "calmer")
+    assert "3 choice(s) made" in app.taste_progress("alice")
+    # the fourth choice trains the reward model in the background; its status is kept for the page
+    app.taste_choose("alice", pair, "A", "")
+    deadline = time.monotonic() + 60
+    while app.training_status("alice").startswith("training"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert "trained on 4 choice(s), 1 like(s)" in app.training_status("alice")
+    entries = app.profile_entries("alice")
+    assert len(entries) == 5 and entries[0]["kind"] == "pair" and all(e["thumbs"] for e in entries)
+    assert app.profile_entries("bob") == [] and app.training_status("bob") == ""
+    app.db.close()
