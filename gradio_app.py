@@ -50,6 +50,7 @@ TASTE_PROMPTS = [
 ]
 TASTE_GOAL = 8  # choices the progress counts towards (PPD personalizes from as few as four)
 TRAIN_EVERY = 4  # choices between two background trainings of the reward model
+PROFILE_SHOWN = 100  # profile entries listed (the newest), each with its thumbnails and remove button
 
 
 class App:
@@ -323,13 +324,14 @@ class App:
             profile.compare(generated["prompt"], images[index], other, comment=comment or "")
         return f"chose image {index + 1} over {len(others)} other(s) ({len(profile.events('pair'))} choice(s) in total)"
 
-    def profile_entries(self, user: str) -> list[dict[str, Any]]:
-        """The profile's likes, dislikes and choices, newest first, each with its thumbnails, for the page."""
+    def profile_entries(self, user: str, *, thumbs: int = PROFILE_SHOWN) -> list[dict[str, Any]]:
+        """The profile's likes, dislikes and choices, newest first, for the page; the first `thumbs` of them with
+        their thumbnails."""
         out = []
         for e in reversed(self.profile(user).events()):
             if e.kind == "prompt":
                 continue
-            hashes = [h for h in (e.image, e.other) if h]
+            hashes = [h for h in (e.image, e.other) if h] if len(out) < thumbs else []
             out.append({"id": e.id, "kind": e.kind, "prompt": e.prompt, "comment": e.comment,
                         "thumbs": [self.thumbnail(user, h) for h in hashes]})
         return out
@@ -526,10 +528,12 @@ def concepts_tab(gr, app: App, guarded, demo) -> None:
         def concept_images(ref, _tick, request: gr.Request):
             if not ref:
                 return
+            from concept_db import ConceptNotFound
+
             user = app.user(request)
             try:
                 concept = app.db.resolve(user, ref)
-            except Exception:  # noqa: BLE001 - deleted or renamed meanwhile: nothing to show
+            except ConceptNotFound:  # deleted or renamed meanwhile, or a name typed: nothing to show
                 return
             with gr.Row(elem_id="edit-images"):
                 for number, h in enumerate(concept.images, 1):
@@ -804,10 +808,11 @@ def profile_tab(gr, app: App, guarded, demo, profile_tick) -> None:
     def entries(_tick, request: gr.Request):
         user = app.user(request)
         rows = app.profile_entries(user)
-        gr.Markdown(f"### Your likes, dislikes and choices ({len(rows)})" if rows else
+        more = f", the latest {PROFILE_SHOWN} shown" if len(rows) > PROFILE_SHOWN else ""
+        gr.Markdown(f"### Your likes, dislikes and choices ({len(rows)}{more})" if rows else
                     "### Your profile is empty: make a few choices in the Taste tab, or give feedback on images "
                     "you generate.")
-        for row in rows:
+        for row in rows[:PROFILE_SHOWN]:
             with gr.Row(elem_classes=["profile-entry", f"profile-{row['kind']}"]):
                 labels = ["chosen", "over"] if row["kind"] == "pair" else [row["kind"]]
                 gr.HTML(grid_html([(uri, label, "") for uri, label in zip(row["thumbs"], labels, strict=False)],

@@ -147,10 +147,20 @@ def test_concepts_keep_their_own_images_and_edit_and_delete(ui):
     page.get_by_role("button", name="Save changes").click()
     expect(status).to_have_value("saved <bo>")
     assert db.resolve("alice", "bo").info == "my shiba inu, 3 years old"
+    removed = db.resolve("alice", "bo").images[1]
     page.get_by_role("button", name="Remove image 2").click()
     says(status, "1 left")
     expect(page.locator("figure.mmp-edit-image")).to_have_count(1)
-    assert len(db.resolve("alice", "bo").images) == 1
+    assert list(db.resolve("alice", "bo").images) == [h for h in (hash_of(files["bo1"]), hash_of(files["bo2"]))
+                                                      if h != removed]
+    # and a photo added to it
+    again = next(f for f in (files["bo1"], files["bo2"]) if hash_of(f) == removed)
+    page.locator("#edit-images-upload input[type=file]").set_input_files(str(again))
+    expect(page.locator("#edit-images-upload").get_by_role("row")).to_have_count(1)
+    page.get_by_role("button", name="Add these images").click()
+    says(status, "<bo> has 2 image(s)")
+    expect(page.locator("figure.mmp-edit-image")).to_have_count(2)
+    assert sorted(db.resolve("alice", "bo").images) == sorted([hash_of(files["bo1"]), hash_of(files["bo2"])])
     # delete <dragon>: asked first
     field(page, "edit-pick").click()
     page.get_by_role("option", name="<dragon>").click()

@@ -417,6 +417,8 @@ def test_openapi_documents_every_route_and_the_key(api):
         assert path in spec["paths"], path
     assert any(s.get("scheme") == "bearer" for s in spec["components"]["securitySchemes"].values())
     assert httpx.get(f"{api.url}/docs").status_code == 200
+    models = api.client("alice").models.list().data
+    assert [m.id for m in models] == [api.vlm.vlm.spec.id, api.t2i.t2i.spec.id]
 
 
 # ------------------------------------------------------------------------------------------ the worker
