@@ -172,9 +172,7 @@ class App:
     def delete_concept(self, user: str, ref: str) -> str:
         if not ref:
             raise ValueError("pick a concept first")
-        c = self.db.resolve(user, ref)
-        self.db.delete(user, c.id)
-        return f"deleted {c.handle}"
+        return f"deleted {self.db.delete(user, ref).handle}"
 
     def concept_table(self, user: str) -> list[list[Any]]:
         return [[c.handle, c.category, c.info, len(c.images), ", ".join(c.aliases)]

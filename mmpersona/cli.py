@@ -255,8 +255,7 @@ def concepts_rm(ctx: typer.Context, name: str = typer.Argument(..., help="Name, 
     """Delete a concept with its embeddings, learned tensors and no-longer-used images."""
     s = settings(ctx)
     with open_db(s) as db:
-        c = db.get(s.user, name)
-        db.delete(s.user, c.id)
+        c = db.delete(s.user, name)
     emit(s, {"deleted": c.to_dict()}, f"deleted {c.handle}")
 
 
@@ -957,7 +956,7 @@ def serve(
     try:
         import uvicorn
 
-        from .server.app import ServeConfig, create_app
+        from .server.app import ServeConfig, create_app, preload_models
     except ImportError as e:
         from .errors import MissingDependencyError
 
@@ -987,9 +986,7 @@ def serve(
 
     api = create_app(db, store, vlm=make_chat if chat else None, t2i=make_images if images else None, config=config)
     if preload:  # a model that cannot be had fails here, before the server listens
-        for served in (api.state.chat, api.state.images):
-            if served.state != "not served":
-                served.get()
+        preload_models(api)
     typer.echo(f"serving on http://{host}:{port} (API docs: /docs; health: /health)", err=True)
     uvicorn.run(api, host=host, port=port, log_level="info" if logging.getLogger().level <= logging.INFO else
                 "warning")

@@ -156,8 +156,11 @@ class ConceptDB:
     def update(self, user: str, name_or_id: str, **fields: Any) -> "Concept":
         return self.store.update(user, self.resolve(user, name_or_id).id, **fields)
 
-    def delete(self, user: str, name_or_id: str) -> None:
-        self.store.delete(user, self.resolve(user, name_or_id).id)
+    def delete(self, user: str, name_or_id: str) -> "Concept":
+        """Remove the concept; returns it as it was (for a reply that names it)."""
+        concept = self.resolve(user, name_or_id)
+        self.store.delete(user, concept.id)
+        return concept
 
     def remove_image(self, user: str, name_or_id: str, image_hash: str) -> "Concept":
         return self.store.remove_image(user, self.resolve(user, name_or_id).id, image_hash)

@@ -250,6 +250,8 @@ def dpo_terms(prep: Prepared, adapter_module: Any, users_u: Any, targets: Sequen
     import torch
     import torch.nn.functional as F
 
+    from .dpo import neutral_image_embeds
+
     pipe = prep.t2i.pipeline
     unet = pipe.unet
     b = len(targets)
@@ -271,9 +273,9 @@ def dpo_terms(prep: Prepared, adapter_module: Any, users_u: Any, targets: Sequen
         out = {}
         if pool is not None:
             out = {"text_embeds": pool, "time_ids": prep.time_ids.repeat(len(pool), 1)}
-        if unet.encoder_hid_proj is not None:  # an IP-Adapter is loaded: give it a neutral input
-            dim = pipe.image_encoder.config.projection_dim
-            out["image_embeds"] = [torch.zeros(len(noisy), 1, dim, device=noisy.device, dtype=noisy.dtype)]
+        neutral = neutral_image_embeds(pipe, len(noisy), noisy.device, noisy.dtype)
+        if neutral is not None:
+            out["image_embeds"] = neutral
         return out or None
 
     pred = unet(noisy, t, encoder_hidden_states=pe, added_cond_kwargs=added(pooled)).sample

@@ -157,11 +157,21 @@ def prepare_pairs(t2i: "LoadedT2I", db: "ConceptDB", user: str,
             else:
                 embeds, _ = pipe.encode_prompt(e_prompt, device, 1, False)
                 cond = None
-            if pipe.unet.encoder_hid_proj is not None:  # an IP-Adapter is loaded: give it a neutral input
-                dim = pipe.image_encoder.config.projection_dim
-                cond = {**(cond or {}), "image_embeds": [torch.zeros(2, 1, dim, device=device, dtype=dtype)]}
+            neutral = neutral_image_embeds(pipe, 2, device, dtype)
+            if neutral is not None:
+                cond = {**(cond or {}), "image_embeds": neutral}
             item.update({"embeds": embeds.repeat(2, 1, 1).to(dtype), "added": cond})
     return out
+
+
+def neutral_image_embeds(pipe, n: int, device: Any, dtype: Any) -> "list | None":
+    """The UNet's `image_embeds` input when an IP-Adapter is loaded (it must get one): zeros, a neutral image
+    prompt for `n` samples, in diffusers' list-per-adapter form; None without an IP-Adapter."""
+    import torch
+
+    if pipe.unet.encoder_hid_proj is None:
+        return None
+    return [torch.zeros(n, 1, pipe.image_encoder.config.projection_dim, device=device, dtype=dtype)]
 
 
 def dpo_loss(pipe, item: dict[str, Any], beta: float, timestep: Any, noise: Any, scheduler: Any = None):

@@ -73,6 +73,10 @@ def test_resolve_update_delete_erase(db):
     with pytest.raises(ConceptNotFound, match="no concept 'rex'"):
         db.get("alice", "rex")
     db.add("bob", "rex", [drawn("rectangle", (9, 9, 9))])
+    gone = db.add("alice", "mam", [drawn("rectangle", (9, 9, 9))])
+    assert db.delete("alice", "<mam>").id == gone.id  # the deleted concept, as it was
+    with pytest.raises(ConceptNotFound):
+        db.delete("alice", "mam")
     assert db.erase_user("alice") == 1
     assert db.list("alice") == [] and len(db.list("bob")) == 1
     vec = db.embedder.embed_images([drawn("rectangle", (9, 9, 9))])

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from mmpersona import ConceptDB, MmpersonaError
 from mmpersona.server import KeyStore, ModelWorker, QueueFull, ServeConfig, create_app
+from mmpersona.server.app import preload_models
 from servers import free_port, in_thread, stop, wait_healthy
 
 openai = pytest.importorskip("openai")
@@ -458,6 +459,33 @@ def test_the_worker_runs_one_job_at_a_time_and_hands_back_errors():
         failing.result(5)
     worker.close()
 
+
+
+def test_preloading_builds_the_models_on_the_workers_thread(tmp_path):
+    """All torch work on one thread: preloading runs the model's builder in the worker, as a model job would."""
+    threads = []
+
+    def build():
+        threads.append(threading.current_thread().name)
+        return SimpleNamespace(db=None)
+
+    worker = ModelWorker(queue_size=1, name="the-model-worker")
+    app = create_app(ConceptDB(tmp_path / "c.db", preset="tiny"), KeyStore(tmp_path / "k.json"), t2i=build,
+                     worker=worker)
+    assert (app.state.chat.state, app.state.images.state) == ("not served", "not loaded")
+    preload_models(app)
+    preload_models(app)  # built once
+    assert threads == ["the-model-worker"] and app.state.images.state == "loaded"
+
+    def unavailable():
+        raise MmpersonaError("model 'x' is not available")
+
+    broken = create_app(ConceptDB(tmp_path / "c.db", preset="tiny"), KeyStore(tmp_path / "k.json"), t2i=unavailable,
+                        worker=worker)
+    with pytest.raises(MmpersonaError, match="'x' is not available"):
+        preload_models(broken)
+    assert broken.state.images.state == "not loaded"
+    worker.close()
 
 # ------------------------------------------------------------------------------------------ the command
 
