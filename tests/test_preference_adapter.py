@@ -220,6 +220,18 @@ def test_the_adapter_trains_in_float32_beside_a_half_precision_unet(tmp_path, ti
     assert not t2i.pipeline.unet.is_gradient_checkpointing  # put back as it was
 
 
+
+def test_the_adapter_trains_beside_a_loaded_ip_adapter(tmp_path, tiny_cache, tiny_embedder):
+    """A UNet with an IP-Adapter demands an image prompt on every call: training gives it the neutral one."""
+    from mmpersona.models import load_t2i
+
+    t2i = load_t2i(role="t2i", preset="tiny", device="cpu", ip_adapter=True)
+    assert t2i.pipeline.unet.encoder_hid_proj is not None
+    result = train_adapter(t2i, tiny_embedder, planted_rows(3, 3), tmp_path / "ip",
+                           AdapterTrainConfig(steps=2, **SMALL), progress=False)
+    assert result.steps == 2 and all(np.isfinite(result.losses))
+    assert 0.0 <= result.heldout_pair_accuracy <= 1.0
+
 # ------------------------------------------------------------------------------------------ generation
 
 
