@@ -15,6 +15,7 @@ Final JSON line: api_overhead_ratio (the median of API / direct per pair; target
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import io
 import json
@@ -64,15 +65,17 @@ def main() -> None:
         port = s.getsockname()[1]
     # the server in its own process, as it is deployed: torch's threads in one process would compete with the
     # baseline's own (two OpenMP thread teams on the same cores), which is not the API's cost
+    log = (tmp / "server.log").open("wb")  # a file, not a pipe nobody reads while the server runs
     server = subprocess.Popen(
         [sys.executable, "-m", "mmpersona", "--preset", args.preset, "--device", "cpu", "--db", str(tmp / "c.db"),
          "--model", f"vlm={args.vlm}", "serve", "--port", str(port), "--keys", str(tmp / "keys.json"),
          "--no-images", "--queue-size", str(max(8, args.clients)), "--max-tokens", str(max(512, args.max_tokens))],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT)
+    atexit.register(server.kill)  # also when a check below fails
     deadline = time.monotonic() + 300
     while True:
         if server.poll() is not None:
-            sys.exit(f"the server exited: {server.stdout.read().decode(errors='replace')[-3000:]}")
+            sys.exit(f"the server exited: {(tmp / 'server.log').read_text(errors='replace')[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 break
@@ -163,8 +166,8 @@ def main() -> None:
           f"p95 {p95:.1f} ms, {errors} error(s)")
     print(json.dumps({"api_overhead_ratio": round(ratio("api"), 4), "p50_ms": round(p50, 1),
                       "p95_ms": round(p95, 1), "errors": errors, "direct_ms": round(direct_ms, 2),
-                      "api_ms": round(api_ms, 2),
-                      "openai_client_ratio": round(ratio("openai"), 4), "openai_ms": round(openai_ms, 2), "clients": args.clients, "requests": len(latencies)}))
+                      "api_ms": round(api_ms, 2), "openai_client_ratio": round(ratio("openai"), 4),
+                      "openai_ms": round(openai_ms, 2), "clients": args.clients, "requests": len(latencies)}))
 
 
 if __name__ == "__main__":
