@@ -220,7 +220,6 @@ def test_the_adapter_trains_in_float32_beside_a_half_precision_unet(tmp_path, ti
     assert not t2i.pipeline.unet.is_gradient_checkpointing  # put back as it was
 
 
-
 def test_the_adapter_trains_beside_a_loaded_ip_adapter(tmp_path, tiny_cache, tiny_embedder):
     """A UNet with an IP-Adapter demands an image prompt on every call: training gives it the neutral one."""
     from mmpersona.models import load_t2i
@@ -231,6 +230,7 @@ def test_the_adapter_trains_beside_a_loaded_ip_adapter(tmp_path, tiny_cache, tin
                            AdapterTrainConfig(steps=2, **SMALL), progress=False)
     assert result.steps == 2 and all(np.isfinite(result.losses))
     assert 0.0 <= result.heldout_pair_accuracy <= 1.0
+
 
 # ------------------------------------------------------------------------------------------ generation
 

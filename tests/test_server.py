@@ -460,7 +460,6 @@ def test_the_worker_runs_one_job_at_a_time_and_hands_back_errors():
     worker.close()
 
 
-
 def test_preloading_builds_the_models_on_the_workers_thread(tmp_path):
     """All torch work on one thread: preloading runs the model's builder in the worker, as a model job would."""
     threads = []
@@ -486,6 +485,7 @@ def test_preloading_builds_the_models_on_the_workers_thread(tmp_path):
         preload_models(broken)
     assert broken.state.images.state == "not loaded"
     worker.close()
+
 
 # ------------------------------------------------------------------------------------------ the command
 
