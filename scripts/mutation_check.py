@@ -38,7 +38,7 @@ M = [
  ("15 weights check", "mmpersona/models/loaders.py", '    if not (path / "open_clip_model.safetensors").is_file():', "    if False:", "tests/test_registry.py::test_open_clip_directory_without_weights_is_an_error"),
  ("7 visual budget", "mmpersona/models/loaders.py", "DEFAULT_MAX_VISUAL_TOKENS = 1024", "DEFAULT_MAX_VISUAL_TOKENS = None", "tests/test_vlm_pipeline.py::test_a_phone_photo_costs_at_most_the_visual_budget"),
  ("7 budget in training", "mmpersona/models/loaders.py", "            self._prepared(messages), add_generation_prompt", "            messages, add_generation_prompt", "tests/test_tokens.py::test_training_images_stay_within_the_visual_budget"),
- ("newcomer quiet", "mmpersona/cli.py", "        quiet_libraries()", "        pass", "tests/test_cli.py::test_demo_output_is_the_clis_own"),
+ ("newcomer quiet", "mmpersona/cli/__init__.py", "        quiet_libraries()", "        pass", "tests/test_cli.py::test_demo_output_is_the_clis_own"),
  ("pg private dir", "concept_db/local_pg.py", "    if user and not _reachable_by(user, bindir):", "    if False:", "tests/test_local_pg.py"),
 ]
 only = sys.argv[1:]

@@ -1,6 +1,7 @@
 """The app's defences that need no server: request limits, logins, the checked zip import, start-up rules."""
 
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def test_oversized_requests_are_refused_before_any_model_runs(tmp_path):
 
 def test_zipped_rap_upload_goes_through_the_checked_reader(tmp_path):
     app = gradio_app.App("tiny", tmp_path / "a.db", "cpu")
-    before = set(Path(gradio_app.tempfile.gettempdir()).glob("mmpersona-import-*"))
+    before = set(Path(tempfile.gettempdir()).glob("mmpersona-import-*"))
     bomb = corpus.unzip_bomb(tmp_path / "bomb.zip", 200 * corpus.MiB)
     with pytest.raises(ValueError, match="over the limit"):
         app.import_upload("alice", str(bomb), "rap")
@@ -47,7 +48,7 @@ def test_zipped_rap_upload_goes_through_the_checked_reader(tmp_path):
     junk.write_bytes(b"not a zip at all")
     with pytest.raises(ValueError, match="not a readable archive"):  # a message, not an empty error
         app.import_upload("alice", str(junk), "folder")
-    assert set(Path(gradio_app.tempfile.gettempdir()).glob("mmpersona-import-*")) == before  # cleaned up
+    assert set(Path(tempfile.gettempdir()).glob("mmpersona-import-*")) == before  # cleaned up
     assert app.db.list("alice") == []
     app.db.close()
 
@@ -104,8 +105,10 @@ def test_thumbnails_are_made_once_per_image_and_only_for_their_owner(tmp_path, t
     for i in range(3):
         app.db.add("alice", f"c{i}", [corpus.png(i)])
     made = []
-    real = gradio_app.data_uri
-    monkeypatch.setattr(gradio_app, "data_uri", lambda data, size: made.append(size) or real(data, size))
+    import mmpersona.app.state as app_state
+
+    real = app_state.data_uri
+    monkeypatch.setattr(app_state, "data_uri", lambda data, size: made.append(size) or real(data, size))
     first = app.gallery("alice")
     assert first.count("<img") == 3 and len(made) == 3
     assert app.gallery("alice") == first and len(made) == 3  # a refresh decodes nothing again

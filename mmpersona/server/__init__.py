@@ -3,7 +3,10 @@
     from mmpersona.server import create_app, KeyStore
     app = create_app(db, KeyStore("keys.json"), vlm=chat_pipeline, t2i=image_pipeline)
 
-`app` holds the routes, `keys` the per-user API keys, `worker` the model worker queue.
+`app` assembles the API: the routes, one router per resource, are in `routes/` (`service`, `chat`, `images`,
+`concepts`, `profile`); `config` holds the limits, `errors` the error bodies and handlers, `dependencies` what the
+routes share (`Server`) and the caller's user, `served` the served pipelines, `media` data URLs in and PNGs out,
+`keys` the per-user API keys, `worker` the model worker queue.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     "create_app": "mmpersona.server.app",
-    "ServeConfig": "mmpersona.server.app",
+    "ServeConfig": "mmpersona.server.config",
     "KeyStore": "mmpersona.server.keys",
     "ModelWorker": "mmpersona.server.worker",
     "QueueFull": "mmpersona.server.worker",

@@ -1,0 +1,347 @@
+"""The app's shared state (`App`): one concept database and the lazily loaded models, each used under its lock,
+and every action of the tabs as a method that takes the user first, so each is scoped to the caller."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from .config import (MAX_HISTORY_CHARS, MAX_HISTORY_TURNS, MAX_IMAGES_PER_ADD, MAX_MESSAGE_CHARS, MAX_PROMPT_CHARS,
+                     MAX_QUESTION_CHARS, PROFILE_SHOWN, SINGLE_USER, TASTE_GOAL, TASTE_PROMPTS, THUMB_SIZE,
+                     TRAIN_EVERY)
+from .render import boxes_html, cards_html, data_uri, grid_html, image_uri, png_bytes
+
+logger = logging.getLogger("mmpersona.app")
+
+
+class App:
+    """Shared state: one concept database (thread-safe) and lazily loaded models, each used under its lock."""
+
+    def __init__(self, preset: str = "tiny", db_path: str | Path | None = None, device: str = "auto",
+                 multi_user: bool = False):
+        from mmpersona import ConceptDB
+
+        self.preset, self.device, self.multi_user = preset, device, multi_user
+        self.db = ConceptDB(db_path, preset=preset, device=device)
+        self._vlm_pipe = None
+        self._region_pipe = None
+        self._t2i_pipe = None
+        self._vlm_lock = threading.Lock()
+        self._t2i_lock = threading.Lock()
+        self._thumb_lock = threading.Lock()
+        self._thumbs: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.steps = 20 if preset == "default" else 4  # generation steps the app's own pairs use
+        self._training: dict[str, str] = {}  # user -> the reward model's training status, shown on the page
+        self._train_lock = threading.Lock()
+
+    def user(self, request: Any) -> str:
+        name = getattr(request, "username", None) if request is not None else None
+        if self.multi_user:
+            if not name:
+                raise PermissionError("not logged in")
+            return name
+        return SINGLE_USER
+
+    @property
+    def vlm_pipe(self):
+        from pipelines import PersonalizedVLMPipeline
+
+        with self._vlm_lock:
+            if self._vlm_pipe is None:
+                self._vlm_pipe = PersonalizedVLMPipeline(self.db, preset=self.preset, device=self.device,
+                                                         max_new_tokens=64)
+        return self._vlm_pipe
+
+    @property
+    def region_pipe(self):
+        """The chat pipeline that also finds each concept in the photo: regions from the detector, one concept
+        per region (built once, sharing the chat pipeline's models)."""
+        base = self.vlm_pipe
+        with self._vlm_lock:
+            if self._region_pipe is None:
+                self._region_pipe = base.variant(regions=True, assign=True)
+        return self._region_pipe
+
+    @property
+    def t2i_pipe(self):
+        from pipelines import PersonalizedT2IPipeline
+
+        with self._t2i_lock:
+            if self._t2i_pipe is None:
+                self._t2i_pipe = PersonalizedT2IPipeline(self.db, preset=self.preset, device=self.device)
+        return self._t2i_pipe
+
+    # ------------------------------------------------------------------ concepts
+
+    def thumbnail(self, user: str, image_hash: str) -> str:
+        """A small data-URI thumbnail of one of the user's images, made once per (user, image) and served inline,
+        never as a file another user could fetch. Made from `image_bytes(user, ...)`, which refuses an image
+        that is not the user's; kept per user, so no user is ever served from another's entry."""
+        key = (user, image_hash)
+        with self._thumb_lock:
+            cached = self._thumbs.get(key)
+            if cached is not None:
+                self._thumbs.move_to_end(key)
+                return cached
+        cached = data_uri(self.db.store.image_bytes(user, image_hash), THUMB_SIZE)
+        with self._thumb_lock:
+            self._thumbs[key] = cached
+            while len(self._thumbs) > 4096:
+                self._thumbs.popitem(last=False)
+        return cached
+
+    def gallery(self, user: str) -> str:
+        cards = [(self.thumbnail(user, c.images[0]) if c.images else None, c.handle,
+                  f"{c.category or '-'} · {len(c.images)} image(s)") for c in self.db.list(user, limit=500)]
+        return grid_html(cards, empty="No concepts yet: add one below.", size=120, elem="concept")
+
+    def concept_choices(self, user: str) -> list[str]:
+        return [c.handle for c in self.db.list(user, limit=500)]
+
+    def concept_fields(self, user: str, ref: str | None) -> tuple[str, str, str, str]:
+        """(name, category, info, aliases) of a concept, for the edit form; empty for none."""
+        if not ref:
+            return "", "", "", ""
+        c = self.db.resolve(user, ref)
+        return c.handle, c.category, c.info, ", ".join(c.aliases)
+
+    def save_concept(self, user: str, ref: str, name: str, category: str, info: str, aliases: str) -> tuple[str, str]:
+        """Store the edit form; returns (status, the concept's handle now)."""
+        if not ref:
+            raise ValueError("pick a concept to edit first")
+        names = [a.strip() for a in (aliases or "").split(",") if a.strip()]
+        c = self.db.resolve(user, ref)
+        c = self.db.update(user, c.id, name=(name or "").strip() or None, category=category or "", info=info or "",
+                           aliases=names)
+        return f"saved {c.handle}", c.handle
+
+    def add_concept_images(self, user: str, ref: str, files: list | None) -> str:
+        paths = [f if isinstance(f, str) else f.name for f in files or []]
+        if not ref:
+            raise ValueError("pick a concept to edit first")
+        if not paths:
+            raise ValueError("choose the images to add")
+        if len(paths) > MAX_IMAGES_PER_ADD:
+            raise ValueError(f"{len(paths)} images at once is over the limit of {MAX_IMAGES_PER_ADD}")
+        c = self.db.add_images(user, ref, paths)
+        return f"{c.handle} has {len(c.images)} image(s)"
+
+    def remove_concept_image(self, user: str, ref: str, image_hash: str) -> str:
+        c = self.db.remove_image(user, ref, image_hash)
+        return f"removed an image of {c.handle}: {len(c.images)} left"
+
+    def delete_concept(self, user: str, ref: str) -> str:
+        if not ref:
+            raise ValueError("pick a concept first")
+        return f"deleted {self.db.delete(user, ref).handle}"
+
+    def concept_table(self, user: str) -> list[list[Any]]:
+        return [[c.handle, c.category, c.info, len(c.images), ", ".join(c.aliases)]
+                for c in self.db.list(user, limit=500)]
+
+    def add_concept(self, user: str, name: str, category: str, info: str, files: list | None):
+        paths = [f if isinstance(f, str) else f.name for f in files or []]
+        if not paths:
+            raise ValueError("add at least one image of the concept")
+        if len(paths) > MAX_IMAGES_PER_ADD:
+            raise ValueError(f"{len(paths)} images at once is over the limit of {MAX_IMAGES_PER_ADD}")
+        c = self.db.add(user, name, paths, category=category or "", info=info or "")
+        return f"added {c.handle} with {len(c.images)} image(s)"
+
+    def import_upload(self, user: str, upload: Any, fmt: str) -> str:
+        """Import an uploaded archive, or a zipped RAP database / folder: unpacked by the same checked reader
+        as archives (limits on members, sizes and compression ratio, checked before a byte is written), into a
+        temporary folder that is removed afterwards."""
+        from mmpersona.safe_io import SafeZip, UnsafeInputError
+
+        path = Path(upload if isinstance(upload, str) else upload.name)
+        if fmt == "archive":
+            report = self.db.import_concepts(user, path, "archive", progress=False)
+        else:
+            with tempfile.TemporaryDirectory(prefix="mmpersona-import-") as tmp:
+                try:
+                    with SafeZip(path) as archive:
+                        archive.extract_to(tmp)
+                except UnsafeInputError as e:
+                    raise ValueError(f"the upload is not a usable zip of a {fmt} database: {e}") from e
+                roots = [p for p in Path(tmp).iterdir() if p.is_dir()]
+                root = roots[0] if len(roots) == 1 and not (Path(tmp) / "database.json").exists() else Path(tmp)
+                report = self.db.import_concepts(user, root, fmt, progress=False)
+        lines = [f"imported {len(report.added)} concept(s)"] + [f"skipped {i}: {r}" for i, r in report.skipped]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ chat
+
+    def chat(self, user: str, image: Any, question: str, history: list[dict], regions: bool = False):
+        """Yields (chat messages, retrieved rows, retrieved thumbnails, the photo with each region-retrieved
+        concept's box, label and score drawn, status) as the answer streams. `regions`: find each concept in
+        the photo (detector regions, one concept per region)."""
+        question = question or ""
+        if len(question) > MAX_QUESTION_CHARS:
+            raise ValueError(f"the question is {len(question)} characters, over the limit of {MAX_QUESTION_CHARS}")
+        turns = bounded_history(history)
+        pipe = self.region_pipe if regions else self.vlm_pipe
+        shown = history + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        with self._vlm_lock:  # one generation at a time on the shared model
+            stream = pipe.stream(image, question, user=user, history=turns)
+            for piece in stream:
+                shown[-1]["content"] += piece
+                yield shown, [], "", "", "answering..."
+        answer = stream.result
+        rows = [[r.concept.handle, round(r.score, 4), r.source, str(r.box) if r.box else ""] for r in answer.retrieved]
+        thumbs = grid_html([(self.thumbnail(user, r.image or r.concept.images[0]), r.concept.handle,
+                             f"{r.score:.3f} · {r.source}") for r in answer.retrieved if r.concept.images],
+                           empty="", size=88, elem="retrieved")
+        status = ("no concept recognised: answered without personal context" if answer.abstained else
+                  "used " + ", ".join(r.concept.handle for r in answer.retrieved))
+        shown[-1]["content"] = answer.answer or "(the model gave an empty answer)"
+        yield shown, rows, thumbs, boxes_html(image, answer.retrieved), status
+
+    # ------------------------------------------------------------------ preferences
+
+    def profile(self, user: str):
+        from mmpersona import PreferenceProfile
+
+        return PreferenceProfile(self.db, user)
+
+    def taste_pair(self, user: str, prompts: str, step: int) -> dict[str, Any]:
+        """The onboarding's next pair: two images of one prompt (the user's prompts, one per line, or the built-in
+        set), made without personalization from two seeds. Kept in the page's session state as PNG bytes."""
+        own = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+        if any(len(p) > MAX_PROMPT_CHARS for p in own):
+            raise ValueError(f"a prompt is over the limit of {MAX_PROMPT_CHARS} characters")
+        pool = own or TASTE_PROMPTS
+        prompt = pool[step % len(pool)]
+        pipe = self.t2i_pipe
+        with self._t2i_lock:
+            result = pipe(prompt, user=user, n=2, steps=self.steps, seed=1000 + 2 * step, strategies=[])
+        return {"prompt": prompt, "images": [png_bytes(img) for img in result.images], "step": step}
+
+    def taste_choose(self, user: str, pair: dict | None, which: str, comment: str) -> str:
+        """Store the choice between the pair's images (`A` or `B`) as a pair event; every TRAIN_EVERY choices
+        the reward model trains again in the background."""
+        if not pair or len(pair.get("images", [])) != 2:
+            raise ValueError("start the onboarding first: there is no pair to choose from")
+        a, b = pair["images"]
+        chosen, rejected = (a, b) if which == "A" else (b, a)
+        profile = self.profile(user)
+        profile.compare(pair["prompt"], chosen, rejected, comment=comment or "")
+        count = len(profile.events("pair"))
+        if count % TRAIN_EVERY == 0:
+            self.train_in_background(user)
+        return f"choice {count} stored: {which} for {pair['prompt']!r}"
+
+    def taste_progress(self, user: str) -> str:
+        count = len(self.profile(user).events("pair"))
+        done = min(count, TASTE_GOAL)
+        bar = (f'<progress id="taste-bar" max="{TASTE_GOAL}" value="{done}" style="width:100%"></progress>'
+               f'<p id="taste-count">{count} choice(s) made; {max(TASTE_GOAL - count, 0)} more for a first profile '
+               f'(the reward model trains after every {TRAIN_EVERY}).</p>')
+        return bar
+
+    def train_in_background(self, user: str) -> None:
+        """Train the user's reward model in a thread of its own (one at a time per user); its status is kept
+        for the page to show."""
+        with self._train_lock:
+            if self._training.get(user, "").startswith("training"):
+                return
+            self._training[user] = "training the reward model..."
+
+        def run() -> None:
+            try:
+                model = self.profile(user).train_reward()
+                acc = model.held_out_accuracy
+                text = ("reward model: no data yet" if model.cold_start else
+                        f"reward model trained on {model.pairs} choice(s), {model.likes} like(s), {model.dislikes} "
+                        f"dislike(s); held-out accuracy: {f'{acc:.2f}' if acc is not None else 'n/a (too few)'}")
+            except Exception as e:  # noqa: BLE001 - shown on the page, and logged
+                logger.exception("reward training for %s failed", user)
+                text = f"reward model training failed: {e}"
+            with self._train_lock:
+                self._training[user] = text
+
+        threading.Thread(target=run, name=f"reward-{user}", daemon=True).start()
+
+    def training_status(self, user: str) -> str:
+        with self._train_lock:
+            return self._training.get(user, "")
+
+    def feedback(self, user: str, kind: str, generated: dict | None, index: int, comment: str) -> str:
+        """Feedback on one generated image: `like`, `dislike`, or `choose` (this one over each of the other images
+        of the same prompt: one pair event per other image)."""
+        images = (generated or {}).get("images", [])
+        if not 0 <= index < len(images):
+            raise ValueError("there is no such image: generate first")
+        profile = self.profile(user)
+        if kind in ("like", "dislike"):
+            getattr(profile, kind)(images[index], comment=comment or "")
+            return f"{kind}d image {index + 1} ({len(profile.events(kind))} {kind}(s) in total)"
+        others = [img for j, img in enumerate(images) if j != index]
+        if not others:
+            raise ValueError("one image alone cannot be chosen over others: generate two or more")
+        for other in others:
+            profile.compare(generated["prompt"], images[index], other, comment=comment or "")
+        return f"chose image {index + 1} over {len(others)} other(s) ({len(profile.events('pair'))} choice(s) in total)"
+
+    def profile_entries(self, user: str, *, thumbs: int = PROFILE_SHOWN) -> list[dict[str, Any]]:
+        """The profile's likes, dislikes and choices, newest first, for the page; the first `thumbs` of them with
+        their thumbnails."""
+        out = []
+        for e in reversed(self.profile(user).events()):
+            if e.kind == "prompt":
+                continue
+            hashes = [h for h in (e.image, e.other) if h] if len(out) < thumbs else []
+            out.append({"id": e.id, "kind": e.kind, "prompt": e.prompt, "comment": e.comment,
+                        "thumbs": [self.thumbnail(user, h) for h in hashes]})
+        return out
+
+    def generate(self, user: str, prompt: str, strategies: list[str], n: int, steps: int, seed: int,
+                 compare: bool = False):
+        """The personalized images (inline HTML), and with `compare` the vanilla ones (same seeds: twice the
+        cost), and the metadata as JSON (no file is written)."""
+        if len(prompt or "") > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt is {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
+        pipe = self.t2i_pipe
+        with self._t2i_lock:
+            mine = pipe(prompt, user=user, n=n, steps=steps, seed=seed, strategies=strategies)
+            vanilla = pipe(prompt, user=user, n=n, steps=steps, seed=seed, strategies=[]) if compare else None
+        return (cards_html([(image_uri(img), f"score {s:.3f}") for img, s in zip(mine.images, mine.scores, strict=True)],
+                           empty=""),
+                cards_html([(image_uri(img), "vanilla") for img in vanilla.images], empty="") if vanilla else "",
+                {"personalized": mine.metadata, "vanilla": vanilla.metadata if vanilla else None},
+                {"prompt": prompt, "images": [png_bytes(img) for img in mine.images]})
+
+
+def bounded_history(history: Any) -> list[dict]:
+    """The chat history a client sent, as model turns within the limits: each message at most
+    MAX_MESSAGE_CHARS (longer is refused), the most recent MAX_HISTORY_TURNS within MAX_HISTORY_CHARS."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise ValueError("the chat history must be a list of messages")
+    turns, total = [], 0
+    for m in reversed(history[-4 * MAX_HISTORY_TURNS:]):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            continue
+        text = _text(m.get("content", ""))
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise ValueError(f"a chat message of {len(text)} characters is over the limit of {MAX_MESSAGE_CHARS}")
+        if len(turns) >= MAX_HISTORY_TURNS or total + len(text) > MAX_HISTORY_CHARS:
+            break
+        total += len(text)
+        turns.append({"role": m["role"], "content": [{"type": "text", "text": text}]})
+    return turns[::-1]
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(_text(c) for c in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return str(content)

@@ -1,0 +1,30 @@
+"""The Chat tab: a photo, a question, the streamed answer and the concepts it used."""
+
+from ..state import App
+
+
+def chat_tab(gr, app: App) -> None:
+    from mmpersona import MmpersonaError
+
+    with gr.Row():
+        ch_image = gr.Image(label="Photo", type="filepath", height=260, elem_id="chat-image")
+        chatbot = gr.Chatbot(label="Conversation", height=320, render_markdown=False)  # <bo> stays text
+    ch_q = gr.Textbox(label="Question", placeholder="What is <bo> doing?")
+    ch_regions = gr.Checkbox(label="Find each concept in the photo (regions)", value=False, elem_id="chat-regions")
+    ch_btn = gr.Button("Ask", variant="primary")
+    ch_status = gr.Textbox(label="Status", interactive=False, elem_id="chat-status")
+    with gr.Row():
+        ch_thumbs = gr.HTML(label="Retrieved", elem_id="chat-thumbs")
+        ch_boxes = gr.HTML(label="Where", elem_id="chat-boxes")
+    ch_rows = gr.Dataframe(headers=["concept", "score", "source", "box"], label="Retrieved concepts",
+                           interactive=False, elem_id="chat-retrieved")
+
+    def ask(image, question, history, regions, request: gr.Request):
+        try:
+            user = app.user(request)
+            yield from app.chat(user, image, question, history or [], bool(regions))
+        except (MmpersonaError, ValueError, PermissionError) as e:
+            raise gr.Error(str(e)) from e
+
+    ch_btn.click(ask, [ch_image, ch_q, chatbot, ch_regions], [chatbot, ch_rows, ch_thumbs, ch_boxes, ch_status],
+                 api_name="chat")

@@ -1,0 +1,87 @@
+"""`mmpersona chat`: ask the VLM about a photo, once or interactively."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import MmpersonaError
+from .settings import emit, open_db, settings
+
+
+def chat(
+    ctx: typer.Context,
+    question: Optional[str] = typer.Argument(None, help="Ask once and exit; omit for an interactive chat."),
+    image: Path = typer.Option(..., "--image", help="The photo the question is about."),
+    k: int = typer.Option(3, "-k", min=1, help="Concepts retrieved per source."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Threshold (default: calibrated)."),
+    regions: bool = typer.Option(False, "--regions", help="Also retrieve per detected region."),
+    assign: bool = typer.Option(False, "--assign", help="Regions: one concept per region, one region per concept."),
+    boxes: bool = typer.Option(False, "--boxes", help="Tell the model each region concept's box."),
+    marks: bool = typer.Option(False, "--marks", help="Draw numbered marks on the photo, named in the prompt."),
+    verify: bool = typer.Option(False, "--verify", help="Let the VLM confirm each retrieved concept first."),
+    instance: bool = typer.Option(False, "--instance", help="Match images with DINOv2 beside CLIP (fused)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    mode: str = typer.Option("retrieval", "--mode", help="retrieval, tokens (learned) or hybrid."),
+) -> None:
+    """Ask a VLM about an image with your concepts retrieved and injected (RAP style)."""
+    from pipelines.vlm import PersonalizedVLMPipeline
+
+    from ..images import load_image
+
+    s = settings(ctx)
+    with open_db(s) as db:
+        pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), detector=s.overrides.get("detector"),
+                                       regions=regions, assign=assign, boxes=boxes, marks=marks, verify=verify,
+                                       instance=(s.overrides.get("instance") or True) if instance else False,
+                                       preset=s.preset, device=s.device, dtype=s.dtype, k=k,
+                                       min_score=min_score, max_new_tokens=max_new_tokens, mode=mode)
+        if question is not None:
+            answer = pipe(image, question, user=s.user)
+            emit(s, answer.to_dict(), _answer_text(answer))
+            return
+        session = pipe.chat(s.user, image)
+        typer.echo("Interactive chat: type a question; '/image PATH' changes the photo; '/quit' or Ctrl-D ends.",
+                   err=True)
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                break
+            if not line:
+                continue
+            if line in {"/quit", "/exit"}:
+                break
+            if line.startswith("/image "):
+                try:
+                    session.image = load_image(line[7:].strip())
+                except MmpersonaError as e:
+                    typer.echo(f"error: {e}", err=True)
+                    continue
+                typer.echo(f"image: {line[7:].strip()}", err=True)
+                continue
+            try:
+                pieces = session.stream(line) if not s.json else None
+                if pieces is None:
+                    typer.echo(json.dumps(session.ask(line).to_dict(), default=str))
+                    continue
+                typer.echo("assistant> ", nl=False)
+                for piece in pieces:
+                    typer.echo(piece, nl=False)
+                typer.echo("")
+                typer.echo(_retrieved_line(session.answers[-1]), err=True)
+            except MmpersonaError as e:  # one bad turn does not end the conversation
+                typer.echo(f"error: {e}", err=True)
+
+
+def _retrieved_line(answer) -> str:
+    if answer.abstained:
+        return "(no concept recognised: answered without personal context)"
+    return "(used " + ", ".join(f"{r.concept.handle} {r.source} {r.score:.3f}" for r in answer.retrieved) + ")"
+
+
+def _answer_text(answer) -> str:
+    return f"{answer.answer}\n{_retrieved_line(answer)}"

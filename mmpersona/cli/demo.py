@@ -1,0 +1,30 @@
+"""`mmpersona demo`: the main job end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .settings import emit, settings
+
+
+def demo(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("mmpersona-demo"), "--out", help="Folder for the demo database and image."),
+    steps: int = typer.Option(4, "--steps", min=1, help="Denoising steps for the image."),
+) -> None:
+    """The main job end to end: register concepts, ask about a photo (retrieval + VLM), generate an image."""
+    from ..demo import run_demo
+
+    s = settings(ctx)
+    report = run_demo(preset=s.preset, out_dir=out, device=s.device, dtype=s.dtype, overrides=s.overrides,
+                      steps=steps)
+    used = ", ".join(f"{r['concept']} ({r['source']} {r['score']:.3f})" for r in report.retrieved)
+    lines = [f"preset {report.preset}: " + ", ".join(f"{k}={v}" for k, v in report.models.items()),
+             f"question: {report.question}",
+             f"retrieved: {used or 'nothing (abstained)'}",
+             f"answer: {report.answer!r}" + ("  (random tiny weights: noise)" if report.preset == "tiny" else ""),
+             f"image: {report.image_path}",
+             "timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings_s.items())]
+    emit(s, report.to_dict(), "\n".join(lines))

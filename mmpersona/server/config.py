@@ -1,0 +1,39 @@
+"""The server's limits: what one request may ask of the shared models and the server (`mmpersona serve`'s
+options set some of them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import MmpersonaError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What one request may ask of the shared models and the server; over a limit is a clear 4xx."""
+
+    max_body_bytes: int = 32 * 2**20
+    max_images: int = 4  # images in one chat request (the latest is the photo asked about)
+    max_upload_images: int = 16  # images in one concept upload
+    max_history: int = 32  # earlier messages in one chat request
+    max_message_chars: int = 8_000
+    max_history_chars: int = 32_000
+    max_tokens: int = 512
+    default_max_tokens: int = 128
+    max_n: int = 4
+    default_steps: int = 30
+    max_steps: int = 50
+    max_side: int = 1024
+    max_prompt_chars: int = 2_000
+    max_list: int = 500
+    queue_size: int = 8
+
+    def __post_init__(self):
+        from dataclasses import fields
+
+        low = [f.name for f in fields(self) if getattr(self, f.name) < 1]
+        if low:
+            raise MmpersonaError(f"server limit {low[0]} must be at least 1, got {getattr(self, low[0])}")
+        for default, limit in (("default_max_tokens", "max_tokens"), ("default_steps", "max_steps")):
+            if getattr(self, default) > getattr(self, limit):
+                raise MmpersonaError(f"{default} ({getattr(self, default)}) is over {limit} ({getattr(self, limit)})")

@@ -1,0 +1,51 @@
+"""What every route depends on: the server's shared parts (`Server`) and the caller's user, from the API key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from .errors import ApiError
+
+if TYPE_CHECKING:
+    from mmpersona.conceptdb import ConceptDB
+
+    from .config import ServeConfig
+    from .keys import KeyStore
+    from .served import Served
+    from .worker import ModelWorker
+
+
+@dataclass(frozen=True)
+class Server:
+    """The parts the routes share: the database, the keys, the limits, the model worker and the served models.
+    One per app, in `app.state.server`."""
+
+    db: "ConceptDB"
+    keys: "KeyStore"
+    limits: "ServeConfig"
+    worker: "ModelWorker"
+    chat: "Served"
+    images: "Served"
+
+
+bearer = HTTPBearer(auto_error=False, description="An API key from `mmpersona keys create --user NAME`.")
+
+
+async def server(request: Request) -> Server:
+    return request.app.state.server
+
+
+async def user_of(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+    """The user of the request's API key (401 without a valid one)."""
+    # async: a dict lookup and one stat, not worth a threadpool hop on every request
+    if credentials is None:
+        raise ApiError(401, "missing API key: send `Authorization: Bearer <key>` (create a key with "
+                            "`mmpersona keys create --user NAME`)", "authentication_error", "missing_api_key")
+    user = request.app.state.server.keys.user_for(credentials.credentials)
+    if user is None:
+        raise ApiError(401, "invalid API key", "authentication_error", "invalid_api_key")
+    return user

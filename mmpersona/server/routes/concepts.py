@@ -1,0 +1,101 @@
+"""Your concepts: list, create (multipart, with photos), show, edit, delete, their images, search, stored media."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from ...images import load_image
+from ..config import ServeConfig
+from ..dependencies import Server, server, user_of
+from ..errors import ApiError
+from ..media import data_url_bytes, media_type
+from ..schemas import ConceptPatch, SearchRequest
+
+router = APIRouter(tags=["concepts"])
+
+
+async def read_uploads(files: list[UploadFile], limits: ServeConfig) -> list[bytes]:
+    if len(files) > limits.max_upload_images:
+        raise ApiError(400, f"{len(files)} images at once is over the limit of {limits.max_upload_images}")
+    return [await f.read() for f in files]
+
+
+@router.get("/v1/concepts")
+def concepts_list(category: str | None = None, limit: int = Query(100, ge=1), offset: int = Query(0, ge=0),
+                  user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
+    if limit > srv.limits.max_list:
+        raise ApiError(400, f"limit {limit} is over the limit of {srv.limits.max_list}")
+    found = srv.db.list(user, category=category, limit=limit, offset=offset)
+    return {"object": "list", "data": [c.to_dict() for c in found]}
+
+
+@router.post("/v1/concepts", status_code=201)
+async def concepts_create(name: str = Form(..., description="The concept's name, e.g. bo or <bo>."),
+                          category: str = Form(""), info: str = Form(""), aliases: list[str] = Form([]),
+                          images: list[UploadFile] = File([], description="Reference photos."),
+                          user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
+    """Register a concept with its reference photos (multipart form); nothing is stored if one is bad."""
+    datas = await read_uploads(images, srv.limits)
+    concept = await srv.worker.run(lambda: srv.db.add(user, name, datas, category=category, info=info,
+                                                      aliases=aliases))
+    return concept.to_dict()
+
+
+@router.get("/v1/concepts/{ref}")
+def concepts_show(ref: str, user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
+    """One concept by name (`<bo>` or `bo`), alias or id."""
+    return srv.db.resolve(user, ref).to_dict()
+
+
+@router.patch("/v1/concepts/{ref}")
+def concepts_edit(ref: str, patch: ConceptPatch, user: str = Depends(user_of),
+                  srv: Server = Depends(server)) -> dict[str, Any]:
+    fields = {k: v for k, v in patch.model_dump().items() if v is not None}
+    return srv.db.update(user, ref, **fields).to_dict()
+
+
+@router.delete("/v1/concepts/{ref}")
+def concepts_delete(ref: str, user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
+    concept = srv.db.delete(user, ref)
+    return {"id": concept.id, "object": "concept", "deleted": True}
+
+
+@router.post("/v1/concepts/{ref}/images")
+async def concepts_add_images(ref: str, images: list[UploadFile] = File(...), user: str = Depends(user_of),
+                              srv: Server = Depends(server)) -> dict[str, Any]:
+    datas = await read_uploads(images, srv.limits)
+    return (await srv.worker.run(lambda: srv.db.add_images(user, ref, datas))).to_dict()
+
+
+@router.delete("/v1/concepts/{ref}/images/{image_hash}")
+def concepts_remove_image(ref: str, image_hash: str, user: str = Depends(user_of),
+                          srv: Server = Depends(server)) -> dict[str, Any]:
+    return srv.db.remove_image(user, ref, image_hash).to_dict()
+
+
+@router.post("/v1/concepts/search")
+async def concepts_search(req: SearchRequest, user: str = Depends(user_of),
+                          srv: Server = Depends(server)) -> dict[str, Any]:
+    """Your concepts most like a photo (`image`, a data URL) or a description (`text`)."""
+    if (req.text is None) == (req.image is None):
+        raise ApiError(400, "send exactly one of `text` and `image`")
+    options = {"k": req.k, "category": req.category, "min_score": req.min_score}
+    if req.text is not None:
+        if not req.text.strip() or len(req.text) > srv.limits.max_message_chars:
+            raise ApiError(400, f"`text` must be 1 to {srv.limits.max_message_chars} characters")
+        found = await srv.worker.run(lambda: srv.db.search_text(user, req.text, **options))
+    else:
+        photo = await run_in_threadpool(load_image, data_url_bytes(req.image))
+        found = await srv.worker.run(lambda: srv.db.search_image(user, photo, **options))
+    return {"object": "list", "data": [m.to_dict() for m in found]}
+
+
+@router.get("/v1/media/{image_hash}", response_class=Response)
+def media(image_hash: str, user: str = Depends(user_of), srv: Server = Depends(server)) -> Response:
+    """One of your stored images (a concept's or the profile's) by content hash."""
+    data = srv.db.store.image_bytes(user, image_hash)
+    return Response(data, media_type=media_type(data), headers={"Cache-Control": "private, max-age=86400"})

@@ -1,0 +1,83 @@
+"""Your preference profile: likes, dislikes, pairs and prompts, the attributes, the reward model."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+
+from ..dependencies import Server, server, user_of
+from ..errors import ApiError
+from ..media import data_url_bytes
+from ..schemas import AttributesBody, EventRequest
+
+router = APIRouter(tags=["profile"])
+
+
+def profile(srv: Server, user: str):
+    from mmpersona.preferences import PreferenceProfile
+
+    return PreferenceProfile(srv.db, user)
+
+
+@router.get("/v1/profile")
+def profile_show(user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
+    """Counts, attributes and the reward model's state."""
+    return profile(srv, user).summary()
+
+
+@router.get("/v1/profile/events")
+def profile_events(kind: Literal["like", "dislike", "pair", "prompt"] | None = None,
+                   user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
+    return {"object": "list", "data": [e.to_dict() for e in profile(srv, user).events(kind)]}
+
+
+@router.post("/v1/profile/events", status_code=201)
+def profile_record(event: EventRequest, user: str = Depends(user_of),
+                   srv: Server = Depends(server)) -> dict[str, Any]:
+    """Record a like or dislike (`image`, optional `comment`), a pairwise choice (`prompt`, `chosen`,
+    `rejected`) or a prompt."""
+    p = profile(srv, user)
+    if event.kind in ("like", "dislike"):
+        if event.image is None:
+            raise ApiError(400, f"a {event.kind} needs `image`")
+        e = getattr(p, event.kind)(data_url_bytes(event.image), comment=event.comment)
+    elif event.kind == "pair":
+        if event.chosen is None or event.rejected is None or not event.prompt.strip():
+            raise ApiError(400, "a pair needs `prompt`, `chosen` and `rejected`")
+        e = p.compare(event.prompt, data_url_bytes(event.chosen, "chosen"),
+                      data_url_bytes(event.rejected, "rejected"), comment=event.comment)
+    else:
+        if not event.prompt.strip():
+            raise ApiError(400, "a prompt event needs `prompt`")
+        e = p.add_prompt(event.prompt)
+    return e.to_dict()
+
+
+@router.delete("/v1/profile/events/{event_id}")
+def profile_forget(event_id: str, user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
+    srv.db.store.delete_profile_event(user, event_id)
+    return {"id": event_id, "object": "profile.event", "deleted": True}
+
+
+@router.get("/v1/profile/attributes")
+def attributes_show(user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
+    return profile(srv, user).attributes.to_dict()
+
+
+@router.put("/v1/profile/attributes")
+def attributes_edit(body: AttributesBody, user: str = Depends(user_of),
+                    srv: Server = Depends(server)) -> dict[str, Any]:
+    return profile(srv, user).set_attributes(body.liked, body.disliked).to_dict()
+
+
+@router.post("/v1/profile/reward")
+async def reward_train(user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
+    """Train your reward model on your pairs, likes and dislikes (it reranks your images)."""
+    return (await srv.worker.run(lambda: profile(srv, user).train_reward())).summary()
+
+
+@router.delete("/v1/profile")
+def profile_reset(user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
+    """Forget your whole preference profile."""
+    return {"removed": profile(srv, user).reset()}

@@ -1,0 +1,36 @@
+"""The service itself: health (no key) and the served models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from ... import __version__
+from ..dependencies import Server, server, user_of
+
+router = APIRouter(tags=["service"])
+
+
+@router.get("/health")
+def health(srv: Server = Depends(server)) -> dict[str, Any]:
+    """Liveness and load: the models' state and the worker queue (no key needed, nothing personal)."""
+    worker = srv.worker
+    return {"status": "ok", "version": __version__,
+            "models": {"chat": srv.chat.state, "images": srv.images.state},
+            "queue": {"waiting": worker.waiting, "size": worker.queue_size, "busy": worker.busy}}
+
+
+@router.get("/v1/models")
+def models(user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
+    data = []
+    for served, kind in ((srv.chat, "chat"), (srv.images, "images")):
+        if served.state == "loaded":
+            pipe = served.get()
+            spec = (pipe.vlm if kind == "chat" else pipe.t2i).spec
+            data.append({"id": spec.id, "object": "model", "created": 0, "owned_by": "mmpersona",
+                         "mmpersona": {"kind": kind}})
+        elif served.state == "not loaded":
+            data.append({"id": f"mmpersona-{kind}", "object": "model", "created": 0, "owned_by": "mmpersona",
+                         "mmpersona": {"kind": kind, "state": "not loaded"}})
+    return {"object": "list", "data": data}

@@ -1,0 +1,81 @@
+"""The request bodies of the API's routes (pydantic): OpenAI's shapes for chat and generation, ours for the
+rest."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat completions request; fields it has that a personalized answer cannot honour are refused."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field("mmpersona", description="Ignored: the server serves one chat model (see /v1/models).")
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, description="Absent or 0: greedy decoding.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="One answer per request.")
+    regions: bool = Field(False, description="mmpersona: also retrieve per detected region of the photo.")
+
+
+class ImageRequest(BaseModel):
+    """The shape of OpenAI's `/v1/images/generations`, plus mmpersona's own fields."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt: str = Field(..., min_length=1)
+    model: str | None = Field(None, description="Ignored: the server serves one image model.")
+    n: int = Field(1, ge=1)
+    size: str | None = Field(None, description="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's).")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    strategies: list[str] | None = Field(None, description="mmpersona: the personalization strategies "
+                                                           "(default: the server's).")
+    steps: int | None = Field(None, ge=1, description="mmpersona: denoising steps (default: the server's).")
+    seed: int = 0
+    guidance_scale: float = Field(7.5, ge=0, le=50)
+
+
+class ConceptPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    category: str | None = None
+    info: str | None = None
+    aliases: list[str] | None = None
+    attributes: dict[str, Any] | None = None
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    image: str | None = Field(None, description="A data URL (data:image/png;base64,...).")
+    k: int = Field(5, ge=1, le=50)
+    category: str | None = None
+    min_score: float | None = None
+
+
+class EventRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["like", "dislike", "pair", "prompt"]
+    image: str | None = Field(None, description="like / dislike: the image, a data URL.")
+    comment: str = ""
+    prompt: str = Field("", description="pair / prompt: the prompt.")
+    chosen: str | None = Field(None, description="pair: the preferred image, a data URL.")
+    rejected: str | None = Field(None, description="pair: the other image, a data URL.")
+
+
+class AttributesBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    liked: list[str] | None = None
+    disliked: list[str] | None = None
+
