@@ -8,7 +8,13 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmpersona.errors import MmpersonaError
+
+class MmpersonaError(Exception):
+    """Base class of every error mmpersona raises on purpose.
+
+    The root of the whole distribution's errors (`mmpersona.errors` re-exports it, and users catch it as
+    `mmpersona.MmpersonaError`). It is defined here, in the lowest layer, so that the concept database's errors
+    are mmpersona errors while `concept_db` imports nothing from `mmpersona`."""
 
 
 class ConceptDBError(MmpersonaError):

@@ -26,7 +26,9 @@ from .images import load_image_bytes
 from .safe_io import MiB, ArchiveLimits, SafeZip, UnsafeInputError, parse_json, read_limited
 
 if TYPE_CHECKING:
-    from .conceptdb import ConceptDB
+    from concept_db import ConceptStore
+
+    from .embedder import ClipEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -345,9 +347,13 @@ def _read_archive(archive: SafeZip, embedder: "Callable[[], tuple[str, int]] | N
 # ------------------------------------------------------------------------------------------- import
 
 
-def import_concepts(db: "ConceptDB", user: str, path: str | Path, fmt: str, *, strict: bool = False,
-                    batch_size: int = 32, progress: bool = True) -> ImportReport:
-    """Import concepts for `user` from `path` in format `fmt` (one of `FORMATS`)."""
+def import_concepts(store: "ConceptStore", user: str, path: str | Path, fmt: str, *,
+                    get_embedder: "Callable[[], ClipEmbedder]", strict: bool = False, batch_size: int = 32,
+                    progress: bool = True) -> ImportReport:
+    """Import concepts for `user` from `path` in format `fmt` (one of `FORMATS`) into `store`.
+
+    `get_embedder` returns the embedder; it is called only when an image needs a vector (an archive that
+    carries every vector loads no model)."""
     if fmt not in FORMATS:
         raise ImportFormatError(f"unknown import format {fmt!r}; valid: {', '.join(FORMATS)}")
     report = ImportReport(fmt, str(path))
@@ -357,7 +363,7 @@ def import_concepts(db: "ConceptDB", user: str, path: str | Path, fmt: str, *, s
         pending, skipped = read_folder(path)
         report.skipped += skipped
     else:
-        pending = read_archive(path, embedder=lambda: (db.embedder.name, db.embedder.dim))
+        pending = read_archive(path, embedder=lambda: (get_embedder().name, get_embedder().dim))
 
     def skip(item: str, reason: str) -> None:
         if strict:
@@ -387,14 +393,13 @@ def import_concepts(db: "ConceptDB", user: str, path: str | Path, fmt: str, *, s
             continue
         ready.append((item, datas))
 
-    embeddings = _embed_all(db, user, ready, batch_size, progress, fmt)
+    embeddings = _embed_all(store, get_embedder, user, ready, batch_size, progress, fmt)
     new = []
     for (item, datas), vecs in zip(ready, embeddings, strict=True):
         r = item.restore
         new.append(NewConcept(name=item.name, category=item.category, info=item.info, aliases=r.get("aliases", ()),
                               attributes=r.get("attributes"), images=datas, embeddings=vecs, id=r.get("id"),
                               created=r.get("created"), updated=r.get("updated"), version=r.get("version")))
-    store = db.store
     by_name = {normalize_name(item.name): item for item, _ in ready}  # names were checked above
     with store.transaction():
         result = store.add_many(user, new, skip_invalid=not strict)
@@ -408,8 +413,9 @@ def import_concepts(db: "ConceptDB", user: str, path: str | Path, fmt: str, *, s
     return report
 
 
-def _embed_all(db: "ConceptDB", user: str, ready: list[tuple[_Pending, list[bytes]]], batch_size: int,
-               progress: bool, fmt: str) -> list[dict[str, Any]]:
+def _embed_all(store: "ConceptStore", get_embedder: "Callable[[], ClipEmbedder]", user: str,
+               ready: list[tuple[_Pending, list[bytes]]], batch_size: int, progress: bool,
+               fmt: str) -> list[dict[str, Any]]:
     """Per concept, {embedder: vectors}: restored from an archive when complete (trusted for the importing
     user alone: `known_vectors` never hands one user's vectors to another), else embedded in batches."""
     import numpy as np
@@ -425,9 +431,9 @@ def _embed_all(db: "ConceptDB", user: str, ready: list[tuple[_Pending, list[byte
             todo.append(ci)
     if not todo:
         return out
-    emb = db.embedder
+    emb = get_embedder()
     data_of = {h: d for ci in todo for h, d in zip(hashes[ci], ready[ci][1], strict=True)}
-    vectors = db.store.known_vectors(user, emb.name, list(data_of))
+    vectors = store.known_vectors(user, emb.name, list(data_of))
     fresh = [h for h in data_of if h not in vectors]  # each distinct image is embedded once
     if fresh:
         computed = emb.embed_images([data_of[h] for h in fresh], batch_size=batch_size, progress=progress)
@@ -449,11 +455,10 @@ def _extension(data: bytes) -> str:
     return {"jpeg": "jpg"}.get(fmt, fmt)
 
 
-def export_concepts(db: "ConceptDB", user: str, path: str | Path, fmt: str = "archive") -> int:
-    """Export all of `user`'s concepts to `path`; returns how many were exported."""
+def export_concepts(store: "ConceptStore", user: str, path: str | Path, fmt: str = "archive") -> int:
+    """Export all of `user`'s concepts in `store` to `path`; returns how many were exported."""
     if fmt not in FORMATS:
         raise ImportFormatError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
-    store = db.store
     concepts = store.all_concepts(user)
     path = Path(path)
     if fmt == "archive":

@@ -106,13 +106,14 @@ class ConceptDB:
         Returns an `ImportReport` (added names, skipped items with reasons)."""
         from .concept_io import import_concepts
 
-        return import_concepts(self, user, path, format, strict=strict, progress=progress)
+        return import_concepts(self.store, user, path, format, get_embedder=lambda: self.embedder, strict=strict,
+                               progress=progress)
 
     def export_concepts(self, user: str, path: str | Path, format: str = "archive") -> int:
         """Export `user`'s concepts (`archive`: lossless zip; `rap`; `folder`); returns the count."""
         from .concept_io import export_concepts
 
-        return export_concepts(self, user, path, format)
+        return export_concepts(self.store, user, path, format)
 
     # ------------------------------------------------------------------ retrieval
 

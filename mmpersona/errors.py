@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+# The root is defined in the lowest layer, concept_db, so that the concept database's errors derive from it
+# while concept_db imports nothing from mmpersona.
+from concept_db.types import MmpersonaError
 
-class MmpersonaError(Exception):
-    """Base class of every error mmpersona raises on purpose."""
+__all__ = ["ImageLoadError", "MissingDependencyError", "MmpersonaError", "ModelUnavailableError",
+           "UnknownPresetError", "default_fix"]
 
 
 class ImageLoadError(MmpersonaError, ValueError):

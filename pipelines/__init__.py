@@ -1,7 +1,17 @@
-"""Personalized pipelines: VLM answering (retrieval-augmented) and, later, learned concept tokens and
-text-to-image.
+"""Personalized pipelines and their training loops, on the core (`mmpersona`) and the store (`concept_db`):
 
-Imported lazily: `import pipelines` does not import torch or any model library.
+- VLM answering: `vlm` (the pipeline and chat sessions), `retrieval` (whole image, regions, instance vectors,
+  assignment, verification), `prompt` (the concepts rendered into the model's own template), `marks`;
+- learned concept tokens (Yo'LLaVA style): `tokens` (learning the rows; the model's token manager is
+  `mmpersona.models.tokens`), `negatives` (hard negatives);
+- text-to-image: `t2i` (the pipeline and its strategies), `batch` (resumable batch generation under
+  `accelerate`), `dpo` (a user's Diffusion-DPO LoRA), `preference_adapter` and `adapter_training` (the adapter
+  trained across users);
+- evaluation: `calibrate` (a user's threshold), `evaluation` (the protocols), `peers/` (the peers' benchmarks in
+  their own layouts and scoring).
+
+Nothing here imports the application layer (`mmpersona.cli`, `mmpersona.server`, `mmpersona.app`;
+tests/test_layers.py). Imported lazily: `import pipelines` does not import torch or any model library.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 import subprocess
 import sys
 
-HEAVY = ["torch", "numpy", "transformers", "diffusers", "open_clip", "PIL", "psycopg", "typer", "fastapi", "uvicorn"]
+HEAVY = ["torch", "numpy", "transformers", "diffusers", "open_clip", "PIL", "psycopg", "typer", "fastapi", "uvicorn",
+         "gradio"]
 
 
 def test_import_is_light():
     code = (
-        "import sys, mmpersona, concept_db, pipelines, mmpersona.models, mmpersona.images, mmpersona.server\n"
+        "import sys, mmpersona, concept_db, pipelines, mmpersona.models, mmpersona.images, mmpersona.server, "
+        "mmpersona.app\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

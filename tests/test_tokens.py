@@ -229,13 +229,14 @@ def test_training_runs_where_the_model_is(db, tiny_cache, name):
 def test_what_does_not_change_is_computed_once(db, tiny_cache, monkeypatch):
     """Images are resized and tokenized once per run (not at every evaluation), the tokenizer is copied once
     per set of concepts, and only the answer positions' logits are computed."""
+    import mmpersona.models.tokens as manager_mod
     import pipelines.tokens as tokens_mod
 
     vlm = load_vlm("tiny:qwen2.5-vl", device="cpu")
     prepared, copies, keeps = [], [], []
     real_prepare, real_copy, real_forward = vlm.prepare_image, copy.deepcopy, vlm.model.forward
     monkeypatch.setattr(vlm, "prepare_image", lambda image: prepared.append(1) or real_prepare(image))
-    monkeypatch.setattr(tokens_mod, "copy", SimpleNamespace(deepcopy=lambda x: copies.append(1) or real_copy(x)))
+    monkeypatch.setattr(manager_mod, "copy", SimpleNamespace(deepcopy=lambda x: copies.append(1) or real_copy(x)))
 
     checkpointing = []
 

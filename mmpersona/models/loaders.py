@@ -283,7 +283,7 @@ class LoadedVLM:
         """This model's `TokenManager` for learned concept tokens: one per loaded model, so concepts learned
         with it are answered about with it."""
         if self._token_manager is None:
-            from pipelines.tokens import TokenManager
+            from .tokens import TokenManager
 
             TokenManager(self)  # registers itself
         return self._token_manager
