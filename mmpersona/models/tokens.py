@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from concept_db import Concept
+
     from ..conceptdb import ConceptDB
     from .loaders import LoadedVLM
 
