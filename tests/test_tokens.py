@@ -85,6 +85,7 @@ def test_unload_restores_the_original_rows_and_outputs_exactly(db, tiny_cache, n
     assert rows > len(vlm.processor.tokenizer)  # the padded layout the real checkpoints have
     original, weights = probe(vlm, "Is the ball here?"), snapshot(vlm)
     learn_concept(vlm, db, "alice", "bo", config=LearnConfig(tokens=4, steps=3), progress=False)
+    assert vlm.model.get_input_embeddings().weight.shape[0] == rows  # loaded: they took unused rows, none dropped
     vlm.tokens.unload_all()
     assert vlm.model.get_input_embeddings().weight.shape[0] == rows
     assert torch.equal(probe(vlm, "Is the ball here?"), original)
