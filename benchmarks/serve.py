@@ -70,7 +70,8 @@ def main() -> None:
     server = subprocess.Popen(
         [sys.executable, "-m", "mmpersona", "--preset", args.preset, "--device", "cpu", "--db", str(tmp / "c.db"),
          "--model", f"vlm={args.vlm}", "serve", "--port", str(port), "--keys", str(tmp / "keys.json"),
-         "--no-images", "--queue-size", str(max(8, args.clients)), "--max-tokens", str(max(512, args.max_tokens))],
+         "--no-images", "--queue-size", str(max(8, args.clients)), "--max-user-queue", str(max(4, args.clients)),
+         "--max-tokens", str(max(512, args.max_tokens))],
         stdout=log, stderr=subprocess.STDOUT)
     atexit.register(server.kill)  # also when a check below fails
     deadline = time.monotonic() + 300

@@ -117,6 +117,17 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     DROP INDEX concept_images_hash;
     CREATE INDEX concept_images_image ON concept_images (image_id);
     """),
+    (3, """
+    -- the API keys of `mmpersona serve` (only their SHA-256), shared by every replica of the server
+    CREATE TABLE api_keys (
+        id text PRIMARY KEY,
+        owner text NOT NULL,
+        sha256 text NOT NULL,
+        name text NOT NULL DEFAULT '',
+        created double precision NOT NULL
+    );
+    CREATE INDEX api_keys_owner ON api_keys (owner);
+    """),
 ]
 
 _MIGRATION_LOCK = 7_345_121  # advisory lock key: one process migrates at a time
@@ -395,6 +406,32 @@ class PostgresStore(SQLStore):
         records = self.get_many(owner, list(best))
         return [Match(records[cid], score, image_hash) for cid, (score, image_hash) in best.items()
                 if cid in records]
+
+    # ------------------------------------------------------------------ API keys (the server's, by key id)
+
+    def put_api_key(self, key_id: str, owner: str, sha256: str, name: str, created: float) -> None:
+        check_owner(owner)
+        with self._tx() as c:
+            c.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?)", (key_id, owner, sha256, name, created))
+
+    def api_key(self, key_id: str) -> tuple | None:
+        """(id, owner, sha256, name, created) of one key, or None."""
+        row = self._conn.execute("SELECT id, owner, sha256, name, created FROM api_keys WHERE id = ?",
+                                 (key_id,)).fetchone()
+        return tuple(row) if row is not None else None
+
+    def api_keys(self, owner: str | None = None) -> list[tuple]:
+        sql = "SELECT id, owner, sha256, name, created FROM api_keys"
+        rows = self._conn.execute(sql + " ORDER BY created, id") if owner is None else \
+            self._conn.execute(sql + " WHERE owner = ? ORDER BY created, id", (owner,))
+        return [tuple(r) for r in rows]
+
+    def delete_api_key(self, key_id: str) -> tuple | None:
+        """Remove one key; returns its row, or None when there was none."""
+        with self._tx() as c:
+            row = c.execute("DELETE FROM api_keys WHERE id = ? RETURNING id, owner, sha256, name, created",
+                            (key_id,)).fetchone()
+        return tuple(row) if row is not None else None
 
 
 def _partition_name(owner: str) -> str:

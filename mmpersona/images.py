@@ -111,6 +111,21 @@ def load_image_bytes(
     return data
 
 
+def encoded_pixels(data: bytes) -> int:
+    """The pixel count of encoded image `data`, from its header alone (0 when the header cannot be read:
+    decoding it will say why)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+    except Exception:  # noqa: BLE001 - any reader error: not an image, or a damaged one
+        return 0
+    return max(0, w) * max(0, h)
+
+
 def _decode(data: bytes, label: str, max_pixels: int) -> "Image.Image":
     from PIL import Image
 
@@ -165,16 +180,41 @@ def to_rgb(img: "Image.Image") -> "Image.Image":
 
 
 def _high_depth_to_rgb(img: "Image.Image") -> "Image.Image":
-    """16-bit / 32-bit integer and float greyscale scaled to 8 bits (PIL's own convert clips instead)."""
+    """16-bit / 32-bit integer and float greyscale scaled to 8 bits (PIL's own convert clips instead).
+
+    A band of rows at a time, so that the arithmetic needs a few MB, not 8 bytes per pixel of float64 (an
+    8192x8192 16-bit PNG would take half a GB per copy): the memory it adds is the 8-bit result."""
     import numpy as np
     from PIL import Image
 
-    arr = np.asarray(img).astype(np.float64)
+    w, h = img.size
+    rows = max(1, 2**18 // w)  # about 256k pixels (2 MB of float64) per band
+
+    def bands():
+        for top in range(0, h, rows):
+            yield top, np.asarray(img.crop((0, top, w, min(h, top + rows))))
+
     if img.mode == "F":
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a band of NaN only
+            ends = np.array([(np.nanmin(b), np.nanmax(b)) for _, b in bands()], dtype=np.float64)
+            lo, hi = float(np.nanmin(ends[:, 0])), float(np.nanmax(ends[:, 1]))
     else:
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        scaled = arr / peak * 255.0
-    grey = np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+        wide = img.mode.startswith("I;16") or max(int(b.max(initial=0)) for _, b in bands()) > 255
+        peak = 65535.0 if wide else 255.0
+    grey = np.empty((h, w), dtype=np.uint8)
+    for top, raw in bands():
+        band = raw.astype(np.float64)  # the one temporary: every step below is in place
+        if img.mode == "F" and hi <= lo:
+            band[...] = 0.0
+        elif img.mode == "F":
+            band -= lo
+            band /= hi - lo
+            band *= 255.0
+        else:
+            band /= peak
+            band *= 255.0
+        np.nan_to_num(band, copy=False)
+        np.clip(band, 0, 255, out=band)
+        grey[top : top + rows] = np.round(band, out=band)
     return Image.fromarray(grey, mode="L").convert("RGB")

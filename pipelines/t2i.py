@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 from mmpersona.errors import MmpersonaError
 
 if TYPE_CHECKING:
+    import threading
+
     from PIL import Image
 
     from mmpersona.conceptdb import ConceptDB
@@ -435,6 +437,23 @@ class PersonalizedT2IPipeline:
         if n < 1 or steps < 1:
             raise MmpersonaError(f"`n` and `steps` must be at least 1, got n={n}, steps={steps}")
 
+    @property
+    def native_size(self) -> int:
+        """The side the model was trained at (its default size): the UNet's sample size times the VAE's factor."""
+        pipe = self.diffusers
+        size = pipe.unet.config.sample_size
+        return int(size if isinstance(size, int) else max(size)) * int(getattr(pipe, "vae_scale_factor", 8))
+
+    def work(self, *, n: int, steps: int, width: int | None = None, height: int | None = None,
+             strategies: Sequence[str] | None = None) -> float:
+        """What a call costs at most, in image-steps at the model's native size: images (reranking's candidates
+        included) x steps x pixels / native pixels. Known before anything runs, for budgets."""
+        chosen = self._strategies(strategies) if strategies is not None else self.default_strategies
+        candidates = max([1, *(s.config.candidates for s in chosen if isinstance(s, RerankStrategy))])
+        native = self.native_size
+        pixels = (width or native) * (height or native)
+        return n * candidates * steps * pixels / native**2
+
     def condition(self, prompt: str, user: str, strategies: list[Strategy]) -> tuple[Conditioning, Run]:
         """Apply the strategies in order; returns the conditioning and the per-call state."""
         run = Run(self, user)
@@ -465,9 +484,12 @@ class PersonalizedT2IPipeline:
 
     def __call__(self, prompt: str, *, user: str, n: int = 1, steps: int = 30, guidance_scale: float = 7.5,
                  seed: int = 0, strategies: Sequence[str] | None = None, height: int | None = None,
-                 width: int | None = None) -> T2IResult:
-        """Generate `n` images of `prompt` for `user`; seeds are `seed`, `seed + 1`, ..."""
+                 width: int | None = None, stop: "threading.Event | None" = None) -> T2IResult:
+        """Generate `n` images of `prompt` for `user`; seeds are `seed`, `seed + 1`, ... Setting `stop` (a
+        `threading.Event`) ends the work at the next denoising step, raising `mmpersona.cancel.Cancelled`."""
         import torch
+
+        from mmpersona.cancel import check
 
         self.check_inputs(prompt, user, n, steps)
         chosen = self._strategies(strategies) if strategies is not None else self.default_strategies
@@ -488,10 +510,17 @@ class PersonalizedT2IPipeline:
             pipe.disable_lora()
         text: dict[str, Any] = (self.embeddings(cond, do_cfg) if cond.edits_embeddings else
                                 {"prompt": cond.prompt, "negative_prompt": cond.negative_prompt or None})
+        if stop is not None:
+            def stop_between_steps(pipe, step, timestep, tensors):
+                check(stop)
+                return tensors
+
+            kwargs["callback_on_step_end"] = stop_between_steps
         images: list = []
         batch = self.batch_size or total
         try:
             for first in range(0, total, batch):
+                check(stop)
                 part = seeds[first : first + batch]  # each image keeps its own seed: batching changes nothing
                 out = pipe(**text, num_inference_steps=steps,
                            guidance_scale=guidance_scale, num_images_per_prompt=len(part), height=height,

@@ -362,14 +362,22 @@ class PersonalizedVLMPipeline:
     def __call__(self, image: ImageInput | None, question: str, *, user: str,
                  history: list[dict[str, Any]] | None = None, system: str | None = None,
                  **generate_kwargs: Any) -> VLMAnswer:
-        """Answer `question` about `image` for `user`."""
+        """Answer `question` about `image` for `user`. `generate_kwargs` go to generation; among them `stop`, a
+        `threading.Event` that ends generation at the next token once set (raising `mmpersona.cancel.Cancelled`)."""
         start = time.perf_counter()
         prompt, candidates, timings = self.prepare(image, question, user=user, history=history, system=system)
         t = time.perf_counter()
-        answer = self.generate(prompt.messages, **generate_kwargs)
-        timings["generate_ms"] = (time.perf_counter() - t) * 1000
+        return self.answer(prompt, candidates, timings, self.generate(prompt.messages, **generate_kwargs),
+                           started=t, start=start)
+
+    def answer(self, prompt, candidates: list[RetrievedConcept], timings: dict[str, float], text: str, *,
+               started: float, start: float) -> VLMAnswer:
+        """The `VLMAnswer` of `prepare`'s (prompt, candidates, timings) and the generated `text`; `started` and
+        `start`: `time.perf_counter()` when generation and the whole call began. For callers that generate
+        elsewhere (the server sends a remote VLM's requests from its event loop)."""
+        timings["generate_ms"] = (time.perf_counter() - started) * 1000
         timings["total_ms"] = (time.perf_counter() - start) * 1000
-        return VLMAnswer(answer, prompt.injected, not prompt.injected, printable_messages(prompt.messages),
+        return VLMAnswer(text.strip(), prompt.injected, not prompt.injected, printable_messages(prompt.messages),
                          timings, candidates)
 
     def answer_as(self, method: str, image: ImageInput | None, question: str, *, user: str,
@@ -422,20 +430,28 @@ class AnswerStream:
         import torch
         from transformers import TextIteratorStreamer
 
+        from mmpersona.cancel import check, stopping_criteria
+
         vlm = self.pipe.vlm
         kwargs = {"max_new_tokens": self.pipe.max_new_tokens, **self.generate_kwargs}
+        stop = kwargs.pop("stop", None)
+        check(stop)
         if vlm.remote is not None:  # the server streams: no local thread
             from mmpersona.models.remote import openai_messages
 
             t = time.perf_counter()
             messages = openai_messages(vlm._prepared(self.prompt.messages))
             pieces = []
-            for piece in vlm.remote.stream(messages, kwargs.pop("max_new_tokens"), **kwargs):
+            for piece in vlm.remote.stream(messages, kwargs.pop("max_new_tokens"), stop=stop, **kwargs):
                 pieces.append(piece)
                 yield piece
             self._finish("".join(pieces), t)
             return
         inputs = vlm.inputs(self.prompt.messages)
+        # ends at the next token once set (the check after the loop raises); also when the iteration is closed
+        # early (the consumer left), so that no generation goes on in the background
+        closed = threading.Event()
+        kwargs["stopping_criteria"] = stopping_criteria(_Either(stop, closed), kwargs.get("stopping_criteria"))
         # learned concept tokens are not special tokens: the handles stay in the text
         streamer = TextIteratorStreamer(vlm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         errors: list[BaseException] = []
@@ -452,19 +468,32 @@ class AnswerStream:
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         pieces = []
-        for piece in streamer:
-            pieces.append(piece)
-            yield piece
-        worker.join()
+        try:
+            for piece in streamer:
+                pieces.append(piece)
+                yield piece
+        finally:
+            if worker.is_alive():  # closed early: stop the generation and wait for its thread
+                closed.set()
+            worker.join()
         if errors:
             raise errors[0]
+        check(stop)
         self._finish("".join(pieces), t)
 
     def _finish(self, text: str, started: float) -> None:
-        self.timings["generate_ms"] = (time.perf_counter() - started) * 1000
-        self.timings["total_ms"] = (time.perf_counter() - self.start) * 1000
-        self.result = VLMAnswer(text.strip(), self.prompt.injected, not self.prompt.injected,
-                                printable_messages(self.prompt.messages), self.timings, self.candidates)
+        self.result = self.pipe.answer(self.prompt, self.candidates, self.timings, text, started=started,
+                                       start=self.start)
+
+
+class _Either:
+    """Set when either event is (`None` counts as never set): what the stopping criterion reads."""
+
+    def __init__(self, *events: "threading.Event | None"):
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
 
 
 class ChatSession:

@@ -22,10 +22,31 @@ def serve(
     xl: bool = typer.Option(False, "--xl", help="Generate with the SDXL model (t2i_xl)."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="The preference adapter (folder or hub id)."),
     preload: bool = typer.Option(True, "--preload/--lazy", help="Load the models at start-up (else on first use)."),
-    queue_size: int = typer.Option(8, "--queue-size", min=1,
-                                   help="Model requests that may wait; more are answered 429 with Retry-After."),
-    max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.01, help="Largest request body."),
+    queue_size: int = typer.Option(32, "--queue-size", min=1,
+                                   help="Local model jobs that may wait; more are answered 429 with Retry-After."),
+    max_user_queue: int = typer.Option(4, "--max-user-queue", min=1,
+                                       help="Local model jobs one user may have waiting (fairness: one user's "
+                                            "flood is refused while the others are served)."),
+    max_remote_concurrency: int = typer.Option(32, "--max-remote-concurrency", min=1,
+                                               help="Requests in flight at once to a remote VLM server "
+                                                    "(--model vlm=openai:URL#MODEL)."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1,
+                                  help="Chat requests a local VLM answers in one batched generation."),
+    batch_window_ms: int = typer.Option(5, "--batch-window-ms", min=0,
+                                        help="How long a batch waits for more requests once it could start."),
     max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Longest answer a request may ask for."),
+    max_image_steps: int = typer.Option(480, "--max-image-steps", min=1,
+                                        help="Most work one generation may ask for: images (reranking's candidates "
+                                             "included) x steps x pixels / the model's native pixels."),
+    max_decode_mpixels: float = typer.Option(134.2, "--max-decode-mpixels", min=1.0,
+                                             help="Megapixels of decoded photos held at once (about 6 bytes "
+                                                  "each at peak for a 16-bit PNG; requests wait for room)."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1,
+                                   help="Images per diffusers call (reranking's candidates too); decoded one at "
+                                        "a time (VAE slicing)."),
+    cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Model CPU offload (for small GPUs)."),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode in tiles (less memory for big images)."),
+    max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.01, help="Largest request body."),
 ) -> None:
     """The HTTP API for applications: OpenAI-compatible chat, generation, concepts and preferences per API key."""
     try:
@@ -40,24 +61,30 @@ def serve(
     from pipelines import PersonalizedT2IPipeline, PersonalizedVLMPipeline
 
     from ..conceptdb import ConceptDB
-    from ..server.keys import KeyStore
+    from ..server.keys import open_keys
 
     s = settings(ctx)
-    store = KeyStore(keys)
+    load = {"preset": s.preset, "device": s.device, "dtype": s.dtype}
+    db = ConceptDB(s.db, embedder=s.overrides.get("embedder"), **load)
+    store = open_keys(s.db, keys, store=db.store)
     if not store.list():
         typer.echo(f"note: no API keys in {store.path} yet: create one with `mmpersona keys create --user NAME`",
                    err=True)
-    load = {"preset": s.preset, "device": s.device, "dtype": s.dtype}
-    db = ConceptDB(s.db, embedder=s.overrides.get("embedder"), **load)
     role = "t2i_xl" if xl else "t2i"
     config = ServeConfig(queue_size=queue_size, max_body_bytes=int(max_body_mb * 2**20), max_tokens=max_tokens,
-                         default_max_tokens=min(128, max_tokens))
+                         default_max_tokens=min(128, max_tokens), max_user_queue=max_user_queue,
+                         max_remote_concurrency=max_remote_concurrency, max_image_steps=max_image_steps,
+                         max_decode_pixels=int(max_decode_mpixels * 1e6), max_batch=max_batch,
+                         batch_window_ms=batch_window_ms)
 
     def make_chat():
         return PersonalizedVLMPipeline(db, vlm=s.vlm(), max_new_tokens=config.default_max_tokens, **load)
 
     def make_images():
-        return PersonalizedT2IPipeline(db, t2i=s.overrides.get(role), role=role, adapter=adapter, **load)
+        return PersonalizedT2IPipeline(db, t2i=s.overrides.get(role), role=role, adapter=adapter,
+                                       batch_size=batch_size, load_options={"cpu_offload": cpu_offload,
+                                                                            "vae_slicing": True,
+                                                                            "vae_tiling": vae_tiling}, **load)
 
     api = create_app(db, store, vlm=make_chat if chat else None, t2i=make_images if images else None, config=config)
     if preload:  # a model that cannot be had fails here, before the server listens

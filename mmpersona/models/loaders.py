@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from ..devices import resolve_device, resolve_dtype
 from ..errors import MmpersonaError, ModelUnavailableError
@@ -19,6 +19,8 @@ from .hub import OPEN_CLIP_PATTERNS, TRANSFORMERS_PATTERNS, local_dir
 from .registry import ModelSpec, resolve
 
 if TYPE_CHECKING:
+    import threading
+
     import torch
 
     from ..embedder import ClipEmbedder
@@ -316,18 +318,115 @@ class LoadedVLM:
         """Text of generated ids without the model's special tokens; learned concept tokens (`<bo>`) stay."""
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def generate(self, messages: list[dict], *, max_new_tokens: int = 64, **kwargs: Any) -> str:
-        """Answer one chat turn; returns only the newly generated text."""
+    def generate(self, messages: list[dict], *, max_new_tokens: int = 64, stop: "threading.Event | None" = None,
+                 **kwargs: Any) -> str:
+        """Answer one chat turn; returns only the newly generated text. Setting `stop` ends generation at the
+        next token and raises `mmpersona.cancel.Cancelled`."""
         import torch
 
+        from ..cancel import check, stopping_criteria
+
+        check(stop)
         if self.remote is not None:
             from .remote import openai_messages
 
-            return self.remote.complete(openai_messages(self._prepared(messages)), max_new_tokens, **kwargs)
+            return self.remote.complete(openai_messages(self._prepared(messages)), max_new_tokens, stop=stop,
+                                        **kwargs)
         inputs = self.inputs(messages)
+        if stop is not None:
+            kwargs["stopping_criteria"] = stopping_criteria(stop, kwargs.get("stopping_criteria"))
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
+        check(stop)
         return self.decode(out[0, inputs["input_ids"].shape[1]:])
+
+
+    def generate_batch(self, conversations: list[list[dict]], *, max_new_tokens: Sequence[int],
+                       stops: "Sequence[threading.Event | None] | None" = None,
+                       on_text: "Sequence[Callable[[str], None] | None] | None" = None, **kwargs: Any) -> list[Any]:
+        """Answer several chat turns in one batched generation (left padding); the same options for all of them
+        (`kwargs`: greedy, or the same sampling), each its own `max_new_tokens`, `stops` (setting one ends that
+        answer at the next token; its result is then a `Cancelled`) and `on_text` (called with each new piece of
+        that answer as it is generated). A finished answer stops growing while the others go on. Returns the
+        answers (or the `Cancelled` of those stopped), in order. Under greedy decoding each answer is the one
+        `generate` gives it alone."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        from ..cancel import Cancelled
+
+        if self.remote is not None:
+            raise MmpersonaError("batched generation runs a local model; a remote VLM server batches itself")
+        n = len(conversations)
+        stops = list(stops or [None] * n)
+        on_text = list(on_text or [None] * n)
+        budgets = [int(b) for b in max_new_tokens]
+        if not (len(budgets) == len(stops) == len(on_text) == n) or n == 0:
+            raise MmpersonaError("generate_batch takes one max_new_tokens, stop and on_text per conversation")
+        tokenizer = self.tokenizer
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"  # the answers all start where the prompts end
+        try:
+            inputs = self.processor.apply_chat_template(
+                [self._prepared(m) for m in conversations], add_generation_prompt=True, tokenize=True,
+                return_dict=True, return_tensors="pt", processor_kwargs={"padding": True})
+        finally:
+            tokenizer.padding_side = side
+        inputs = inputs.to(self.device, dtype=self.dtype) if hasattr(inputs, "to") else inputs
+        start = inputs["input_ids"].shape[1]
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
+        said = [""] * n
+
+        class Rows(BaseStreamer):
+            """Each answer's tokens as they come (the first call is the prompts), and its text to `on_text`."""
+
+            prompt = True
+
+            def put(self, value):
+                if self.prompt:
+                    self.prompt = False
+                    return
+                for i, t in enumerate(value.reshape(-1).tolist()):
+                    if done[i]:
+                        continue
+                    tokens[i].append(t)
+                    done[i] = t in eos or len(tokens[i]) >= budgets[i] or (stops[i] is not None and
+                                                                           stops[i].is_set())
+                    if on_text[i] is not None:
+                        text = tokenizer.decode(tokens[i], skip_special_tokens=True)
+                        if not text.endswith("\ufffd") and len(text) > len(said[i]):  # whole characters only
+                            on_text[i](text[len(said[i]):])
+                            said[i] = text
+
+            def end(self):
+                pass
+
+        class Budgets(StoppingCriteria):
+            """An answer ends at its own budget or when its caller leaves; the others go on."""
+
+            def __call__(self, input_ids, scores, **kw):
+                made = input_ids.shape[1] - start
+                return torch.tensor([made >= budgets[i] or (stops[i] is not None and stops[i].is_set())
+                                     for i in range(n)], dtype=torch.bool, device=input_ids.device)
+
+        criteria = StoppingCriteriaList([*kwargs.pop("stopping_criteria", ()), Budgets()])
+        with torch.inference_mode():
+            self.model.generate(**inputs, max_new_tokens=max(budgets), stopping_criteria=criteria, streamer=Rows(),
+                                **kwargs)
+        out: list[Any] = []
+        for i in range(n):
+            if stops[i] is not None and stops[i].is_set():
+                out.append(Cancelled())
+                continue
+            text = tokenizer.decode(tokens[i], skip_special_tokens=True)
+            if on_text[i] is not None and text.strip() and text != said[i] and text.startswith(said[i]):
+                on_text[i](text[len(said[i]):])  # the rest, held back while it ended inside a character
+            out.append(text.strip())
+        return out
 
 
 def load_vlm(spec: SpecLike = None, *, preset: str = "default", device: Any = "auto", dtype: Any = None,

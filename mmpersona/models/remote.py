@@ -23,12 +23,14 @@ import base64
 import io
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 from urllib.parse import urlparse
 
 from ..errors import MissingDependencyError, MmpersonaError, ModelUnavailableError
 
 if TYPE_CHECKING:
+    import threading
+
     from .loaders import LoadedVLM
 
 PREFIX = "openai:"
@@ -122,19 +124,26 @@ class RemoteClient:
     timeout: float = field(default_factory=lambda: float(os.environ.get("MMPERSONA_VLM_TIMEOUT", "120")))
     retries: int = field(default_factory=lambda: int(os.environ.get("MMPERSONA_VLM_RETRIES", "2")))
     _client: Any = field(default=None, repr=False)
+    _aclients: dict = field(default_factory=dict, repr=False)  # the async client and the loop it belongs to
 
     @property
     def client(self) -> Any:
         if self._client is None:
-            try:
-                import openai
-            except ImportError:
-                raise MissingDependencyError("a remote VLM needs the openai client: pip install "
-                                             "'mmpersona[remote]'") from None
-            key = os.environ.get("MMPERSONA_VLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or "not-needed"
-            self._client = openai.OpenAI(base_url=self.url, api_key=key, timeout=self.timeout,
-                                         max_retries=self.retries)
+            self._client = self._make(_openai().OpenAI)
         return self._client
+
+    def aclient(self) -> Any:
+        """The async client of the running event loop (an httpx async client belongs to the loop it runs on)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._aclients.get("loop") is not loop:
+            self._aclients.update(loop=loop, client=self._make(_openai().AsyncOpenAI))
+        return self._aclients["client"]
+
+    def _make(self, kind: Any) -> Any:
+        key = os.environ.get("MMPERSONA_VLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or "not-needed"
+        return kind(base_url=self.url, api_key=key, timeout=self.timeout, max_retries=self.retries)
 
     def _error(self, e: Exception) -> MmpersonaError:
         import openai
@@ -155,30 +164,79 @@ class RemoteClient:
             return MmpersonaError(f"{where} answered HTTP {e.status_code}: {detail}")
         return MmpersonaError(f"{where} failed: {type(e).__name__}: {e}")
 
-    def complete(self, messages: list[dict], max_tokens: int, **kwargs: Any) -> str:
+    def _text(self, out: Any) -> str:
+        if not out.choices:
+            raise MmpersonaError(f"the VLM server {self.url} returned no choices")
+        return (out.choices[0].message.content or "").strip()
+
+    def complete(self, messages: list[dict], max_tokens: int, *, stop: "threading.Event | None" = None,
+                 **kwargs: Any) -> str:
+        """The answer. With `stop`, streamed, so that setting it ends the server's work at the next piece."""
         import openai
 
+        if stop is not None:
+            return "".join(self.stream(messages, max_tokens, stop=stop, **kwargs)).strip()
         try:
             out = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens,
                                                       **_sampling(kwargs))
         except openai.OpenAIError as e:
             raise self._error(e) from None
-        if not out.choices:
-            raise MmpersonaError(f"the VLM server {self.url} returned no choices")
-        return (out.choices[0].message.content or "").strip()
+        return self._text(out)
 
-    def stream(self, messages: list[dict], max_tokens: int, **kwargs: Any) -> Iterator[str]:
+    def stream(self, messages: list[dict], max_tokens: int, *, stop: "threading.Event | None" = None,
+               **kwargs: Any) -> Iterator[str]:
+        """The answer's pieces as they arrive; setting `stop` closes the connection (the server stops) and raises
+        `Cancelled`."""
         import openai
+
+        from ..cancel import check
 
         try:
             chunks = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens,
                                                          stream=True, **_sampling(kwargs))
-            for chunk in chunks:
-                for choice in chunk.choices or ():
-                    if choice.delta is not None and choice.delta.content:
-                        yield choice.delta.content
+            with chunks:
+                for chunk in chunks:
+                    check(stop)
+                    for choice in chunk.choices or ():
+                        if choice.delta is not None and choice.delta.content:
+                            yield choice.delta.content
         except openai.OpenAIError as e:
             raise self._error(e) from None
+
+    async def acomplete(self, messages: list[dict], max_tokens: int, **kwargs: Any) -> str:
+        """`complete` for an event loop: many run at once; cancelling the task closes the request."""
+        import openai
+
+        try:
+            out = await self.aclient().chat.completions.create(model=self.model, messages=messages,
+                                                               max_tokens=max_tokens, **_sampling(kwargs))
+        except openai.OpenAIError as e:
+            raise self._error(e) from None
+        return self._text(out)
+
+    async def astream(self, messages: list[dict], max_tokens: int, **kwargs: Any) -> AsyncIterator[str]:
+        """`stream` for an event loop; closing the iterator (or cancelling its task) closes the request."""
+        import openai
+
+        try:
+            chunks = await self.aclient().chat.completions.create(model=self.model, messages=messages,
+                                                                  max_tokens=max_tokens, stream=True,
+                                                                  **_sampling(kwargs))
+            async with chunks:
+                async for chunk in chunks:
+                    for choice in chunk.choices or ():
+                        if choice.delta is not None and choice.delta.content:
+                            yield choice.delta.content
+        except openai.OpenAIError as e:
+            raise self._error(e) from None
+
+
+def _openai() -> Any:
+    try:
+        import openai
+    except ImportError:
+        raise MissingDependencyError("a remote VLM needs the openai client: pip install 'mmpersona[remote]'") from None
+    return openai
 
 
 def load_remote_vlm(spec: str, *, max_visual_tokens: Any) -> "LoadedVLM":

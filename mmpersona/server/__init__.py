@@ -6,7 +6,8 @@
 `app` assembles the API: the routes, one router per resource, are in `routes/` (`service`, `chat`, `images`,
 `concepts`, `profile`); `config` holds the limits, `errors` the error bodies and handlers, `dependencies` what the
 routes share (`Server`) and the caller's user, `served` the served pipelines, `media` data URLs in and PNGs out,
-`keys` the per-user API keys, `worker` the model worker queue.
+`keys` the per-user API keys (a file, or the PostgreSQL database), `worker` the fair queue of local model jobs,
+`scheduler` the remote VLM lane, the budget of decoded pixels and the watch on disconnecting clients.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ _EXPORTS = {
     "create_app": "mmpersona.server.app",
     "ServeConfig": "mmpersona.server.config",
     "KeyStore": "mmpersona.server.keys",
+    "DatabaseKeyStore": "mmpersona.server.keys",
+    "open_keys": "mmpersona.server.keys",
     "ModelWorker": "mmpersona.server.worker",
     "QueueFull": "mmpersona.server.worker",
 }

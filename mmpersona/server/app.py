@@ -2,10 +2,13 @@
 
 Every route under `/v1` needs an API key (`Authorization: Bearer <key>`), and the key's user is the only user
 a request can read or change. Chat speaks OpenAI's chat completions protocol (streaming by server-sent
-events), so any OpenAI client is a client; generation takes the shape of `/v1/images/generations`. Model work
-(embedding, retrieval, generation) runs in one worker thread from a bounded queue (`worker.ModelWorker`): a full
-queue is a 429 with Retry-After. Every failure is a JSON body `{"error": {"message", "type", "code"}}`, as
-OpenAI's API sends.
+events), so any OpenAI client is a client; generation takes the shape of `/v1/images/generations`. Local model
+work (embedding, retrieval, generation) runs in one worker thread from a bounded, fair queue
+(`worker.ModelWorker`): a full queue, or a user with too many requests waiting, is a 429 with Retry-After. A
+remote VLM's requests go out concurrently from the event loop (`scheduler.RemoteLane`); decoded photos share a
+pixel budget (`scheduler.PixelBudget`); a client that disconnects has its work dropped or stopped
+(`scheduler.Watch`). Every failure is a JSON body `{"error": {"message", "type", "code"}}`, as OpenAI's API
+sends.
 
 This module only assembles: the routes are in `routes/` (one router per resource), the limits in `config`,
 the errors in `errors`, what the routes share in `dependencies`.
@@ -22,6 +25,7 @@ from . import errors
 from .config import ServeConfig
 from .dependencies import Server
 from .routes import chat, concepts, images, profile, service
+from .scheduler import PixelBudget, RemoteLane
 from .served import Served, chat_pipeline
 from .worker import ModelWorker
 
@@ -44,7 +48,8 @@ def create_app(db: "ConceptDB", keys: "KeyStore", *, vlm: "PersonalizedVLMPipeli
     model worker on first use), or None for a server without that part.
     """
     limits = config or ServeConfig()
-    worker = worker or ModelWorker(limits.queue_size)
+    worker = worker or ModelWorker(limits.queue_size, per_user=limits.max_user_queue, max_batch=limits.max_batch,
+                                   batch_window=limits.batch_window_ms / 1000)
     chat_model = Served("chat", (lambda: chat_pipeline(vlm())) if callable(vlm) and not hasattr(vlm, "db")
                         else chat_pipeline(vlm) if vlm is not None else None)
     image_model = Served("image", t2i)
@@ -53,7 +58,9 @@ def create_app(db: "ConceptDB", keys: "KeyStore", *, vlm: "PersonalizedVLMPipeli
                   description="Personalized chat (OpenAI-compatible) and generation, your concepts and your "
                               "preference profile. Every /v1 route takes `Authorization: Bearer <API key>`; the "
                               "key's user is the only user a request reaches.")
-    app.state.server = Server(db=db, keys=keys, limits=limits, worker=worker, chat=chat_model, images=image_model)
+    app.state.server = Server(db=db, keys=keys, limits=limits, worker=worker,
+                              remote=RemoteLane(limits.max_remote_concurrency, limits.queue_size),
+                              decode=PixelBudget(limits.max_decode_pixels), chat=chat_model, images=image_model)
     app.state.worker, app.state.limits, app.state.chat, app.state.images = worker, limits, chat_model, image_model
     errors.install(app, limits.max_body_bytes)
     for routes in (service, chat, images, concepts, profile):

@@ -26,12 +26,18 @@ class ServeConfig:
     max_side: int = 1024
     max_prompt_chars: int = 2_000
     max_list: int = 500
-    queue_size: int = 8
+    max_image_steps: int = 480  # n x candidates x steps x (pixels / the model's native pixels), per request
+    queue_size: int = 32  # local model jobs waiting, in all
+    max_user_queue: int = 4  # local model jobs waiting, per user
+    max_remote_concurrency: int = 32  # requests in flight to a remote VLM server
+    max_batch: int = 8  # chat requests answered in one batched generation (a local VLM)
+    batch_window_ms: int = 5  # how long a batch waits for more requests once the first can start
+    max_decode_pixels: int = 2 * 8192 * 8192  # pixels of decoded photos held at once (about 1.5 GB at peak)
 
     def __post_init__(self):
         from dataclasses import fields
 
-        low = [f.name for f in fields(self) if getattr(self, f.name) < 1]
+        low = [f.name for f in fields(self) if getattr(self, f.name) < (0 if f.name == "batch_window_ms" else 1)]
         if low:
             raise MmpersonaError(f"server limit {low[0]} must be at least 1, got {getattr(self, low[0])}")
         for default, limit in (("default_max_tokens", "max_tokens"), ("default_steps", "max_steps")):

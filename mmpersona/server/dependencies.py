@@ -15,19 +15,23 @@ if TYPE_CHECKING:
 
     from .config import ServeConfig
     from .keys import KeyStore
+    from .scheduler import PixelBudget, RemoteLane
     from .served import Served
     from .worker import ModelWorker
 
 
 @dataclass(frozen=True)
 class Server:
-    """The parts the routes share: the database, the keys, the limits, the model worker and the served models.
-    One per app, in `app.state.server`."""
+    """The parts the routes share: the database, the keys, the limits, the lanes work goes through (the model
+    worker for local models, the remote lane for a remote VLM, the budget of decoded pixels) and the served
+    models. One per app, in `app.state.server`."""
 
     db: "ConceptDB"
     keys: "KeyStore"
     limits: "ServeConfig"
     worker: "ModelWorker"
+    remote: "RemoteLane"
+    decode: "PixelBudget"
     chat: "Served"
     images: "Served"
 
@@ -45,7 +49,13 @@ async def user_of(request: Request, credentials: HTTPAuthorizationCredentials | 
     if credentials is None:
         raise ApiError(401, "missing API key: send `Authorization: Bearer <key>` (create a key with "
                             "`mmpersona keys create --user NAME`)", "authentication_error", "missing_api_key")
-    user = request.app.state.server.keys.user_for(credentials.credentials)
+    keys = request.app.state.server.keys
+    if getattr(keys, "blocking", False):  # a database query: not on the event loop
+        from starlette.concurrency import run_in_threadpool
+
+        user = await run_in_threadpool(keys.user_for, credentials.credentials)
+    else:
+        user = keys.user_for(credentials.credentials)
     if user is None:
         raise ApiError(401, "invalid API key", "authentication_error", "invalid_api_key")
     return user

@@ -35,6 +35,7 @@ def as_api_error(exc: BaseException) -> ApiError:
     """Our exceptions as HTTP errors: the message is the library's own (written for the user)."""
     from concept_db.types import ConceptNotFound, DuplicateConceptError
 
+    from ..cancel import Cancelled
     from ..errors import ModelUnavailableError
 
     if isinstance(exc, ApiError):
@@ -45,6 +46,8 @@ def as_api_error(exc: BaseException) -> ApiError:
         return ApiError(404, str(exc.args[0]) if exc.args else "not found", "not_found_error", "not_found")
     if isinstance(exc, DuplicateConceptError):
         return ApiError(409, str(exc), "conflict_error", "conflict")
+    if isinstance(exc, Cancelled):  # nobody is listening; 499 as nginx logs a client that closed its request
+        return ApiError(499, str(exc), "request_cancelled", "client_closed_request")
     if isinstance(exc, ModelUnavailableError):
         return ApiError(503, str(exc), "server_error", "model_unavailable")
     if isinstance(exc, MmpersonaError):

@@ -5,9 +5,11 @@
     mmpersona keys revoke KEY_ID
 
 A key reads `mmp-<id>-<secret>`: the id finds the record, the whole key's hash is compared in constant time.
-The secret is 32 random bytes, so a fast hash is enough (a password hash guards low-entropy secrets). Keys live
-in one JSON file (`MMPERSONA_KEYS`, default `api_keys.json` in the data dir), written atomically with mode 0600;
-a running server reads it again when it changes, so a key created or revoked takes effect at once.
+The secret is 32 random bytes, so a fast hash is enough (a password hash guards low-entropy secrets). With a
+SQLite database, keys live in one JSON file (`MMPERSONA_KEYS`, default `api_keys.json` in the data dir), written
+atomically with mode 0600; a running server reads it again when it changes, so a key created or revoked takes
+effect at once. With a PostgreSQL database they live in it (`DatabaseKeyStore`), so every replica of the server
+behind a load balancer knows every key, from the moment it is created or revoked (`open_keys` chooses).
 """
 
 from __future__ import annotations
@@ -54,6 +56,76 @@ class KeyRecord:
         return {"id": self.id, "user": self.user, "name": self.name, "created": self.created}
 
 
+def _new_key(user: str, name: str) -> tuple[KeyRecord, str]:
+    from concept_db.types import check_owner
+
+    check_owner(user)
+    key_id = secrets.token_hex(6)
+    key = f"{PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
+    return KeyRecord(key_id, user, _digest(key), name, round(time.time(), 3)), key
+
+
+def _key_id(key: Any) -> str | None:
+    parts = key.split("-", 2) if isinstance(key, str) else []
+    return parts[1] if len(parts) == 3 and parts[0] == PREFIX else None
+
+
+def _owner(record: KeyRecord | None, key: str) -> str | None:
+    if record is None or not hmac.compare_digest(record.sha256, _digest(key)):
+        return None
+    return record.user
+
+
+def is_database_url(db: Any) -> bool:
+    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
+
+
+def open_keys(db: Any = None, path: str | Path | None = None, *, store: Any = None) -> "KeyStore | DatabaseKeyStore":
+    """Where the API keys are: the file `path` when one is named; else, with a PostgreSQL database (`db`, its URL,
+    or its open `store`), the database; else the default file."""
+    if path is None and is_database_url(db if store is None else getattr(store, "url", None)):
+        if store is None:
+            from concept_db import open_store
+
+            store = open_store(db)
+        return DatabaseKeyStore(store)
+    return KeyStore(path)
+
+
+class DatabaseKeyStore:
+    """The API keys in the PostgreSQL concept database (its `api_keys` table), shared by every server replica."""
+
+    blocking = True  # a lookup is a database query (the server makes it off the event loop)
+
+    def __init__(self, store: Any):
+        from concept_db.postgres import redacted
+
+        self.store = store
+        self.path = redacted(store.url)  # where the keys are, for messages
+
+    @staticmethod
+    def _record(row: tuple | None) -> KeyRecord | None:
+        return KeyRecord(*row) if row is not None else None
+
+    def create(self, user: str, name: str = "") -> tuple[KeyRecord, str]:
+        record, key = _new_key(user, name)
+        self.store.put_api_key(record.id, record.user, record.sha256, record.name, record.created)
+        return record, key
+
+    def list(self, user: str | None = None) -> list[KeyRecord]:
+        return [KeyRecord(*row) for row in self.store.api_keys(user)]
+
+    def revoke(self, key_id: str) -> KeyRecord:
+        record = self._record(self.store.delete_api_key(key_id))
+        if record is None:
+            raise MmpersonaError(f"no API key with id {key_id!r} (see `mmpersona keys list`)")
+        return record
+
+    def user_for(self, key: str) -> str | None:
+        key_id = _key_id(key)
+        return _owner(self._record(self.store.api_key(key_id)), key) if key_id is not None else None
+
+
 class KeyStore:
     """The API keys file at `path` (None: `default_keys_path()`)."""
 
@@ -97,15 +169,10 @@ class KeyStore:
 
     def create(self, user: str, name: str = "") -> tuple[KeyRecord, str]:
         """A new key for `user`; returns (record, key). The key itself is not kept: show it once."""
-        from concept_db.types import check_owner
-
-        check_owner(user)
+        record, key = _new_key(user, name)
         with self._lock:
             records = dict(self._load())
-            key_id = secrets.token_hex(6)
-            key = f"{PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
-            record = KeyRecord(key_id, user, _digest(key), name, round(time.time(), 3))
-            records[key_id] = record
+            records[record.id] = record
             self._save(records)
         return record, key
 
@@ -124,11 +191,9 @@ class KeyStore:
 
     def user_for(self, key: str) -> str | None:
         """The user a key belongs to, or None for a malformed, unknown or revoked key."""
-        parts = key.split("-", 2) if isinstance(key, str) else []
-        if len(parts) != 3 or parts[0] != PREFIX:
+        key_id = _key_id(key)
+        if key_id is None:
             return None
         with self._lock:
-            record = self._load().get(parts[1])
-        if record is None or not hmac.compare_digest(record.sha256, _digest(key)):
-            return None
-        return record.user
+            record = self._load().get(key_id)
+        return _owner(record, key)

@@ -25,6 +25,10 @@ class Served:
     def state(self) -> str:
         return "loaded" if self._value is not None else "not served" if self._make is None else "not loaded"
 
+    def loaded(self) -> Any:
+        """The pipeline if it is built, else None (`get` builds it: in the model worker)."""
+        return self._value
+
     def get(self) -> Any:
         with self._lock:
             if self._value is None:

@@ -1,74 +1,158 @@
-"""The model worker: one thread runs every job that touches a model, one at a time, from a bounded queue.
+"""The model worker: one thread runs every job that computes with a local model, from a bounded, fair queue.
 
-One job at a time keeps the models' memory and their (not thread-safe) state under one owner; the bound turns
-overload into a quick "busy, retry after N seconds" instead of a growing wait. A job is a plain function; a
-streaming job pushes pieces as it makes them, and the request reads them from an asyncio queue.
+One thread keeps the models' memory and their (not thread-safe) state under one owner, and torch's threads
+from oversubscribing the cores. The queue is bounded twice: in all (`queue_size`) and per user (`per_user`), so
+overload is a quick "busy, retry after N seconds" and one user filling the queue is refused while the others
+are still served. Waiting jobs are served fairly: next is the user whose last job started longest ago (a user
+with nothing running goes first), in arrival order among equals. A job whose `stop` event is set before it
+starts is dropped; a running job checks `stop` between its steps itself (`mmpersona.cancel`).
+
+A job is a plain function; a streaming job pushes pieces as it makes them, and the request reads them from an
+asyncio queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
-import queue
 import threading
 import time
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable, Iterator
+
+from ..cancel import Cancelled
 
 logger = logging.getLogger(__name__)
 _DONE = object()
 
 
 class QueueFull(Exception):
-    """The worker's queue is full; `retry_after` is a fair guess, in seconds, of when a slot frees up."""
+    """A queue is full; `retry_after` is a fair guess, in seconds, of when a slot frees up."""
 
-    def __init__(self, retry_after: int, size: int):
-        super().__init__(f"the model worker is busy ({size} request(s) waiting); retry after {retry_after} s")
+    def __init__(self, retry_after: int, size: int, message: str | None = None):
+        super().__init__(message or f"the model worker is busy ({size} request(s) waiting); retry after "
+                                    f"{retry_after} s")
         self.retry_after, self.size = retry_after, size
 
 
-class ModelWorker:
-    """Runs submitted jobs in one thread; at most `queue_size` wait behind the running one."""
+class _Job:
+    __slots__ = ("fn", "future", "stop", "key", "item")
 
-    def __init__(self, queue_size: int = 8, name: str = "mmpersona-model-worker"):
+    def __init__(self, fn: Callable[..., Any], future: Future, stop: threading.Event | None, key: Any = None,
+                 item: Any = None):
+        self.fn, self.future, self.stop, self.key, self.item = fn, future, stop, key, item
+
+
+class ModelWorker:
+    """Runs submitted jobs in one thread; at most `queue_size` wait behind the running one, `per_user` of them
+    from one user."""
+
+    def __init__(self, queue_size: int = 32, name: str = "mmpersona-model-worker", *, per_user: int | None = None,
+                 max_batch: int = 8, batch_window: float = 0.0):
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+        if per_user is not None and per_user < 1:
+            raise ValueError(f"per_user must be at least 1, got {per_user}")
+        if max_batch < 1 or batch_window < 0:
+            raise ValueError(f"max_batch must be at least 1 and batch_window at least 0, got {max_batch}, "
+                             f"{batch_window}")
         self.queue_size = queue_size
-        self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.per_user = per_user or queue_size
+        self.max_batch, self.batch_window = max_batch, batch_window
+        self.batches = 0  # batched runs of more than one job
+        self._cond = threading.Condition()
+        self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()  # users with waiting jobs, by first arrival
+        self._started: dict[str, int] = {}  # when each waiting user's last job started (a tick)
+        self._ticks = itertools.count()
+        self._waiting = 0
+        self._closed = False
         self._mean_seconds = 1.0  # a running mean of job durations, for Retry-After
         self.busy = False
-        self.done = 0
+        self.done = 0  # jobs run
+        self.dropped = 0  # jobs dropped before they started: their caller was gone
+        self.stopped = 0  # jobs stopped while running (they raised `Cancelled`)
+        self.seconds = 0.0  # time spent running jobs
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     @property
     def waiting(self) -> int:
-        return self._jobs.qsize()
+        return self._waiting
 
-    def retry_after(self) -> int:
-        return max(1, math.ceil(self._mean_seconds * (self.waiting + 1)))
+    def retry_after(self, waiting: int | None = None) -> int:
+        return max(1, math.ceil(self._mean_seconds * ((self._waiting if waiting is None else waiting) + 1)))
 
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        """Queue `fn`; its result (or exception) arrives in the returned future. Raises `QueueFull`."""
-        future: Future = Future()
+    def submit(self, fn: Callable[[], Any], *, user: str = "", stop: threading.Event | None = None) -> Future:
+        """Queue `fn` for `user`; its result (or exception) arrives in the returned future. Raises `QueueFull`.
+        A job whose `stop` is set before it starts is dropped (its future raises `Cancelled`)."""
+        return self._queue(_Job(fn, Future(), stop), user)
+
+    def submit_batched(self, key: Any, item: Any, run: Callable[[list[Any]], list[Any]], *, user: str = "",
+                       stop: threading.Event | None = None) -> Future:
+        """Queue `item` for `user`, to run with the other waiting items of the same `key` (up to `max_batch`,
+        waiting up to `batch_window` seconds for more): `run(items)` returns one result per item (an exception
+        instance is raised from that item's future)."""
+        return self._queue(_Job(run, Future(), stop, key, item), user)
+
+    async def run_batched(self, key: Any, item: Any, run: Callable[[list[Any]], list[Any]], *, user: str = "",
+                          stop: threading.Event | None = None) -> Any:
+        future = self.submit_batched(key, item, run, user=user, stop=stop)
         try:
-            self._jobs.put_nowait((fn, future))
-        except queue.Full:
-            raise QueueFull(self.retry_after(), self.queue_size) from None
-        return future
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if stop is not None:
+                stop.set()
+            future.cancel()
+            raise
 
-    async def run(self, fn: Callable[[], Any]) -> Any:
-        """Submit `fn` and await its result."""
-        return await asyncio.wrap_future(self.submit(fn))
+    def _queue(self, job: _Job, user: str) -> Future:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the model worker is closed")
+            if self._waiting >= self.queue_size:
+                raise QueueFull(self.retry_after(), self.queue_size)
+            mine = self._queues.get(user)
+            if mine is not None and len(mine) >= self.per_user:
+                raise QueueFull(self.retry_after(len(mine)), self.per_user,
+                                f"you have {len(mine)} model request(s) waiting, the most one user may have; "
+                                f"retry after {self.retry_after(len(mine))} s")
+            if mine is None:
+                mine = self._queues[user] = deque()
+            mine.append(job)
+            self._waiting += 1
+            self._cond.notify()
+        return job.future
 
-    async def stream(self, start: Callable[[], tuple[Any, Iterator[str]]]) -> tuple[Any, AsyncIterator[str]]:
+    async def run(self, fn: Callable[[], Any], *, user: str = "", stop: threading.Event | None = None) -> Any:
+        """Submit `fn` and await its result. Cancelling the awaiting task sets `stop` (the job is dropped, or
+        stops at its next step)."""
+        future = self.submit(fn, user=user, stop=stop)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if stop is not None:
+                stop.set()
+            future.cancel()
+            raise
+
+    async def stream(self, start: Callable[[], tuple[Any, Iterator[str]]], *, user: str = "",
+                     stop: threading.Event | None = None) -> tuple[Any, AsyncIterator[str]]:
         """A streaming job: `start()` runs in the worker and returns (head, pieces); the pieces are iterated in
         the worker too. Awaits `start` (so its errors reach the caller before any response is sent), then returns
-        (head, an async iterator of the pieces); an error while iterating is raised from the iterator."""
+        (head, an async iterator of the pieces); an error while iterating is raised from the iterator. Setting
+        `stop` drops the job or ends it at its next piece (the iterator must honour it: `AnswerStream` does)."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         ready: Future = Future()
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(pieces.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is reading
+                pass
 
         def job() -> None:
             try:
@@ -79,13 +163,28 @@ class ModelWorker:
             ready.set_result(head)
             try:
                 for piece in it:
-                    loop.call_soon_threadsafe(pieces.put_nowait, piece)
-                loop.call_soon_threadsafe(pieces.put_nowait, _DONE)
-            except BaseException as e:  # noqa: BLE001 - handed to the request
-                loop.call_soon_threadsafe(pieces.put_nowait, e)
+                    put(piece)
+                put(_DONE)
+            except BaseException as e:  # handed to the request, and counted (a `Cancelled` as stopped)
+                put(e)
+                raise
 
-        self.submit(job)
-        head = await asyncio.wrap_future(ready)
+        def dropped(f: Future) -> None:  # a job dropped before it started never sets `ready` itself
+            if not ready.done() and (f.cancelled() or f.exception() is not None):
+                try:
+                    ready.set_exception(Cancelled() if f.cancelled() else f.exception())
+                except Exception:  # noqa: BLE001 - set meanwhile
+                    pass
+
+        future = self.submit(job, user=user, stop=stop)
+        future.add_done_callback(dropped)
+        try:
+            head = await asyncio.wrap_future(ready)
+        except asyncio.CancelledError:
+            if stop is not None:
+                stop.set()
+            future.cancel()
+            raise
 
         async def read() -> AsyncIterator[str]:
             while True:
@@ -98,25 +197,91 @@ class ModelWorker:
 
         return head, read()
 
-    def _run(self) -> None:
-        while True:
-            fn, future = self._jobs.get()
-            if fn is None:
+    def _next(self) -> list[_Job] | None:
+        """The next job to run (None: closed), fairly: the waiting user whose last job started longest ago. A
+        batchable job comes with the waiting jobs of its key, taken in the same order (a batch of one or more)."""
+        with self._cond:
+            while not self._queues:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            user = min(self._queues, key=lambda u: self._started.get(u, -1))  # ties: first in arrival order
+            job = self._queues[user].popleft()
+            self._waiting -= 1
+            self._served(user)
+            batch = [job]
+            if job.key is not None:
+                self._gather(batch)
+                deadline = time.monotonic() + self.batch_window
+                while len(batch) < self.max_batch and not self._closed and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)  # more may come within the window
+                    self._gather(batch)
+            return batch
+
+    def _gather(self, batch: list[_Job]) -> None:
+        """Move the waiting jobs of `batch`'s key into it, users in serving order, up to `max_batch`."""
+        for user in sorted(self._queues, key=lambda u: self._started.get(u, -1)):
+            if len(batch) >= self.max_batch:
                 return
-            if not future.set_running_or_notify_cancel():
+            jobs = self._queues[user]
+            taken = [j for j in jobs if j.key == batch[0].key][: self.max_batch - len(batch)]
+            if taken:
+                self._queues[user] = deque(j for j in jobs if not any(j is t for t in taken))
+                self._waiting -= len(taken)
+                batch += taken
+                self._served(user)
+
+    def _served(self, user: str) -> None:
+        """`user`'s job just started: behind the others from now on, or forgotten when nothing is left waiting
+        (so the user's next job goes first again)."""
+        if self._queues[user]:
+            self._started[user] = next(self._ticks)
+        else:
+            del self._queues[user]
+            self._started.pop(user, None)
+
+    def _run(self) -> None:
+        while (batch := self._next()) is not None:
+            live = []
+            for job in batch:
+                if not job.future.set_running_or_notify_cancel():  # its caller cancelled it
+                    self.dropped += 1
+                elif job.stop is not None and job.stop.is_set():
+                    job.future.set_exception(Cancelled())
+                    self.dropped += 1
+                else:
+                    live.append(job)
+            if not live:
                 continue
             self.busy = True
             t = time.perf_counter()
             try:
-                future.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                future.set_exception(e)
+                if live[0].key is None:
+                    results = [live[0].fn()]
+                else:
+                    results = live[0].fn([job.item for job in live])
+                    self.batches += len(live) > 1
+                for job, result in zip(live, results, strict=True):
+                    if isinstance(result, BaseException):
+                        self.stopped += isinstance(result, Cancelled)
+                        job.future.set_exception(result)
+                    else:
+                        job.future.set_result(result)
+            except BaseException as e:  # noqa: BLE001 - handed to the callers
+                self.stopped += isinstance(e, Cancelled) * len(live)
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(e)
             finally:
+                took = time.perf_counter() - t
                 self.busy = False
-                self.done += 1
-                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.perf_counter() - t)
+                self.done += len(live)
+                self.seconds += took
+                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * took
 
     def close(self) -> None:
         """Let queued jobs finish, then stop the thread."""
-        self._jobs.put((None, None))
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
         self._thread.join(timeout=60)

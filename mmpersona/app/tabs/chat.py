@@ -26,5 +26,7 @@ def chat_tab(gr, app: App) -> None:
         except (MmpersonaError, ValueError, PermissionError) as e:
             raise gr.Error(str(e)) from e
 
+    # one chat at a time on the shared model: the others wait in Gradio's queue (where a user who leaves is
+    # dropped), not in a thread blocked on the model's lock; generation has a queue of its own
     ch_btn.click(ask, [ch_image, ch_q, chatbot, ch_regions], [chatbot, ch_rows, ch_thumbs, ch_boxes, ch_status],
-                 api_name="chat")
+                 api_name="chat", concurrency_id="vlm", concurrency_limit=1)

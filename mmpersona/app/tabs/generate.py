@@ -51,7 +51,8 @@ def generate_tab(gr, app: App, guarded, preset: str, profile_tick) -> None:
         return (mine, plain, meta, state, f"generated {len(state['images'])} image(s)", *cells)
 
     outputs = [g_mine, g_plain, g_meta, generated, g_status] + [x for pair in slots for x in pair]
-    g_btn.click(gen, [g_prompt, g_strats, g_n, g_steps, g_seed, g_compare], outputs, api_name="generate")
+    g_btn.click(gen, [g_prompt, g_strats, g_n, g_steps, g_seed, g_compare], outputs, api_name="generate",
+                concurrency_id="t2i", concurrency_limit=1)  # the generation model's queue (see the chat tab)
     for i, trio in enumerate(buttons):
         for kind, button in zip(("like", "dislike", "choose"), trio, strict=True):
 

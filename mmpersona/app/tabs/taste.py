@@ -78,10 +78,11 @@ def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
         return app.taste_progress(user), app.training_status(user)
 
     shown = [pair, t_prompt, t_a, t_b, t_progress]
-    start_btn.click(next_pair, [t_prompts, pair], [*shown, t_status], api_name="taste_pair")
+    t2i = {"concurrency_id": "t2i", "concurrency_limit": 1}  # each makes the next pair: the generation queue
+    start_btn.click(next_pair, [t_prompts, pair], [*shown, t_status], api_name="taste_pair", **t2i)
     chosen = [*shown, t_status, t_comment, profile_tick, t_reward, timer]
-    a_btn.click(choose_a, [t_prompts, pair, t_comment, profile_tick], chosen, api_name="taste_choose_a")
-    b_btn.click(choose_b, [t_prompts, pair, t_comment, profile_tick], chosen, api_name="taste_choose_b")
-    skip_btn.click(skip, [t_prompts, pair], [*shown, t_status], api_name="taste_skip")
+    a_btn.click(choose_a, [t_prompts, pair, t_comment, profile_tick], chosen, api_name="taste_choose_a", **t2i)
+    b_btn.click(choose_b, [t_prompts, pair, t_comment, profile_tick], chosen, api_name="taste_choose_b", **t2i)
+    skip_btn.click(skip, [t_prompts, pair], [*shown, t_status], api_name="taste_skip", **t2i)
     timer.tick(poll, None, [t_reward, timer], api_visibility="private")
     demo.load(load, None, [t_progress, t_reward], api_visibility="private")

@@ -2,77 +2,242 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, AsyncIterator, Callable
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ...images import load_image
+from ...cancel import Cancelled
+from ...images import encoded_pixels, load_image
 from ..config import ServeConfig
 from ..dependencies import Server, server, user_of
 from ..errors import ApiError, as_api_error, error_body
 from ..media import data_url_bytes
+from ..scheduler import Hold, Watch
 from ..schemas import ChatMessage, ChatRequest
 
 router = APIRouter(tags=["chat"])
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(req: ChatRequest, user: str = Depends(user_of), srv: Server = Depends(server)):
+async def chat_completions(req: ChatRequest, request: Request, user: str = Depends(user_of),
+                           srv: Server = Depends(server)):
     """A personalized answer: your concepts retrieved for the photo and the question, then the model's
     reply (streamed as server-sent events with `stream: true`). The response's `mmpersona` field lists the
     concepts used."""
     talk = conversation(req.messages, srv.limits)
     options = sampling(req, srv.limits)
-    seed = req.seed
-    # the photo is decoded (and a bad one refused) here, before it takes a place in the model queue
-    photo = await run_in_threadpool(load_image, talk.image) if talk.image is not None else None
-
-    def pipeline():
-        pipe = srv.chat.variant(regions=True, assign=True) if req.regions else srv.chat.get()
-        if seed is not None:
-            _seed(pipe, seed, options)
-        return pipe
-
     common = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time())}
+    async with Watch(request) as watch:
+        photo, hold = await decoded(talk.image, srv, watch)
+        base = srv.chat.loaded() or await srv.worker.run(srv.chat.get, user=user, stop=watch.stop)
+        if base.vlm.remote is not None:
+            return await remote_answer(req, talk, options, common, user, srv, watch, photo, hold)
+        if req.seed is None and base.mode == "retrieval":  # answered in a batch with others (a seed: alone)
+            return await batched_answer(req, talk, options, common, user, srv, watch, photo, base)
+
+        def pipeline():
+            pipe = srv.chat.variant(regions=True, assign=True) if req.regions else srv.chat.get()
+            if req.seed is not None:
+                _seed(pipe, req.seed, options)
+            return pipe
+
+        if not req.stream:
+            answer = await srv.worker.run(lambda: pipeline()(photo, talk.question, user=user, history=talk.history,
+                                                             system=talk.system, stop=watch.stop, **options),
+                                          user=user, stop=watch.stop)
+            return completion(common, base, answer)
+
+        def start():
+            stream = pipeline().stream(photo, talk.question, user=user, history=talk.history, system=talk.system,
+                                       stop=watch.stop, **options)
+            return stream, iter(stream)
+
+        stream, pieces = await srv.worker.stream(start, user=user, stop=watch.stop)
+        watch.keep()  # the stream goes on after this returns; a client that leaves sets `stop`
+        return sse(common, base, pieces, lambda: stream.result, watch)
+
+
+async def decoded(data: bytes | None, srv: Server, watch: Watch) -> tuple[Any, Hold | None]:
+    """The photo decoded (and a bad one refused) before it takes a place in the model queue, within the server's
+    pixel budget, held until the request ends (or the hold is released)."""
+    if data is None:
+        return None, None
+    hold = await srv.decode.acquire(encoded_pixels(data))
+    watch.on_end(hold.release)
+    return await run_in_threadpool(load_image, data), hold
+
+
+async def remote_answer(req: ChatRequest, talk: "Conversation", options: dict[str, Any], common: dict[str, Any],
+                        user: str, srv: Server, watch: Watch, photo: Any, hold: Hold | None):
+    """A remote VLM: retrieval and the prompt here (a local model job), generation on the VLM server, sent from
+    the event loop with many others at once (`RemoteLane`)."""
+    from mmpersona.models.remote import openai_messages
+
+    srv.remote.admit()  # refused before any local work when the lane is full
+
+    def local_part():
+        pipe = srv.chat.variant(regions=True, assign=True) if req.regions else srv.chat.get()
+        start = time.perf_counter()
+        prompt, candidates, timings = pipe.prepare(photo, talk.question, user=user, history=talk.history,
+                                                   system=talk.system)
+        return pipe, prompt, candidates, timings, openai_messages(pipe.vlm._prepared(prompt.messages)), start
+
+    pipe, prompt, candidates, timings, messages, start = await srv.worker.run(local_part, user=user, stop=watch.stop)
+    if hold is not None:
+        hold.release()  # the photo is in the messages now, at the model's input size
+    kwargs = {k: v for k, v in options.items() if k != "max_new_tokens"}
+    if req.seed is not None:
+        kwargs["seed"] = req.seed
+    max_tokens, remote = options["max_new_tokens"], pipe.vlm.remote
     if not req.stream:
-        answer = await srv.worker.run(lambda: pipeline()(photo, talk.question, user=user, history=talk.history,
-                                                         system=talk.system, **options))
-        # a plain JSON body already: returned as is, not walked again by FastAPI's encoder
-        return JSONResponse({**common, "object": "chat.completion", "model": srv.chat.get().vlm.spec.id,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer},
-                                          "finish_reason": "stop"}],
-                             "usage": None, "mmpersona": personal(answer)})
+        async with srv.remote.slot():
+            t = time.perf_counter()
+            text = await watch.until_gone(remote.acomplete(messages, max_tokens, **kwargs))
+        return completion(common, pipe, pipe.answer(prompt, candidates, timings, text, started=t, start=start))
 
-    def start():
-        stream = pipeline().stream(photo, talk.question, user=user, history=talk.history,
-                                   system=talk.system, **options)
-        return stream, iter(stream)
+    got: dict[str, Any] = {}
 
-    stream, pieces = await srv.worker.stream(start)
-    head = {**common, "object": "chat.completion.chunk", "model": stream.pipe.vlm.spec.id}
+    async def pieces():
+        async with srv.remote.slot():
+            t, text = time.perf_counter(), []
+            async for piece in remote.astream(messages, max_tokens, **kwargs):
+                text.append(piece)
+                yield piece
+        got["answer"] = pipe.answer(prompt, candidates, timings, "".join(text), started=t, start=start)
+
+    watch.keep()
+    return sse(common, pipe, pieces(), lambda: got["answer"], watch)
+
+
+@dataclass
+class ChatItem:
+    """One request's part in a batch: what to prepare, and where its answer's pieces go."""
+
+    pipe: Callable[[], Any]
+    photo: Any
+    talk: "Conversation"
+    user: str
+    max_tokens: int
+    stop: Any
+    on_text: Callable[[str], None] | None = None
+    prepared: Future | None = None  # set once its prompt is built (or failed): a stream starts then
+
+
+def answer_batch(items: list[ChatItem], sampling: dict[str, Any]) -> list[Any]:
+    """The answers of `items` (a `VLMAnswer`, or the exception of one that failed): each prepared alone (its user's
+    retrieval and prompt), then one batched generation for all (`LoadedVLM.generate_batch`)."""
+    results: list[Any] = [None] * len(items)
+    ready = []
+    for i, item in enumerate(items):
+        try:
+            pipe, start = item.pipe(), time.perf_counter()
+            prompt, candidates, timings = pipe.prepare(item.photo, item.talk.question, user=item.user,
+                                                       history=item.talk.history, system=item.talk.system)
+            ready.append((i, pipe, prompt, candidates, timings, start))
+            if item.prepared is not None:
+                item.prepared.set_result(None)
+        except Exception as e:  # noqa: BLE001 - this request's error; the others go on
+            results[i] = e
+            if item.prepared is not None:
+                item.prepared.set_exception(e)
+    if ready:
+        t = time.perf_counter()
+        texts = ready[0][1].vlm.generate_batch([r[2].messages for r in ready],
+                                               max_new_tokens=[items[r[0]].max_tokens for r in ready],
+                                               stops=[items[r[0]].stop for r in ready],
+                                               on_text=[items[r[0]].on_text for r in ready], **sampling)
+        for (i, pipe, prompt, candidates, timings, start), text in zip(ready, texts, strict=True):
+            results[i] = text if isinstance(text, BaseException) else \
+                pipe.answer(prompt, candidates, timings, text, started=t, start=start)
+    return results
+
+
+async def batched_answer(req: ChatRequest, talk: "Conversation", options: dict[str, Any], common: dict[str, Any],
+                         user: str, srv: Server, watch: Watch, photo: Any, base: Any):
+    """A local VLM's answer in one batched generation with the other requests waiting for the same sampling
+    (`--max-batch`, `--batch-window-ms`); streamed per request."""
+    rest = {k: v for k, v in options.items() if k != "max_new_tokens"}
+    key = ("chat", tuple(sorted(rest.items())))
+    item = ChatItem(lambda: srv.chat.variant(regions=True, assign=True) if req.regions else srv.chat.get(), photo,
+                    talk, user, options["max_new_tokens"], watch.stop)
+    run = partial(answer_batch, sampling=rest)
+    if not req.stream:
+        return completion(common, base, await srv.worker.run_batched(key, item, run, user=user, stop=watch.stop))
+    loop, pieces_in = asyncio.get_running_loop(), asyncio.Queue()
+    item.on_text = lambda piece: loop.call_soon_threadsafe(pieces_in.put_nowait, piece)
+    item.prepared = Future()
+
+    def settled(f: Future) -> None:  # a job dropped before it ran never prepared
+        if not item.prepared.done():
+            try:
+                item.prepared.set_exception(Cancelled() if f.cancelled() else f.exception() or Cancelled())
+            except InvalidStateError:  # prepared meanwhile
+                pass
+        loop.call_soon_threadsafe(pieces_in.put_nowait, _END)
+
+    future = srv.worker.submit_batched(key, item, run, user=user, stop=watch.stop)
+    future.add_done_callback(settled)
+    try:  # its errors before the response starts: an HTTP status, as for a request answered alone
+        await asyncio.wrap_future(item.prepared)
+    except asyncio.CancelledError:
+        watch.stop.set()
+        raise
+    got: dict[str, Any] = {}
+
+    async def pieces():
+        while (piece := await pieces_in.get()) is not _END:
+            yield piece
+        got["answer"] = future.result()
+
+    watch.keep()
+    return sse(common, base, pieces(), lambda: got["answer"], watch)
+
+
+_END = object()
+
+
+def completion(common: dict[str, Any], pipe: Any, answer: Any) -> JSONResponse:
+    # a plain JSON body already: returned as is, not walked again by FastAPI's encoder
+    return JSONResponse({**common, "object": "chat.completion", "model": pipe.vlm.spec.id,
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer},
+                                      "finish_reason": "stop"}],
+                         "usage": None, "mmpersona": personal(answer)})
+
+
+def sse(common: dict[str, Any], pipe: Any, pieces: AsyncIterator[str], result: Callable[[], Any],
+        watch: Watch) -> StreamingResponse:
+    """The answer as server-sent events: OpenAI's chunks, then the `mmpersona` field and `[DONE]`. A client that
+    leaves sets the request's `stop`, which ends the generation."""
+    head = {**common, "object": "chat.completion.chunk", "model": pipe.vlm.spec.id}
+
+    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+        body = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(body)}\n\n"
 
     async def events():
-        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
-            body = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-            return f"data: {json.dumps(body)}\n\n"
-
-        yield chunk({"role": "assistant", "content": ""})
         try:
-            async for piece in pieces:
-                if piece:
-                    yield chunk({"content": piece})
-        except Exception as e:  # noqa: BLE001 - the status is sent: the error goes in the stream
-            err = as_api_error(e)
-            yield f"data: {json.dumps(error_body(err.message, err.type, err.code))}\n\n"
-            return
-        yield chunk({}, "stop", mmpersona=personal(stream.result))
-        yield "data: [DONE]\n\n"
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                async for piece in pieces:
+                    if piece:
+                        yield chunk({"content": piece})
+            except Exception as e:  # noqa: BLE001 - the status is sent: the error goes in the stream
+                err = as_api_error(e)
+                yield f"data: {json.dumps(error_body(err.message, err.type, err.code))}\n\n"
+                return
+            yield chunk({}, "stop", mmpersona=personal(result()))
+            yield "data: [DONE]\n\n"
+        finally:
+            watch.stop.set()  # ended, or closed because the client left: the work stops
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -165,11 +330,7 @@ def personal(answer: Any) -> dict[str, Any]:
 
 
 def _seed(pipe: Any, seed: int, options: dict[str, Any]) -> None:
-    """A request's `seed`: the server's sampling for a remote VLM, torch's generator here."""
-    if pipe.vlm.remote is not None:
-        options["seed"] = seed
-    else:
-        import torch
+    """A request's `seed` for the local VLM: torch's generator (a remote VLM's server gets it in the request)."""
+    import torch
 
-        torch.manual_seed(seed)
-
+    torch.manual_seed(seed)

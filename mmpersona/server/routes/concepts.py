@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from ...images import load_image
+from ...images import encoded_pixels, load_image
 from ..config import ServeConfig
 from ..dependencies import Server, server, user_of
 from ..errors import ApiError
 from ..media import data_url_bytes, media_type
+from ..scheduler import Watch
 from ..schemas import ConceptPatch, SearchRequest
 
 router = APIRouter(tags=["concepts"])
@@ -34,14 +35,16 @@ def concepts_list(category: str | None = None, limit: int = Query(100, ge=1), of
 
 
 @router.post("/v1/concepts", status_code=201)
-async def concepts_create(name: str = Form(..., description="The concept's name, e.g. bo or <bo>."),
+async def concepts_create(request: Request,
+                          name: str = Form(..., description="The concept's name, e.g. bo or <bo>."),
                           category: str = Form(""), info: str = Form(""), aliases: list[str] = Form([]),
                           images: list[UploadFile] = File([], description="Reference photos."),
                           user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
     """Register a concept with its reference photos (multipart form); nothing is stored if one is bad."""
     datas = await read_uploads(images, srv.limits)
-    concept = await srv.worker.run(lambda: srv.db.add(user, name, datas, category=category, info=info,
-                                                      aliases=aliases))
+    async with Watch(request) as watch:
+        concept = await srv.worker.run(lambda: srv.db.add(user, name, datas, category=category, info=info,
+                                                          aliases=aliases), user=user, stop=watch.stop)
     return concept.to_dict()
 
 
@@ -65,10 +68,12 @@ def concepts_delete(ref: str, user: str = Depends(user_of), srv: Server = Depend
 
 
 @router.post("/v1/concepts/{ref}/images")
-async def concepts_add_images(ref: str, images: list[UploadFile] = File(...), user: str = Depends(user_of),
-                              srv: Server = Depends(server)) -> dict[str, Any]:
+async def concepts_add_images(ref: str, request: Request, images: list[UploadFile] = File(...),
+                              user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
     datas = await read_uploads(images, srv.limits)
-    return (await srv.worker.run(lambda: srv.db.add_images(user, ref, datas))).to_dict()
+    async with Watch(request) as watch:
+        concept = await srv.worker.run(lambda: srv.db.add_images(user, ref, datas), user=user, stop=watch.stop)
+    return concept.to_dict()
 
 
 @router.delete("/v1/concepts/{ref}/images/{image_hash}")
@@ -78,7 +83,7 @@ def concepts_remove_image(ref: str, image_hash: str, user: str = Depends(user_of
 
 
 @router.post("/v1/concepts/search")
-async def concepts_search(req: SearchRequest, user: str = Depends(user_of),
+async def concepts_search(req: SearchRequest, request: Request, user: str = Depends(user_of),
                           srv: Server = Depends(server)) -> dict[str, Any]:
     """Your concepts most like a photo (`image`, a data URL) or a description (`text`)."""
     if (req.text is None) == (req.image is None):
@@ -87,10 +92,16 @@ async def concepts_search(req: SearchRequest, user: str = Depends(user_of),
     if req.text is not None:
         if not req.text.strip() or len(req.text) > srv.limits.max_message_chars:
             raise ApiError(400, f"`text` must be 1 to {srv.limits.max_message_chars} characters")
-        found = await srv.worker.run(lambda: srv.db.search_text(user, req.text, **options))
-    else:
-        photo = await run_in_threadpool(load_image, data_url_bytes(req.image))
-        found = await srv.worker.run(lambda: srv.db.search_image(user, photo, **options))
+    data = data_url_bytes(req.image) if req.image is not None else None
+    async with Watch(request) as watch:
+        if data is None:
+            found = await srv.worker.run(lambda: srv.db.search_text(user, req.text, **options), user=user,
+                                         stop=watch.stop)
+        else:
+            watch.on_end((await srv.decode.acquire(encoded_pixels(data))).release)
+            photo = await run_in_threadpool(load_image, data)
+            found = await srv.worker.run(lambda: srv.db.search_image(user, photo, **options), user=user,
+                                         stop=watch.stop)
     return {"object": "list", "data": [m.to_dict() for m in found]}
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
+from starlette.concurrency import run_in_threadpool
 
+from ...images import encoded_pixels
 from ..dependencies import Server, server, user_of
 from ..errors import ApiError
 from ..media import data_url_bytes
@@ -33,25 +35,31 @@ def profile_events(kind: Literal["like", "dislike", "pair", "prompt"] | None = N
 
 
 @router.post("/v1/profile/events", status_code=201)
-def profile_record(event: EventRequest, user: str = Depends(user_of),
-                   srv: Server = Depends(server)) -> dict[str, Any]:
+async def profile_record(event: EventRequest, user: str = Depends(user_of),
+                         srv: Server = Depends(server)) -> dict[str, Any]:
     """Record a like or dislike (`image`, optional `comment`), a pairwise choice (`prompt`, `chosen`,
     `rejected`) or a prompt."""
     p = profile(srv, user)
     if event.kind in ("like", "dislike"):
         if event.image is None:
             raise ApiError(400, f"a {event.kind} needs `image`")
-        e = getattr(p, event.kind)(data_url_bytes(event.image), comment=event.comment)
+        images = [data_url_bytes(event.image)]
+        record = lambda: getattr(p, event.kind)(images[0], comment=event.comment)  # noqa: E731
     elif event.kind == "pair":
         if event.chosen is None or event.rejected is None or not event.prompt.strip():
             raise ApiError(400, "a pair needs `prompt`, `chosen` and `rejected`")
-        e = p.compare(event.prompt, data_url_bytes(event.chosen, "chosen"),
-                      data_url_bytes(event.rejected, "rejected"), comment=event.comment)
+        images = [data_url_bytes(event.chosen, "chosen"), data_url_bytes(event.rejected, "rejected")]
+        record = lambda: p.compare(event.prompt, *images, comment=event.comment)  # noqa: E731
     else:
         if not event.prompt.strip():
             raise ApiError(400, "a prompt event needs `prompt`")
-        e = p.add_prompt(event.prompt)
-    return e.to_dict()
+        images, record = [], lambda: p.add_prompt(event.prompt)
+    # the images are decoded (checked) before they are stored: within the server's pixel budget
+    hold = await srv.decode.acquire(sum(encoded_pixels(data) for data in images))
+    try:
+        return (await run_in_threadpool(record)).to_dict()
+    finally:
+        hold.release()
 
 
 @router.delete("/v1/profile/events/{event_id}")
@@ -74,7 +82,7 @@ def attributes_edit(body: AttributesBody, user: str = Depends(user_of),
 @router.post("/v1/profile/reward")
 async def reward_train(user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
     """Train your reward model on your pairs, likes and dislikes (it reranks your images)."""
-    return (await srv.worker.run(lambda: profile(srv, user).train_reward())).summary()
+    return (await srv.worker.run(lambda: profile(srv, user).train_reward(), user=user)).summary()
 
 
 @router.delete("/v1/profile")

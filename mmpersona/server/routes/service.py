@@ -14,11 +14,14 @@ router = APIRouter(tags=["service"])
 
 @router.get("/health")
 def health(srv: Server = Depends(server)) -> dict[str, Any]:
-    """Liveness and load: the models' state and the worker queue (no key needed, nothing personal)."""
+    """Liveness and load: the models' state, the worker queue and the remote lane (no key needed, nothing
+    personal)."""
     worker = srv.worker
     return {"status": "ok", "version": __version__,
             "models": {"chat": srv.chat.state, "images": srv.images.state},
-            "queue": {"waiting": worker.waiting, "size": worker.queue_size, "busy": worker.busy}}
+            "queue": {"waiting": worker.waiting, "size": worker.queue_size, "busy": worker.busy},
+            "remote": {"in_flight": srv.remote.in_flight, "waiting": srv.remote.waiting,
+                       "size": srv.remote.concurrency}}
 
 
 @router.get("/v1/models")
