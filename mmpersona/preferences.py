@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 ATTRIBUTES_KEY = "profile.attributes"
 USER_EMBEDDING_BLOB = "user_embedding"
+PROFILE_VECTORS_BLOB = "profile_vectors"  # the profile images' CLIP vectors, by content hash
 
 
 class PreferenceProfile:
@@ -99,10 +100,13 @@ class PreferenceProfile:
     # ------------------------------------------------------------------ embeddings and reward
 
     def image_vectors(self, hashes: list[str]) -> "np.ndarray":
-        """CLIP embeddings of profile images, computed once per profile object."""
+        """CLIP embeddings of profile images: each computed once and kept with the profile (the
+        `profile_vectors` blob), so that training the reward model again decodes no image it has seen."""
         import numpy as np
 
         emb = self.db.embedder
+        if not self._vectors:
+            self._vectors.update(self._kept_vectors())
         todo = [h for h in dict.fromkeys(hashes) if h not in self._vectors]
         if todo:
             known = self.db.store.known_vectors(self.user, emb.name, todo)
@@ -111,7 +115,31 @@ class PreferenceProfile:
                 fresh = emb.embed_images([self.db.store.image_bytes(self.user, h) for h in missing])
                 known.update(dict(zip(missing, fresh, strict=True)))
             self._vectors.update(known)
+            self._keep_vectors()
         return np.stack([self._vectors[h] for h in hashes]) if hashes else np.zeros((0, emb.dim), np.float32)
+
+    def _kept_vectors(self) -> dict[str, "np.ndarray"]:
+        """The profile images' vectors kept by an earlier call, if they are the current embedder's."""
+        import numpy as np
+        from safetensors.numpy import load
+
+        emb = self.db.embedder
+        stored = self.db.store.get_blob(self.user, PROFILE_VECTORS_BLOB)
+        if stored is None or stored[1] != emb.name:
+            return {}
+        try:
+            data = load(stored[0])
+        except Exception:  # unreadable: computed again
+            return {}
+        return {h: v for h, v in data.items() if v.shape == (emb.dim,) and bool(np.isfinite(v).all())}
+
+    def _keep_vectors(self) -> None:
+        """Keep the vectors of the images the profile still has (those of removed events are dropped)."""
+        from safetensors.numpy import save
+
+        current = {h for e in self.events() for h in (e.image, e.other) if h}
+        kept = {h: v for h, v in self._vectors.items() if h in current}
+        self.db.store.put_blob(self.user, PROFILE_VECTORS_BLOB, save(kept), model=self.db.embedder.name)
 
     def embeddings(self) -> dict[str, "np.ndarray | None"]:
         """Preference embeddings: the normalised mean embedding of liked and of disliked images (None if none)."""

@@ -154,3 +154,29 @@ def test_profile_end_to_end(tmp_path, tiny_embedder):
         json.dumps(summary)
         assert alice.reset() == 19 and alice.events() == [] and alice.reward().cold_start
         assert alice.attributes.liked == []
+
+
+def test_profile_images_are_embedded_once_and_kept_with_the_profile(tmp_path, tiny_embedder, monkeypatch):
+    """Training again (a new profile object: a new request to the server) decodes no image it has embedded."""
+    def img(color):
+        out = Image.new("RGB", (48, 48), (240, 240, 240))
+        ImageDraw.Draw(out).ellipse((8, 8, 40, 40), fill=color)
+        return out
+
+    db = ConceptDB(tmp_path / "c.db", embedder=tiny_embedder)
+    p = PreferenceProfile(db, "alice")
+    p.like(img((200, 0, 0)))
+    p.dislike(img((0, 0, 200)))
+    p.compare("a dog", img((0, 200, 0)), img((200, 200, 0)))
+    embedded = []
+    real = db.embedder.embed_images
+    monkeypatch.setattr(db.embedder, "embed_images", lambda images, **kw: embedded.append(len(images)) or
+                        real(images, **kw))
+    first = PreferenceProfile(db, "alice").train_reward()
+    assert sum(embedded) == 4
+    again = PreferenceProfile(db, "alice").train_reward()
+    assert sum(embedded) == 4 and again.summary() == first.summary()
+    PreferenceProfile(db, "alice").like(img((120, 0, 120)))
+    PreferenceProfile(db, "alice").train_reward()
+    assert sum(embedded) == 5  # only the new like
+    assert PreferenceProfile(db, "bob").image_vectors([]).shape == (0, db.embedder.dim)

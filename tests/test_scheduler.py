@@ -186,6 +186,33 @@ def test_batchable_jobs_run_together_and_each_gets_its_own_result():
     worker.close()
 
 
+def test_a_batch_waits_a_little_for_requests_on_their_way():
+    worker = ModelWorker(queue_size=8, max_batch=4)
+    calls, started = [], []
+
+    def run(items):
+        calls.append(list(items))
+        started.append(time.monotonic())
+        return items
+
+    gate = threading.Event()
+    worker.submit(gate.wait)
+    wait_for(lambda: worker.busy)
+    coming, never = worker.arriving(), worker.arriving()
+    first = worker.submit_batched("k", "a", run, user="alice")
+    gate.set()
+    time.sleep(0.01)  # the batch of "a" could start: it waits for what is on its way
+    second = worker.submit_batched("k", "b", run, user="bob", arrival=coming)
+    assert (first.result(5), second.result(5)) == ("a", "b") and calls == [["a", "b"]]
+    t = time.monotonic()
+    worker.submit_batched("k", "c", run, user="carol").result(5)  # `never` never comes: the batch goes anyway
+    assert started[-1] - t < 1.0
+    never.done()
+    never.done()  # once only
+    assert worker._arriving == 0
+    worker.close()
+
+
 def talkative(vlm) -> None:
     """The tiny VLM's language norms drawn at random: as built it answers only newlines, and equal answers would
     prove nothing."""

@@ -32,8 +32,9 @@ def serve(
                                                     "(--model vlm=openai:URL#MODEL)."),
     max_batch: int = typer.Option(8, "--max-batch", min=1,
                                   help="Chat requests a local VLM answers in one batched generation."),
-    batch_window_ms: int = typer.Option(5, "--batch-window-ms", min=0,
-                                        help="How long a batch waits for more requests once it could start."),
+    batch_window_ms: int = typer.Option(0, "--batch-window-ms", min=0,
+                                        help="How long a batch waits for more requests once it could start "
+                                             "(requests already being received are waited for up to 50 ms)."),
     max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Longest answer a request may ask for."),
     max_image_steps: int = typer.Option(480, "--max-image-steps", min=1,
                                         help="Most work one generation may ask for: images (reranking's candidates "

@@ -31,7 +31,8 @@ class ServeConfig:
     max_user_queue: int = 4  # local model jobs waiting, per user
     max_remote_concurrency: int = 32  # requests in flight to a remote VLM server
     max_batch: int = 8  # chat requests answered in one batched generation (a local VLM)
-    batch_window_ms: int = 5  # how long a batch waits for more requests once the first can start
+    batch_window_ms: int = 0  # how long a batch waits for more requests once it could start (besides those on
+    # their way: up to worker.ARRIVAL_WAIT for requests already being received)
     max_decode_pixels: int = 2 * 8192 * 8192  # pixels of decoded photos held at once (about 1.5 GB at peak)
 
     def __post_init__(self):

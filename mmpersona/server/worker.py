@@ -38,6 +38,28 @@ class QueueFull(Exception):
         self.retry_after, self.size = retry_after, size
 
 
+#: How long a batch may wait, at most, for requests that are on their way to it (being received or decoded).
+ARRIVAL_WAIT = 0.05
+
+
+class Arrival:
+    """A batchable request on its way to the queue (`ModelWorker.arriving`): a batch about to start waits for
+    it a little. Ends when it is queued, or with `done()` when it is not (idempotent)."""
+
+    def __init__(self, worker: "ModelWorker"):
+        self.worker, self.pending = worker, True
+
+    def done(self) -> None:
+        with self.worker._cond:
+            self._end()
+            self.worker._cond.notify_all()
+
+    def _end(self) -> None:  # under the worker's lock
+        if self.pending:
+            self.pending = False
+            self.worker._arriving -= 1
+
+
 class _Job:
     __slots__ = ("fn", "future", "stop", "key", "item")
 
@@ -62,6 +84,7 @@ class ModelWorker:
         self.queue_size = queue_size
         self.per_user = per_user or queue_size
         self.max_batch, self.batch_window = max_batch, batch_window
+        self._arriving = 0  # batchable requests on their way (`Arrival`)
         self.batches = 0  # batched runs of more than one job
         self._cond = threading.Condition()
         self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()  # users with waiting jobs, by first arrival
@@ -90,16 +113,24 @@ class ModelWorker:
         A job whose `stop` is set before it starts is dropped (its future raises `Cancelled`)."""
         return self._queue(_Job(fn, Future(), stop), user)
 
+    def arriving(self) -> Arrival:
+        """Announce a batchable request that is still being received or decoded: a batch about to start waits
+        for it (up to `ARRIVAL_WAIT`). Hand it to `submit_batched`, or call its `done()` if it never comes."""
+        with self._cond:
+            self._arriving += 1
+        return Arrival(self)
+
     def submit_batched(self, key: Any, item: Any, run: Callable[[list[Any]], list[Any]], *, user: str = "",
-                       stop: threading.Event | None = None) -> Future:
-        """Queue `item` for `user`, to run with the other waiting items of the same `key` (up to `max_batch`,
-        waiting up to `batch_window` seconds for more): `run(items)` returns one result per item (an exception
-        instance is raised from that item's future)."""
-        return self._queue(_Job(run, Future(), stop, key, item), user)
+                       stop: threading.Event | None = None, arrival: Arrival | None = None) -> Future:
+        """Queue `item` for `user`, to run with the other waiting items of the same `key` (up to `max_batch`;
+        once the first could start, the batch waits `batch_window` seconds for more, and up to `ARRIVAL_WAIT`
+        while announced ones are on their way): `run(items)` returns one result per item (an exception instance
+        is raised from that item's future)."""
+        return self._queue(_Job(run, Future(), stop, key, item), user, arrival)
 
     async def run_batched(self, key: Any, item: Any, run: Callable[[list[Any]], list[Any]], *, user: str = "",
-                          stop: threading.Event | None = None) -> Any:
-        future = self.submit_batched(key, item, run, user=user, stop=stop)
+                          stop: threading.Event | None = None, arrival: Arrival | None = None) -> Any:
+        future = self.submit_batched(key, item, run, user=user, stop=stop, arrival=arrival)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -108,8 +139,10 @@ class ModelWorker:
             future.cancel()
             raise
 
-    def _queue(self, job: _Job, user: str) -> Future:
+    def _queue(self, job: _Job, user: str, arrival: Arrival | None = None) -> Future:
         with self._cond:
+            if arrival is not None:  # here now (or refused): no batch waits for it any longer
+                arrival._end()
             if self._closed:
                 raise RuntimeError("the model worker is closed")
             if self._waiting >= self.queue_size:
@@ -212,9 +245,13 @@ class ModelWorker:
             batch = [job]
             if job.key is not None:
                 self._gather(batch)
-                deadline = time.monotonic() + self.batch_window
-                while len(batch) < self.max_batch and not self._closed and (left := deadline - time.monotonic()) > 0:
-                    self._cond.wait(left)  # more may come within the window
+                now = time.monotonic()
+                window, cap = now + self.batch_window, now + max(self.batch_window, ARRIVAL_WAIT)
+                while len(batch) < self.max_batch and not self._closed:
+                    until = cap if self._arriving else window  # longer while requests are on their way
+                    if (left := until - time.monotonic()) <= 0:
+                        break
+                    self._cond.wait(left)
                     self._gather(batch)
             return batch
 

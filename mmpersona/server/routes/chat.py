@@ -37,12 +37,19 @@ async def chat_completions(req: ChatRequest, request: Request, user: str = Depen
     options = sampling(req, srv.limits)
     common = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time())}
     async with Watch(request) as watch:
-        photo, hold = await decoded(talk.image, srv, watch)
-        base = srv.chat.loaded() or await srv.worker.run(srv.chat.get, user=user, stop=watch.stop)
-        if base.vlm.remote is not None:
-            return await remote_answer(req, talk, options, common, user, srv, watch, photo, hold)
-        if req.seed is None and base.mode == "retrieval":  # answered in a batch with others (a seed: alone)
-            return await batched_answer(req, talk, options, common, user, srv, watch, photo, base)
+        base = srv.chat.loaded()
+        # answered in a batch with others (a seed: alone); a batch about to start waits for this one a little
+        arrival = srv.worker.arriving() if base is not None and batchable(base, req) else None
+        try:
+            photo, hold = await decoded(talk.image, srv, watch)
+            base = base or await srv.worker.run(srv.chat.get, user=user, stop=watch.stop)
+            if base.vlm.remote is not None:
+                return await remote_answer(req, talk, options, common, user, srv, watch, photo, hold)
+            if batchable(base, req):
+                return await batched_answer(req, talk, options, common, user, srv, watch, photo, base, arrival)
+        finally:
+            if arrival is not None:
+                arrival.done()
 
         def pipeline():
             pipe = srv.chat.variant(regions=True, assign=True) if req.regions else srv.chat.get()
@@ -161,8 +168,13 @@ def answer_batch(items: list[ChatItem], sampling: dict[str, Any]) -> list[Any]:
     return results
 
 
+def batchable(base: Any, req: ChatRequest) -> bool:
+    """A local VLM answering from retrieval (learned tokens change the model per user), and no seed."""
+    return base.vlm.remote is None and base.mode == "retrieval" and req.seed is None
+
+
 async def batched_answer(req: ChatRequest, talk: "Conversation", options: dict[str, Any], common: dict[str, Any],
-                         user: str, srv: Server, watch: Watch, photo: Any, base: Any):
+                         user: str, srv: Server, watch: Watch, photo: Any, base: Any, arrival: Any = None):
     """A local VLM's answer in one batched generation with the other requests waiting for the same sampling
     (`--max-batch`, `--batch-window-ms`); streamed per request."""
     rest = {k: v for k, v in options.items() if k != "max_new_tokens"}
@@ -171,7 +183,8 @@ async def batched_answer(req: ChatRequest, talk: "Conversation", options: dict[s
                     talk, user, options["max_new_tokens"], watch.stop)
     run = partial(answer_batch, sampling=rest)
     if not req.stream:
-        return completion(common, base, await srv.worker.run_batched(key, item, run, user=user, stop=watch.stop))
+        return completion(common, base, await srv.worker.run_batched(key, item, run, user=user, stop=watch.stop,
+                                                                     arrival=arrival))
     loop, pieces_in = asyncio.get_running_loop(), asyncio.Queue()
     item.on_text = lambda piece: loop.call_soon_threadsafe(pieces_in.put_nowait, piece)
     item.prepared = Future()
@@ -184,7 +197,7 @@ async def batched_answer(req: ChatRequest, talk: "Conversation", options: dict[s
                 pass
         loop.call_soon_threadsafe(pieces_in.put_nowait, _END)
 
-    future = srv.worker.submit_batched(key, item, run, user=user, stop=watch.stop)
+    future = srv.worker.submit_batched(key, item, run, user=user, stop=watch.stop, arrival=arrival)
     future.add_done_callback(settled)
     try:  # its errors before the response starts: an HTTP status, as for a request answered alone
         await asyncio.wrap_future(item.prepared)
