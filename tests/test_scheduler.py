@@ -364,6 +364,43 @@ def test_requests_waiting_together_are_answered_in_one_batch_as_each_alone(api):
     assert replies == {"alice": alone["alice"], "bob": alone["bob"], "alice-stream": alone["alice"]}
 
 
+def test_searches_waiting_together_are_embedded_in_one_call_with_each_users_own_results(api):
+    worker, db = api.worker, api.app.state.server.db
+    queries = [("alice", {"text": "a red dog"}), ("bob", {"text": "a red dog"}), ("alice", {"text": "a cat"}),
+               ("alice", {"image": data_url(photo())}), ("bob", {"image": data_url(photo())})]
+    alone = [(db.search_text(u, q["text"]) if "text" in q else db.search_image(u, photo())) for u, q in queries]
+    assert alone[0] and not alone[1]  # bob has no concepts: never alice's
+    gate = threading.Event()
+    worker.submit(gate.wait)
+    wait_for(lambda: worker.busy)
+    batches, replies = worker.batches, [None] * len(queries)
+
+    def ask(i):
+        user, query = queries[i]
+        with api.http(user) as client:
+            replies[i] = client.post("/v1/concepts/search", json=query)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]  # the texts first (per-user bound)
+    [t.start() for t in threads]
+    wait_for(lambda: worker.waiting == 3, what="the searches to queue")
+    gate.set()
+    [t.join(60) for t in threads]
+    gate.clear()
+    worker.submit(gate.wait)
+    wait_for(lambda: worker.busy)
+    threads = [threading.Thread(target=ask, args=(i,)) for i in (3, 4)]
+    [t.start() for t in threads]
+    wait_for(lambda: worker.waiting == 2, what="the image searches to queue")
+    gate.set()
+    [t.join(60) for t in threads]
+    assert worker.batches == batches + 2
+    for reply, expected in zip(replies, alone, strict=True):
+        assert reply.status_code == 200, reply.text
+        got = reply.json()["data"]
+        assert [m["concept"]["id"] for m in got] == [m.concept.id for m in expected]
+        assert [m["score"] for m in got] == pytest.approx([m.score for m in expected], abs=1e-5)
+
+
 def test_a_queued_request_whose_client_left_never_runs(api):
     worker = api.worker
     gate = threading.Event()
@@ -526,7 +563,10 @@ def test_the_apps_model_events_wait_in_their_models_queue(tiny_cache):
     chat needs, and a waiting event of a user who left is dropped by Gradio, not run."""
     from mmpersona.app import build_app
 
-    fns = {fn.api_name: fn for fn in build_app("tiny").fns.values()}
+    demo = build_app("tiny")
+    fns = {fn.api_name: fn for fn in demo.fns.values()}
     assert (fns["chat"].concurrency_id, fns["chat"].concurrency_limit) == ("vlm", 1)
+    stop = [d for d in demo.get_config_file()["dependencies"] if d["cancels"]]
+    assert [d["cancels"] for d in stop] == [[fns["chat"]._id]]  # the Stop button cancels the answer
     assert {(fns[n].concurrency_id, fns[n].concurrency_limit) for n in
             ("generate", "taste_pair", "taste_choose_a", "taste_choose_b", "taste_skip")} == {("t2i", 1)}

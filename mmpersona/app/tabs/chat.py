@@ -12,6 +12,7 @@ def chat_tab(gr, app: App) -> None:
     ch_q = gr.Textbox(label="Question", placeholder="What is <bo> doing?")
     ch_regions = gr.Checkbox(label="Find each concept in the photo (regions)", value=False, elem_id="chat-regions")
     ch_btn = gr.Button("Ask", variant="primary")
+    ch_stop = gr.Button("Stop", size="sm", elem_id="chat-stop")
     ch_status = gr.Textbox(label="Status", interactive=False, elem_id="chat-status")
     with gr.Row():
         ch_thumbs = gr.HTML(label="Retrieved", elem_id="chat-thumbs")
@@ -28,5 +29,8 @@ def chat_tab(gr, app: App) -> None:
 
     # one chat at a time on the shared model: the others wait in Gradio's queue (where a user who leaves is
     # dropped), not in a thread blocked on the model's lock; generation has a queue of its own
-    ch_btn.click(ask, [ch_image, ch_q, chatbot, ch_regions], [chatbot, ch_rows, ch_thumbs, ch_boxes, ch_status],
-                 api_name="chat", concurrency_id="vlm", concurrency_limit=1)
+    asked = ch_btn.click(ask, [ch_image, ch_q, chatbot, ch_regions],
+                         [chatbot, ch_rows, ch_thumbs, ch_boxes, ch_status], api_name="chat", concurrency_id="vlm",
+                         concurrency_limit=1)
+    # Stop: the answer's generator is closed, which ends the generation at its next token (AnswerStream)
+    ch_stop.click(None, None, None, cancels=[asked], api_visibility="private")

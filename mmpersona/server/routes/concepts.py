@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
@@ -95,14 +96,39 @@ async def concepts_search(req: SearchRequest, request: Request, user: str = Depe
     data = data_url_bytes(req.image) if req.image is not None else None
     async with Watch(request) as watch:
         if data is None:
-            found = await srv.worker.run(lambda: srv.db.search_text(user, req.text, **options), user=user,
-                                         stop=watch.stop)
+            query, kind = req.text, "text"
         else:
             watch.on_end((await srv.decode.acquire(encoded_pixels(data))).release)
-            photo = await run_in_threadpool(load_image, data)
-            found = await srv.worker.run(lambda: srv.db.search_image(user, photo, **options), user=user,
-                                         stop=watch.stop)
+            query, kind = await run_in_threadpool(load_image, data), "image"
+        # embedded in one call with the other searches waiting (each user's own search after that)
+        found = await srv.worker.run_batched(("search", kind), (user, query, options),
+                                             partial(search_batch, srv.db, kind), user=user, stop=watch.stop)
     return {"object": "list", "data": [m.to_dict() for m in found]}
+
+
+def search_batch(db: Any, kind: str, items: list[tuple[str, Any, dict[str, Any]]]) -> list[Any]:
+    """Searches of several requests: their queries (all texts or all photos) embedded in one call, then each
+    user's concepts searched with their own vector. An embedding that fails is tried again alone, so that one
+    request's bad input fails only that request."""
+    embed = db.embedder.embed_texts if kind == "text" else db.embedder.embed_images
+    try:
+        vectors = list(embed([query for _, query, _ in items]))
+    except Exception:  # noqa: BLE001 - which one failed: each alone
+        vectors = []
+        for _, query, _ in items:
+            try:
+                vectors.append(embed([query])[0])
+            except Exception as e:  # noqa: BLE001 - this request's error
+                vectors.append(e)
+    out: list[Any] = []
+    for (user, _, options), vector in zip(items, vectors, strict=True):
+        try:
+            if isinstance(vector, BaseException):
+                raise vector
+            out.append(db.store.search(user, vector, embedder=db.embedder.name, **options))
+        except Exception as e:  # noqa: BLE001 - this request's error
+            out.append(e)
+    return out
 
 
 @router.get("/v1/media/{image_hash}", response_class=Response)
