@@ -40,8 +40,9 @@ def serve(
                                         help="Most work one generation may ask for: images (reranking's candidates "
                                              "included) x steps x pixels / the model's native pixels."),
     max_decode_mpixels: float = typer.Option(134.2, "--max-decode-mpixels", min=1.0,
-                                             help="Megapixels of decoded photos held at once (about 6 bytes "
-                                                  "each at peak for a 16-bit PNG; requests wait for room)."),
+                                             help="Megapixels of decoded photos held at once (the default: "
+                                                  "two 8192x8192 photos, about 1.5 GB at peak); requests wait "
+                                                  "for room."),
     batch_size: int = typer.Option(4, "--batch-size", min=1,
                                    help="Images per diffusers call (reranking's candidates too); decoded one at "
                                         "a time (VAE slicing)."),
