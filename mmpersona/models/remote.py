@@ -197,9 +197,7 @@ class RemoteClient:
             with chunks:
                 for chunk in chunks:
                     check(stop)
-                    for choice in chunk.choices or ():
-                        if choice.delta is not None and choice.delta.content:
-                            yield choice.delta.content
+                    yield from _pieces(chunk)
         except openai.OpenAIError as e:
             raise self._error(e) from None
 
@@ -224,11 +222,17 @@ class RemoteClient:
                                                                   **_sampling(kwargs))
             async with chunks:
                 async for chunk in chunks:
-                    for choice in chunk.choices or ():
-                        if choice.delta is not None and choice.delta.content:
-                            yield choice.delta.content
+                    for piece in _pieces(chunk):
+                        yield piece
         except openai.OpenAIError as e:
             raise self._error(e) from None
+
+
+def _pieces(chunk: Any) -> Iterator[str]:
+    """The text a streamed chat-completions chunk adds."""
+    for choice in chunk.choices or ():
+        if choice.delta is not None and choice.delta.content:
+            yield choice.delta.content
 
 
 def _openai() -> Any:

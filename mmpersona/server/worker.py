@@ -60,6 +60,18 @@ class Arrival:
             self.worker._arriving -= 1
 
 
+async def awaited(future: Future, stop: threading.Event | None, *, job: Future | None = None) -> Any:
+    """`future`'s result, awaited; cancelling the awaiting task sets `stop` and cancels the job (`job`, else
+    `future` itself), so that it is dropped before it starts or stops at its next step."""
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        if stop is not None:
+            stop.set()
+        (job or future).cancel()
+        raise
+
+
 class _Job:
     __slots__ = ("fn", "future", "stop", "key", "item")
 
@@ -130,14 +142,7 @@ class ModelWorker:
 
     async def run_batched(self, key: Any, item: Any, run: Callable[[list[Any]], list[Any]], *, user: str = "",
                           stop: threading.Event | None = None, arrival: Arrival | None = None) -> Any:
-        future = self.submit_batched(key, item, run, user=user, stop=stop, arrival=arrival)
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            if stop is not None:
-                stop.set()
-            future.cancel()
-            raise
+        return await awaited(self.submit_batched(key, item, run, user=user, stop=stop, arrival=arrival), stop)
 
     def _queue(self, job: _Job, user: str, arrival: Arrival | None = None) -> Future:
         with self._cond:
@@ -162,14 +167,7 @@ class ModelWorker:
     async def run(self, fn: Callable[[], Any], *, user: str = "", stop: threading.Event | None = None) -> Any:
         """Submit `fn` and await its result. Cancelling the awaiting task sets `stop` (the job is dropped, or
         stops at its next step)."""
-        future = self.submit(fn, user=user, stop=stop)
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            if stop is not None:
-                stop.set()
-            future.cancel()
-            raise
+        return await awaited(self.submit(fn, user=user, stop=stop), stop)
 
     async def stream(self, start: Callable[[], tuple[Any, Iterator[str]]], *, user: str = "",
                      stop: threading.Event | None = None) -> tuple[Any, AsyncIterator[str]]:
@@ -211,13 +209,7 @@ class ModelWorker:
 
         future = self.submit(job, user=user, stop=stop)
         future.add_done_callback(dropped)
-        try:
-            head = await asyncio.wrap_future(ready)
-        except asyncio.CancelledError:
-            if stop is not None:
-                stop.set()
-            future.cancel()
-            raise
+        head = await awaited(ready, stop, job=future)
 
         async def read() -> AsyncIterator[str]:
             while True:

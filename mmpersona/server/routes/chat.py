@@ -23,6 +23,7 @@ from ..errors import ApiError, as_api_error, error_body
 from ..media import data_url_bytes
 from ..scheduler import Hold, Watch
 from ..schemas import ChatMessage, ChatRequest
+from ..worker import awaited
 
 router = APIRouter(tags=["chat"])
 
@@ -52,9 +53,9 @@ async def chat_completions(req: ChatRequest, request: Request, user: str = Depen
                 arrival.done()
 
         def pipeline():
-            pipe = srv.chat.variant(regions=True, assign=True) if req.regions else srv.chat.get()
+            pipe = chosen(srv, req)
             if req.seed is not None:
-                _seed(pipe, req.seed, options)
+                _seed(req.seed)
             return pipe
 
         if not req.stream:
@@ -71,6 +72,11 @@ async def chat_completions(req: ChatRequest, request: Request, user: str = Depen
         stream, pieces = await srv.worker.stream(start, user=user, stop=watch.stop)
         watch.keep()  # the stream goes on after this returns; a client that leaves sets `stop`
         return sse(common, base, pieces, lambda: stream.result, watch)
+
+
+def chosen(srv: Server, req: ChatRequest) -> Any:
+    """The chat pipeline a request asks for: with `regions`, the variant that also retrieves per region."""
+    return srv.chat.variant(regions=True, assign=True) if req.regions else srv.chat.get()
 
 
 async def decoded(data: bytes | None, srv: Server, watch: Watch) -> tuple[Any, Hold | None]:
@@ -92,7 +98,7 @@ async def remote_answer(req: ChatRequest, talk: "Conversation", options: dict[st
     srv.remote.admit()  # refused before any local work when the lane is full
 
     def local_part():
-        pipe = srv.chat.variant(regions=True, assign=True) if req.regions else srv.chat.get()
+        pipe = chosen(srv, req)
         start = time.perf_counter()
         prompt, candidates, timings = pipe.prepare(photo, talk.question, user=user, history=talk.history,
                                                    system=talk.system)
@@ -179,8 +185,7 @@ async def batched_answer(req: ChatRequest, talk: "Conversation", options: dict[s
     (`--max-batch`, `--batch-window-ms`); streamed per request."""
     rest = {k: v for k, v in options.items() if k != "max_new_tokens"}
     key = ("chat", tuple(sorted(rest.items())))
-    item = ChatItem(lambda: srv.chat.variant(regions=True, assign=True) if req.regions else srv.chat.get(), photo,
-                    talk, user, options["max_new_tokens"], watch.stop)
+    item = ChatItem(partial(chosen, srv, req), photo, talk, user, options["max_new_tokens"], watch.stop)
     run = partial(answer_batch, sampling=rest)
     if not req.stream:
         return completion(common, base, await srv.worker.run_batched(key, item, run, user=user, stop=watch.stop,
@@ -199,11 +204,8 @@ async def batched_answer(req: ChatRequest, talk: "Conversation", options: dict[s
 
     future = srv.worker.submit_batched(key, item, run, user=user, stop=watch.stop, arrival=arrival)
     future.add_done_callback(settled)
-    try:  # its errors before the response starts: an HTTP status, as for a request answered alone
-        await asyncio.wrap_future(item.prepared)
-    except asyncio.CancelledError:
-        watch.stop.set()
-        raise
+    # its errors before the response starts: an HTTP status, as for a request answered alone
+    await awaited(item.prepared, watch.stop, job=future)
     got: dict[str, Any] = {}
 
     async def pieces():
@@ -342,7 +344,7 @@ def personal(answer: Any) -> dict[str, Any]:
             "timings": {k: round(v, 3) for k, v in answer.timings.items()}}
 
 
-def _seed(pipe: Any, seed: int, options: dict[str, Any]) -> None:
+def _seed(seed: int) -> None:
     """A request's `seed` for the local VLM: torch's generator (a remote VLM's server gets it in the request)."""
     import torch
 
