@@ -3,7 +3,7 @@ what would it cost at full depth?
 
     python benchmarks/real_shapes.py [--stages embed,retrieve,answer,learn_tokens,generate,dpo,adapter,generate_xl,...]
                                      [--device cpu|cuda|cuda:N] [--dtype float32|bfloat16|float16] [--full]
-                                     [--resolution 256] [--resolution-xl 512] [--out report.json]
+                                     [--resolution 512] [--resolution-xl 1024] [--out report.json]
 
 The architectures are built from the published configuration files kept in `mmpersona/models/published/`
 (Qwen2.5-VL-3B-Instruct, open_clip ViT-L-14-336, OWLv2 base, SD 1.5, SDXL base and their IP-Adapter image
@@ -26,9 +26,16 @@ Stages (the toolkit's code path each one goes through):
 - learn_tokens: one `learn_concept` step (16 latent tokens) on the photo.
 - generate / generate_xl: `PersonalizedT2IPipeline` one denoising step with attributes + IP-Adapter (SD 1.5 /
   SDXL widths).
-- dpo / dpo_xl: one `train_dpo_lora` step on one pair.
-- adapter / adapter_xl: one multi-user `train_adapter` step (the preference adapter at the UNet's real
-  cross-attention width, SDXL's pooled head too), then one denoising step with attributes + viper + preference.
+- serve / serve_xl: `mmpersona serve`'s largest allowed generation with its defaults: 4 images in one diffusers
+  call (`--batch-size`), VAE slicing, at the largest side a request may ask for (`ServeConfig.largest_side`).
+- dpo / dpo_xl: one `train_dpo_lora` step on one pair, `DPOConfig`'s defaults otherwise.
+- adapter / adapter_xl: one multi-user `train_adapter` step with `adapter train`'s defaults (a micro-batch of 4
+  users, gradient checkpointing, images encoded 2 at a time, held-out users evaluated 4 pairs per UNet call) on
+  non-square photos (the preference adapter at the UNet's real cross-attention width, SDXL's pooled head too),
+  then one denoising step with attributes + viper + preference.
+
+Every stage runs at the model's real resolution by default (SD 1.5 512 px, SDXL 1024 px), with the toolkit's
+own default settings: what a first user's first run needs.
 
 Memory: on CUDA the peak of `torch.cuda.max_memory_allocated`; on CPU the process's peak RSS above what it held
 before building the model. Prints one JSON line per stage with `stage`, `params`, `visual_tokens`, `peak_mb`,
@@ -50,8 +57,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = ("embed", "retrieve", "instance", "answer", "learn_tokens", "generate", "dpo", "adapter", "generate_xl", "dpo_xl",
-          "adapter_xl")
+T2I_STAGES = ("generate", "serve", "dpo", "adapter", "generate_xl", "serve_xl", "dpo_xl", "adapter_xl")
+STAGES = ("embed", "retrieve", "instance", "answer", "learn_tokens", *T2I_STAGES)
+#: `mmpersona serve --batch-size`'s default: images per diffusers call
+SERVE_BATCH = 4
 QWEN = "Qwen/Qwen2.5-VL-3B-Instruct"
 SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -340,7 +349,7 @@ def run_stage(stage: str, level: int, device, dtype, resolution: int) -> dict:
         out["seconds"] = time.perf_counter() - start
         db.close()
         return out
-    if stage in ("generate", "dpo", "adapter", "generate_xl", "dpo_xl", "adapter_xl"):
+    if stage in T2I_STAGES:
         from pipelines import PersonalizedT2IPipeline
         from pipelines.dpo import DPOConfig, train_dpo_lora
 
@@ -359,25 +368,42 @@ def run_stage(stage: str, level: int, device, dtype, resolution: int) -> dict:
             pipe = PersonalizedT2IPipeline(db, t2i=loaded, strategies=["attributes", "ip_adapter"])
             result = pipe("a dog on a sofa", user="alice", steps=1, height=resolution, width=resolution)
             out["ok"] = result.images[0].size == (resolution, resolution)
+        elif stage.startswith("serve"):
+            # `mmpersona serve`'s largest allowed generation with its defaults: --batch-size 4 images per diffusers
+            # call, VAE slicing, sides up to 2x native (routes/images.py `within_budget`)
+            from mmpersona.server.config import ServeConfig
+
+            loaded.pipeline.vae.enable_slicing()  # as `load_t2i(vae_slicing=True)` does
+            pipe = PersonalizedT2IPipeline(db, t2i=loaded, strategies=["attributes", "ip_adapter"],
+                                           batch_size=SERVE_BATCH)
+            side = ServeConfig().largest_side(pipe.native_size)
+            out["resolution"] = side
+            result = pipe("a dog on a sofa", user="alice", n=SERVE_BATCH, steps=1, height=side, width=side)
+            out["ok"] = len(result.images) == SERVE_BATCH and result.images[0].size == (side, side)
         elif stage.startswith("adapter"):
             import io
 
             from pipelines.adapter_training import AdapterTrainConfig, PairRow, train_adapter
 
-            def png(seed):
+            def png(seed, size):
                 buf = io.BytesIO()
-                photo((512, 512), seed=seed).save(buf, format="PNG")
+                photo(size, seed=seed).save(buf, format="PNG")
                 return buf.getvalue()
 
-            rows = [PairRow(u, "a dog on a sofa", png(10 + 2 * i + k), png(11 + 2 * i + k))
-                    for k, u in enumerate(("u1", "u2")) for i in range(2)]
-            trained = train_adapter(loaded, db.embedder, rows, tmp / "adapter",
-                                    AdapterTrainConfig(steps=1, batch_size=2, context=1, heldout_users=0.0,
-                                                       resolution=resolution), progress=False)
+            # `adapter train`'s defaults (micro-batch, checkpointing, held-out evaluation in chunks, encoding in
+            # small batches), one step of one micro-batch: accumulation and more steps add no memory
+            config = AdapterTrainConfig(steps=1, gradient_accumulation=1, eval_draws=1, heldout_users=0.3,
+                                        resolution=resolution)
+            users = ("u1", "u2", "u3")
+            rows = [PairRow(u, f"a dog on a sofa {i}", png(100 * k + 2 * i, (768, 512)), png(100 * k + 2 * i + 1,
+                                                                                              (512, 768)))
+                    for k, u in enumerate(users) for i in range(config.context + config.eval_batch_size)]
+            trained = train_adapter(loaded, db.embedder, rows, tmp / "adapter", config, progress=False)
             pipe = PersonalizedT2IPipeline(db, t2i=loaded, adapter=str(tmp / "adapter"),
                                            strategies=["attributes", "viper", "preference"])
             result = pipe("a dog on a sofa", user="alice", steps=1, height=resolution, width=resolution)
             out["ok"] = (trained.steps == 1 and all(x == x for x in trained.losses)
+                         and trained.heldout_pair_accuracy is not None
                          and result.images[0].size == (resolution, resolution))
         else:
             result = train_dpo_lora(loaded, db, "alice", DPOConfig(steps=1, resolution=resolution), progress=False,
@@ -481,19 +507,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--full", action="store_true", help="full depth and resolution (for a GPU)")
-    parser.add_argument("--resolution", type=int, default=None, help="SD 1.5 image size (default 256, --full 512)")
-    parser.add_argument("--resolution-xl", type=int, default=None, help="SDXL image size (default 512, --full 1024)")
+    parser.add_argument("--resolution", type=int, default=512, help="SD 1.5 image size (default: its native 512)")
+    parser.add_argument("--resolution-xl", type=int, default=1024, help="SDXL image size (default: its native 1024)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per stage run")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON lines to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--level", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        args.resolution = args.resolution or 256
         worker(args)
         return
-    args.resolution = args.resolution or (512 if args.full else 256)
-    args.resolution_xl = args.resolution_xl or (1024 if args.full else 512)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:

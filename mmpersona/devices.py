@@ -51,3 +51,25 @@ def resolve_dtype(dtype: Any, device: "torch.device") -> "torch.dtype":
     if name is None:
         raise MmpersonaError(f"`dtype` must be one of auto, {', '.join(sorted(set(_DTYPES)))}; got {dtype!r}")
     return getattr(torch, name)
+
+
+def process_device(device: Any = "auto") -> tuple[Any, Any]:
+    """(accelerate's `PartialState`, the device this process should load its models on).
+
+    Under `accelerate launch` with several processes, `"auto"` and an unindexed `"cuda"` become this process's
+    own accelerator (`cuda:LOCAL_RANK`): a model loaded on plain `cuda` lands on cuda:0 in every process, and DDP
+    then fails on every rank but the first. The state must exist before any model is loaded, which is why this is
+    called first. CPU processes on one machine share its cores, so each gets its share of torch's threads."""
+    import os
+
+    from accelerate import PartialState
+
+    state = PartialState(cpu=str(device) == "cpu")
+    if state.num_processes > 1:
+        if state.device.type == "cpu":
+            import torch
+
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
+        if device is None or str(device) in ("auto", "cuda"):
+            device = state.device
+    return state, device

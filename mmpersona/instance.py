@@ -35,11 +35,19 @@ class InstanceEmbedder:
 
     def embed_images(self, images: Sequence[ImageInput], *, batch_size: int = 32,
                      progress: bool = False) -> "np.ndarray":
-        """Embed images (paths, bytes, file objects or PIL images) through the safe loader, in batches."""
+        """Embed images (paths, bytes, file objects or PIL images) through the safe loader, in batches.
+
+        Each image is padded to a square of the processor's mean colour first (`pad_to_square`): DINOv2's
+        processor resizes the short side and crops the centre, which kept 29% of a 1:3 person crop's height and
+        44% of a 2:1 dog crop's width, and a region's identity is often at its ends (a head, a tail). Padding
+        rather than resizing without the crop: every image is then the model's native square input, so crops of
+        any shape batch together at a known cost, and the padding is zero after normalisation."""
         from .embedder import embed_batched
+        from .models.loaders import pad_to_square
 
         def encode(batch: list[ImageInput]) -> "torch.Tensor":
-            pixels = self.processor(images=[load_image(x) for x in batch], return_tensors="pt")["pixel_values"]
+            images = [pad_to_square(load_image(x), self.processor) for x in batch]
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
             output = self.model(pixel_values=pixels.to(self.device, self.dtype))
             pooled = getattr(output, "pooler_output", None)
             return pooled if pooled is not None else output.last_hidden_state[:, 0]

@@ -15,18 +15,23 @@ trained on; `heldout_pair_accuracy` is the DPO implicit preference accuracy on t
 from `context` pairs and the rest scored.
 
 What real runs need, and this does: accelerate (several GPUs: each process draws its own users, the adapter is
-data-parallel; `mixed_precision`), the adapter and its optimizer state in float32 whatever the UNet's dtype,
-training noise from DDPM (SDXL samples with Euler), the VAE in float32, gradient checkpointing in the UNet, a
-progress bar, and checkpoints every `checkpoint_every` steps (safetensors + JSON) from which a run resumes and
-continues exactly as if it had not stopped (each step's randomness comes from (seed, step, process)).
+data-parallel; `mixed_precision`), defaults that fit one GPU (micro-batches of 4 users, gradient accumulation to
+32 per step, gradient checkpointing in the UNet), the adapter and its optimizer state in float32 whatever the
+UNet's dtype, training noise from DDPM (SDXL samples with Euler), the VAE in float32 a few images at a time, the
+prepared data on the CPU and cached on disk (each process prepares its share), SDXL time ids from each image's
+own size and crop, the IP-Adapter (if loaded) at 0 as generation without liked images has it, a progress bar,
+and checkpoints every `checkpoint_every` steps (safetensors + JSON) from which a run resumes and continues
+exactly as if it had not stopped (each micro-batch's randomness comes from (seed, step, micro-batch)).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +49,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "user_id")
 CHECKPOINT = "checkpoint"
+PREPARED = "prepared"  # the prepared training data, by its digest (read again on resume)
 
 
 @dataclass(frozen=True)
@@ -102,15 +108,23 @@ def rows_from_db(db: "ConceptDB", users: Sequence[str] | None = None) -> list[Pa
 
 @dataclass
 class AdapterTrainConfig:
-    """tokens / hidden: the adapter's size; steps, batch_size (users per step per process), lr; beta: DPO
-    strength; context: pairs per user embedding; heldout_users: share of users never trained on; resolution:
-    training image size (None: the UNet's own); checkpoint_every: steps between checkpoints; eval_draws: noise
-    draws per held-out pair."""
+    """tokens / hidden: the adapter's size; steps: optimizer steps; batch_size: users per micro-batch per process
+    (what memory holds at once: each is a chosen and a rejected sample kept for backward, plus the reference's
+    two); gradient_accumulation: micro-batches per optimizer step (a step sees batch_size x
+    gradient_accumulation x processes users); lr; beta: DPO strength; context: pairs per user embedding;
+    heldout_users: share of users never trained on; resolution: training image size (None: the UNet's own);
+    checkpoint_every: steps between checkpoints; eval_draws: noise draws per held-out pair; eval_batch_size:
+    held-out pairs per UNet call; encode_batch_size: training images per VAE call when preparing.
+
+    The defaults fit one 24 GB GPU for SD 1.5 at 512 px and one 80 GB GPU for SDXL at 1024 px (README, "What the
+    defaults need"), as diffusers' and the Diffusion-DPO authors' scripts do: a few samples per GPU, gradient
+    checkpointing, and gradient accumulation for a large step (32 users, as PPD's)."""
 
     tokens: int = 4
     hidden: int = 256
     steps: int = 1000
-    batch_size: int = 32
+    batch_size: int = 4
+    gradient_accumulation: int = 8
     lr: float = 1e-3
     beta: float = 1000.0
     context: int = 4
@@ -118,12 +132,15 @@ class AdapterTrainConfig:
     resolution: int | None = None
     seed: int = 0
     mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True
     checkpoint_every: int = 200
     eval_draws: int = 16
+    eval_batch_size: int = 4
+    encode_batch_size: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "hidden", "steps", "batch_size", "context", "checkpoint_every", "eval_draws"):
+        for name in ("tokens", "hidden", "steps", "batch_size", "gradient_accumulation", "context",
+                     "checkpoint_every", "eval_draws", "eval_batch_size", "encode_batch_size"):
             if getattr(self, name) < 1:
                 raise MmpersonaError(f"AdapterTrainConfig.{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.heldout_users < 1.0:
@@ -135,6 +152,10 @@ class AdapterTrainConfig:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise MmpersonaError(f"AdapterTrainConfig.mixed_precision must be no, fp16 or bf16, "
                                  f"got {self.mixed_precision!r}")
+
+
+#: fields that change neither the adapter a run trains nor its data (so a checkpoint resumes under other values)
+NOT_THE_RUN = ("steps", "checkpoint_every", "eval_draws", "eval_batch_size", "encode_batch_size")
 
 
 @dataclass
@@ -167,25 +188,42 @@ def split_users(users: Iterable[str], share: float) -> tuple[list[str], list[str
 # ------------------------------------------------------------------------------------------ data, prepared once
 
 
+PREPARED_FORMAT = 1
+
+
+def square_crop(image: Any, size: int) -> tuple[Any, tuple[int, int], tuple[int, int]]:
+    """`image` with its short side resized to `size` and the middle `size` x `size` cropped (the aspect ratio
+    kept, as diffusers' DPO scripts do); returns it with the original size (h, w) and the crop's top-left
+    (top, left): SDXL's micro-conditioning (`time_ids`) takes both."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return image.crop((left, top, left + size, top + size)), (h, w), (top, left)
+
+
 class Prepared:
-    """Everything the loss needs, computed once: per image its latent and embedder vector; per prompt its
-    conditioning; per user the indices of their pairs."""
+    """Everything the loss needs, computed once: per image its latent, embedder vector and (SDXL) time ids; per
+    prompt its conditioning; per user the indices of their pairs.
+
+    At real sizes this is the heavy part of a run: the VAE encodes `encode_batch_size` images at a time (in float32,
+    about 2.6 GiB per 1024 px image), and everything it makes is kept on the CPU (each step moves only its batch
+    to the device: the latents of 100,000 SDXL images are about 25 GiB). With `cache` (a folder), it is written
+    there by the data's digest, so a resumed run reads it back; with several processes (`state`), each prepares
+    its share (every N-th image and prompt), and all read every share."""
 
     def __init__(self, t2i: "LoadedT2I", embedder: Any, rows: Sequence[PairRow], resolution: int | None,
-                 progress: bool):
-        import numpy as np
-        import torch
-        from tqdm.auto import tqdm
-
-        from mmpersona.images import load_image
-
-        from .dpo import vae_in_float32
+                 progress: bool, *, cache: "str | Path | None" = None, state: Any = None, encode_batch_size: int = 2):
 
         pipe = t2i.pipeline
         self.t2i = t2i
         self.size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         index: dict[str, int] = {}
-        blobs: list[bytes] = []
+        self.blobs: list[bytes] = []
         self.pairs: list[tuple[int, int, int]] = []  # (chosen image, rejected image, prompt)
         prompts: dict[str, int] = {}
         self.by_user: dict[str, list[int]] = {}
@@ -196,8 +234,8 @@ class Prepared:
                 h = hashlib.sha256(data).hexdigest()
                 digest.update(f"{row.user}\0{row.prompt}\0{h}\0".encode())
                 if h not in index:
-                    index[h] = len(blobs)
-                    blobs.append(data)
+                    index[h] = len(self.blobs)
+                    self.blobs.append(data)
                 ids.append(index[h])
             if ids[0] == ids[1]:
                 continue
@@ -205,34 +243,105 @@ class Prepared:
             self.by_user.setdefault(row.user, []).append(len(self.pairs))
             self.pairs.append((ids[0], ids[1], p))
         self.digest = digest.hexdigest()
-        self.vectors = np.asarray(embedder.embed_images(blobs, progress=progress), np.float32)
+        self.texts = list(prompts)
+        rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+        dtype = pipe.unet.dtype
+        key = hashlib.sha256(json.dumps([PREPARED_FORMAT, self.digest, t2i.spec.id, embedder.name, self.size,
+                                         str(dtype)]).encode()).hexdigest()[:32]
+        folder = Path(cache) / key if cache is not None else None
+        mine = None
+        if folder is None or _complete_parts(folder) is None:
+            if world > 1 and folder is None:
+                rank, world = 0, 1  # nowhere to share through: each process prepares everything
+            mine = self._prepare(embedder, range(rank, len(self.blobs), world), range(rank, len(self.texts), world),
+                                 progress, encode_batch_size)
+            if folder is not None:
+                _write_part(folder, rank, world, mine)
+        if state is not None and state.num_processes > 1:
+            state.wait_for_everyone()  # every process, whichever way it went: the others may be writing
+        if folder is None:
+            self._assemble([mine])
+            return
+        files = _complete_parts(folder)
+        if files is None:
+            raise MmpersonaError(f"the prepared training data in {folder} is incomplete after every process "
+                                 "wrote its share (is the folder shared by all processes?)")
+        self._assemble([_read_part(f) for f in files])
+
+    def _prepare(self, embedder: Any, images: range, texts: range, progress: bool, encode_batch_size: int) -> dict:
+        """This process's share, on the CPU: image indices, latents, vectors and time ids; prompt indices and
+        their embeddings."""
+        import numpy as np
+        import torch
+        from tqdm.auto import tqdm
+
+        from mmpersona.images import load_image
+
+        from .dpo import vae_in_float32
+
+        t2i, pipe = self.t2i, self.t2i.pipeline
         vae, dtype, device = pipe.vae, pipe.unet.dtype, t2i.device
-        latents = []
-        with vae_in_float32(vae):
-            with torch.no_grad():
-                for i in tqdm(range(0, len(blobs), 16), desc="encoding training images", disable=not progress):
-                    x = pipe.image_processor.preprocess([load_image(b) for b in blobs[i:i + 16]], height=self.size,
-                                                        width=self.size).to(device, torch.float32)
-                    z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-                    if not bool(torch.isfinite(z).all()):
-                        raise MmpersonaError("the VAE gave non-finite latents for a training image")
-                    latents.append(z.to(dtype))
-        self.latents = torch.cat(latents)
-        texts = list(prompts)
-        embeds, pooled = [], []
-        for i in range(0, len(texts), 32):
-            pe, _, pool, _ = encode(t2i, texts[i:i + 32], None, cfg=False)
-            embeds.append(pe.to(dtype))
-            if pool is not None:
-                pooled.append(pool.to(dtype))
-        self.embeds = torch.cat(embeds)
-        self.pooled = torch.cat(pooled) if pooled else None
-        self.time_ids = None
+        ids = list(images)
+        vectors = (np.asarray(embedder.embed_images([self.blobs[i] for i in ids], progress=progress), np.float32)
+                   if ids else np.zeros((0, int(embedder.dim)), np.float32))
+        latents, time_ids = [], []
+        with vae_in_float32(vae), torch.no_grad():
+            for start in tqdm(range(0, len(ids), encode_batch_size), desc="encoding training images",
+                              disable=not progress):
+                crops = [square_crop(load_image(self.blobs[i]), self.size) for i in ids[start:start + encode_batch_size]]
+                x = pipe.image_processor.preprocess([c[0] for c in crops], height=self.size, width=self.size)
+                z = vae.encode(x.to(device, torch.float32)).latent_dist.mean * vae.config.scaling_factor
+                if not bool(torch.isfinite(z).all()):
+                    raise MmpersonaError("the VAE gave non-finite latents for a training image")
+                latents.append(z.to(dtype).cpu())
+                if t2i.is_xl:  # each image's true original size and crop, as SDXL was trained
+                    for _, original, corner in crops:
+                        time_ids.append(pipe._get_add_time_ids(
+                            original, corner, (self.size, self.size), dtype=torch.float32,
+                            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim))
+        shape = (0, vae.config.latent_channels, self.size // pipe.vae_scale_factor,
+                 self.size // pipe.vae_scale_factor)
+        out = {"images": torch.tensor(ids, dtype=torch.int64),
+               "latents": torch.cat(latents) if latents else torch.zeros(shape, dtype=dtype),
+               "vectors": torch.from_numpy(vectors.reshape(len(ids), -1))}
         if t2i.is_xl:
-            self.time_ids = pipe._get_add_time_ids((self.size, self.size), (0, 0), (self.size, self.size),
-                                                   dtype=dtype,
-                                                   text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim
-                                                   ).to(device)
+            out["time_ids"] = torch.cat(time_ids) if time_ids else torch.zeros(0, 6)
+        prompt_ids = list(texts)
+        embeds, pooled = [], []
+        for start in range(0, len(prompt_ids), 32):
+            pe, _, pool, _ = encode(t2i, [self.texts[i] for i in prompt_ids[start:start + 32]], None, cfg=False)
+            embeds.append(pe.to(dtype).cpu())
+            if pool is not None:
+                pooled.append(pool.to(dtype).cpu())
+        out["prompts"] = torch.tensor(prompt_ids, dtype=torch.int64)
+        if embeds:
+            out["embeds"] = torch.cat(embeds)
+            if pooled:
+                out["pooled"] = torch.cat(pooled)
+        return out
+
+    def _assemble(self, parts: list[dict]) -> None:
+        """The shares put back in the global order of images and prompts."""
+        import torch
+
+        def gather(name: str, order: str, n: int):
+            have = [p for p in parts if name in p and len(p[order])]
+            if not have:
+                return None
+            index = torch.cat([p[order] for p in have])
+            values = torch.cat([p[name] for p in have])
+            if sorted(index.tolist()) != list(range(n)):
+                raise MmpersonaError(f"the prepared training data does not cover every {order[:-1]}")
+            out = torch.empty_like(values)
+            out[index] = values
+            return out
+
+        n_images, n_texts = len(self.blobs), len(self.texts)
+        self.latents = gather("latents", "images", n_images)
+        self.vectors = gather("vectors", "images", n_images).numpy()
+        self.time_ids = gather("time_ids", "images", n_images) if self.t2i.is_xl else None
+        self.embeds = gather("embeds", "prompts", n_texts)
+        self.pooled = gather("pooled", "prompts", n_texts)
 
     def embedding(self, pair_ids: Sequence[int]):
         """The user embedding (`RULE`) of these pairs."""
@@ -242,6 +351,39 @@ class Prepared:
         r = self.vectors[[self.pairs[i][1] for i in pair_ids]]
         u = user_embedding(c, r)
         return u if u is not None else (c[0] * 0)
+
+
+def _write_part(folder: Path, rank: int, world: int, part: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"part-{rank}-of-{world}.safetensors"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in part.items()}, str(tmp))
+    os.replace(tmp, path)  # whole or absent
+
+
+def _read_part(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _complete_parts(folder: Path) -> list[Path] | None:
+    """The files of one complete set of shares in `folder` (from a run with any number of processes), or None."""
+    if not folder.is_dir():
+        return None
+    sets: dict[int, dict[int, Path]] = {}
+    for f in folder.glob("part-*-of-*.safetensors"):
+        try:
+            rank, world = (int(x) for x in f.name[len("part-"):-len(".safetensors")].split("-of-"))
+        except ValueError:
+            continue
+        sets.setdefault(world, {})[rank] = f
+    for world, have in sorted(sets.items()):
+        if set(have) == set(range(world)):
+            return [have[r] for r in range(world)]
+    return None
 
 
 def dpo_terms(prep: Prepared, adapter_module: Any, users_u: Any, targets: Sequence[int], timesteps: Any, noise: Any,
@@ -254,25 +396,28 @@ def dpo_terms(prep: Prepared, adapter_module: Any, users_u: Any, targets: Sequen
 
     pipe = prep.t2i.pipeline
     unet = pipe.unet
+    device = prep.t2i.device
     b = len(targets)
     w = torch.tensor([prep.pairs[i][0] for i in targets])
     l_ = torch.tensor([prep.pairs[i][1] for i in targets])
     p = torch.tensor([prep.pairs[i][2] for i in targets])
-    latents = torch.cat([prep.latents[w], prep.latents[l_]])
+    latents = torch.cat([prep.latents[w], prep.latents[l_]]).to(device)  # kept on the CPU: only the batch moves
     noise2 = torch.cat([noise, noise]).to(latents.dtype)
     t = torch.cat([timesteps, timesteps])
     noisy = scheduler.add_noise(latents, noise2, t)
     target = noise2 if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise2, t)
-    text = prep.embeds[p]
+    text = prep.embeds[p].to(device)
+    text_pooled = prep.pooled[p].to(device) if prep.pooled is not None else None
+    time_ids = torch.cat([prep.time_ids[w], prep.time_ids[l_]]).to(device) if prep.time_ids is not None else None
     tokens, shift = adapter_module(users_u)
-    pe, _, pooled, _ = append_tokens(tokens, shift, text, None, prep.pooled[p] if prep.pooled is not None else None)
+    pe, _, pooled, _ = append_tokens(tokens, shift, text, None, text_pooled)
     pe, pooled = torch.cat([pe, pe]), (torch.cat([pooled, pooled]) if pooled is not None else None)
-    ref_pooled = torch.cat([prep.pooled[p]] * 2) if prep.pooled is not None else None
+    ref_pooled = torch.cat([text_pooled] * 2) if text_pooled is not None else None
 
     def added(pool):
         out = {}
         if pool is not None:
-            out = {"text_embeds": pool, "time_ids": prep.time_ids.repeat(len(pool), 1)}
+            out = {"text_embeds": pool, "time_ids": time_ids.to(pool.dtype)}
         neutral = neutral_image_embeds(pipe, len(noisy), noisy.device, noisy.dtype)
         if neutral is not None:
             out["image_embeds"] = neutral
@@ -286,15 +431,19 @@ def dpo_terms(prep: Prepared, adapter_module: Any, users_u: Any, targets: Sequen
     return (err[:b] - err_ref[:b]) - (err[b:] - err_ref[b:])
 
 
-def _step_rng(seed: int, step: int, process: int):
+def _step_rng(seed: int, step: int, micro: int):
+    """The randomness of one micro-batch: a function of (seed, step, micro-batch) alone, where micro-batch j of a
+    step is process j // gradient_accumulation's (j % gradient_accumulation)-th. So a run resumes exactly, and N
+    processes train the adapter that one process with N times the accumulation trains."""
     import torch
 
-    key = int.from_bytes(hashlib.sha256(f"{seed}/{step}/{process}".encode()).digest()[:8], "little")
+    key = int.from_bytes(hashlib.sha256(f"{seed}/{step}/{micro}".encode()).digest()[:8], "little")
     return random.Random(key), torch.Generator("cpu").manual_seed(key % (2**63))
 
 
 def sample_batch(prep: Prepared, users: Sequence[str], config: AdapterTrainConfig, rng: random.Random):
-    """Per drawn user: the embedding of `context` of their pairs and another pair as the target."""
+    """Per drawn user (`batch_size` of them): the embedding of `context` of their pairs and another pair as the
+    target."""
     import numpy as np
 
     us, targets = [], []
@@ -356,7 +505,7 @@ def train_adapter(t2i: "LoadedT2I", embedder: Any, rows: Sequence[PairRow], out_
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from .dpo import noise_scheduler
+    from .dpo import ip_adapter_scale, noise_scheduler
 
     config = config or AdapterTrainConfig()
     out = Path(out_dir)
@@ -376,10 +525,15 @@ def train_adapter(t2i: "LoadedT2I", embedder: Any, rows: Sequence[PairRow], out_
         raise MmpersonaError("every user is held out: lower heldout_users")
     accelerator = Accelerator(cpu=t2i.device.type == "cpu", mixed_precision=config.mixed_precision,
                               device_placement=False)
+    if accelerator.num_processes > 1 and t2i.device.type != "cpu" and t2i.device != accelerator.device:
+        raise MmpersonaError(f"process {accelerator.process_index} has the pipeline on {t2i.device}, but its "
+                             f"accelerator is {accelerator.device}: under `accelerate launch` load the models on "
+                             "`mmpersona.devices.process_device()`'s device (the CLI does)")
     pipe = t2i.pipeline
     prep = Prepared(t2i, embedder, [r for r in rows if r.user in set(usable)], config.resolution,
-                    progress and accelerator.is_main_process)
-    same_run = {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every", "eval_draws")}
+                    progress and accelerator.is_main_process, cache=out / PREPARED, state=accelerator,
+                    encode_batch_size=config.encode_batch_size)
+    same_run = {k: v for k, v in asdict(config).items() if k not in NOT_THE_RUN}
     fingerprint = hashlib.sha256(json.dumps([same_run, t2i.spec.id, embedder.name, sorted(train_users),
                                              prep.digest]).encode()).hexdigest()
     adapter = PreferenceAdapter.for_pipeline(t2i, embedder, tokens=config.tokens, hidden=config.hidden,
@@ -403,50 +557,60 @@ def train_adapter(t2i: "LoadedT2I", embedder: Any, rows: Sequence[PairRow], out_
     checkpointing = config.gradient_checkpointing and not unet.is_gradient_checkpointing
     if checkpointing:
         unet.enable_gradient_checkpointing()
+    accumulation = config.gradient_accumulation
     start = time.perf_counter()
-    try:
-        module.train()
-        bar = tqdm(range(result.steps, config.steps), desc="preference adapter", unit="step",
-                   disable=not progress or not accelerator.is_main_process, initial=result.steps, total=config.steps)
-        for step in bar:
-            rng, gen = _step_rng(config.seed, step, accelerator.process_index)
-            u, targets = sample_batch(prep, train_users, config, rng)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(targets),), generator=gen).to(t2i.device)
-            noise = torch.randn((len(targets), *prep.latents.shape[1:]), generator=gen).to(t2i.device)
-            with accelerator.autocast():
-                diff = dpo_terms(prep, module, torch.from_numpy(u).to(t2i.device), targets, t, noise, scheduler)
-                loss = -torch.nn.functional.logsigmoid(-0.5 * config.beta * diff).mean()
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise MmpersonaError(f"adapter training diverged: the loss became {value} at step {step + 1}; "
-                                     "try a smaller --beta or --lr, or --mixed-precision no")
-            result.losses.append(value)
-            result.steps = step + 1
-            if progress:
-                bar.set_postfix(loss=f"{sum(result.losses[-20:]) / len(result.losses[-20:]):.3f}")
-            if accelerator.is_main_process and (result.steps % config.checkpoint_every == 0
-                                                or result.steps == config.steps):
-                _save_checkpoint(ckpt, _unwrapped(accelerator, module, adapter), optimizer,
-                                 {"step": result.steps, "losses": result.losses, "fingerprint": fingerprint,
-                                  "config": asdict(config)})
-        module.eval()
-    finally:
-        if checkpointing:
-            unet.disable_gradient_checkpointing()
-        unet.eval()
-    result.seconds = time.perf_counter() - start
-    accelerator.wait_for_everyone()
-    final = _unwrapped(accelerator, module, adapter)
-    if accelerator.is_main_process:
-        final.save(out)
-        if heldout:
-            result.heldout_pair_accuracy = heldout_accuracy(prep, final, heldout, config)
-        (out / "training.json").write_text(json.dumps({**result.to_dict(), "config": asdict(config),
-                                                       "heldout": heldout, "model": t2i.spec.id,
-                                                       "embedder": embedder.name}, indent=1))
+    # generation with `preference` and no liked images runs with the IP-Adapter at 0: train (and evaluate) there
+    with ip_adapter_scale(pipe, 0.0):
+        try:
+            module.train()
+            bar = tqdm(range(result.steps, config.steps), desc="preference adapter", unit="step",
+                       disable=not progress or not accelerator.is_main_process, initial=result.steps,
+                       total=config.steps)
+            for step in bar:
+                total = 0.0
+                for k in range(accumulation):
+                    rng, gen = _step_rng(config.seed, step, accelerator.process_index * accumulation + k)
+                    u, targets = sample_batch(prep, train_users, config, rng)
+                    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(targets),), generator=gen)
+                    noise = torch.randn((len(targets), *prep.latents.shape[1:]), generator=gen)
+                    sync = contextlib.nullcontext() if k == accumulation - 1 else accelerator.no_sync(module)
+                    with sync:
+                        with accelerator.autocast():
+                            diff = dpo_terms(prep, module, torch.from_numpy(u).to(t2i.device), targets,
+                                             t.to(t2i.device), noise.to(t2i.device), scheduler)
+                            loss = -torch.nn.functional.logsigmoid(-0.5 * config.beta * diff).mean()
+                        accelerator.backward(loss / accumulation)
+                    total += float(loss.detach()) / accumulation
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not math.isfinite(total):
+                    raise MmpersonaError(f"adapter training diverged: the loss became {total} at step {step + 1}; "
+                                         "try a smaller --beta or --lr, or --mixed-precision no")
+                result.losses.append(total)
+                result.steps = step + 1
+                if progress:
+                    bar.set_postfix(loss=f"{sum(result.losses[-20:]) / len(result.losses[-20:]):.3f}")
+                if accelerator.is_main_process and (result.steps % config.checkpoint_every == 0
+                                                    or result.steps == config.steps):
+                    _save_checkpoint(ckpt, _unwrapped(accelerator, module, adapter), optimizer,
+                                     {"step": result.steps, "losses": result.losses, "fingerprint": fingerprint,
+                                      "config": asdict(config)})
+            module.eval()
+        finally:
+            if checkpointing:
+                unet.disable_gradient_checkpointing()
+            unet.eval()
+        result.seconds = time.perf_counter() - start
+        accelerator.wait_for_everyone()
+        final = _unwrapped(accelerator, module, adapter)
+        if accelerator.is_main_process:
+            final.save(out)
+            if heldout:
+                result.heldout_pair_accuracy = heldout_accuracy(prep, final, heldout, config)
+            (out / "training.json").write_text(json.dumps({**result.to_dict(), "config": asdict(config),
+                                                           "heldout": heldout, "model": t2i.spec.id,
+                                                           "embedder": embedder.name,
+                                                           "processes": accelerator.num_processes}, indent=1))
     return result
 
 
@@ -458,18 +622,21 @@ def heldout_accuracy(prep: Prepared, adapter: PreferenceAdapter, users: Sequence
                      config: AdapterTrainConfig) -> float | None:
     """DPO implicit preference accuracy: per held-out user, the embedding of their first `context` pairs, then on
     each of their other pairs whether the adapter lowers the chosen image's denoising error more than the
-    rejected one's (the mean over `eval_draws` shared noise draws)."""
+    rejected one's (the mean over `eval_draws` shared noise draws). A user's pairs go to the UNet
+    `eval_batch_size` at a time (a Pick-a-Pic user may have hundreds); the draws do not depend on it."""
     import torch
 
     from .dpo import noise_scheduler
 
     scheduler = noise_scheduler(prep.t2i.pipeline)
+    device = prep.t2i.device
     right = total = 0
     gen = torch.Generator("cpu").manual_seed(config.seed + 1)
+    chunk = config.eval_batch_size
     with torch.no_grad():
         for user in users:
             pairs = prep.by_user[user]
-            u = torch.from_numpy(prep.embedding(pairs[:config.context])).to(prep.t2i.device)
+            u = torch.from_numpy(prep.embedding(pairs[:config.context])).to(device)
             rest = pairs[config.context:]
             if not rest:
                 continue
@@ -477,10 +644,11 @@ def heldout_accuracy(prep: Prepared, adapter: PreferenceAdapter, users: Sequence
             for _ in range(config.eval_draws):
                 t = torch.randint(0, scheduler.config.num_train_timesteps, (len(rest),), generator=gen)
                 noise = torch.randn((len(rest), *prep.latents.shape[1:]), generator=gen)
-                diff = dpo_terms(prep, adapter.module, u[None].expand(len(rest), -1), rest, t.to(prep.t2i.device),
-                                 noise.to(prep.t2i.device), scheduler)
-                score += diff.float().cpu()
+                for i in range(0, len(rest), chunk):
+                    part = rest[i:i + chunk]
+                    diff = dpo_terms(prep, adapter.module, u[None].expand(len(part), -1), part,
+                                     t[i:i + chunk].to(device), noise[i:i + chunk].to(device), scheduler)
+                    score[i:i + chunk] += diff.float().cpu()
             right += int((score < 0).sum())
             total += len(rest)
     return right / total if total else None
-

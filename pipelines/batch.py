@@ -55,22 +55,16 @@ def generate_batch(prompts: list[str], *, out_dir: str | Path, user: str, n: int
 
     `strategies` None: the pipeline's defaults for what is loaded. `batch_size` and `load_options` (model CPU
     offload, VAE slicing / tiling) and `adapter` (the preference adapter) as in `PersonalizedT2IPipeline`."""
-    from accelerate import PartialState
     from tqdm.auto import tqdm
+
+    from mmpersona.devices import process_device
 
     from .t2i import PersonalizedT2IPipeline, get_strategy
 
     for name in strategies or ():  # fail before loading any model
         get_strategy(name)
-    state = PartialState(cpu=str(device) == "cpu")
+    state, device = process_device(device)  # one accelerator per process, before any model is loaded
     rank, world = state.process_index, state.num_processes
-    if world > 1 and state.device.type == "cpu":
-        import torch
-
-        # processes on one machine share its cores: more threads than cores would only make them wait
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
-    if world > 1 and str(device) in ("auto", "cuda"):
-        device = state.device  # one accelerator per process
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mine = [(i, p) for i, p in enumerate(prompts) if i % world == rank]

@@ -113,6 +113,25 @@ def vae_in_float32(vae):
             vae.to(dtype)
 
 
+@contextmanager
+def ip_adapter_scale(pipe, scale: float):
+    """The pipeline's IP-Adapter scale set to `scale` inside, then put back as it was (each attention processor's
+    own). Training sets it: after loading it is 1.0, after an `ip_adapter` or `subject` call 0.6-0.7, and
+    generation without liked images runs at 0."""
+    if pipe.unet.encoder_hid_proj is None:
+        yield
+        return
+    before = {name: list(proc.scale) for name, proc in pipe.unet.attn_processors.items()
+              if isinstance(getattr(proc, "scale", None), list)}
+    pipe.set_ip_adapter_scale(scale)
+    try:
+        yield
+    finally:
+        processors = pipe.unet.attn_processors
+        for name, value in before.items():
+            processors[name].scale = value
+
+
 def prepare_pairs(t2i: "LoadedT2I", db: "ConceptDB", user: str,
                   resolution: int | None = None) -> list[dict[str, Any]]:
     """Latents of each chosen / rejected image and the prompt conditioning, computed once."""

@@ -13,15 +13,16 @@ PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114
            (204, 121, 167), (255, 255, 255)]
 
 
-def draw_marks(image: "Image.Image", marks: Sequence[tuple[str, tuple[int, int, int, int]]]) -> "Image.Image":
+def draw_marks(image: "Image.Image", marks: Sequence[tuple[str, tuple[int, int, int, int]]], *,
+               side: int | None = None) -> "Image.Image":
     """A copy of `image` with each `(label, box)` drawn: the box outlined, its label ("1", or "1 <bo> 0.82") on
-    a filled tag at the box's top-left corner (inside the photo). Line width and text size follow the photo's
-    size, so marks stay legible after a VLM's resize."""
+    a filled tag at the box's top-left corner (inside the photo). Line width and text size follow `side` (default:
+    the photo's short side, which a VLM's resize maps to its input), so marks stay legible after the resize."""
     from PIL import ImageDraw, ImageFont
 
     out = image.convert("RGB").copy()
     draw = ImageDraw.Draw(out)
-    side = min(out.size)
+    side = side or min(out.size)
     width = max(2, round(side / 160))
     font = ImageFont.load_default(size=max(10, round(side / 22)))
     for i, (label, box) in enumerate(marks):

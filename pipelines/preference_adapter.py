@@ -225,7 +225,10 @@ class PreferenceAdapter:
 def append_tokens(tokens, shift, prompt_embeds, negative_embeds, pooled=None, negative_pooled=None, *,
                   scale: float = 1.0):
     """Append `tokens` (1 or n, K, width) to `prompt_embeds` (n, L, width); the negative side gets K copies of its
-    own last token. `scale` blends each token from that copy (0) to the adapter's (1). Differentiable."""
+    own last token. `scale` blends each token from that copy (0) to the adapter's (1); at 0 the inputs come back
+    unchanged (K appended copies would still move the attention a little). Differentiable."""
+    if scale == 0:
+        return prompt_embeds, negative_embeds, pooled, negative_pooled
     n = prompt_embeds.shape[0]
     tokens = tokens.to(prompt_embeds.dtype).to(prompt_embeds.device).expand(n, -1, -1)
     k = tokens.shape[1]
@@ -252,8 +255,18 @@ def encode(t2i: "LoadedT2I", prompts: list[str], negatives: list[str] | None, *,
         negatives = negatives * len(prompts)
     with torch.no_grad():
         if t2i.is_xl:
-            return pipe.encode_prompt(prompt=prompts, device=t2i.device, num_images_per_prompt=1,
-                                      do_classifier_free_guidance=cfg, negative_prompt=negatives if cfg else None)
+            # SDXL's config sets `force_zeros_for_empty_prompt`: an empty negative is zeros (embeddings and pooled),
+            # not the encoding of "", as vanilla generation has it
+            zeros = cfg and bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+            empty = [not str(n).strip() for n in negatives]
+            pe, ne, pooled, neg_pooled = pipe.encode_prompt(
+                prompt=prompts, device=t2i.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+                negative_prompt=None if not cfg or (zeros and all(empty)) else negatives)
+            if zeros and any(empty) and not all(empty):
+                rows = torch.tensor(empty, device=ne.device)
+                ne = torch.where(rows[:, None, None], torch.zeros_like(ne), ne)
+                neg_pooled = torch.where(rows[:, None], torch.zeros_like(neg_pooled), neg_pooled)
+            return pe, ne, pooled, neg_pooled
         pe, ne = pipe.encode_prompt(prompts, t2i.device, 1, cfg, negative_prompt=negatives if cfg else None)
         return pe, ne, None, None
 

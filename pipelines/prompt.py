@@ -59,12 +59,15 @@ class Grounding:
             coordinate convention, `note` says how to read one) or `marks` (numbered marks drawn on a copy of
             the photo, each concept's line naming its mark: Set-of-Mark).
         original: marks only: the unmarked photo is sent too, before the marked copy.
+        mark_side: marks only: the side the marks' line width and text size follow (None: the photo's short side;
+            a model that sees the photo padded to a square shrinks it by its long side).
     """
 
     mode: str
     box_text: "Callable[[tuple[int, int, int, int]], str] | None" = None
     note: str = ""
     original: bool = False
+    mark_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("boxes", "marks"):
@@ -188,7 +191,7 @@ class PromptBuilder:
         if marks:
             from .marks import draw_marks
 
-            marked = draw_marks(image, marks)
+            marked = draw_marks(image, marks, side=grounding.mark_side)
             if grounding.original:
                 images.append(("The user's photo", image))
             images.append(("The user's photo with numbered marks", marked))

@@ -69,10 +69,14 @@ def mention_candidates(text: str, max_words: int = 3) -> list[str]:
 
 
 class Retriever:
-    """Retrieval over one `ConceptDB` (and, for regions, a detector)."""
+    """Retrieval over one `ConceptDB` (and, for regions, a detector).
 
-    def __init__(self, db: "ConceptDB", detector: "Detector | None" = None, *, detector_threshold: float = 0.1,
-                 max_regions: int = 8, instance: "InstanceEmbedder | None" = None, instance_weight: float = 0.5):
+    `detector_threshold`: the detector's box score threshold; None (default) uses the detector family's own
+    (OWLv2 0.1, Grounding DINO 0.35 with 0.25 for its label tokens: `Detector.default_threshold`)."""
+
+    def __init__(self, db: "ConceptDB", detector: "Detector | None" = None, *,
+                 detector_threshold: float | None = None, max_regions: int = 8,
+                 instance: "InstanceEmbedder | None" = None, instance_weight: float = 0.5):
         self.db = db
         self.detector = detector
         self.detector_threshold = detector_threshold

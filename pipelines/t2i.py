@@ -256,6 +256,9 @@ class PreferenceStrategy(Strategy):
         if u is None:
             cond.notes["preference"] = {"skipped": "the user has no pairwise choices, likes or comments yet"}
             return
+        if float(self.config.scale) == 0:  # documented as generation unchanged: nothing is appended
+            cond.notes["preference"] = {"skipped": "scale 0"}
+            return
         tokens, shift = adapter.tokens(u)
         cond.tokens = (tokens, shift, float(self.config.scale))
         cond.notes["preference"] = {"adapter": run.pipeline.adapter_ref(self.config.adapter),

@@ -312,14 +312,18 @@ class PersonalizedVLMPipeline:
         """How the prompt says where region-retrieved concepts are in `image` (None: it does not)."""
         if image is None or not (self.boxes or self.marks):
             return None
-        if self.marks:
-            return Grounding("marks", original=self.original)
+        if self.marks:  # padded to a square, the photo is shrunk by its long side: marks sized by it stay visible
+            frame = self.vlm.square_frame(image)
+            return Grounding("marks", original=self.original, mark_side=max(image.size) if frame else None)
         convention = self.vlm.box_convention
         size = self.vlm.input_size(image) if convention == "absolute" else None
+        # a centre-cropping processor's model sees the photo padded to a square, and boxes are written in it
+        of = ("the width and height of the image as you see it (the photo padded to a square)"
+              if self.vlm.square_frame(image) else "the photo's width and height")
         note = {"absolute": f"A box [x0, y0, x1, y1] is in pixels of the user's photo as you see it "
                             f"({size[0]}x{size[1]})." if size else "",
                 "relative-1000": "A box [x0, y0, x1, y1] is on a 0-1000 scale of the photo's width and height.",
-                }.get(convention, "A box [x0, y0, x1, y1] is in fractions (0 to 1) of the photo's width and height.")
+                }.get(convention, f"A box [x0, y0, x1, y1] is in fractions (0 to 1) of {of}.")
         return Grounding("boxes", box_text=lambda box: str(self.vlm.box_in_prompt(box, image, input_size=size)),
                          note=note)
 

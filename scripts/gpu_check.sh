@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The real-shapes check at full depth on a CUDA GPU: every default architecture (Qwen2.5-VL-3B, ViT-L/14-336,
 # OWLv2, SD 1.5 and SDXL with their IP-Adapters) built from its published config with random weights, each
-# stage (embed, retrieve, answer a turn on a 4000x3000 photo, one token-learning step, one generation step, one
-# DPO step, for SD 1.5 and SDXL) run once through the toolkit's own code in the GPU's default dtype (bf16 where
-# the GPU has it natively), SD 1.5 at 512 and SDXL at 1024. Under 8 minutes on one GPU.
+# stage (embed, retrieve, instance, answer a turn on a 4000x3000 photo, one token-learning step; for SD 1.5 and
+# SDXL one generation step, serve's largest allowed generation, one DPO step and one preference-adapter training
+# step with held-out users, each with its command's default settings) run once through the toolkit's own code in
+# the GPU's default dtype (bf16 where the GPU has it natively), SD 1.5 at 512 and SDXL at 1024. Under 8 minutes
+# on one GPU.
 #
 #   bash scripts/gpu_check.sh [REPORT_DIR]      # default: $OUT (the device tool's folder), else artifacts/gpu
 #

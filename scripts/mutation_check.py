@@ -1,4 +1,5 @@
-"""Do the regression tests of "Real-model fidelity" fail without their fixes? Each mutation below puts one
+"""Do the regression tests of "Real-model fidelity" (and of its second pass, the "P" entries) fail without their
+fixes? Each mutation below puts one
 defect back (a one-line edit), runs the test meant to catch it, and restores the file.
 
     python scripts/mutation_check.py [NAME ...]      # all, or those whose name contains one of NAME
@@ -40,6 +41,18 @@ M = [
  ("7 budget in training", "mmpersona/models/loaders.py", "            self._prepared(messages), add_generation_prompt", "            messages, add_generation_prompt", "tests/test_tokens.py::test_training_images_stay_within_the_visual_budget"),
  ("newcomer quiet", "mmpersona/cli/__init__.py", "        quiet_libraries()", "        pass", "tests/test_cli.py::test_demo_output_is_the_clis_own"),
  ("pg private dir", "concept_db/local_pg.py", "    if user and not _reachable_by(user, bindir):", "    if False:", "tests/test_local_pg.py"),
+ # "Real checkpoints, second pass"
+ ("P1 process device", "mmpersona/devices.py", "            device = state.device", "            pass", "tests/test_adapter_training.py::test_each_process_loads_its_models_on_its_own_gpu"),
+ ("P2 held-out chunks", "pipelines/adapter_training.py", "    chunk = config.eval_batch_size", "    chunk = 10**9", "tests/test_adapter_training.py::test_held_out_pairs_go_to_the_unet_in_chunks_with_the_same_result"),
+ ("P4 time ids per image", "pipelines/adapter_training.py", "                            original, corner, (self.size, self.size)", "                            (self.size, self.size), (0, 0), (self.size, self.size)", "tests/test_adapter_training.py::test_sdxl_time_ids_carry_each_images_size_and_crop"),
+ ("P5 sdxl zeros", "pipelines/preference_adapter.py", "negative_prompt=None if not cfg or (zeros and all(empty)) else negatives)", "negative_prompt=negatives if cfg else None)", "tests/test_adapter_training.py::test_viper_at_beta_0_and_preference_at_scale_0_are_vanilla"),
+ ("P7 llava square", "mmpersona/models/loaders.py", "            img = pad_to_square(img, getattr(self.processor, \"image_processor\", None))", "            pass", "tests/test_square_inputs.py"),
+ ("P8 dinov2 square", "mmpersona/instance.py", "images = [pad_to_square(load_image(x), self.processor) for x in batch]", "images = [load_image(x) for x in batch]", "tests/test_square_inputs.py"),
+ ("P9 remote sized", "mmpersona/models/loaders.py", "content = [{**p, \"image\": self.sized_image(p[\"image\"])}", "content = [{**p, \"image\": self.prepare_image(p[\"image\"])}", "tests/test_remote_image_size.py"),
+ ("P10 ip scale 0", "pipelines/adapter_training.py", "    with ip_adapter_scale(pipe, 0.0):", "    with contextlib.nullcontext():", "tests/test_adapter_training.py::test_training_runs_at_the_ip_adapter_scale_of_generation_and_restores_it"),
+ ("P11 fp32 boxes", "mmpersona/models/loaders.py", "            return _float32(self.model(**inputs))", "            return self.model(**inputs)", "tests/test_detector_precision.py"),
+ ("P12 gdino threshold", "mmpersona/models/loaders.py", "        return GROUNDING_DINO_THRESHOLDS[0] if self.joint_prompt else OWL_THRESHOLD", "        return OWL_THRESHOLD", "tests/test_detector_families.py"),
+ ("P13 scale 0", "pipelines/preference_adapter.py", "    if scale == 0:\n        return prompt_embeds", "    if False:\n        return prompt_embeds", "tests/test_adapter_training.py::test_viper_at_beta_0_and_preference_at_scale_0_are_vanilla"),
 ]
 only = sys.argv[1:]
 results = []

@@ -103,7 +103,8 @@ def test_box_conventions_per_family(tiny_cache):
     assert qwen25.box_in_prompt(box, photo) == [round(960 * w / 1920), round(270 * h / 1080), w, h]
     assert load_vlm("tiny:qwen2-vl", preset="tiny", device="cpu").box_in_prompt(box, photo) == [500, 250, 1000, 1000]
     llava = load_vlm("tiny:llava", preset="tiny", device="cpu")
-    assert llava.box_convention == "normalized" and llava.box_in_prompt(box, photo) == [0.5, 0.25, 1.0, 1.0]
+    # LLaVA sees the photo padded to a 1920x1920 square (centred: 420 px above it), as its grounding data did
+    assert llava.box_convention == "normalized" and llava.box_in_prompt(box, photo) == [0.5, 0.359, 1.0, 0.781]
 
 
 def _retrieved(db_concepts):
@@ -242,20 +243,23 @@ def test_each_option_is_a_row_of_the_evaluation_on_repics_sets(size, tmp_path, t
 
 def test_tiny_dinov2_through_the_real_loader(tiny_cache):
     """The tiny DINOv2 loads through AutoModel / AutoImageProcessor.from_pretrained as facebook/dinov2-base
-    does, with its processor's rule: bicubic resize of the short side, centre crop (borders of a crop lost)."""
+    does, with its processor's rule: bicubic resize of the short side, centre crop (borders of a crop lost, so
+    the embedder pads each image to a square first: tests/test_square_inputs.py)."""
     from mmpersona.models import load_instance_embedder
 
     emb = load_instance_embedder(preset="tiny", device="cpu")
-    assert (emb.name, emb.dim, type(emb.model).__name__) == ("tiny:dinov2", 32, "Dinov2Model")
+    assert (emb.name, emb.dim, type(emb.model).__name__) == ("tiny:dinov2+square", 32, "Dinov2Model")
     assert type(emb.processor).__name__.startswith("BitImageProcessor")
     vectors = emb.embed_images([scene(), scene().crop(BOXES["bo"]), Image.new("RGB", (300, 40), (9, 9, 9))])
     assert vectors.shape == (3, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
-    # a crop whose border differs only in the part the centre crop drops embeds the same
+    # the processor alone drops a border the centre crop cuts; the embedder (padding first) keeps it
     a = Image.new("RGB", (64, 64), (200, 30, 30))
     b = a.copy()
     ImageDraw.Draw(b).rectangle((0, 0, 63, 2), fill=(0, 0, 255))
+    pixels = emb.processor(images=[a, b], return_tensors="pt")["pixel_values"]
+    assert pixels.shape[-2:] == (56, 56) and bool((pixels[0] == pixels[1]).all())
     va, vb = emb.embed_images([a, b])
-    assert np.allclose(va, vb, atol=1e-6)
+    assert not np.allclose(va, vb, atol=1e-4)
 
 
 def test_fused_scores_follow_the_documented_rule(tmp_path):
@@ -312,14 +316,14 @@ def test_instance_vectors_lazily_once_per_change_and_by_reindex(four, tiny_cache
     db.add("u", "extra", [Image.new("RGB", (20, 20), (1, 2, 3))])
     pipe(photo, "Who is here?", user="u")
     assert computed == [4, 1]  # only the new concept's image
-    assert "tiny:dinov2" not in db.store.vectors("other", db.store.find("other", "zed").id)
+    assert "tiny:dinov2+square" not in db.store.vectors("other", db.store.find("other", "zed").id)
     db.close()
     env = dict(os.environ)
     out = subprocess.run([sys.executable, "-m", "mmpersona", "--preset", "tiny", "--device", "cpu", "--db",
                           str(tmp_path / "four.db"), "--user", "other", "--json", "concepts", "reindex"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["computed"] == {"tiny:clip": 0, "tiny:dinov2": 1}
+    assert json.loads(out.stdout)["computed"] == {"tiny:clip": 0, "tiny:dinov2+square": 1}
 
 
 def test_app_draws_each_region_concepts_box_label_and_score(four, tiny_cache, tmp_path):

@@ -178,7 +178,8 @@ def planted_rows(n_users, pairs, seed=0, prefix="u"):
     return rows
 
 
-SMALL = dict(hidden=32, batch_size=4, context=2, heldout_users=0.25, checkpoint_every=3, eval_draws=2)
+SMALL = dict(hidden=32, batch_size=4, gradient_accumulation=1, context=2, heldout_users=0.25, checkpoint_every=3,
+             eval_draws=2)
 
 
 def test_training_saves_an_adapter_that_loads_and_resumes_exactly(tmp_path, trained, tiny_embedder):
@@ -383,7 +384,7 @@ def test_cli_trains_an_adapter_and_generates_with_it(tmp_path, profiles, tiny_ca
     base = ["--preset", "tiny", "--db", db_path, "--model", "t2i=tiny:sd-trained", "--json"]
     out = tmp_path / "adapter"
     result = runner.invoke(app, base + ["adapter", "train", "--out", str(out), "--steps", "3", "--batch-size", "2",
-                                        "--context", "2", "--heldout", "0.5"])
+                                        "--gradient-accumulation", "1", "--context", "2", "--heldout", "0.5"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["steps"] == 3 and data["train_users"] == 1 and data["heldout_users"] == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -132,6 +133,57 @@ def _size(image_processor: Any, key: str) -> int:
     return int(value or 0)
 
 
+@dataclass(frozen=True)
+class SquareFrame:
+    """Where an image goes on the square canvas it is padded to (`square_frame`): the canvas' `side`, the
+    image's `left` and `top` offsets on it, and the side of the canvas' centre square that the processor passes
+    on (`seen`: `side` itself unless the processor's crop is smaller than its resize)."""
+
+    side: int
+    left: int
+    top: int
+    seen: float
+
+    def to_seen(self, x: float, y: float) -> tuple[float, float]:
+        """A point of the image in pixels of the square the processor passes on."""
+        margin = (self.side - self.seen) / 2
+        return x + self.left - margin, y + self.top - margin
+
+
+def square_frame(image_processor: Any, width: int, height: int) -> SquareFrame | None:
+    """How to pad a `width` x `height` image for a processor that resizes its short side and crops the centre
+    (CLIPImageProcessor of llava-hf LLaVA-1.5: 336 then 336; DINOv2's BitImageProcessor: 256 then 224): on a
+    square canvas, centred, wide enough that the crop keeps all of it (LLaVA's own `expand2square` when the crop
+    is the resize). None for a processor that does not centre-crop (Qwen2/2.5-VL's dynamic resolution), which
+    sees the whole image already."""
+    if not getattr(image_processor, "do_center_crop", False):
+        return None
+    crop = getattr(image_processor, "crop_size", None) or {}
+    get = crop.get if isinstance(crop, dict) else lambda k: getattr(crop, k, None)
+    cropped = min(int(get("height") or 0), int(get("width") or 0))
+    resized = _size(image_processor, "shortest_edge") or min(_size(image_processor, "height"),
+                                                             _size(image_processor, "width"))
+    ratio = max(1.0, resized / cropped) if cropped and resized else 1.0
+    longer = max(width, height)
+    side = max(longer, math.ceil(longer * ratio))
+    return SquareFrame(side, (side - width) // 2, (side - height) // 2, side / ratio)
+
+
+def pad_to_square(image: Any, image_processor: Any) -> Any:
+    """`image` (RGB) on the square canvas of `square_frame`, padded with the processor's mean colour (zero after
+    its normalisation: LLaVA's `expand2square` fill); the image itself when the processor does not centre-crop
+    or the image is already the canvas."""
+    frame = square_frame(image_processor, *image.size)
+    if frame is None or (frame.side, frame.side) == image.size:
+        return image
+    from PIL import Image
+
+    mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+    canvas = Image.new("RGB", (frame.side, frame.side), tuple(round(255 * float(m)) for m in mean))
+    canvas.paste(image.convert("RGB"), (frame.left, frame.top))
+    return canvas
+
+
 #: Visual tokens one image may cost at most, by default. Qwen's guidance is 256-1280 per image and RePIC
 #: evaluates at max_pixels = 1024 * 28 * 28; the published Qwen2.5-VL limit (12,845,056 pixels) would let one
 #: 4000x3000 phone photo cost 15,301 tokens.
@@ -193,9 +245,19 @@ class LoadedVLM:
         """Pixels one image may have when it reaches the processor (None: no limit of ours)."""
         return None if self.pixels_per_token is None else _size(self.processor.image_processor, "longest_edge")
 
+    def square_frame(self, image: Any) -> SquareFrame | None:
+        """Where `image` (the original photo) lies on the square `prepare_image` pads it to, for a fixed-size
+        processor that centre-crops (LLaVA-1.5's CLIPImageProcessor); None when nothing is padded (Qwen2/2.5-VL's
+        dynamic resolution sees the whole photo)."""
+        if self.pixels_per_token is not None:
+            return None
+        return square_frame(getattr(self.processor, "image_processor", None), *image.size)
+
     def prepare_image(self, image: Any) -> Any:
         """`image` as the model should receive it: through the safe loader, shrunk to the visual-token budget
-        (aspect ratio kept) when it is larger."""
+        (aspect ratio kept) when it is larger; for a fixed-size processor that centre-crops, padded to a square of
+        the processor's mean colour (`pad_to_square`), so that the crop cuts nothing: llava-hf LLaVA-1.5 would
+        otherwise see the middle 75% of a 4:3 photo, and marks or a verify crop's ends outside it."""
         img = load_image(image)
         limit = self.max_pixels
         w, h = img.size
@@ -204,14 +266,45 @@ class LoadedVLM:
             from PIL import Image
 
             img = img.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.Resampling.BICUBIC)
+        if self.pixels_per_token is None:
+            img = pad_to_square(img, getattr(self.processor, "image_processor", None))
         return img
 
+    def sized_image(self, image: Any) -> Any:
+        """`prepare_image`, then, on dynamic-resolution processors (Qwen2/2.5-VL), resized to exactly
+        `input_size`: sides that are multiples of patch * merge, within the pixel limits. `smart_resize` leaves
+        such an image as it is, in the local processor and in a server's (vLLM, `transformers serve`), which
+        applies the checkpoint's published limits again: sent at the budget size instead, a 1034x775 photo would
+        become 1036x784 there (1,036 visual tokens instead of 972, boxes written for 1008x756 off by 2-4 %).
+        So every backend sees the same pixels, at the size boxes are written for. Fixed-size processors get the
+        prepared image (they resize it themselves)."""
+        img = self.prepare_image(image)
+        if self.pixels_per_token is None:
+            return img
+        size = self._smart_size(img)
+        if img.size == size:
+            return img
+        from PIL import Image
+
+        return img.resize(size, Image.Resampling.BICUBIC)
+
+    def _smart_size(self, img: Any) -> tuple[int, int]:
+        """(width, height) the dynamic-resolution processor's `smart_resize` gives the prepared `img`."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        ip = self.processor.image_processor
+        h, w = smart_resize(img.height, img.width, factor=ip.patch_size * ip.merge_size,
+                            min_pixels=_size(ip, "shortest_edge"), max_pixels=_size(ip, "longest_edge"))
+        return w, h
+
     def _prepared(self, messages: list[dict]) -> list[dict]:
+        """`messages` with each image as the model receives it (`sized_image`): what the local processor and a
+        remote server are given."""
         out = []
         for m in messages:
             content = m.get("content")
             if isinstance(content, list):
-                content = [{**p, "image": self.prepare_image(p["image"])}
+                content = [{**p, "image": self.sized_image(p["image"])}
                            if p.get("type") == "image" and p.get("image") is not None else p for p in content]
             out.append({**m, "content": content})
         return out
@@ -223,11 +316,7 @@ class LoadedVLM:
         img = self.prepare_image(image)
         ip = getattr(self.processor, "image_processor", None)
         if self.pixels_per_token is not None:
-            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-            h, w = smart_resize(img.height, img.width, factor=ip.patch_size * ip.merge_size,
-                                min_pixels=_size(ip, "shortest_edge"), max_pixels=_size(ip, "longest_edge"))
-            return w, h
+            return self._smart_size(img)
         crop = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
         get = crop.get if isinstance(crop, dict) else lambda k: getattr(crop, k, None)
         if get("width") and get("height"):
@@ -245,9 +334,14 @@ class LoadedVLM:
     def box_in_prompt(self, box: tuple[float, float, float, float], image: Any,
                       input_size: tuple[int, int] | None = None) -> list[float] | list[int]:
         """A box `(x0, y0, x1, y1)` in pixels of `image` (the original photo) in `box_convention`
-        (`input_size`: `self.input_size(image)` when already known)."""
+        (`input_size`: `self.input_size(image)` when already known). Where `prepare_image` pads the photo to a
+        square, the box is written in that square, as the model sees it (LLaVA's grounding data did the same)."""
         w0, h0 = image.size
         x0, y0, x1, y1 = box
+        frame = self.square_frame(image)
+        if frame is not None:
+            (x0, y0), (x1, y1) = frame.to_seen(x0, y0), frame.to_seen(x1, y1)
+            w0 = h0 = frame.seen
         convention = self.box_convention
         if convention == "absolute":
             w, h = input_size or self.input_size(image)
@@ -462,6 +556,48 @@ class Detection:
     box: tuple[int, int, int, int]
 
 
+#: Box score thresholds when a caller passes none, by detector family. OWL-ViT / OWLv2: 0.1, their
+#: post-processing's default. Grounding DINO: boxes above 0.35 whose label's tokens pass 0.25, IDEA's
+#: recommended box_threshold / text_threshold (transformers' post-processing defaults to 0.25 for both; OWL's 0.1
+#: would keep many boxes its authors would not).
+OWL_THRESHOLD = 0.1
+GROUNDING_DINO_THRESHOLDS = (0.35, 0.25)
+
+#: Detections of different passes (Grounding DINO labels split to fit its text encoder) whose boxes overlap by at
+#: least this IoU are one object found twice: it keeps the label that scores it best.
+PASS_MERGE_IOU = 0.8
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two `(x0, y0, x1, y1)` boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, w) * max(0.0, h)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def merge_passes(passes: Sequence[Sequence[Detection]], iou: float = PASS_MERGE_IOU) -> list[Detection]:
+    """The detections of several passes over one image, best first. A detection whose box overlaps a better one
+    of another pass by at least `iou` is the same object under a worse label, and is dropped; within a pass
+    nothing is merged (what one pass finds is what the model gives)."""
+    ranked = sorted(((d, i) for i, found in enumerate(passes) for d in found), key=lambda t: -t[0].score)
+    kept: list[tuple[Detection, int]] = []
+    for d, i in ranked:
+        if all(j == i or box_iou(d.box, other.box) < iou for other, j in kept):
+            kept.append((d, i))
+    return [d for d, _ in kept]
+
+
+def _float32(outputs: Any) -> Any:
+    """A model output with its floating tensors (logits, boxes, ...) in float32. Post-processing in bf16 scales
+    boxes to the photo with 8 significant bits: on a 4000 px photo every coordinate lands on an 8-16 px step."""
+    import torch
+
+    return type(outputs)(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                            for k, v in outputs.items()})
+
+
 @dataclass
 class Detector:
     """An open-vocabulary (zero-shot) object detector: OWLv2, OWL-ViT, Grounding DINO, ...
@@ -469,6 +605,11 @@ class Detector:
     One call preprocesses the image once and runs the model once with every label as a text query (the
     transformers zero-shot-object-detection pipeline runs a full 960x960 OWLv2 forward per label). Each box
     gets the label that scores it best.
+
+    The two families read labels differently. OWL models take each label as its own query, of at most 16 tokens
+    (a longer label is shortened, with a warning); any number of them fits one pass. Grounding DINO reads all
+    labels from one prompt ("a dog. a cat.") of at most `max_text_len` (256) tokens: labels that do not fit run
+    in further passes (a full forward each), whose detections are merged (`merge_passes`).
     """
 
     model: Any
@@ -477,37 +618,165 @@ class Detector:
     device: "torch.device"
     dtype: "torch.dtype"
 
-    def detect(self, image: ImageInput, labels: list[str], *, threshold: float = 0.1,
-               top_k: int | None = None) -> list[Detection]:
-        """Boxes for `labels` in `image`, best first; boxes are clipped to the image and empty ones dropped."""
-        import torch
+    @property
+    def joint_prompt(self) -> bool:
+        """Whether the labels share one text prompt whose token ids the post-processing reads (Grounding DINO),
+        rather than being separate queries (OWL-ViT, OWLv2). Read from the processor's post-processing."""
+        return "input_ids" in inspect.signature(self.processor.post_process_grounded_object_detection).parameters
 
+    @property
+    def default_threshold(self) -> float:
+        """The box score threshold `detect` uses when given none: this detector family's own."""
+        return GROUNDING_DINO_THRESHOLDS[0] if self.joint_prompt else OWL_THRESHOLD
+
+    @property
+    def default_text_threshold(self) -> float | None:
+        """The least score of a label's tokens for a box to get that label (Grounding DINO); None for families
+        that score whole labels (OWL)."""
+        return GROUNDING_DINO_THRESHOLDS[1] if self.joint_prompt else None
+
+    @property
+    def text_limit(self) -> int:
+        """Tokens the text encoder reads at once, special tokens included: of the whole prompt for Grounding DINO
+        (`max_text_len`, 256), of each query for OWL models (16)."""
+        text_config = getattr(self.model.config, "text_config", None)
+        limits = [getattr(self.model.config, "max_text_len", None),
+                  getattr(text_config, "max_position_embeddings", None),
+                  getattr(self.processor.tokenizer, "model_max_length", None)]
+        return min(int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000)
+
+    def detect(self, image: ImageInput, labels: list[str], *, threshold: float | None = None,
+               text_threshold: float | None = None, top_k: int | None = None) -> list[Detection]:
+        """Boxes for `labels` in `image`, best first; boxes are clipped to the image and empty ones dropped.
+
+        Args:
+            threshold: the least box score kept; None: the family's own (`default_threshold`: OWL 0.1,
+                Grounding DINO 0.35).
+            text_threshold: Grounding DINO only: the least score of a label's tokens for a box to get that label
+                (None: 0.25); a box none of whose labels passes it is dropped.
+            top_k: at most this many boxes, the best.
+        """
         labels = list(dict.fromkeys(label for label in (str(x).strip() for x in labels) if label))
         if not labels:
             raise MmpersonaError("detect: `labels` must hold at least one non-empty label")
         img = load_image(image)
-        width, height = img.size
-        inputs = self.processor(text=[labels], images=img, return_tensors="pt")
-        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
-                  for k, v in inputs.items()}
-        with torch.inference_mode():
-            outputs = self.model(**inputs)
-        post = self.processor.post_process_grounded_object_detection
-        kwargs: dict[str, Any] = {"threshold": threshold, "target_sizes": [(height, width)]}
-        if "input_ids" in inspect.signature(post).parameters:  # Grounding DINO reads the labels from the ids
-            kwargs["input_ids"] = inputs["input_ids"]
+        threshold = self.default_threshold if threshold is None else float(threshold)
+        pixels = self._on_device(self.processor(images=img, return_tensors="pt"))
+        if self.joint_prompt:
+            text_threshold = self.default_text_threshold if text_threshold is None else float(text_threshold)
+            found = merge_passes([self._detect_in_prompt(img, pixels, group, threshold, text_threshold)
+                                  for group in self.prompt_groups(labels)])
         else:
-            kwargs["text_labels"] = [labels]
+            found = self._detect_as_queries(img, pixels, labels, threshold)
+            found.sort(key=lambda d: d.score, reverse=True)
+        return found[:top_k] if top_k is not None else found
+
+    # ------------------------------------------------------------------ OWL-ViT, OWLv2: one query per label
+
+    def _query(self, label: str) -> str:
+        """`label` as a text query within the text encoder's limit: its last words dropped while it is longer."""
+        limit, tokenizer = self.text_limit, self.processor.tokenizer
+        query = label
+        while len(tokenizer(query)["input_ids"]) > limit:
+            words = query.split()
+            query = " ".join(words[:-1]) if len(words) > 1 else query[:-1]
+        if query != label:
+            logger.warning("the detector reads at most %d tokens of a label: %r is detected as %r", limit, label,
+                           query)
+        return query
+
+    def _detect_as_queries(self, img: Any, pixels: dict, labels: list[str], threshold: float) -> list[Detection]:
+        text = self._on_device(self.processor(text=[[self._query(x) for x in labels]], return_tensors="pt"))
+        outputs = self._run({**pixels, **text})
+        result = self.processor.post_process_grounded_object_detection(
+            outputs, threshold=threshold, target_sizes=[(img.height, img.width)], text_labels=[labels])[0]
+        return self._detections(img, result, [labels[int(i)] for i in result["labels"]])
+
+    # ------------------------------------------------------------------ Grounding DINO: one prompt for all
+
+    @staticmethod
+    def prompt(labels: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+        """Grounding DINO's prompt for `labels` ("a dog. a cat.", lower case, as its processor writes it) and each
+        label's character span in it. "." and "?" delimit the model's phrases: inside a label they become
+        spaces."""
+        phrases = [" ".join(x.lower().replace(".", " ").replace("?", " ").split()) for x in labels]
+        spans, at = [], 0
+        for phrase in phrases:
+            spans.append((at, at + len(phrase)))
+            at += len(phrase) + 2
+        return ". ".join(phrases) + ".", spans
+
+    def _prompt_tokens(self, labels: Sequence[str]) -> int:
+        return len(self.processor.tokenizer(self.prompt(labels)[0])["input_ids"])
+
+    def prompt_groups(self, labels: Sequence[str]) -> list[list[str]]:
+        """`labels` in order, split into groups whose prompts fit the text encoder (`text_limit`), one pass each.
+        A label too long to fit alone is read up to the limit (with a warning)."""
+        limit = self.text_limit
+        groups: list[list[str]] = []
+        for label in labels:
+            if groups and self._prompt_tokens([*groups[-1], label]) <= limit:
+                groups[-1].append(label)
+                continue
+            if self._prompt_tokens([label]) > limit:
+                logger.warning("the detector reads at most %d tokens of its prompt: label %r is cut", limit, label)
+            groups.append([label])
+        return groups
+
+    def _detect_in_prompt(self, img: Any, pixels: dict, labels: list[str], threshold: float,
+                          text_threshold: float) -> list[Detection]:
+        """One pass: `labels` in one prompt. Scores and boxes are the post-processing's; each box's label is the
+        one whose own tokens score it best (transformers decodes the tokens above the text threshold instead,
+        which gives lower-cased pieces of several labels at once)."""
+        import torch
+
+        prompt, spans = self.prompt(labels)
+        offsets = self.processor.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+        text = self._on_device(self.processor(text=prompt, return_tensors="pt"))
+        outputs = self._run({**pixels, **text})
+        post = self.processor.post_process_grounded_object_detection
+        kwargs: dict[str, Any] = {"input_ids": text["input_ids"], "threshold": threshold,
+                                  "target_sizes": [(img.height, img.width)]}
+        if "text_threshold" in inspect.signature(post).parameters:
+            kwargs["text_threshold"] = text_threshold
         result = post(outputs, **kwargs)[0]
+        probs = outputs.logits[0].sigmoid()  # (queries, max_text_len); post-processing's scores are their maxima
+        kept = probs[probs.max(-1).values > threshold]  # the boxes it kept, in its order
+        if len(kept) != len(result["scores"]):
+            raise MmpersonaError("detect: the post-processing kept other boxes than its scores say")
+        n = probs.shape[-1]
+        per_label = torch.full((len(kept), len(labels)), -1.0)
+        for j, (start, end) in enumerate(spans):
+            tokens = [t for t, (a, b) in enumerate(offsets) if t < n and b > a and a >= start and b <= end]
+            if tokens:
+                per_label[:, j] = kept[:, tokens].max(-1).values.cpu()
+        best, which = per_label.max(-1)
+        names = [labels[int(i)] if float(b) > text_threshold else None for b, i in zip(best, which, strict=True)]
+        return self._detections(img, result, names)
+
+    # ------------------------------------------------------------------ shared
+
+    def _on_device(self, batch: Any) -> dict:
+        return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in batch.items()}
+
+    def _run(self, inputs: dict) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return _float32(self.model(**inputs))
+
+    @staticmethod
+    def _detections(img: Any, result: dict, names: Sequence[str | None]) -> list[Detection]:
+        """Boxes of one post-processed image, clipped to it; empty boxes and boxes without a label dropped."""
+        width, height = img.size
         found = []
-        names = result.get("text_labels") or [labels[int(i)] for i in result["labels"]]
         for score, box, label in zip(result["scores"].tolist(), result["boxes"].tolist(), names, strict=True):
             x0, y0 = max(0, min(width, int(box[0]))), max(0, min(height, int(box[1])))
             x1, y1 = max(0, min(width, int(box[2]))), max(0, min(height, int(box[3])))
-            if x1 > x0 and y1 > y0:
+            if label is not None and x1 > x0 and y1 > y0:
                 found.append(Detection(str(label), float(score), (x0, y0, x1, y1)))
-        found.sort(key=lambda d: d.score, reverse=True)
-        return found[:top_k] if top_k is not None else found
+        return found
 
 
 def load_detector(spec: SpecLike = None, *, preset: str = "default", device: Any = "auto",
@@ -539,7 +808,10 @@ def load_instance_embedder(spec: SpecLike = None, *, preset: str = "default", de
     if not isinstance(dim, int):
         raise ModelUnavailableError(spec.role, spec.id, "its config has no hidden_size",
                                     fix="use a DINOv2 (or other ViT backbone) checkpoint")
-    return InstanceEmbedder(model.to(dev).eval(), processor, name=spec.id, dim=dim, device=dev, dtype=dt)
+    # the name keys the stored vectors: "+square" since crops are padded to a square (vectors made from the centre
+    # crop before are not mixed with these, and are computed again on first use)
+    return InstanceEmbedder(model.to(dev).eval(), processor, name=f"{spec.id}+square", dim=dim, device=dev,
+                            dtype=dt)
 
 
 # --------------------------------------------------------------------------------------------- text-to-image

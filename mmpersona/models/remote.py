@@ -9,7 +9,9 @@ small files, no weights), so everything that does not generate works as with loc
 results: the prompt budget counts tokens with the model's own tokenizer, images are shrunk to the same visual
 budget, boxes are written in the model family's convention and the chat template decides where images go. Only
 generation crosses the network, as chat completions with images as PNG data URLs (lossless: the server sees the
-pixels the local model would), streamed when asked.
+pixels the local model would), streamed when asked. On dynamic-resolution models (Qwen2/2.5-VL) images are sent
+already at the model's input size (`LoadedVLM.sized_image`): the server applies the checkpoint's own pixel limits
+and `smart_resize` again, which leaves such an image as it is but would round any other size anew.
 
 The API key comes from `MMPERSONA_VLM_API_KEY` or `OPENAI_API_KEY` (a local server needs none).
 `MMPERSONA_VLM_TIMEOUT` (seconds, default 120) bounds one request, `MMPERSONA_VLM_RETRIES` (default 2) the

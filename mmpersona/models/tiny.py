@@ -11,6 +11,7 @@ Builds are atomic (written to a temporary sibling, then renamed), so concurrent 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -92,7 +93,7 @@ def ensure_tiny(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         logger.info("building tiny model %s into %s", entry.id, target)
-        with silenced():
+        with silenced(), build_threads():
             entry.build(tmp)
         (tmp / ".complete").write_text(json.dumps({"id": entry.id, "version": TINY_VERSION, "seed": SEED}))
         try:
@@ -104,6 +105,52 @@ def ensure_tiny(name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def build_threads_for(cores: int, busy: float) -> int:
+    """torch threads for a build on `cores` cores while other processes keep `busy` of them busy: only the idle
+    cores. torch's OpenMP threads wait for each other at every parallel region, and a thread that another process
+    has taken the core from stalls the whole team: sharing 2 cores with another job made the trained preset's
+    build about 10x slower (45 minutes against 4), while 1 thread only loses its share
+    (`benchmarks/tiny_build.py` measures both)."""
+    return max(1, min(cores, cores - round(busy)))
+
+
+def busy_cores(seconds: float = 0.25) -> float:
+    """Cores other processes keep busy, measured over `seconds` while this one sleeps (Linux `/proc/stat`;
+    elsewhere the 1-minute load average, which counts this process too)."""
+    import time
+
+    def sample() -> tuple[int, float]:
+        with open("/proc/stat", encoding="ascii") as f:
+            values = [int(x) for x in f.readline().split()[1:9]]
+        return sum(values) - values[3] - values[4], time.monotonic()
+
+    try:
+        (b0, t0), own0 = sample(), sum(os.times()[:2])
+        time.sleep(seconds)
+        (b1, t1), own1 = sample(), sum(os.times()[:2])
+    except (OSError, ValueError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+    return max(0.0, (b1 - b0) / os.sysconf("SC_CLK_TCK") / (t1 - t0) - (own1 - own0) / (t1 - t0))
+
+
+@contextlib.contextmanager
+def build_threads():
+    """torch's thread count for a build: the idle cores (`MMPERSONA_BUILD_THREADS` overrides), then back."""
+    import torch
+
+    before = torch.get_num_threads()
+    raw = os.environ.get("MMPERSONA_BUILD_THREADS")
+    threads = max(1, int(raw)) if raw else build_threads_for(before, busy_cores())
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def build_all() -> dict[str, Path]:
@@ -203,6 +250,27 @@ def llama_tokenizer():
     tok.add_special_tokens({"additional_special_tokens": published.facts(LLAVA_REPO)["added_tokens"]})
     tok.pad_token = "<pad>"
     return tok
+
+
+def bert_tokenizer(n_words: int = 2000):
+    """A lowercasing WordPiece tokenizer (BERT uncased, as Grounding DINO's text encoder uses) with the ids of
+    bert-base-uncased where models read them: [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103, then the
+    printable ASCII characters from 999, so "." is 1012 and "?" 1029 (Grounding DINO hard-codes [CLS], [SEP], "."
+    and "?" as the ids that delimit its phrases); then "##" pieces and whole words from CLIP's merges. Any word
+    outside the vocabulary becomes several pieces, so labels cost more tokens than with the real vocabulary."""
+    from open_clip import tokenizer as oct
+    from transformers import BertTokenizer
+
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += [f"[unused{i}]" for i in range(99, 99 + 999 - len(vocab))]
+    chars = [chr(c) for c in range(33, 127) if not "A" <= chr(c) <= "Z"]
+    vocab += chars + ["##" + c for c in chars if c.isalnum()]
+    lines = gzip.open(oct.default_bpe()).read().decode("utf-8").split("\n")[1:]
+    words = ["".join(line.split())[:-4] for line in lines if line.endswith("</w>")]
+    vocab += list(dict.fromkeys(w for w in words if len(w) > 1 and w.isalpha() and w.isascii()))[:n_words]
+    ids = {token: i for i, token in enumerate(vocab)}
+    assert (ids["[CLS]"], ids["[SEP]"], ids["."], ids["?"]) == (101, 102, 1012, 1029)
+    return BertTokenizer(vocab=ids, do_lower_case=True, model_max_length=512)
 
 
 # --------------------------------------------------------------------------------------------- builders
@@ -395,6 +463,43 @@ def build_owlv2(folder: Path) -> None:
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))
     shutil.rmtree(folder / "_tok")
+
+
+def build_grounding_dino(folder: Path) -> None:
+    """Grounding DINO (IDEA-Research/grounding-dino-tiny's architecture): Swin backbone at out_indices 2-4 plus one
+    extra level, a BERT text encoder whose labels share one prompt ("a dog. a cat.") of at most 256 tokens
+    (`max_text_len`), two-stage query selection; the image processor keeps the real 800..1333 ratio at 64..107."""
+    import torch
+    from transformers import (BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+
+    tok = bert_tokenizer()
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1],
+                                   num_heads=[1, 1, 2, 2], window_size=2, out_indices=[2, 3, 4]),
+        text_config=BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=512),
+        d_model=32, num_queries=30, encoder_layers=1, decoder_layers=2,  # decoder: at least 2 (its box heads tie)
+        encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_n_points=2, decoder_n_points=2, num_feature_levels=4, max_text_len=256,
+    )
+    _seed()
+    model = GroundingDinoForObjectDetection(config).eval()
+    # Random weights score every box about 1.0: a logit is the dot product of a layer-normed query and text
+    # feature (32-d). A real model scores most pairs low and a few high. Scaling the queries' last norm spreads
+    # the logits less; a constant in one dimension of both norms, whose feature is zeroed there, shifts every
+    # logit by -1.5**2, so scores fall on both sides of the thresholds (0.35 box, 0.25 text) as a real model's.
+    with torch.no_grad():
+        query_norm = model.model.decoder.layer_norm
+        text_norm = model.model.encoder.layers[-1].text_enhancer_layer.layer_norm_after
+        query_norm.weight.mul_(0.15)
+        for norm, sign in ((query_norm, -1.0), (text_norm, 1.0)):
+            norm.weight[0] = 0.0
+            norm.bias[0] = sign * 1.5
+    processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 107}), tokenizer=tok)
+    model.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
 
 
 def build_dinov2(folder: Path) -> None:
@@ -645,6 +750,8 @@ TINY_MODELS: dict[str, TinyModel] = {
         TinyModel("llava", "vlm", "LLaVA-1.5 chat VLM (CLIP vision + Llama, untied padded vocabulary, images "
                   "first)", build_llava),
         TinyModel("owlv2", "detector", "OWLv2 zero-shot object detector", build_owlv2),
+        TinyModel("grounding-dino", "detector", "Grounding DINO zero-shot object detector (Swin + BERT, labels in "
+                  "one prompt of at most 256 tokens)", build_grounding_dino),
         TinyModel("dinov2", "instance", "DINOv2 instance embedder (patch 14, layer scale, 224/256 centre crop)",
                   build_dinov2),
         TinyModel("sd", "t2i", "Stable Diffusion 1.5-family pipeline", build_sd),

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from ..errors import MmpersonaError
 
+#: a generated image's sides are at most this times the model's native side (and `max_side`)
+MAX_SIDE_FACTOR = 2
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -34,6 +37,10 @@ class ServeConfig:
     batch_window_ms: int = 0  # how long a batch waits for more requests once it could start (besides those on
     # their way: up to worker.ARRIVAL_WAIT for requests already being received)
     max_decode_pixels: int = 2 * 8192 * 8192  # pixels of decoded photos held at once (about 1.5 GB at peak)
+
+    def largest_side(self, native: int) -> int:
+        """The largest side a generation may ask for from a model of this native side."""
+        return min(self.max_side, MAX_SIDE_FACTOR * native)
 
     def __post_init__(self):
         from dataclasses import fields

@@ -58,7 +58,7 @@ def within_budget(pipe: Any, req: ImageRequest, steps: int, width: int | None, h
     the model's native size (attention grows with the square of the pixels), or more image-steps at the native
     size than `max_image_steps` (images, reranking's candidates included, x steps x pixels / native pixels)."""
     native = pipe.native_size
-    most = min(limits.max_side, 2 * native)
+    most = limits.largest_side(native)
     if max(width or native, height or native) > most:
         raise ApiError(400, f"size {width}x{height}: this model ({native}x{native} native) takes sides up to {most}")
     work = pipe.work(n=req.n, steps=steps, width=width, height=height, strategies=req.strategies)
