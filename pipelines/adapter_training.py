@@ -223,7 +223,7 @@ class Prepared:
         self.t2i = t2i
         self.size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         index: dict[str, int] = {}
-        self.blobs: list[bytes] = []
+        blobs: list[bytes] = []
         self.pairs: list[tuple[int, int, int]] = []  # (chosen image, rejected image, prompt)
         prompts: dict[str, int] = {}
         self.by_user: dict[str, list[int]] = {}
@@ -234,8 +234,8 @@ class Prepared:
                 h = hashlib.sha256(data).hexdigest()
                 digest.update(f"{row.user}\0{row.prompt}\0{h}\0".encode())
                 if h not in index:
-                    index[h] = len(self.blobs)
-                    self.blobs.append(data)
+                    index[h] = len(blobs)
+                    blobs.append(data)
                 ids.append(index[h])
             if ids[0] == ids[1]:
                 continue
@@ -253,22 +253,23 @@ class Prepared:
         if folder is None or _complete_parts(folder) is None:
             if world > 1 and folder is None:
                 rank, world = 0, 1  # nowhere to share through: each process prepares everything
-            mine = self._prepare(embedder, range(rank, len(self.blobs), world), range(rank, len(self.texts), world),
+            mine = self._prepare(embedder, blobs, range(rank, len(blobs), world), range(rank, len(self.texts), world),
                                  progress, encode_batch_size)
             if folder is not None:
                 _write_part(folder, rank, world, mine)
         if state is not None and state.num_processes > 1:
             state.wait_for_everyone()  # every process, whichever way it went: the others may be writing
         if folder is None:
-            self._assemble([mine])
+            self._assemble([mine], len(blobs))
             return
         files = _complete_parts(folder)
         if files is None:
             raise MmpersonaError(f"the prepared training data in {folder} is incomplete after every process "
                                  "wrote its share (is the folder shared by all processes?)")
-        self._assemble([_read_part(f) for f in files])
+        self._assemble([_read_part(f) for f in files], len(blobs))
 
-    def _prepare(self, embedder: Any, images: range, texts: range, progress: bool, encode_batch_size: int) -> dict:
+    def _prepare(self, embedder: Any, blobs: list[bytes], images: range, texts: range, progress: bool,
+                 encode_batch_size: int) -> dict:
         """This process's share, on the CPU: image indices, latents, vectors and time ids; prompt indices and
         their embeddings."""
         import numpy as np
@@ -282,13 +283,13 @@ class Prepared:
         t2i, pipe = self.t2i, self.t2i.pipeline
         vae, dtype, device = pipe.vae, pipe.unet.dtype, t2i.device
         ids = list(images)
-        vectors = (np.asarray(embedder.embed_images([self.blobs[i] for i in ids], progress=progress), np.float32)
+        vectors = (np.asarray(embedder.embed_images([blobs[i] for i in ids], progress=progress), np.float32)
                    if ids else np.zeros((0, int(embedder.dim)), np.float32))
         latents, time_ids = [], []
         with vae_in_float32(vae), torch.no_grad():
             for start in tqdm(range(0, len(ids), encode_batch_size), desc="encoding training images",
                               disable=not progress):
-                crops = [square_crop(load_image(self.blobs[i]), self.size) for i in ids[start:start + encode_batch_size]]
+                crops = [square_crop(load_image(blobs[i]), self.size) for i in ids[start:start + encode_batch_size]]
                 x = pipe.image_processor.preprocess([c[0] for c in crops], height=self.size, width=self.size)
                 z = vae.encode(x.to(device, torch.float32)).latent_dist.mean * vae.config.scaling_factor
                 if not bool(torch.isfinite(z).all()):
@@ -320,7 +321,7 @@ class Prepared:
                 out["pooled"] = torch.cat(pooled)
         return out
 
-    def _assemble(self, parts: list[dict]) -> None:
+    def _assemble(self, parts: list[dict], n_images: int) -> None:
         """The shares put back in the global order of images and prompts."""
         import torch
 
@@ -336,7 +337,7 @@ class Prepared:
             out[index] = values
             return out
 
-        n_images, n_texts = len(self.blobs), len(self.texts)
+        n_texts = len(self.texts)
         self.latents = gather("latents", "images", n_images)
         self.vectors = gather("vectors", "images", n_images).numpy()
         self.time_ids = gather("time_ids", "images", n_images) if self.t2i.is_xl else None

@@ -126,11 +126,16 @@ def load_embedder(spec: SpecLike = None, *, preset: str = "default", device: Any
 # --------------------------------------------------------------------------------------------- VLM
 
 
-def _size(image_processor: Any, key: str) -> int:
-    """One entry of an image processor's `size` (a dict or transformers' SizeDict); 0 when unset."""
-    size = getattr(image_processor, "size", None) or {}
-    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+def _entry(sizes: Any, key: str) -> int:
+    """One entry of an image processor's `size` or `crop_size` (a dict or transformers' SizeDict); 0 when unset."""
+    sizes = sizes or {}
+    value = sizes.get(key) if isinstance(sizes, dict) else getattr(sizes, key, None)
     return int(value or 0)
+
+
+def _size(image_processor: Any, key: str) -> int:
+    """One entry of an image processor's `size`; 0 when unset."""
+    return _entry(getattr(image_processor, "size", None), key)
 
 
 @dataclass(frozen=True)
@@ -158,9 +163,8 @@ def square_frame(image_processor: Any, width: int, height: int) -> SquareFrame |
     sees the whole image already."""
     if not getattr(image_processor, "do_center_crop", False):
         return None
-    crop = getattr(image_processor, "crop_size", None) or {}
-    get = crop.get if isinstance(crop, dict) else lambda k: getattr(crop, k, None)
-    cropped = min(int(get("height") or 0), int(get("width") or 0))
+    crop = getattr(image_processor, "crop_size", None)
+    cropped = min(_entry(crop, "height"), _entry(crop, "width"))
     resized = _size(image_processor, "shortest_edge") or min(_size(image_processor, "height"),
                                                              _size(image_processor, "width"))
     ratio = max(1.0, resized / cropped) if cropped and resized else 1.0
@@ -317,10 +321,9 @@ class LoadedVLM:
         ip = getattr(self.processor, "image_processor", None)
         if self.pixels_per_token is not None:
             return self._smart_size(img)
-        crop = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
-        get = crop.get if isinstance(crop, dict) else lambda k: getattr(crop, k, None)
-        if get("width") and get("height"):
-            return int(get("width")), int(get("height"))
+        crop = getattr(ip, "crop_size", None) or getattr(ip, "size", None)
+        if _entry(crop, "width") and _entry(crop, "height"):
+            return _entry(crop, "width"), _entry(crop, "height")
         return img.width, img.height
 
     @property
