@@ -231,3 +231,23 @@ def test_local_copy_of_sd_keeps_a_working_default(tmp_path, tiny_cache, monkeypa
             pipe("a ball", user="alice", steps=1, strategies=["ip_adapter"])
         with pytest.raises(ModelUnavailableError, match="h94/IP-Adapter"):
             load_t2i(str(copy), role="t2i", device="cpu", ip_adapter=True)
+
+
+@pytest.mark.parametrize("name", ["tiny:qwen2.5-vl", "tiny:grounding-dino"])
+def test_hub_kernels_stay_off_unless_the_user_turns_them_on(tiny_cache, monkeypatch, name):
+    """transformers 5.25 swaps layers for kernels fetched from other hub repos by default, and re-kernelizes on
+    every train(): the model is loaded with torch's layers, as it was built and checked, and train() on a model
+    moved to another device (what token learning does) re-kernelizes nothing. transformers' own
+    USE_HUB_KERNELS=yes turns them on."""
+    from mmpersona.models import load_detector, load_vlm
+    from mmpersona.models.loaders import hub_kernels
+
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    model = (load_vlm if "qwen" in name else load_detector)(name, device="cpu").model
+    assert not model.use_kernels
+    model.train()
+    assert getattr(model, "kernels_mode", None) is None
+    model.eval()
+    for value, on in (("yes", True), ("1", True), ("no", False), ("", False)):
+        monkeypatch.setenv("USE_HUB_KERNELS", value)
+        assert hub_kernels() is on

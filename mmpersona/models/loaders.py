@@ -49,6 +49,15 @@ def _load(spec: ModelSpec, path: Path, what: str, loader: Callable[[], T]) -> T:
         ) from e
 
 
+def hub_kernels() -> bool:
+    """Whether transformers may swap layers for the hub's compiled kernels (`kernels` package): only when the
+    user sets transformers' own `USE_HUB_KERNELS` to yes. transformers 5.25 turned them on by default; they are
+    code fetched from other hub repos than the model's at load time (offline, that is a failure naming none of
+    our ids), they re-kernelize on every `train()`/`eval()`, and every path here was built and checked with
+    torch's own layers, which are what the tiny doubles run."""
+    return os.environ.get("USE_HUB_KERNELS", "").strip().upper() in {"1", "YES", "TRUE", "ON"}
+
+
 def _load_transformers(role: str, spec: SpecLike, preset: str, device: Any, dtype: Any, what: str,
                        processor_class: str, model_class: str) -> tuple[ModelSpec, Any, Any, Any, Any]:
     """A transformers model and its processor for `role`, from a local directory made by `local_dir` (built,
@@ -63,7 +72,7 @@ def _load_transformers(role: str, spec: SpecLike, preset: str, device: Any, dtyp
         import transformers
 
         processor = getattr(transformers, processor_class).from_pretrained(str(path))
-        model = getattr(transformers, model_class).from_pretrained(str(path), dtype=dt)
+        model = getattr(transformers, model_class).from_pretrained(str(path), dtype=dt, use_kernels=hub_kernels())
         return processor, model
 
     processor, model = _load(spec, path, what, build)
