@@ -129,6 +129,7 @@ def serve(tmp: Path, vlm: str, *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmpersona", "--preset", "tiny", "--device", "cpu", "--db", str(tmp / "c.db"),
          "--model", f"vlm={vlm}", "serve", "--port", str(port), "--keys", str(tmp / "keys.json"), "--no-images",
+         "--health-detail",
          *extra], stdout=log, stderr=subprocess.STDOUT)
     atexit.register(proc.kill)
     url = f"http://127.0.0.1:{port}"

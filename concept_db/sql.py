@@ -16,9 +16,9 @@ import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from .types import (PROFILE_KINDS, BulkResult, Concept, ConceptNotFound, DuplicateConceptError, InvalidConceptError,
-                    Match, NewConcept, ProfileEvent, StoredTensor, check_owner, check_text, content_hash,
-                    handle_skeleton, hash_key, normalize_name)
+from .types import (MAX_ALIASES, PROFILE_KINDS, BulkResult, Concept, ConceptNotFound, DuplicateConceptError,
+                    InvalidConceptError, Match, NewConcept, ProfileEvent, StoredTensor, check_owner, check_text,
+                    content_hash, handle_skeleton, hash_key, normalize_name)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,6 +37,7 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "owner_settings": (("owner", "key", "value"), ("owner", "key")),
     "profile_events": (("id", "owner", "kind", "prompt", "image", "other", "comment", "created"), ("id",)),
     "owner_blobs": (("owner", "name", "model", "data", "created"), ("owner", "name")),
+    "profile_generations": (("owner", "generation"), ("owner",)),
 }
 
 
@@ -391,6 +392,7 @@ class SQLStore:
         both land."""
         check_owner(owner)
         new_name = normalize_name(name) if name is not None else None
+        given_aliases = _aliases(aliases) if aliases is not None else None  # all input-sized work before the lock
         changes = {
             "category": check_text(category, "category", 200) if category is not None else None,
             "info": check_text(info, "info") if info is not None else None,
@@ -405,7 +407,8 @@ class SQLStore:
             if expected_version is not None and row[0] != expected_version:
                 raise ConceptDBConflict(f"concept <{current.name}> changed since version {expected_version}")
             new_name = new_name or current.name
-            new_aliases = _aliases(aliases, new_name) if aliases is not None else list(current.aliases)
+            new_aliases = ([a for a in given_aliases if a != new_name] if given_aliases is not None
+                           else list(current.aliases))
             self._check_handles_free(c, owner, [new_name, *new_aliases], concept_id)
             c.execute("UPDATE concepts SET name = ?, category = ?, info = ?, attributes = ?, updated = ?, "
                       "version = version + 1 WHERE id = ?",
@@ -444,6 +447,7 @@ class SQLStore:
         """Remove everything of one owner; returns how many concepts were removed."""
         check_owner(owner)
         with self._tx() as c:
+            self._profile_shrinks(c, owner)
             hashes = [r[0] for r in c.execute(
                 "SELECT ci.hash FROM concepts c JOIN concept_images ci ON ci.concept_id = c.id WHERE c.owner = ?",
                 (owner,))]
@@ -461,10 +465,10 @@ class SQLStore:
 
     # ------------------------------------------------------------------ images and embeddings
 
-    def _insert_images(self, c, concept_id: str, images: Sequence[bytes], start: int) -> list[str]:
-        blobs = _image_blobs(images)
-        hashes = [content_hash(data) for data in blobs]
-        image_ids = self._store_images(c, [(h, data, hash_key(h)) for h, data in zip(hashes, blobs, strict=True)])
+    def _insert_images(self, c, concept_id: str, hashed: Sequence[tuple[str, bytes]], start: int) -> list[str]:
+        """`hashed`: (content hash, bytes) pairs, computed before the transaction."""
+        hashes = [h for h, _ in hashed]
+        image_ids = self._store_images(c, [(h, data, hash_key(h)) for h, data in hashed])
         self._insert(c, "concept_images", [(concept_id, h, start + offset, image_ids[h])
                                            for offset, h in enumerate(hashes)], "ignore")
         return hashes
@@ -493,8 +497,10 @@ class SQLStore:
                    embeddings: "dict[str, np.ndarray] | None" = None) -> Concept:
         """Attach more reference images (and their vectors) to a concept; an image already there is kept once."""
         concept = self.get(owner, concept_id)
+        blobs = _image_blobs(images)
+        hashed = [(content_hash(data), data) for data in blobs]  # hashed before the lock
         with self._tx() as c:
-            hashes = self._insert_images(c, concept_id, images, start=len(concept.images))
+            hashes = self._insert_images(c, concept_id, hashed, start=len(concept.images))
             self._insert_embeddings(c, owner, concept_id, hashes, embeddings)
             c.execute("UPDATE concepts SET updated = ?, version = version + 1 WHERE id = ?", (time.time(), concept_id))
             self._bump(c, owner)
@@ -654,6 +660,7 @@ class SQLStore:
                             (event_id, owner)).fetchone()
             if row is None:
                 raise ConceptNotFound(f"user {owner!r} has no profile entry {event_id!r}")
+            self._profile_shrinks(c, owner)
             c.execute("DELETE FROM profile_events WHERE id = ?", (event_id,))
             self._drop_orphan_images(c, [h for h in row if h])
             self._bump(c, owner)
@@ -668,6 +675,7 @@ class SQLStore:
         """Forget the user's whole preference profile (events, derived artefacts); returns events removed."""
         check_owner(owner)
         with self._tx() as c:
+            self._profile_shrinks(c, owner)
             n = c.execute("SELECT count(*) FROM profile_events WHERE owner = ?", (owner,)).fetchone()[0]
             self._drop_orphan_images(c, self._delete_profile(c, owner))
             c.execute("DELETE FROM owner_blobs WHERE owner = ?", (owner,))
@@ -675,11 +683,45 @@ class SQLStore:
             self._bump(c, owner)
         return n
 
-    def put_blob(self, owner: str, name: str, data: bytes, *, model: str) -> None:
-        """Store a per-user safetensors artefact (reward model, LoRA), tagged with the model it fits."""
+    def profile_generation(self, owner: str) -> int:
+        """A number that grows whenever the owner's preference profile loses entries (an event removed, a reset,
+        an erasure); 0 before the first. Read it before the events a result is computed from, and store the
+        result with `put_blob(..., profile_generation=)`: it lands only if nothing was removed meanwhile. Adding
+        events leaves it as it is: a result computed from events that are all still there stays valid."""
+        check_owner(owner)
+        row = self._conn.execute("SELECT generation FROM profile_generations WHERE owner = ?", (owner,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _profile_shrinks(self, c, owner: str) -> None:
+        """Bump the owner's profile generation: first in its transaction, so that on PostgreSQL a concurrent
+        `_check_profile_generation` either finished before (its artefact is then deleted here) or waits for this
+        commit (and sees the new generation). Never reset, not even by an erasure: an old value never returns."""
+        c.execute("INSERT INTO profile_generations VALUES (?, 1) ON CONFLICT (owner) DO UPDATE SET "
+                  "generation = profile_generations.generation + 1", (owner,))
+
+    def _check_profile_generation(self, c, owner: str, expected: int) -> None:
+        from .types import ProfileChanged
+
+        # the row is made to exist before it is locked: an uncommitted one of a concurrent reset is waited for
+        self._insert(c, "profile_generations", [(owner, 0)], "ignore")
+        row = c.execute(f"SELECT generation FROM profile_generations WHERE owner = ?{self._FOR_UPDATE}",
+                        (owner,)).fetchone()
+        if int(row[0]) != expected:
+            raise ProfileChanged(f"the preference profile of {owner!r} was reset or lost entries while this was "
+                                 "computed from it: nothing was stored (run it again on the profile as it is now)")
+
+    def put_blob(self, owner: str, name: str, data: bytes, *, model: str,
+                 profile_generation: int | None = None) -> None:
+        """Store a per-user safetensors artefact (reward model, LoRA), tagged with the model it fits.
+
+        `profile_generation`: the owner's `profile_generation()` read before the profile events the artefact was
+        computed from; if the profile has lost entries since, nothing is stored and `ProfileChanged` is raised
+        (checked in this write's transaction)."""
         check_owner(owner)
         _check_safetensors(data, f"blob {name!r}")
         with self._tx() as c:
+            if profile_generation is not None:
+                self._check_profile_generation(c, owner, profile_generation)
             self._insert(c, "owner_blobs", [(owner, name, model, bytes(data), time.time())], "replace")
 
     def blob_names(self, owner: str) -> list[str]:
@@ -884,15 +926,15 @@ def _restored_id(value: Any) -> str | None:
     return value
 
 
-def _aliases(aliases: Sequence[str], name: str) -> list[str]:
-    if isinstance(aliases, str):
-        aliases = [aliases]
-    out = []
-    for a in aliases:
-        bare = normalize_name(a, "alias")
-        if bare != name and bare not in out:
-            out.append(bare)
-    return out
+def _aliases(aliases: Sequence[str], name: str | None = None) -> list[str]:
+    """The aliases normalized, each once, in order, without `name`: at most `MAX_ALIASES`, refused before any
+    other work (and before any lock is taken: the callers run this first)."""
+    aliases = [aliases] if isinstance(aliases, str) else list(aliases)
+    if len(aliases) > MAX_ALIASES:
+        raise InvalidConceptError(f"a concept takes at most {MAX_ALIASES} aliases, got {len(aliases)}")
+    out = dict.fromkeys(normalize_name(a, "alias") for a in aliases)
+    out.pop(name, None)
+    return list(out)
 
 
 def _attributes(attributes: dict | None) -> str:

@@ -40,6 +40,10 @@ class UnknownBackendError(ConceptDBError):
     """A database URL whose scheme no backend handles."""
 
 
+class ProfileChanged(ConceptDBError):
+    """The preference profile was reset or lost entries after a result was computed from it; nothing was stored."""
+
+
 def content_hash(data: bytes) -> str:
     """The key under which an image's bytes are stored (and embedded) once."""
     return hashlib.sha256(data).hexdigest()
@@ -61,6 +65,7 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 MAX_NAME = 64
 _PLAIN = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MAX_NAME)  # no brackets, separators, dots, spaces or controls
 MAX_INFO = 20_000
+MAX_ALIASES = 32  # per concept: other names for it, not a word list
 
 #: Unicode categories a handle may not hold: controls (C0, C1 and NEL), format characters (bidirectional
 #: overrides such as U+202E, zero-width spaces and joiners, soft hyphens), surrogates, private use, unassigned

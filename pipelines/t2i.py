@@ -317,7 +317,64 @@ class RerankStrategy(Strategy):
         return sorted(range(len(images)), key=lambda i: -scores[i])[:n]
 
 
+def _candidates(strategies: "Sequence[Strategy]") -> int:
+    """Images generated per image returned, at most (reranking's candidates)."""
+    return max([1, *(s.config.candidates for s in strategies if isinstance(s, RerankStrategy))])
+
+
 # ------------------------------------------------------------------------------------------ pipeline
+
+
+class UserCache:
+    """Values cached per user: an entry serves only the user it was computed for, so no user's timings tell
+    what another user has. Bounded: `per_user` entries a user (their least recently used dropped first) and
+    `users` users (the least recently active user's entries dropped first). Thread-safe."""
+
+    def __init__(self, per_user: int = 128, users: int = 64):
+        if per_user < 1 or users < 1:
+            raise ValueError(f"`per_user` and `users` must be at least 1, got {per_user} and {users}")
+        import threading
+        from collections import OrderedDict
+
+        self.per_user, self.max_users = per_user, users
+        self._users: OrderedDict[str, OrderedDict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, user: str, key: str) -> Any:
+        """The user's entry for `key`, or None."""
+        with self._lock:
+            entries = self._users.get(user)
+            if entries is None or key not in entries:
+                return None
+            self._users.move_to_end(user)
+            entries.move_to_end(key)
+            return entries[key]
+
+    def put(self, user: str, key: str, value: Any) -> None:
+        from collections import OrderedDict
+
+        with self._lock:
+            entries = self._users.setdefault(user, OrderedDict())
+            self._users.move_to_end(user)
+            entries[key] = value
+            entries.move_to_end(key)
+            while len(entries) > self.per_user:
+                entries.popitem(last=False)
+            while len(self._users) > self.max_users:
+                self._users.popitem(last=False)
+
+    def users(self) -> list[str]:
+        """The users with entries, least recently active first."""
+        with self._lock:
+            return list(self._users)
+
+    def size(self, user: str) -> int:
+        with self._lock:
+            return len(self._users.get(user, ()))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(entries) for entries in self._users.values())
 
 
 @dataclass
@@ -356,19 +413,19 @@ class Run:
         pipe = self.pipeline.diffusers
         if getattr(pipe, "image_encoder", None) is None:
             raise MmpersonaError("this pipeline has no IP-Adapter image encoder (load it with ip_adapter=True)")
-        # By content hash, an image is encoded once per pipeline. The hashes come from this user's own records,
-        # and an embedding depends on the image bytes alone, so sharing the cache across users reveals nothing.
+        # Cached per user, as the CLIP vectors are (`ConceptStore.known_vectors`): a cache shared by content hash
+        # made another user's first use of an image alice had liked or registered twice as fast as an unseen
+        # one, which told them she had it.
         cache = self.pipeline.ip_cache
         out = []
         for h in hashes:
-            if h not in cache:
+            embeds = cache.get(self.user, h)
+            if embeds is None:
                 image = load_image(self.db.store.image_bytes(self.user, h))
                 with torch.inference_mode():
-                    embeds, _ = pipe.encode_image(image, self.pipeline.t2i.device, 1)
-                if len(cache) >= 4096:
-                    cache.pop(next(iter(cache)))
-                cache[h] = embeds[0]
-            out.append(cache[h])
+                    embeds = pipe.encode_image(image, self.pipeline.t2i.device, 1)[0][0]
+                cache.put(self.user, h, embeds)
+            out.append(embeds)
         return torch.stack(out)
 
     def ensure_lora(self) -> str:
@@ -416,7 +473,7 @@ class PersonalizedT2IPipeline:
         self.diffusers = self.t2i.pipeline
         self.diffusers.set_progress_bar_config(disable=True)
         self._loras: dict[str, str] = {}
-        self.ip_cache: dict[str, Any] = {}
+        self.ip_cache = UserCache()  # IP-Adapter image embeddings, per user
         self.adapter = adapter
         self._adapters: dict[str, Any] = {}
 
@@ -432,13 +489,21 @@ class PersonalizedT2IPipeline:
                                  f"({why})")
         return chosen
 
-    def check_inputs(self, prompt: Any, user: Any, n: int, steps: int) -> None:
+    def check_inputs(self, prompt: Any, user: Any, n: int, steps: int, seed: int = 0,
+                     strategies: Sequence[str] | None = None) -> None:
+        """Refuse a call that cannot run, before anything runs (the server calls it before a request queues)."""
+        from mmpersona.models.sampling import SEED_MAX
+
         if not isinstance(prompt, str) or not prompt.strip():
             raise MmpersonaError(f"`prompt` must be a non-empty string, got {prompt!r}")
         if not isinstance(user, str) or not user.strip():
             raise MmpersonaError(f"`user` must be a non-empty string, got {user!r}")
         if n < 1 or steps < 1:
             raise MmpersonaError(f"`n` and `steps` must be at least 1, got n={n}, steps={steps}")
+        images = n * _candidates(self._strategies(strategies) if strategies is not None else self.default_strategies)
+        if not 0 <= seed <= SEED_MAX - (images - 1):
+            raise MmpersonaError(f"seed {seed}: the {images} image(s) this makes (reranking's candidates included) "
+                                 f"take seeds {seed}, {seed} + 1, ..., which must stay within 0 ... {SEED_MAX}")
 
     @property
     def native_size(self) -> int:
@@ -452,7 +517,7 @@ class PersonalizedT2IPipeline:
         """What a call costs at most, in image-steps at the model's native size: images (reranking's candidates
         included) x steps x pixels / native pixels. Known before anything runs, for budgets."""
         chosen = self._strategies(strategies) if strategies is not None else self.default_strategies
-        candidates = max([1, *(s.config.candidates for s in chosen if isinstance(s, RerankStrategy))])
+        candidates = _candidates(chosen)
         native = self.native_size
         pixels = (width or native) * (height or native)
         return n * candidates * steps * pixels / native**2
@@ -494,7 +559,7 @@ class PersonalizedT2IPipeline:
 
         from mmpersona.cancel import check
 
-        self.check_inputs(prompt, user, n, steps)
+        self.check_inputs(prompt, user, n, steps, seed, strategies)
         chosen = self._strategies(strategies) if strategies is not None else self.default_strategies
         start = time.perf_counter()
         cond, run = self.condition(prompt, user, chosen)

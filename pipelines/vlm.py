@@ -435,12 +435,16 @@ class AnswerStream:
         from transformers import TextIteratorStreamer
 
         from mmpersona.cancel import check, stopping_criteria
+        from mmpersona.models.sampling import own_draws
 
         vlm = self.pipe.vlm
         kwargs = {"max_new_tokens": self.pipe.max_new_tokens, **self.generate_kwargs}
         stop = kwargs.pop("stop", None)
+        seed = kwargs.pop("seed", None)
         check(stop)
         if vlm.remote is not None:  # the server streams: no local thread
+            if seed is not None:
+                kwargs["seed"] = seed
             from mmpersona.models.remote import openai_messages
 
             t = time.perf_counter()
@@ -462,7 +466,7 @@ class AnswerStream:
 
         def run() -> None:
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), own_draws(vlm.device, seed):
                     vlm.model.generate(**inputs, streamer=streamer, **kwargs)
             except BaseException as e:  # surfaced in the consumer's thread below
                 errors.append(e)

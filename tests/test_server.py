@@ -25,7 +25,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 LIMITS = ServeConfig(queue_size=3, max_body_bytes=2 * 2**20, max_images=2, max_history=4, max_message_chars=500,
-                     max_history_chars=1000, max_tokens=32, default_max_tokens=6, max_n=2, default_steps=2, max_steps=4, max_side=128)
+                     max_history_chars=1000, max_tokens=32, default_max_tokens=6, max_n=2, default_steps=2, max_steps=4, max_side=128,
+                     health_detail=True)
 
 
 def drawn(color, size=(64, 64), kind="ellipse") -> Image.Image:
@@ -168,8 +169,9 @@ def test_keys_are_stored_hashed_and_a_broken_file_is_a_clear_error(tmp_path):
     with pytest.raises(MmpersonaError, match="not a valid user id|non-empty"):
         store.create("")
     (tmp_path / "keys.json").write_text("{not json")
-    with pytest.raises(MmpersonaError, match="API keys file"):
-        store.user_for(key)
+    with pytest.raises(MmpersonaError, match="API keys file"):  # the CLI's commands name the file
+        store.list()
+    assert store.user_for(key) == "alice"  # a server goes on with the last good keys
 
 
 def test_a_key_reaches_only_its_own_users_data(api):
@@ -500,7 +502,8 @@ def test_the_serve_command_with_a_key_from_the_keys_command(tmp_path, tiny_cache
     listed = subprocess.run([*base, "keys", "list"], capture_output=True, text=True, env=env, timeout=120)
     assert key_id in listed.stdout and key not in listed.stdout
     port = free_port()
-    proc = subprocess.Popen([*base, "serve", "--port", str(port), "--no-images"], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*base, "serve", "--port", str(port), "--no-images", "--health-detail"], env=env,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -521,3 +524,129 @@ def test_the_serve_command_with_a_key_from_the_keys_command(tmp_path, tiny_cache
         assert httpx.get(f"{url}/v1/concepts", headers=headers).status_code == 401
     finally:
         stop(proc)
+
+
+# ------------------------------------------------------------------------------------------ hostile input (#30)
+
+
+def test_out_of_range_integers_are_400s_and_the_connection_stays(api):
+    """Integers past 64 bits (or seeds counting past it) were 500s that dropped the keep-alive connection."""
+    big = 2**64
+    with api.http("alice") as alice:
+        for method, path, body in [
+            ("post", "/v1/chat/completions", {"messages": ask("hi"), "seed": big}),
+            ("post", "/v1/chat/completions", {"messages": ask("hi"), "seed": -1}),
+            ("post", "/v1/chat/completions", {"messages": ask("hi"), "max_tokens": big}),
+            ("post", "/v1/images/generations", {"prompt": "a dog", "seed": big}),
+            ("post", "/v1/images/generations", {"prompt": "a dog", "seed": 2**63 - 1, "n": 2}),  # the second's
+            ("post", "/v1/images/generations", {"prompt": "a dog", "steps": big}),
+            ("post", "/v1/images/generations", {"prompt": "a dog", "n": big}),
+            ("get", "/v1/concepts?offset=9223372036854775808", None),
+            ("get", f"/v1/concepts?limit={big}", None),
+            ("post", "/v1/concepts/search", {"text": "a dog", "min_score": float("nan")}),
+        ]:
+            r = alice.get(path) if method == "get" else alice.post(path, content=json.dumps(body),
+                                                                   headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (path, body, r.text)
+            assert error_of(r)["type"] == "invalid_request_error"
+            assert r.headers.get("connection") != "close", (path, body)
+        assert alice.get("/v1/concepts?offset=9223372036854775807").json()["data"] == []
+        assert [c["name"] for c in alice.get("/v1/concepts").json()["data"]] == ["bo"]
+    with pytest.raises(MmpersonaError, match="seeds"):  # reranking's candidates count too, also outside the API
+        api.t2i("a dog", user="alice", n=1, steps=1, seed=2**63 - 1, strategies=["rerank"])
+
+
+def test_a_seed_changes_no_one_elses_draws(api):
+    """Bob's seeded request set torch's global generator, so alice's next unseeded sampled answer followed from
+    bob's seed. Now every generation draws from its own state: the global one is as it was, and a seeded
+    answer is the same whatever ran before it."""
+    import torch
+
+    sampled = {"temperature": 1.5, "max_tokens": 6}
+    with api.http("alice") as alice, api.http("bob") as bob:
+        def answer(who, **extra):
+            r = who.post("/v1/chat/completions", json={"messages": ask("Tell me about it.", BO), **sampled, **extra})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        answer(alice)  # the model is loaded and warm
+        before = torch.get_rng_state()
+        seeded = answer(bob, seed=5)
+        assert torch.equal(torch.get_rng_state(), before)  # was manual_seed(5)
+        answer(alice)
+        assert torch.equal(torch.get_rng_state(), before)
+        for _ in range(2):
+            answer(alice)
+            assert answer(bob, seed=5) == seeded
+        chunks = list(api.client("bob").chat.completions.create(model="m", messages=ask("Tell me about it.", BO),
+                                                                 stream=True, seed=5, temperature=1.5,
+                                                                 max_tokens=6))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == seeded
+        assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_aliases_are_bounded_and_checked_before_the_stores_lock(api):
+    """40,000 aliases held every user's database for 22 s (a quadratic dedupe inside the store's transaction)."""
+    from concept_db.types import MAX_ALIASES
+
+    store = api.db.store
+    with api.http("alice") as alice:
+        r = alice.patch("/v1/concepts/bo", json={"aliases": [f"a{i}" for i in range(40_000)]})
+        assert r.status_code == 400 and str(MAX_ALIASES) in error_of(r)["message"]
+        r = alice.patch("/v1/concepts/bo", json={"aliases": ["Bo", "Bo", "<Bo>", "bo", "Boo"]})
+        assert r.status_code == 200 and r.json()["aliases"] == ["Bo", "Boo"]  # each once, never the name
+        concept = alice.get("/v1/concepts/bo").json()
+        assert concept["aliases"] == ["Bo", "Boo"]
+        entered = threading.Event()
+        release = threading.Event()
+
+        def hold():
+            with store._lock:
+                entered.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        entered.wait(5)
+        try:  # refused while another holds the lock: the check took no lock
+            with pytest.raises(MmpersonaError, match="at most"):
+                store.update("alice", concept["id"], aliases=[f"x{i}" for i in range(MAX_ALIASES + 1)])
+        finally:
+            release.set()
+            holder.join()
+        r = alice.patch("/v1/concepts/bo", json={"aliases": ["Bo"]})
+        assert r.status_code == 200 and r.json()["aliases"] == ["Bo"]
+
+
+def test_a_damaged_keys_file_names_nothing_and_the_last_good_keys_still_serve(api, caplog):
+    path = api.keys.path
+    good = path.read_bytes()
+    url = api.url
+    try:
+        path.write_text("{ not json")
+        with api.http("alice") as alice, caplog.at_level("ERROR"):
+            assert alice.get("/v1/concepts").status_code == 200  # alice's key, from the last good set
+            r = httpx.get(f"{url}/v1/concepts", headers={"Authorization": "Bearer mmp-abc-def"})
+            assert r.status_code == 401 and str(path) not in r.text and "json" not in r.text.lower()
+            alice.get("/v1/concepts")
+        assert sum(str(path) in rec.getMessage() for rec in caplog.records) == 1  # logged, once
+        fresh = KeyStore(path)  # a server that never read a good set refuses everyone, naming nothing
+        app = create_app(api.db, fresh, config=LIMITS)
+        with in_thread(app) as other:
+            r = httpx.get(f"{other}/v1/concepts", headers={"Authorization": f"Bearer {api.key['alice']}"})
+            assert r.status_code == 503 and "Retry-After" in r.headers
+            assert str(path) not in r.text and "json" not in r.text.lower() and str(path.parent) not in r.text
+        with pytest.raises(MmpersonaError, match="not readable"):  # the CLI names the file for its admin
+            fresh.list()
+    finally:
+        path.write_bytes(good)
+    with api.http("alice") as alice:
+        assert alice.get("/v1/concepts").status_code == 200
+
+
+def test_health_tells_nobody_when_others_are_busy(api):
+    """Without --health-detail, /health says the server is up and nothing of its load."""
+    app = create_app(api.db, api.keys, config=ServeConfig())
+    with in_thread(app) as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok", "version": __import__("mmpersona").__version__}
+    assert set(httpx.get(f"{api.url}/health").json()) >= {"queue", "models", "remote"}  # with the setting

@@ -49,6 +49,9 @@ def serve(
     cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Model CPU offload (for small GPUs)."),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode in tiles (less memory for big images)."),
     max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.01, help="Largest request body."),
+    health_detail: bool = typer.Option(False, "--health-detail",
+                                       help="/health also shows the models' state, the queue and the remote lane "
+                                            "(to anyone who can reach it: for a private monitoring network)."),
 ) -> None:
     """The HTTP API for applications: OpenAI-compatible chat, generation, concepts and preferences per API key."""
     try:
@@ -77,7 +80,7 @@ def serve(
                          default_max_tokens=min(128, max_tokens), max_user_queue=max_user_queue,
                          max_remote_concurrency=max_remote_concurrency, max_image_steps=max_image_steps,
                          max_decode_pixels=int(max_decode_mpixels * 1e6), max_batch=max_batch,
-                         batch_window_ms=batch_window_ms)
+                         batch_window_ms=batch_window_ms, health_detail=health_detail)
 
     def make_chat():
         return PersonalizedVLMPipeline(db, vlm=s.vlm(), max_new_tokens=config.default_max_tokens, **load)

@@ -425,23 +425,27 @@ class LoadedVLM:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def generate(self, messages: list[dict], *, max_new_tokens: int = 64, stop: "threading.Event | None" = None,
-                 **kwargs: Any) -> str:
+                 seed: int | None = None, **kwargs: Any) -> str:
         """Answer one chat turn; returns only the newly generated text. Setting `stop` ends generation at the
-        next token and raises `mmpersona.cancel.Cancelled`."""
+        next token and raises `mmpersona.cancel.Cancelled`. Sampling draws from `seed` (fresh entropy when None),
+        never from what ran before (`sampling.own_draws`)."""
         import torch
 
         from ..cancel import check, stopping_criteria
+        from .sampling import own_draws
 
         check(stop)
         if self.remote is not None:
             from .remote import openai_messages
 
+            if seed is not None:
+                kwargs["seed"] = seed
             return self.remote.complete(openai_messages(self._prepared(messages)), max_new_tokens, stop=stop,
                                         **kwargs)
         inputs = self.inputs(messages)
         if stop is not None:
             kwargs["stopping_criteria"] = stopping_criteria(stop, kwargs.get("stopping_criteria"))
-        with torch.inference_mode():
+        with torch.inference_mode(), own_draws(self.device, seed):
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
         check(stop)
         return self.decode(out[0, inputs["input_ids"].shape[1]:])
@@ -449,18 +453,20 @@ class LoadedVLM:
 
     def generate_batch(self, conversations: list[list[dict]], *, max_new_tokens: Sequence[int],
                        stops: "Sequence[threading.Event | None] | None" = None,
-                       on_text: "Sequence[Callable[[str], None] | None] | None" = None, **kwargs: Any) -> list[Any]:
+                       on_text: "Sequence[Callable[[str], None] | None] | None" = None, seed: int | None = None,
+                       **kwargs: Any) -> list[Any]:
         """Answer several chat turns in one batched generation (left padding); the same options for all of them
         (`kwargs`: greedy, or the same sampling), each its own `max_new_tokens`, `stops` (setting one ends that
         answer at the next token; its result is then a `Cancelled`) and `on_text` (called with each new piece of
         that answer as it is generated). A finished answer stops growing while the others go on. Returns the
         answers (or the `Cancelled` of those stopped), in order. Under greedy decoding each answer is the one
-        `generate` gives it alone."""
+        `generate` gives it alone. Sampling draws from `seed` (fresh entropy when None) for the batch."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
         from ..cancel import Cancelled
+        from .sampling import own_draws
 
         if self.remote is not None:
             raise MmpersonaError("batched generation runs a local model; a remote VLM server batches itself")
@@ -520,7 +526,7 @@ class LoadedVLM:
                                      for i in range(n)], dtype=torch.bool, device=input_ids.device)
 
         criteria = StoppingCriteriaList([*kwargs.pop("stopping_criteria", ()), Budgets()])
-        with torch.inference_mode():
+        with torch.inference_mode(), own_draws(self.device, seed):
             self.model.generate(**inputs, max_new_tokens=max(budgets), stopping_criteria=criteria, streamer=Rows(),
                                 **kwargs)
         out: list[Any] = []

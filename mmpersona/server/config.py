@@ -37,6 +37,7 @@ class ServeConfig:
     batch_window_ms: int = 0  # how long a batch waits for more requests once it could start (besides those on
     # their way: up to worker.ARRIVAL_WAIT for requests already being received)
     max_decode_pixels: int = 2 * 8192 * 8192  # pixels of decoded photos held at once (about 1.5 GB at peak)
+    health_detail: bool = False  # /health shows the models' state and the queues (which tell when others are busy)
 
     def largest_side(self, native: int) -> int:
         """The largest side a generation may ask for from a model of this native side."""
@@ -45,7 +46,8 @@ class ServeConfig:
     def __post_init__(self):
         from dataclasses import fields
 
-        low = [f.name for f in fields(self) if getattr(self, f.name) < (0 if f.name == "batch_window_ms" else 1)]
+        low = [f.name for f in fields(self) if not isinstance(getattr(self, f.name), bool)
+               and getattr(self, f.name) < (0 if f.name == "batch_window_ms" else 1)]
         if low:
             raise MmpersonaError(f"server limit {low[0]} must be at least 1, got {getattr(self, low[0])}")
         for default, limit in (("default_max_tokens", "max_tokens"), ("default_steps", "max_steps")):

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MmpersonaError
+from .keys import KeysUnavailable
 from .worker import QueueFull
 
 logger = logging.getLogger("mmpersona.server")
@@ -48,6 +49,8 @@ def as_api_error(exc: BaseException) -> ApiError:
         return ApiError(409, str(exc), "conflict_error", "conflict")
     if isinstance(exc, Cancelled):  # nobody is listening; 499 as nginx logs a client that closed its request
         return ApiError(499, str(exc), "request_cancelled", "client_closed_request")
+    if isinstance(exc, KeysUnavailable):
+        return ApiError(503, str(exc), "server_error", "keys_unavailable", {"Retry-After": "10"})
     if isinstance(exc, ModelUnavailableError):
         return ApiError(503, str(exc), "server_error", "model_unavailable")
     if isinstance(exc, MmpersonaError):

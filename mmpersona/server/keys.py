@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -30,6 +31,12 @@ from ..errors import MmpersonaError
 
 PREFIX = "mmp"
 FORMAT = 1
+
+logger = logging.getLogger(__name__)
+
+
+class KeysUnavailable(MmpersonaError):
+    """The keys cannot be read and no good set was ever read: the server answers 503, naming nothing."""
 
 
 def default_keys_path() -> Path:
@@ -134,13 +141,17 @@ class KeyStore:
         self._lock = threading.Lock()
         self._seen: tuple[float, int] | None = None
         self._records: dict[str, KeyRecord] = {}
+        self._good = False  # a set of keys was read (or there was no file): what serving falls back on
+        self._damaged: tuple[float, int] | None = None  # the damaged file's stamp, logged once
 
-    def _load(self) -> dict[str, KeyRecord]:
-        """The records, read again only when the file changed (one stat per lookup)."""
+    def _load(self, *, serving: bool = False) -> dict[str, KeyRecord]:
+        """The records, read again only when the file changed (one stat per lookup). A damaged file is an error
+        naming it for the CLI; a server (`serving`) logs it once and goes on with the last good set, and
+        without one raises `KeysUnavailable`, which tells a client nothing about the file."""
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            self._seen, self._records = None, {}
+            self._seen, self._records, self._good = None, {}, True
             return self._records
         stamp = (st.st_mtime, st.st_size)
         if stamp != self._seen:
@@ -148,9 +159,18 @@ class KeyStore:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
                 records = [KeyRecord(**r) for r in data["keys"]]
             except (OSError, ValueError, KeyError, TypeError) as e:
-                raise MmpersonaError(f"the API keys file {self.path} is not readable ({e}); fix or remove it") from e
+                if not serving:
+                    raise MmpersonaError(f"the API keys file {self.path} is not readable ({e}); fix or remove "
+                                         "it") from e
+                if self._damaged != stamp:
+                    self._damaged = stamp
+                    logger.error("the API keys file %s is not readable (%s): %s until it is fixed", self.path, e,
+                                 "serving the last good keys" if self._good else "every request is refused (503)")
+                if not self._good:
+                    raise KeysUnavailable("the server's API keys are unavailable; try again later") from None
+                return self._records
             self._records = {r.id: r for r in records}
-            self._seen = stamp
+            self._seen, self._good, self._damaged = stamp, True, None
         return self._records
 
     def _save(self, records: dict[str, KeyRecord]) -> None:
@@ -195,5 +215,5 @@ class KeyStore:
         if key_id is None:
             return None
         with self._lock:
-            record = self._load().get(key_id)
+            record = self._load(serving=True).get(key_id)
         return _owner(record, key)

@@ -7,6 +7,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from concept_db.types import MAX_ALIASES
+
+from ..models.sampling import SEED_MAX
+
+INT_MAX = 2**63 - 1  # every integer a client sends fits a signed 64-bit integer (the database's, torch's)
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -21,11 +27,11 @@ class ChatRequest(BaseModel):
     model: str = Field("mmpersona", description="Ignored: the server serves one chat model (see /v1/models).")
     messages: list[ChatMessage] = Field(..., min_length=1)
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT_MAX)
     temperature: float | None = Field(None, ge=0, le=2, description="Absent or 0: greedy decoding.")
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Sampling's seed (absent: fresh entropy).")
     n: int = Field(1, ge=1, le=1, description="One answer per request.")
     regions: bool = Field(False, description="mmpersona: also retrieve per detected region of the photo.")
 
@@ -36,13 +42,14 @@ class ImageRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     prompt: str = Field(..., min_length=1)
     model: str | None = Field(None, description="Ignored: the server serves one image model.")
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=INT_MAX)
     size: str | None = Field(None, description="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's).")
     response_format: Literal["b64_json", "url"] = "b64_json"
     strategies: list[str] | None = Field(None, description="mmpersona: the personalization strategies "
                                                            "(default: the server's).")
-    steps: int | None = Field(None, ge=1, description="mmpersona: denoising steps (default: the server's).")
-    seed: int = 0
+    steps: int | None = Field(None, ge=1, le=INT_MAX,
+                              description="mmpersona: denoising steps (default: the server's).")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="The first image's seed; the next ones count up from it.")
     guidance_scale: float = Field(7.5, ge=0, le=50)
 
 
@@ -51,7 +58,7 @@ class ConceptPatch(BaseModel):
     name: str | None = None
     category: str | None = None
     info: str | None = None
-    aliases: list[str] | None = None
+    aliases: list[str] | None = Field(None, max_length=MAX_ALIASES)
     attributes: dict[str, Any] | None = None
 
 
@@ -61,7 +68,7 @@ class SearchRequest(BaseModel):
     image: str | None = Field(None, description="A data URL (data:image/png;base64,...).")
     k: int = Field(5, ge=1, le=50)
     category: str | None = None
-    min_score: float | None = None
+    min_score: float | None = Field(None, allow_inf_nan=False)
 
 
 class EventRequest(BaseModel):

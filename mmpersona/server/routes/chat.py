@@ -52,20 +52,14 @@ async def chat_completions(req: ChatRequest, request: Request, user: str = Depen
             if arrival is not None:
                 arrival.done()
 
-        def pipeline():
-            pipe = chosen(srv, req)
-            if req.seed is not None:
-                _seed(req.seed)
-            return pipe
-
         if not req.stream:
-            answer = await srv.worker.run(lambda: pipeline()(photo, talk.question, user=user, history=talk.history,
+            answer = await srv.worker.run(lambda: chosen(srv, req)(photo, talk.question, user=user, history=talk.history,
                                                              system=talk.system, stop=watch.stop, **options),
                                           user=user, stop=watch.stop)
             return completion(common, base, answer)
 
         def start():
-            stream = pipeline().stream(photo, talk.question, user=user, history=talk.history, system=talk.system,
+            stream = chosen(srv, req).stream(photo, talk.question, user=user, history=talk.history, system=talk.system,
                                        stop=watch.stop, **options)
             return stream, iter(stream)
 
@@ -108,8 +102,6 @@ async def remote_answer(req: ChatRequest, talk: "Conversation", options: dict[st
     if hold is not None:
         hold.release()  # the photo is in the messages now, at the model's input size
     kwargs = {k: v for k, v in options.items() if k != "max_new_tokens"}
-    if req.seed is not None:
-        kwargs["seed"] = req.seed
     max_tokens, remote = options["max_new_tokens"], pipe.vlm.remote
     if not req.stream:
         async with srv.remote.slot():
@@ -331,6 +323,8 @@ def sampling(req: ChatRequest, limits: ServeConfig) -> dict[str, Any]:
     if asked > limits.max_tokens:
         raise ApiError(400, f"max_tokens {asked} is over the limit of {limits.max_tokens}")
     out: dict[str, Any] = {"max_new_tokens": asked}
+    if req.seed is not None:  # else fresh entropy: no request's draws follow from another's (sampling.own_draws)
+        out["seed"] = req.seed
     if req.temperature:
         out.update(do_sample=True, temperature=req.temperature)
         if req.top_p is not None:
@@ -342,10 +336,3 @@ def personal(answer: Any) -> dict[str, Any]:
     """The `mmpersona` field of a chat response: what personalization did."""
     return {"retrieved": [r.to_dict() for r in answer.retrieved], "abstained": answer.abstained,
             "timings": {k: round(v, 3) for k, v in answer.timings.items()}}
-
-
-def _seed(seed: int) -> None:
-    """A request's `seed` for the local VLM: torch's generator (a remote VLM's server gets it in the request)."""
-    import torch
-
-    torch.manual_seed(seed)

@@ -15,7 +15,7 @@ from ..dependencies import Server, server, user_of
 from ..errors import ApiError
 from ..media import data_url_bytes, media_type
 from ..scheduler import Watch
-from ..schemas import ConceptPatch, SearchRequest
+from ..schemas import INT_MAX, ConceptPatch, SearchRequest
 
 router = APIRouter(tags=["concepts"])
 
@@ -27,7 +27,8 @@ async def read_uploads(files: list[UploadFile], limits: ServeConfig) -> list[byt
 
 
 @router.get("/v1/concepts")
-def concepts_list(category: str | None = None, limit: int = Query(100, ge=1), offset: int = Query(0, ge=0),
+def concepts_list(category: str | None = None, limit: int = Query(100, ge=1, le=INT_MAX),
+                  offset: int = Query(0, ge=0, le=INT_MAX),
                   user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
     if limit > srv.limits.max_list:
         raise ApiError(400, f"limit {limit} is over the limit of {srv.limits.max_list}")

@@ -39,6 +39,7 @@ async def images_generations(req: ImageRequest, request: Request, user: str = De
     async with Watch(request) as watch:
         pipe = srv.images.loaded() or await srv.worker.run(srv.images.get, user=user, stop=watch.stop)
         within_budget(pipe, req, steps, width, height, limits)
+        pipe.check_inputs(req.prompt, user, req.n, steps, req.seed, req.strategies)  # the seeds' range too
 
         def job():
             return pipe(req.prompt, user=user, n=req.n, steps=steps, seed=req.seed, guidance_scale=req.guidance_scale,

@@ -14,8 +14,10 @@ router = APIRouter(tags=["service"])
 
 @router.get("/health")
 def health(srv: Server = Depends(server)) -> dict[str, Any]:
-    """Liveness and load: the models' state, the worker queue and the remote lane (no key needed, nothing
-    personal)."""
+    """Liveness (no key needed). Load (the models' state, the worker queue, the remote lane) only when the server
+    runs with `--health-detail`: it tells anyone when other users are busy."""
+    if not srv.limits.health_detail:
+        return {"status": "ok", "version": __version__}
     worker = srv.worker
     return {"status": "ok", "version": __version__,
             "models": {"chat": srv.chat.state, "images": srv.images.state},
