@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING
 
 from .store import ConceptStore
 from .types import (Concept, ConceptDBError, ConceptNotFound, DuplicateConceptError, InvalidConceptError, Match,
-                    StoredTensor, UnknownBackendError, normalize_name)
+                    ProfileChanged, StoredTensor, UnknownBackendError, normalize_name)
 
 if TYPE_CHECKING:
     from .sql import SQLStore
 
 __all__ = ["Concept", "ConceptDBError", "ConceptNotFound", "ConceptStore", "DuplicateConceptError",
-           "InvalidConceptError", "Match", "StoredTensor", "UnknownBackendError", "normalize_name", "open_store"]
+           "InvalidConceptError", "Match", "ProfileChanged", "StoredTensor", "UnknownBackendError", "normalize_name",
+           "open_store"]
 
 BACKENDS = ("sqlite", "postgresql")
 

@@ -128,6 +128,10 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     );
     CREATE INDEX api_keys_owner ON api_keys (owner);
     """),
+    (4, """
+    -- as SQLite's migration 5: bumped whenever an owner's preference profile loses entries
+    CREATE TABLE profile_generations (owner text PRIMARY KEY, generation bigint NOT NULL);
+    """),
 ]
 
 _MIGRATION_LOCK = 7_345_121  # advisory lock key: one process migrates at a time
@@ -225,6 +229,8 @@ class PostgresStore(SQLStore):
 
     _COLLATE = ' COLLATE "C"'
     _FOR_UPDATE = " FOR UPDATE"
+    _HKEY = "('x' || substr({}, 1, 16))::bit(64)::bigint"  # as migration 2 computes it
+    _OWNER_LOCK = "SELECT pg_advisory_xact_lock(7345122, hashtext(?))"  # two-key space: apart from the others
     _NON_ASCII = "handle ~ '[^ -~]'"
     _SELECT = (
         "SELECT c.id, c.owner, c.name, c.category, c.info, c.attributes, c.created, c.updated, c.version, "

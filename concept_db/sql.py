@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from .types import (MAX_ALIASES, PROFILE_KINDS, BulkResult, Concept, ConceptNotFound, DuplicateConceptError,
-                    InvalidConceptError, Match, NewConcept, ProfileEvent, StoredTensor, check_owner, check_text,
-                    content_hash, handle_skeleton, hash_key, normalize_name)
+                    InvalidConceptError, Match, NewConcept, ProfileEvent, Quota, StoredTensor, Usage, check_owner,
+                    check_text, content_hash, handle_skeleton, hash_key, normalize_name)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -57,6 +57,15 @@ class SQLStore:
     #: `{source}`: the concepts table or a subquery of it
     _SELECT: str
 
+    #: an image's hkey (types.hash_key) computed in SQL from a hash column: profile events refer to images by hash
+    _HKEY = "mmp_hash_key({})"
+    #: a statement that makes one owner's writers wait for each other until the transaction ends, so that two
+    #: writes cannot both pass the quota (None: the backend's write lock already serializes every writer)
+    _OWNER_LOCK: str | None = None
+
+    #: per-owner limits on what writes may store (None: none); `ConceptDB(quota=...)` sets it
+    quota: Quota | None = None
+
     _lock: threading.RLock
     _conn: Any
     _depth: int
@@ -93,7 +102,10 @@ class SQLStore:
         """Forget what was cached about writes that a rollback undid."""
 
     def _bump(self, c, owner: str) -> None:
-        """Record that the owner's data changed (backends that cache per owner invalidate here)."""
+        """Record that the owner's data changed: `revision(owner)` moves (backends that cache per owner also
+        invalidate here)."""
+        c.execute("INSERT INTO owner_revisions VALUES (?, 1) ON CONFLICT (owner) DO UPDATE "
+                  "SET revision = owner_revisions.revision + 1", (owner,))
 
     def _committed(self) -> None:
         """Called after each outermost COMMIT (SQLite hands the checkpoint to its own thread here)."""
@@ -362,6 +374,7 @@ class SQLStore:
                     rows["embeddings"] += [(owner, embedder, cid, h, v)
                                            for h, v in zip(p["hashes"], vecs, strict=True)]
                 result.added.append(cid)
+            self._charge(c, owner, images=len(rows["concept_images"]), size=sum(len(r[1]) for r in rows["images"]))
             self._insert(c, "concepts", rows["concepts"])
             self._insert(c, "handles", rows["handles"])
             image_ids = self._store_images(c, rows["images"])
@@ -499,12 +512,47 @@ class SQLStore:
         concept = self.get(owner, concept_id)
         blobs = _image_blobs(images)
         hashed = [(content_hash(data), data) for data in blobs]  # hashed before the lock
+        new = {h: data for h, data in hashed if h not in concept.images}
         with self._tx() as c:
+            self._charge(c, owner, images=len(new), size=sum(map(len, new.values())))
             hashes = self._insert_images(c, concept_id, hashed, start=len(concept.images))
             self._insert_embeddings(c, owner, concept_id, hashes, embeddings)
             c.execute("UPDATE concepts SET updated = ?, version = version + 1 WHERE id = ?", (time.time(), concept_id))
             self._bump(c, owner)
         return self.get(owner, concept_id)
+
+    def usage(self, owner: str) -> Usage:
+        """What `owner` stores, as the quota counts it."""
+        check_owner(owner)
+        with self._lock:
+            return self._usage(self._conn, owner)
+
+    def _usage(self, c, owner: str) -> Usage:
+        images, size = c.execute(
+            "SELECT COUNT(*), COALESCE(SUM(i.size), 0) FROM concepts c JOIN concept_images ci ON ci.concept_id = c.id "
+            "JOIN images i ON i.id = ci.image_id WHERE c.owner = ?", (owner,)).fetchone()
+        (events,) = c.execute("SELECT COUNT(*) FROM profile_events WHERE owner = ?", (owner,)).fetchone()
+        for column in ("image", "other"):
+            (more,) = c.execute(
+                f"SELECT COALESCE(SUM(i.size), 0) FROM profile_events e JOIN images i ON "
+                f"i.hkey = {self._HKEY.format('e.' + column)} AND i.hash = e.{column} "
+                f"WHERE e.owner = ? AND e.{column} IS NOT NULL", (owner,)).fetchone()
+            size += more
+        return Usage(images=int(images), events=int(events), bytes=int(size))
+
+    def check_quota(self, owner: str, *, images: int = 0, events: int = 0, size: int = 0) -> None:
+        """Refuse early (`QuotaExceeded`) what the quota will refuse when it is written (before work is spent on it:
+        the write checks again, in its transaction)."""
+        if self.quota is not None:
+            self.quota.check(owner, self.usage(owner), images=images, events=events, size=size)
+
+    def _charge(self, c, owner: str, *, images: int = 0, events: int = 0, size: int = 0) -> None:
+        """Refuse (`QuotaExceeded`) a write that takes `owner` past the quota, inside its transaction."""
+        if self.quota is None:
+            return
+        if self._OWNER_LOCK is not None:
+            c.execute(self._OWNER_LOCK, (owner,))
+        self.quota.check(owner, self._usage(c, owner), images=images, events=events, size=size)
 
     def revision(self, owner: str) -> int:
         """A number that changes whenever the owner's data does (0 before the first write): what a cache of
@@ -638,6 +686,7 @@ class SQLStore:
         event = ProfileEvent(_restored_id(event_id) or new_id(), owner, kind, prompt, image, other, comment,
                              float(created) if created is not None else time.time())
         with self._tx() as c:
+            self._charge(c, owner, events=1, size=sum(map(len, blobs)))
             self._store_images(c, [(h, b, hash_key(h)) for h, b in zip(hashes, blobs, strict=True)])
             self._insert(c, "profile_events", [(event.id, owner, kind, prompt, event.image, event.other, comment,
                                                 event.created)])

@@ -152,6 +152,11 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     ALTER TABLE concept_images_v4 RENAME TO concept_images;
     CREATE INDEX concept_images_image ON concept_images (image_id);
     """),
+    (5, """
+    -- bumped whenever an owner's preference profile loses entries (an event removed, a reset, an erasure): a
+    -- result derived from the profile is stored only if the generation read with its events is still current
+    CREATE TABLE profile_generations (owner TEXT PRIMARY KEY, generation INTEGER NOT NULL) WITHOUT ROWID;
+    """),
 ]
 
 
@@ -356,8 +361,7 @@ class SQLiteStore(SQLStore):
         return self._conn.execute("PRAGMA data_version").fetchone()[0]
 
     def _bump(self, c: sqlite3.Connection, owner: str) -> None:
-        c.execute("INSERT INTO owner_revisions VALUES (?, 1) ON CONFLICT (owner) DO UPDATE SET revision = revision + 1",
-                  (owner,))
+        super()._bump(c, owner)
         for key in [k for k in self._indexes if k[0] == owner]:
             del self._indexes[key]
 

@@ -40,6 +40,64 @@ class UnknownBackendError(ConceptDBError):
     """A database URL whose scheme no backend handles."""
 
 
+class QuotaExceeded(ConceptDBError):
+    """A write that would take an owner past their quota; nothing of it was stored."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What an owner stores: concept images (links, each counted with its bytes), profile events, and the bytes of
+    both (an image is counted for every owner that stores it, whoever stored it first)."""
+
+    images: int = 0
+    events: int = 0
+    bytes: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"images": self.images, "events": self.events, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per-owner limits on what writes may store (None: no limit). The server and the app set one
+    (`Quota.from_env`); a store opened by the CLI or the Python API has none unless given one."""
+
+    images: int | None = 2_000
+    events: int | None = 10_000
+    bytes: int | None = 2**30
+
+    @classmethod
+    def from_env(cls) -> "Quota":
+        """The defaults, or `MMPERSONA_QUOTA_IMAGES`, `MMPERSONA_QUOTA_EVENTS`, `MMPERSONA_QUOTA_MB` (0: no limit)."""
+        import os
+
+        def read(name: str, default: int | None, scale: int = 1) -> int | None:
+            text = os.environ.get(name, "").strip()
+            if not text:
+                return default
+            try:
+                value = float(text)
+            except ValueError:
+                raise ConceptDBError(f"{name} must be a number (0: no limit), got {text!r}") from None
+            if value < 0:
+                raise ConceptDBError(f"{name} must not be negative, got {text!r}")
+            return int(value * scale) or None
+
+        d = cls()
+        return cls(read("MMPERSONA_QUOTA_IMAGES", d.images), read("MMPERSONA_QUOTA_EVENTS", d.events),
+                   read("MMPERSONA_QUOTA_MB", d.bytes, 2**20))
+
+    def check(self, owner: str, now: Usage, images: int = 0, events: int = 0, size: int = 0) -> None:
+        """Raise `QuotaExceeded` if adding `images`, `events` and `size` bytes to `now` goes past a limit."""
+        mb = lambda n: f"{n / 2**20:.1f} MB"  # noqa: E731
+        for what, have, more, limit, shown in (("concept images", now.images, images, self.images, str),
+                                               ("profile events", now.events, events, self.events, str),
+                                               ("of images", now.bytes, size, self.bytes, mb)):
+            if more and limit is not None and have + more > limit:
+                raise QuotaExceeded(f"user {owner!r} stores {shown(have)} {what} of the {shown(limit)} allowed, "
+                                    f"and this would add {shown(more)}: delete some to make room")
+
+
 class ProfileChanged(ConceptDBError):
     """The preference profile was reset or lost entries after a result was computed from it; nothing was stored."""
 

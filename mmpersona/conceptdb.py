@@ -19,6 +19,7 @@ from .images import ImageInput, load_image_bytes
 
 if TYPE_CHECKING:
     from concept_db import Concept, Match
+    from concept_db.types import Quota
 
     from .embedder import ClipEmbedder
 
@@ -30,15 +31,18 @@ class ConceptDB:
         path: database file path or URL; None for `mmpersona.paths.default_db_path()`.
         embedder: a loaded `ClipEmbedder`, an embedder model id, or None for the preset's.
         preset, device, dtype: passed to `load_embedder` when the embedder is first needed.
+        quota: per-user limits on stored images, events and bytes (`concept_db.types.Quota`; the server and the
+            app use `Quota.from_env()`); None: none.
     """
 
     def __init__(self, path: str | Path | None = None, *, embedder: "ClipEmbedder | str | None" = None,
-                 preset: str = "default", device: Any = "auto", dtype: Any = None):
+                 preset: str = "default", device: Any = "auto", dtype: Any = None, quota: "Quota | None" = None):
         from concept_db import open_store
 
         from .paths import default_db_path
 
         self.store = open_store(path if path is not None else default_db_path())
+        self.store.quota = quota
         self._embedder = embedder if not isinstance(embedder, (str, type(None))) else None
         self._embedder_spec = embedder if isinstance(embedder, str) else None
         self._load_args = {"preset": preset, "device": device, "dtype": dtype}
@@ -68,10 +72,11 @@ class ConceptDB:
 
         from concept_db.types import content_hash
 
-        # refuse corrupt or oversized input before anything is embedded or written
+        # refuse corrupt or oversized input, or input over the user's quota, before anything is embedded or written
         datas = [load_image_bytes(item) for item in images]
         if not datas:
             return [], {}
+        self.store.check_quota(user, images=len(datas), size=sum(map(len, datas)))  # checked again as it is written
         emb = self.embedder
         hashes = [content_hash(d) for d in datas]
         known = self.store.known_vectors(user, emb.name, hashes)

@@ -134,12 +134,19 @@ class PreferenceProfile:
         return {h: v for h, v in data.items() if v.shape == (emb.dim,) and bool(np.isfinite(v).all())}
 
     def _keep_vectors(self) -> None:
-        """Keep the vectors of the images the profile still has (those of removed events are dropped)."""
+        """Keep the vectors of the images the profile still has (those of removed events are dropped); not kept
+        if the profile loses entries meanwhile (a cache: computed again next time)."""
+        from concept_db import ProfileChanged
         from safetensors.numpy import save
 
+        generation = self.db.store.profile_generation(self.user)
         current = {h for e in self.events() for h in (e.image, e.other) if h}
         kept = {h: v for h, v in self._vectors.items() if h in current}
-        self.db.store.put_blob(self.user, PROFILE_VECTORS_BLOB, save(kept), model=self.db.embedder.name)
+        try:
+            self.db.store.put_blob(self.user, PROFILE_VECTORS_BLOB, save(kept), model=self.db.embedder.name,
+                                   profile_generation=generation)
+        except ProfileChanged:
+            pass
 
     def embeddings(self) -> dict[str, "np.ndarray | None"]:
         """Preference embeddings: the normalised mean embedding of liked and of disliked images (None if none)."""
@@ -161,11 +168,13 @@ class PreferenceProfile:
         import hashlib
 
         import numpy as np
+        from concept_db import ProfileChanged
         from safetensors.numpy import load, save
 
         from .user_embedding import RULE, user_embedding
 
         emb = self.db.embedder
+        generation = self.db.store.profile_generation(self.user)  # before the events: see `train_reward`
         events = [e for e in self.events() if e.kind in ("like", "dislike", "pair")]
         key = hashlib.sha256(json.dumps([RULE, emb.name, sorted(e.id for e in events)]).encode()).hexdigest()
         stored = self.db.store.get_blob(self.user, USER_EMBEDDING_BLOB)
@@ -189,23 +198,43 @@ class PreferenceProfile:
                            liked_text=texts[:n_liked_text], disliked_text=texts[n_liked_text:])
         blob = save({"u": u if u is not None else np.zeros(0, np.float32),
                      "key": np.frombuffer(key.encode(), np.uint8).copy()})
-        self.db.store.put_blob(self.user, USER_EMBEDDING_BLOB, blob, model=emb.name)
+        try:  # kept only if every event it was computed from is still there
+            self.db.store.put_blob(self.user, USER_EMBEDDING_BLOB, blob, model=emb.name, profile_generation=generation)
+        except ProfileChanged:
+            pass
         return u
 
     def train_reward(self, *, l2: float = 1e-3, seed: int = 0, store: bool = True) -> RewardModel:
-        """Fit the personal reward model on this profile's pairs, likes and dislikes (and store it)."""
-        pairs = self.events("pair")
+        """Fit the personal reward model on this profile's pairs, likes and dislikes (and store it).
+
+        The model is stored only if the profile lost nothing while it trained: a reset or a removed entry
+        meanwhile raises `concept_db.ProfileChanged` and stores nothing. Entries added meanwhile do not: the model
+        fits the events the training read, all of them still in the profile (the next training adds the new ones).
+        """
+        from concept_db import ConceptNotFound, ProfileChanged
+
+        # read before the events: a removal after this moves it, and the store then refuses the result
+        generation = self.db.store.profile_generation(self.user)
+        events = self.events()
+        pairs, likes, dislikes = ([e for e in events if e.kind == kind] for kind in ("pair", "like", "dislike"))
         emb = self.db.embedder
-        model = train_reward(
-            emb.name,
-            chosen=self.image_vectors([e.image for e in pairs]),
-            rejected=self.image_vectors([e.other for e in pairs]),
-            pair_prompts=emb.embed_texts([e.prompt for e in pairs]) if pairs else None,
-            likes=self.image_vectors([e.image for e in self.events("like")]),
-            dislikes=self.image_vectors([e.image for e in self.events("dislike")]),
-            dim=emb.dim, l2=l2, seed=seed)
-        if store and not model.cold_start:
-            self.db.store.put_blob(self.user, BLOB_NAME, model.to_bytes(), model=emb.name)
+        try:
+            model = train_reward(
+                emb.name,
+                chosen=self.image_vectors([e.image for e in pairs]),
+                rejected=self.image_vectors([e.other for e in pairs]),
+                pair_prompts=emb.embed_texts([e.prompt for e in pairs]) if pairs else None,
+                likes=self.image_vectors([e.image for e in likes]),
+                dislikes=self.image_vectors([e.image for e in dislikes]),
+                dim=emb.dim, l2=l2, seed=seed)
+            if store and not model.cold_start:
+                self.db.store.put_blob(self.user, BLOB_NAME, model.to_bytes(), model=emb.name,
+                                       profile_generation=generation)
+        except (ConceptNotFound, ProfileChanged) as e:  # ConceptNotFound: an image of a removed event, gone
+            if self.db.store.profile_generation(self.user) == generation:
+                raise
+            raise ProfileChanged(f"the preference profile of {self.user!r} was reset or lost entries while the "
+                                 "reward model trained: nothing was stored (train it again)") from e
         return model
 
     def reward(self) -> RewardModel:

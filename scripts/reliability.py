@@ -4,6 +4,7 @@
     python scripts/reliability.py concurrency --db postgresql://... --seconds 60 --readers 4
     python scripts/reliability.py crash --db local-postgres                  # a throwaway local PostgreSQL
     python scripts/reliability.py hostile --db local-postgres                # the hostile-input corpus
+    python scripts/reliability.py hostile --server                           # ... against `mmpersona serve`
 
 `tests/test_reliability.py` runs short versions of both on every backend. Each command ends with one JSON line.
 
@@ -416,7 +417,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["crash", "concurrency", "hostile", "crash-child", "writer-child",
                                             "reader-child", "app-child", "probe-child"])
-    parser.add_argument("--db", required=True, help="path, postgresql:// URL, or local-postgres")
+    parser.add_argument("--db", help="path, postgresql:// URL, or local-postgres (all but hostile --server)")
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--readers", type=int, default=3)
@@ -425,7 +426,18 @@ def main() -> None:
     parser.add_argument("--id", type=int, default=0)
     parser.add_argument("--path", default="-")
     parser.add_argument("--small", action="store_true", help="hostile: small bombs (quick)")
+    parser.add_argument("--server", action="store_true",
+                        help="hostile: the HTTP corpus against a real `mmpersona serve` (scripts/hostile_server.py)")
     args = parser.parse_args()
+    if args.command == "hostile" and args.server:
+        import tempfile
+
+        import hostile_server
+
+        print(json.dumps(hostile_server.run(Path(tempfile.mkdtemp(prefix="mmpersona-hostile-server-")))))
+        return
+    if args.db is None:
+        parser.error("--db is required")
     if args.command == "app-child":
         return app_child(args.prefix, args.path, args.db)
     if args.command == "probe-child":

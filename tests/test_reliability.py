@@ -9,6 +9,7 @@ from safetensors.numpy import save
 
 import scripts
 from concept_db import ConceptNotFound, open_store
+from concept_db.types import Quota, Usage
 
 reliability = scripts.load("reliability")
 
@@ -31,6 +32,16 @@ def test_hostile_corpus_sample(tmp_path, tiny_cache):
     result = reliability.hostile(str(tmp_path / "h.db"), small=True, work=tmp_path / "work", only=sample)
     assert result["cases"] == len(sample) + 1 and result["unexpected"] == []
     assert result["tracebacks"] == 0 and result["cross_user_effects"] == 0 and result["bytes_written_outside"] == 0
+
+
+def test_hostile_server_corpus(tmp_path, tiny_cache):
+    """`scripts/reliability.py hostile --server`, whole: a real `mmpersona serve` on 127.0.0.1, bob's (and
+    keyless clients') hostile requests, and after each one alice's whole view compared with what it was."""
+    hostile_server = scripts.load("hostile_server")
+    result = hostile_server.run(tmp_path / "work")
+    assert result["cases"] >= 30 and result["unexpected"] == [], result
+    assert result["http_500"] == 0 and result["tracebacks"] == 0 and result["path_leaks"] == 0
+    assert result["cross_user_effects"] == 0
 
 
 def vec(seed, dim=8):
@@ -75,6 +86,9 @@ def cross_owner_calls(store, victim):
         "set_embeddings": lambda: store.set_embeddings("mallory", cid, "e", [img], q[None, :]),
         "missing_embeddings": lambda: store.missing_embeddings("mallory", "e"),
         "revision": lambda: store.revision("mallory"),
+        "profile_generation": lambda: store.profile_generation("mallory"),
+        "usage": lambda: store.usage("mallory"),
+        "check_quota": lambda: store.check_quota("mallory", images=1, events=1, size=1),
         "put_tensor": lambda: store.put_tensor("mallory", cid, "x", save({"t": np.ones(1, np.float32)}),
                                                model="m", fingerprint="f"),
         "get_tensor": lambda: store.get_tensor("mallory", cid, "tokens"),
@@ -95,6 +109,7 @@ def cross_owner_calls(store, victim):
 # operations that take no owner, or only write the caller's own data (checked to leave the victim alone below)
 NOT_OWNER_SCOPED = {"add", "add_many", "add_profile_event", "put_blob", "set_setting", "owners",
                     "embedder_dims", "transaction", "optimize", "close", "schema_version", "url",
+                    "quota",  # the per-owner limits: a setting of the store, the same for every owner
                     # the server's API keys (PostgreSQL): found by key id, checked by their hash (test_scheduler)
                     "put_api_key", "api_key", "api_keys", "delete_api_key"}
 
@@ -108,6 +123,7 @@ def store(db_url):
 
 def test_isolation_every_public_operation(store):
     victim = populate(store, "alice")
+    store.quota = Quota(images=1, events=1, bytes=10**9)  # alice is over it; mallory's checks count only his
     calls = cross_owner_calls(store, victim)
     public = {name for name, _ in inspect.getmembers(type(store)) if not name.startswith("_")}
     assert public - NOT_OWNER_SCOPED - set(calls) == set(), "a public operation has no isolation check"
@@ -117,7 +133,7 @@ def test_isolation_every_public_operation(store):
             result = call()
         except ConceptNotFound:
             continue
-        assert result in ([], {}, None, 0, False), f"{name} returned another owner's data: {result!r}"
+        assert result in ([], {}, None, 0, False, Usage()), f"{name} returned another owner's data: {result!r}"
     # writes in mallory's own name, with alice's names, images and keys, stay mallory's
     store.add("mallory", victim.name, aliases=list(victim.aliases), images=[b"alice-img-a"],
               embeddings={"e": vec(0)[None, :]})

@@ -650,3 +650,27 @@ def test_health_tells_nobody_when_others_are_busy(api):
     with in_thread(app) as url:
         assert httpx.get(f"{url}/health").json() == {"status": "ok", "version": __import__("mmpersona").__version__}
     assert set(httpx.get(f"{api.url}/health").json()) >= {"queue", "models", "remote"}  # with the setting
+
+
+def test_a_user_over_their_storage_quota_gets_a_clear_403_and_loses_nothing(api):
+    from concept_db.types import Quota
+
+    store = api.db.store
+    now = store.usage("alice")
+    store.quota = Quota(images=now.images + 1, events=now.events + 1, bytes=None)
+    try:
+        with api.http("alice") as alice, api.http("bob") as bob:
+            files = [("images", (f"{i}.png", png(drawn((i * 40, 90, 90))), "image/png")) for i in range(2)]
+            r = alice.post("/v1/concepts", data={"name": "twins"}, files=files)
+            assert r.status_code == 403 and error_of(r)["code"] == "quota_exceeded", r.text
+            assert "delete some" in error_of(r)["message"] and alice.get("/v1/concepts/twins").status_code == 404
+            assert bob.post("/v1/concepts", data={"name": "twins"}, files=files).status_code == 201  # his own
+            like = {"kind": "like", "image": data_url(MAM)}
+            assert alice.post("/v1/profile/events", json=like).status_code in (200, 201)
+            r = alice.post("/v1/profile/events", json=like)
+            assert r.status_code == 403 and error_of(r)["type"] == "insufficient_quota"
+            assert store.usage("alice").events == now.events + 1
+    finally:
+        store.quota = None
+        with api.http("bob") as bob:
+            bob.delete("/v1/concepts/twins")

@@ -526,3 +526,52 @@ def test_postgres_reconnects_between_transactions(pg_url):
     assert store.get("alice", c.id) == c  # ...and the next one reconnects
     assert store.search("alice", vecs(2)[0], embedder="e")[0].concept.id == c.id
     store.close()
+
+
+def test_quota_refuses_what_goes_past_it_and_stores_nothing_of_it(store):
+    """No storage quota let one user fill the disk. Concept images, profile events and their bytes are counted
+    per owner (an image stored by another owner too is still counted for each), checked in the write's
+    transaction; a refused write stores nothing, and deleting makes room."""
+    from concept_db.types import Quota, QuotaExceeded
+
+    store.quota = Quota(images=3, events=2, bytes=10_000)
+    bo = add(store, "alice", "bo", n_images=2)
+    shared = b"s" * 100
+    store.add("bob", "copy", images=[shared], embeddings={"e": vecs(1)})
+    before = store.usage("alice")
+    with pytest.raises(QuotaExceeded, match="concept images"):
+        add(store, "alice", "mam", n_images=2)
+    with pytest.raises(QuotaExceeded, match="concept images"):
+        store.add_images("alice", bo.id, [b"x", b"y"], embeddings={"e": vecs(2)})
+    assert store.usage("alice") == before and [c.name for c in store.list("alice")] == ["bo"]
+    c = store.add("alice", "one", images=[shared], embeddings={"e": vecs(1)})  # bob's copy changes nothing
+    assert store.usage("alice").images == 3 and store.usage("alice").bytes == before.bytes + 100
+    store.add_profile_event("alice", "like", images=[b"l" * 50])
+    store.add_profile_event("alice", "prompt", prompt="a dog")
+    with pytest.raises(QuotaExceeded, match="profile events"):
+        store.add_profile_event("alice", "like", images=[b"m" * 50])
+    assert len(store.profile_events("alice")) == 2 and store.usage("alice").bytes == before.bytes + 150
+    store.add_profile_event("bob", "like", images=[b"m" * 50])  # bob has his own quota
+    with pytest.raises(QuotaExceeded, match="MB"):
+        store.add("bob", "big", images=[b"b" * 10_000], embeddings={"e": vecs(1)})
+    store.delete("alice", c.id)
+    add(store, "alice", "mam", n_images=1)  # deleting made room
+    assert_consistent(store)
+    store.quota = None
+    add(store, "alice", "free", n_images=5)
+
+
+def test_revision_moves_with_every_write_on_every_backend(store):
+    """PostgreSQL's revision stayed 0 (only SQLite recorded writes), so a cache keyed by it (the retriever's
+    instance vectors) never saw a new concept there."""
+    assert store.revision("alice") == 0
+    c = add(store, "alice", "bo")
+    seen = [store.revision("alice")]
+    store.update("alice", c.id, info="edited")
+    seen.append(store.revision("alice"))
+    store.add_profile_event("alice", "like", images=[b"l"])
+    seen.append(store.revision("alice"))
+    store.delete("alice", c.id)
+    seen.append(store.revision("alice"))
+    assert seen[0] > 0 and seen == sorted(set(seen)), seen
+    assert store.revision("bob") == 0  # another owner's writes move only theirs

@@ -23,3 +23,4 @@ TASTE_PROMPTS = [
 TASTE_GOAL = 8  # choices the progress counts towards (PPD personalizes from as few as four)
 TRAIN_EVERY = 4  # choices between two background trainings of the reward model
 PROFILE_SHOWN = 100  # profile entries listed (the newest), each with its thumbnails and remove button
+OPEN_PAIRS = 32  # taste pairs a user has been shown and not answered, remembered (each is answered once)

@@ -4,6 +4,7 @@ and every action of the tabs as a method that takes the user first, so each is s
 from __future__ import annotations
 
 import logging
+import secrets
 import tempfile
 import threading
 from collections import OrderedDict
@@ -11,11 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from .config import (MAX_HISTORY_CHARS, MAX_HISTORY_TURNS, MAX_IMAGES_PER_ADD, MAX_MESSAGE_CHARS, MAX_PROMPT_CHARS,
-                     MAX_QUESTION_CHARS, PROFILE_SHOWN, SINGLE_USER, TASTE_GOAL, TASTE_PROMPTS, THUMB_SIZE,
+                     MAX_QUESTION_CHARS, OPEN_PAIRS, PROFILE_SHOWN, SINGLE_USER, TASTE_GOAL, TASTE_PROMPTS, THUMB_SIZE,
                      TRAIN_EVERY)
 from .render import boxes_html, cards_html, data_uri, grid_html, image_uri, png_bytes
 
 logger = logging.getLogger("mmpersona.app")
+
+
+class Refused(ValueError):
+    """A request refused as expected (a taste pair answered already): the user gets the message, and the log no
+    traceback."""
 
 
 class App:
@@ -23,10 +29,12 @@ class App:
 
     def __init__(self, preset: str = "tiny", db_path: str | Path | None = None, device: str = "auto",
                  multi_user: bool = False):
+        from concept_db.types import Quota
         from mmpersona import ConceptDB
 
         self.preset, self.device, self.multi_user = preset, device, multi_user
-        self.db = ConceptDB(db_path, preset=preset, device=device)
+        # many users share it: each stores at most the quota (MMPERSONA_QUOTA_IMAGES / _EVENTS / _MB)
+        self.db = ConceptDB(db_path, preset=preset, device=device, quota=Quota.from_env() if multi_user else None)
         self._vlm_pipe = None
         self._region_pipe = None
         self._t2i_pipe = None
@@ -37,6 +45,9 @@ class App:
         self.steps = 20 if preset == "default" else 4  # generation steps the app's own pairs use
         self._training: dict[str, str] = {}  # user -> the reward model's training status, shown on the page
         self._train_lock = threading.Lock()
+        # user -> ids of the taste pairs shown and not yet answered (each answered once), the newest OPEN_PAIRS
+        self._open_pairs: dict[str, OrderedDict[str, None]] = {}
+        self._pairs_lock = threading.Lock()
 
     def user(self, request: Any) -> str:
         name = getattr(request, "username", None) if request is not None else None
@@ -210,7 +221,8 @@ class App:
 
     def taste_pair(self, user: str, prompts: str, step: int) -> dict[str, Any]:
         """The onboarding's next pair: two images of one prompt (the user's prompts, one per line, or the built-in
-        set), made without personalization from two seeds. Kept in the page's session state as PNG bytes."""
+        set), made without personalization from two seeds. Kept in the page's session state as PNG bytes, with an
+        id: the pair can be answered once (`answer_pair`)."""
         own = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
         if any(len(p) > MAX_PROMPT_CHARS for p in own):
             raise ValueError(f"a prompt is over the limit of {MAX_PROMPT_CHARS} characters")
@@ -219,13 +231,34 @@ class App:
         pipe = self.t2i_pipe
         with self._t2i_lock:
             result = pipe(prompt, user=user, n=2, steps=self.steps, seed=1000 + 2 * step, strategies=[])
-        return {"prompt": prompt, "images": [png_bytes(img) for img in result.images], "step": step}
+        pair_id = secrets.token_urlsafe(12)
+        with self._pairs_lock:
+            shown = self._open_pairs.setdefault(user, OrderedDict())
+            shown[pair_id] = None
+            while len(shown) > OPEN_PAIRS:  # only this user's own newer pairs forget their older ones
+                shown.popitem(last=False)
+        return {"prompt": prompt, "images": [png_bytes(img) for img in result.images], "step": step, "id": pair_id}
 
-    def taste_choose(self, user: str, pair: dict | None, which: str, comment: str) -> str:
-        """Store the choice between the pair's images (`A` or `B`) as a pair event; every TRAIN_EVERY choices
-        the reward model trains again in the background."""
+    def answer_pair(self, user: str, pair: dict | None) -> None:
+        """Mark a pair of `taste_pair` answered (chosen or skipped), or refuse it (`Refused`) if it was answered
+        already: clicks at the same moment store one answer, not several, nor both ways. A pair without an id
+        (made by the caller, not by `taste_pair`) is the caller's to answer."""
         if not pair or len(pair.get("images", [])) != 2:
             raise ValueError("start the onboarding first: there is no pair to choose from")
+        if "id" not in pair:
+            return
+        with self._pairs_lock:
+            shown = self._open_pairs.get(user, {})
+            if pair["id"] not in shown:
+                raise Refused("this pair is answered already: answer the pair shown now, or ask for a new one")
+            del shown[pair["id"]]
+
+    def taste_choose(self, user: str, pair: dict | None, which: str, comment: str) -> str:
+        """Store the choice between the pair's images (`A` or `B`) as a pair event, once per pair (`answer_pair`);
+        every TRAIN_EVERY choices the reward model trains again in the background."""
+        if which not in ("A", "B"):
+            raise ValueError(f"the choice must be 'A' or 'B', got {which!r}")
+        self.answer_pair(user, pair)
         a, b = pair["images"]
         chosen, rejected = (a, b) if which == "A" else (b, a)
         profile = self.profile(user)
@@ -253,11 +286,7 @@ class App:
 
         def run() -> None:
             try:
-                model = self.profile(user).train_reward()
-                acc = model.held_out_accuracy
-                text = ("reward model: no data yet" if model.cold_start else
-                        f"reward model trained on {model.pairs} choice(s), {model.likes} like(s), {model.dislikes} "
-                        f"dislike(s); held-out accuracy: {f'{acc:.2f}' if acc is not None else 'n/a (too few)'}")
+                text = self.train_reward(user)
             except Exception as e:  # noqa: BLE001 - shown on the page, and logged
                 logger.exception("reward training for %s failed", user)
                 text = f"reward model training failed: {e}"
@@ -265,6 +294,22 @@ class App:
                 self._training[user] = text
 
         threading.Thread(target=run, name=f"reward-{user}", daemon=True).start()
+
+    def train_reward(self, user: str) -> str:
+        """Train the user's reward model now (the Train button, and each background training); returns what
+        happened, for the page. A profile reset, or an entry removed, while it trains: nothing is stored, and
+        the text says so (`PreferenceProfile.train_reward`'s rule)."""
+        from concept_db import ProfileChanged
+
+        try:
+            model = self.profile(user).train_reward()
+        except ProfileChanged:
+            return ("reward model not stored: your profile was reset or lost entries while it trained, so "
+                    "nothing was stored; train it again")
+        acc = model.held_out_accuracy
+        return ("reward model: no data yet, it stays neutral" if model.cold_start else
+                f"reward model trained on {model.pairs} choice(s), {model.likes} like(s), {model.dislikes} "
+                f"dislike(s); held-out accuracy: {f'{acc:.2f}' if acc is not None else 'n/a (too few)'}")
 
     def training_status(self, user: str) -> str:
         with self._train_lock:

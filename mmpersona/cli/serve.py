@@ -70,7 +70,10 @@ def serve(
 
     s = settings(ctx)
     load = {"preset": s.preset, "device": s.device, "dtype": s.dtype}
-    db = ConceptDB(s.db, embedder=s.overrides.get("embedder"), **load)
+    from concept_db.types import Quota
+
+    # many users share it: each stores at most the quota (MMPERSONA_QUOTA_IMAGES / _EVENTS / _MB)
+    db = ConceptDB(s.db, embedder=s.overrides.get("embedder"), quota=Quota.from_env(), **load)
     store = open_keys(s.db, keys, store=db.store)
     if not store.list():
         typer.echo(f"note: no API keys in {store.path} yet: create one with `mmpersona keys create --user NAME`",

@@ -34,7 +34,7 @@ def error_body(message: str, type: str, code: str | None) -> dict[str, Any]:
 
 def as_api_error(exc: BaseException) -> ApiError:
     """Our exceptions as HTTP errors: the message is the library's own (written for the user)."""
-    from concept_db.types import ConceptNotFound, DuplicateConceptError
+    from concept_db.types import ConceptNotFound, DuplicateConceptError, QuotaExceeded
 
     from ..cancel import Cancelled
     from ..errors import ModelUnavailableError
@@ -45,6 +45,8 @@ def as_api_error(exc: BaseException) -> ApiError:
         return ApiError(429, str(exc), "server_busy", "queue_full", {"Retry-After": str(exc.retry_after)})
     if isinstance(exc, ConceptNotFound):
         return ApiError(404, str(exc.args[0]) if exc.args else "not found", "not_found_error", "not_found")
+    if isinstance(exc, QuotaExceeded):  # not a 429: waiting does not help, deleting does
+        return ApiError(403, str(exc), "insufficient_quota", "quota_exceeded")
     if isinstance(exc, DuplicateConceptError):
         return ApiError(409, str(exc), "conflict_error", "conflict")
     if isinstance(exc, Cancelled):  # nobody is listening; 499 as nginx logs a client that closed its request

@@ -106,12 +106,7 @@ def profile_tab(gr, app: App, guarded, demo, profile_tick) -> None:
     @guarded
     def train(request: gr.Request, progress=gr.Progress()):
         progress(0, desc="training the reward model")
-        model = app.profile(app.user(request)).train_reward()
-        if model.cold_start:
-            return "no preferences yet: the reward model stays neutral"
-        acc = model.held_out_accuracy
-        return (f"reward model trained on {model.pairs} choices, {model.likes} likes, {model.dislikes} "
-                f"dislikes; held-out accuracy: {acc if acc is not None else 'n/a (too few examples)'}")
+        return app.train_reward(app.user(request))  # a reset during the training stores nothing, and says so
 
     @guarded
     def load_attrs(request: gr.Request):

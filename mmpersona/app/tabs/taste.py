@@ -61,8 +61,7 @@ def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
     @guarded
     def skip(prompts, current, request: gr.Request, progress=gr.Progress()):
         user = app.user(request)
-        if not current:
-            raise ValueError("start the onboarding first")
+        app.answer_pair(user, current)  # a skip answers the pair too: once
         progress(0, desc="generating the next pair")
         p = app.taste_pair(user, prompts, current["step"] + 1)
         return (p, *show(p), app.taste_progress(user), "skipped")

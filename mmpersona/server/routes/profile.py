@@ -7,6 +7,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
+from concept_db import ProfileChanged
+
 from ...images import encoded_pixels
 from ..dependencies import Server, server, user_of
 from ..errors import ApiError
@@ -81,8 +83,16 @@ def attributes_edit(body: AttributesBody, user: str = Depends(user_of),
 
 @router.post("/v1/profile/reward")
 async def reward_train(user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
-    """Train your reward model on your pairs, likes and dislikes (it reranks your images)."""
-    return (await srv.worker.run(lambda: profile(srv, user).train_reward(), user=user)).summary()
+    """Train your reward model on your pairs, likes and dislikes (it reranks your images).
+
+    If your profile is reset, or loses an entry, while the model trains, nothing is stored and the answer is
+    409 with code `profile_changed`: train again. Entries added meanwhile do not count as a change: the model
+    returned (and stored) fits the entries the training read, and the next training adds the new ones."""
+    try:
+        model = await srv.worker.run(lambda: profile(srv, user).train_reward(), user=user)
+    except ProfileChanged as e:
+        raise ApiError(409, str(e), "conflict_error", "profile_changed") from e
+    return model.summary()
 
 
 @router.delete("/v1/profile")
