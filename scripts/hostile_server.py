@@ -1,12 +1,19 @@
-"""The hostile corpus against a real `mmpersona serve` (tiny preset) on 127.0.0.1: `reliability.py hostile --server`.
+"""The hostile corpus against a real `mmpersona serve` and a real multi-user app (tiny preset) on 127.0.0.1:
+`reliability.py hostile --server`.
 
 Users "alice" and "bob" get keys; alice registers two concepts and a profile. Each case is what bob (or a client
 with no key, or a bad one) sends; then alice looks at everything she has (greedy and seeded answers, search by
 text and photo, her concepts, profile and events, the pixels of a seeded generation), which must be what she saw
 before the corpus ran. Per case: the statuses (a 5xx is a failure; a refusal must be a 4xx with OpenAI's error
 body, naming no path of the server's), new tracebacks in the server's log, and the cross-user effect. The
-server's peak memory is read from the kernel (VmHWM) at the end. One JSON line: `cases`, `clean_errors`,
-`accepted`, `http_500`, `tracebacks`, `cross_user_effects`, `peak_rss_mb`, `unexpected`.
+server's peak memory is read from the kernel (VmHWM) at the end.
+
+The app (`gradio_app.py --auth-file`, alice and bob logged in) gets its own cases: deep links, routes the app
+does not use, someone else's files, guessing alice's password from another address, an upload flood past the
+budget. Its cross-user check: alice still logs in from her address and her stored data is as it was.
+
+One JSON line: `cases`, `clean_errors`, `accepted`, `http_500`, `tracebacks`, `cross_user_effects`,
+`peak_rss_mb` (the larger of the two processes'), `path_leaks`, `unexpected`.
 """
 
 from __future__ import annotations
@@ -234,14 +241,127 @@ class _Raw:
 
 
 def classify(responses: list, server_paths: list[str]) -> tuple[str, list[int], bool]:
+    """The outcome of a case's responses, their statuses, and whether one names a path of the server's that the
+    request did not name itself (an echo of the client's own input is no leak)."""
+    from urllib.parse import unquote
+
+    def leaks_in(r) -> bool:
+        request = getattr(r, "_request", None) or getattr(r, "request", None)
+        asked = unquote(str(request.url)) if request is not None else ""
+        return any(p in r.text and p not in asked for p in server_paths)
+
     statuses = [r.status_code for r in responses]
-    leaks = any(p in r.text for r in responses for p in server_paths)
+    leaks = any(leaks_in(r) for r in responses)
     if any(s >= 500 and s != 503 for s in statuses):
         return "http_500", statuses, leaks
     refused = [s for s in statuses if 400 <= s < 500 or s in (0, 503)]
     if refused and len(refused) == len(statuses):
         return "refused", statuses, leaks
     return ("accepted" if not refused else "mixed"), statuses, leaks
+
+
+def start_app(work: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str, Path]:
+    import httpx
+
+    port = free_port()
+    log = work / "app.log"
+    (work / "logins.txt").write_text("alice:pw-alice\nbob:pw-bob\n")
+    env = {**os.environ, **extra_env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "gradio_app.py"), "--preset", "tiny", "--device", "cpu",
+                             "--db", str(work / "app.db"), "--auth-file", str(work / "logins.txt"), "--port", str(port)],
+                            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=work)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the app exited: {log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(f"{url}/config", timeout=1).status_code in (200, 401):
+                return proc, url, log
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("the app did not come up in 300 s")
+        time.sleep(0.5)
+
+
+def app_cases(url: str, work: Path) -> list[tuple[str, Callable, str]]:
+    """(name, send(bob, anon) -> responses, expected): bob logged in, anon not."""
+    import httpx
+
+    def guess(bob, anon):  # from another address: only that address is slowed and refused
+        with httpx.Client(base_url=url, timeout=60, transport=httpx.HTTPTransport(local_address="127.0.0.2")) as c:
+            return [c.post("/login", data={"username": "alice", "password": f"guess{i}"}) for i in range(7)]
+
+    def flood(bob, anon):
+        return [bob.post("/gradio_api/upload", files={"files": (f"f{i}.bin", os.urandom(300_000), "image/png")})
+                for i in range(6)]  # 1.8 MB against a budget of 1 MB an hour
+
+    return [
+        ("app-deep-link-route", lambda b, a: [b.get("/gradio_api/deep_link", params={"session_hash": "x" * 11})],
+         "refused"),
+        ("app-deep-link-param", lambda b, a: [b.get("/", params={"deep_link": "abc"})], "refused"),
+        ("app-unused-routes", lambda b, a: [b.get("/gradio_api/monitoring"), b.get("/gradio_api/dev/reload"),
+                                            b.get("/gradio_api/no-such-route")], "refused"),
+        ("app-no-login", lambda b, a: [a.get("/gradio_api/queue/data", params={"session_hash": "s"}),
+                                       a.post("/gradio_api/upload", files={"files": ("x.png", _png(9), "image/png")})],
+         "refused"),
+        ("app-files-of-nobody", lambda b, a: [b.get(f"/gradio_api/file={work / 'logins.txt'}"),
+                                              b.get("/gradio_api/file=/etc/passwd")], "refused"),
+        ("app-guess-alice", guess, "refused"),
+        ("app-upload-flood", flood, "mixed"),
+    ]
+
+
+def run_app(work: Path, only: set[str] | None = None) -> tuple[list[dict], float]:
+    import httpx
+
+    sys.path.insert(0, str(ROOT))
+    from concept_db import open_store
+    from concept_db.migrate import summarize
+
+    work.mkdir(parents=True, exist_ok=True)
+    proc, url, log = start_app(work, {**QUOTA, "MMPERSONA_QUOTA_UPLOAD_MB": "1"})
+    results = []
+    try:
+        def login(user: str, password: str) -> httpx.Client:
+            client = httpx.Client(base_url=url, timeout=120)
+            r = client.post("/login", data={"username": user, "password": password})
+            assert r.status_code == 200, r.text
+            return client
+
+        # alice's data, stored as the app stores it, then the view she must keep: she logs in, and it is unchanged
+        store = open_store(str(work / "app.db"))
+        store.add("alice", "cat", images=[_png(1)])
+        store.add_profile_event("alice", "like", images=[_png(7)])
+
+        def alice_view():
+            with httpx.Client(base_url=url, timeout=60) as c:
+                status = c.post("/login", data={"username": "alice", "password": "pw-alice"}).status_code
+            return status, summarize(store, "alice")
+
+        baseline = alice_view()
+        bob, anon = login("bob", "pw-bob"), httpx.Client(base_url=url, timeout=60)
+        paths = [str(work), str(ROOT)]
+        for name, send, expected in app_cases(url, work):
+            if only and name not in only:
+                continue
+            seen = len(log.read_bytes())
+            try:
+                outcome, statuses, leaks = classify(send(bob, anon), paths)
+            except httpx.HTTPError as e:
+                outcome, statuses, leaks = "http_500", [repr(e)[:100]], False
+            time.sleep(0.05)
+            new_log = log.read_bytes()[seen:].decode(errors="replace")
+            results.append({"case": name, "expected": expected, "outcome": outcome, "statuses": statuses,
+                            "traceback": "Traceback" in new_log, "leaks_path": leaks,
+                            "cross_user_effect": alice_view() != baseline})
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        store.close()
+        return results, peak_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def run(work: Path, *, only: set[str] | None = None) -> dict:
@@ -289,6 +409,9 @@ def run(work: Path, *, only: set[str] | None = None) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    app_results, app_rss = run_app(work / "app", only)
+    results += app_results
+    rss = max(rss, app_rss)
     return {"test": "hostile-server", "cases": len(results),
             "clean_errors": sum(r["outcome"] == "refused" and not r["leaks_path"] for r in results),
             "accepted": sum(r["outcome"] in ("accepted", "mixed") for r in results),

@@ -473,8 +473,8 @@ class SessionGuard:
             if not self.upload_budget.admits(user, declared):
                 spent, most = self.upload_budget.spent(user), self.upload_budget.limit
                 return await self._refuse(scope, receive, send, 413,
-                                          f"you uploaded {spent / 2**20:.0f} MB in the last hour, and this would go "
-                                          f"past the {most / 2**20:.0f} MB an hour allowed: try again later")
+                                          f"you uploaded {spent / 2**20:.1f} MB in the last hour, and this would go "
+                                          f"past the {most / 2**20:.1f} MB an hour allowed: try again later")
             return await self.app(scope, self._counted(receive, user),
                                   self._recording(send, user, self._record_uploads))
         session = params.get("session_hash") or query.get("session_hash", [None])[0]
