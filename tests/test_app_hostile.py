@@ -6,7 +6,6 @@ import json
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pytest
 from PIL import Image
@@ -250,38 +249,54 @@ def test_a_pair_is_answered_once_however_fast_the_clicks(tmp_path):
 
 
 def test_a_second_answer_through_gradio_is_refused_without_a_traceback(server, capfd):
-    """Ten clicks on one pair at the same moment, A and B, through Gradio's routes (/run runs them at once): one
-    choice stored, nine clear refusals, no traceback in the server's output. The answered click's next pair
-    waits until nine others have been answered, so all ten see the same pair."""
+    """Ten clicks on one pair at the same moment, A and B, through Gradio's queue as the page sends them (one
+    session, each with the id of the pair the page showed): one choice stored, nine clear refusals, no traceback
+    in the server's output. The queue runs them one after another, so each later click finds the next pair in
+    the session: it is refused because its user never saw that pair."""
+    import json
+
     url, demo = server
     app = demo.mmpersona_app
     pipe = _Pipe()
     real, app._t2i_pipe = app._t2i_pipe, pipe
     try:
         alice = logged_in(url, "alice", "pw-a")
-        first = alice.post("/gradio_api/run/taste_pair", json={"data": ["", None], "session_hash": "alice-taste"})
-        assert first.status_code == 200, first.text
+        run_in_session(alice, "taste_pair", ["", None], "alice-taste")
+        shown = next(iter(app._open_pairs["alice"]))  # the id the page now shows (and sends with each click)
         capfd.readouterr()
         before = len(app.db.store.profile_events("alice", "pair"))
-        pipe.gate = threading.Event()
-
-        def click(name):
-            return alice.post(f"/gradio_api/run/{name}", json={"data": ["", None, "", None],
-                                                                "session_hash": "alice-taste"})
-
-        answers = []
-        with ThreadPoolExecutor(10) as pool:
-            for done in as_completed([pool.submit(click, name) for name in ["taste_choose_a", "taste_choose_b"] * 5]):
-                answers.append(done.result())
-                if len(answers) == 9:
-                    pipe.gate.set()
+        answers: dict[str, dict] = {}
+        with alice.stream("GET", "/gradio_api/queue/data", params={"session_hash": "alice-taste"}) as stream:
+            for name in ["taste_choose_a", "taste_choose_b"] * 5:
+                joined = alice.post("/gradio_api/queue/join", json={
+                    "data": ["", None, shown, "", None], "fn_index": fn_index(alice, name),
+                    "session_hash": "alice-taste"})
+                assert joined.status_code == 200, joined.text
+            for line in stream.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                message = json.loads(line.removeprefix("data:"))
+                if message.get("msg") == "process_completed":
+                    answers[message["event_id"]] = message
+                    if len(answers) == 10:
+                        break
         pairs = app.db.store.profile_events("alice", "pair")
-        assert len(pairs) == before + 1 and sum(a.status_code == 200 for a in answers) == 1
-        refused = [a for a in answers if a.status_code != 200]
-        assert len(refused) == 9 and all("answered already" in a.json()["error"] for a in refused)
+        assert len(pairs) == before + 1 and sum(a["success"] for a in answers.values()) == 1, answers
+        refused = [a for a in answers.values() if not a["success"]]
+        assert len(refused) == 9 and all("answered already" in json.dumps(a["output"]) for a in refused), refused
         assert "Traceback" not in "".join(capfd.readouterr())
     finally:
         app._t2i_pipe = real
+
+
+def test_events_outside_gradios_queue_are_off(server):
+    """/run and /api ran an event at once, outside the queue's concurrency limits: one client could run any
+    number of generations together. They are off; the queued REST API (call/) runs the same functions."""
+    url, _ = server
+    alice = logged_in(url, "alice", "pw-a")
+    for route in ("/gradio_api/run/taste_pair", "/gradio_api/api/taste_pair"):
+        r = alice.post(route, json={"data": ["", None], "session_hash": "alice-run"})
+        assert r.status_code == 404, (route, r.text)
 
 
 # ---------------------------------------------------------------------------------------------- 10: floods

@@ -133,9 +133,13 @@ ROUTES: tuple[Rule, ...] = (
     Rule("/gradio_api/cancel", _POST, BODY, "cancels an event of the user's own session"),
     *_rules(_slash("/gradio_api/component_server"), _POST, BODY,
             "a component's server function, on the user's own session's state"),
-    *_rules([*_slash("/gradio_api/api/{api_name}"), *_slash("/gradio_api/run/{api_name}"),
-             *_slash("/gradio_api/call/{api_name}"), *_slash("/gradio_api/call/v2/{api_name}")], _POST, BODY,
-            "runs an event on the user's own files (and session, when it names one)"),
+    *_rules([*_slash("/gradio_api/call/{api_name}"), *_slash("/gradio_api/call/v2/{api_name}")], _POST, BODY,
+            "queues an event (Gradio's queue and its concurrency limits) on the user's own files (and session, "
+            "when it names one)"),
+    *_rules([*_slash("/gradio_api/api/{api_name}"), *_slash("/gradio_api/run/{api_name}")], _POST, OFF,
+            "runs an event at once, outside Gradio's queue and its concurrency limits, so one client could run any "
+            "number of generations together and stall everyone; the page, gradio_client and the REST API "
+            "(call/) queue theirs"),
     *_rules(["/gradio_api/stream/{event_id}", "/gradio_api/stream/{event_id}/close"], _POST, BODY,
             "streams input into (or closes) an event the user started"),
 )

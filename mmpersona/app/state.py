@@ -239,26 +239,30 @@ class App:
                 shown.popitem(last=False)
         return {"prompt": prompt, "images": [png_bytes(img) for img in result.images], "step": step, "id": pair_id}
 
-    def answer_pair(self, user: str, pair: dict | None) -> None:
+    def answer_pair(self, user: str, pair: dict | None, shown: str | None = None) -> None:
         """Mark a pair of `taste_pair` answered (chosen or skipped), or refuse it (`Refused`) if it was answered
-        already: clicks at the same moment store one answer, not several, nor both ways. A pair without an id
-        (made by the caller, not by `taste_pair`) is the caller's to answer."""
+        already: clicks at the same moment store one answer, not several, nor both ways. `shown`: the id of the
+        pair the page showed when the click was made; a click is refused when the session has moved on to another
+        pair meanwhile (a click queued behind an earlier one would otherwise answer a pair nobody saw yet). A
+        pair without an id (made by the caller, not by `taste_pair`) is the caller's to answer."""
         if not pair or len(pair.get("images", [])) != 2:
             raise ValueError("start the onboarding first: there is no pair to choose from")
         if "id" not in pair:
             return
+        if shown is not None and shown != pair["id"]:
+            raise Refused("this pair is answered already: answer the pair shown now, or ask for a new one")
         with self._pairs_lock:
             shown = self._open_pairs.get(user, {})
             if pair["id"] not in shown:
                 raise Refused("this pair is answered already: answer the pair shown now, or ask for a new one")
             del shown[pair["id"]]
 
-    def taste_choose(self, user: str, pair: dict | None, which: str, comment: str) -> str:
+    def taste_choose(self, user: str, pair: dict | None, which: str, comment: str, shown: str | None = None) -> str:
         """Store the choice between the pair's images (`A` or `B`) as a pair event, once per pair (`answer_pair`);
         every TRAIN_EVERY choices the reward model trains again in the background."""
         if which not in ("A", "B"):
             raise ValueError(f"the choice must be 'A' or 'B', got {which!r}")
-        self.answer_pair(user, pair)
+        self.answer_pair(user, pair, shown)
         a, b = pair["images"]
         chosen, rejected = (a, b) if which == "A" else (b, a)
         profile = self.profile(user)

@@ -11,6 +11,8 @@ def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
     """Onboarding: the app shows pairs of images it generates, the user picks A or B (or skips), with an optional
     comment; each choice is a pair event; the reward model trains in the background every few choices."""
     pair = gr.State(None)
+    # the id of the pair the page shows, sent back with a click: a click answers the pair its user saw
+    pair_id = gr.Textbox(visible=False, elem_id="taste-pair-id")
     gr.Markdown("Pick the image you like better in each pair. Every choice goes into your profile; after every "
                 f"{TRAIN_EVERY} choices your personal reward model trains in the background.")
     t_prompts = gr.Textbox(label="Your own prompts (optional, one per line)", lines=2, elem_id="taste-prompts")
@@ -30,7 +32,7 @@ def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
     timer = gr.Timer(1.5, active=False)
 
     def show(p):
-        return (f"**{html.escape(p['prompt'])}**", cards_html([(image_uri_bytes(p["images"][0]), "A")], empty=""),
+        return (p.get("id", ""), f"**{html.escape(p['prompt'])}**", cards_html([(image_uri_bytes(p["images"][0]), "A")], empty=""),
                 cards_html([(image_uri_bytes(p["images"][1]), "B")], empty=""))
 
     @guarded
@@ -41,9 +43,9 @@ def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
         p = app.taste_pair(user, prompts, step)
         return (p, *show(p), app.taste_progress(user), "")
 
-    def choose(which, prompts, current, comment, count, request, progress):
+    def choose(which, prompts, current, seen, comment, count, request, progress):
         user = app.user(request)
-        msg = app.taste_choose(user, current, which, comment)
+        msg = app.taste_choose(user, current, which, comment, shown=seen or None)
         training = app.training_status(user).startswith("training")
         progress(0, desc="generating the next pair")
         p = app.taste_pair(user, prompts, current["step"] + 1)
@@ -51,17 +53,17 @@ def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
                 gr.Timer(active=training))
 
     @guarded
-    def choose_a(prompts, current, comment, count, request: gr.Request, progress=gr.Progress()):
-        return choose("A", prompts, current, comment, count, request, progress)
+    def choose_a(prompts, current, seen, comment, count, request: gr.Request, progress=gr.Progress()):
+        return choose("A", prompts, current, seen, comment, count, request, progress)
 
     @guarded
-    def choose_b(prompts, current, comment, count, request: gr.Request, progress=gr.Progress()):
-        return choose("B", prompts, current, comment, count, request, progress)
+    def choose_b(prompts, current, seen, comment, count, request: gr.Request, progress=gr.Progress()):
+        return choose("B", prompts, current, seen, comment, count, request, progress)
 
     @guarded
-    def skip(prompts, current, request: gr.Request, progress=gr.Progress()):
+    def skip(prompts, current, seen, request: gr.Request, progress=gr.Progress()):
         user = app.user(request)
-        app.answer_pair(user, current)  # a skip answers the pair too: once
+        app.answer_pair(user, current, seen or None)  # a skip answers the pair too: once
         progress(0, desc="generating the next pair")
         p = app.taste_pair(user, prompts, current["step"] + 1)
         return (p, *show(p), app.taste_progress(user), "skipped")
@@ -76,12 +78,14 @@ def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
         user = app.user(request)
         return app.taste_progress(user), app.training_status(user)
 
-    shown = [pair, t_prompt, t_a, t_b, t_progress]
+    shown = [pair, pair_id, t_prompt, t_a, t_b, t_progress]
     t2i = {"concurrency_id": "t2i", "concurrency_limit": 1}  # each makes the next pair: the generation queue
     start_btn.click(next_pair, [t_prompts, pair], [*shown, t_status], api_name="taste_pair", **t2i)
     chosen = [*shown, t_status, t_comment, profile_tick, t_reward, timer]
-    a_btn.click(choose_a, [t_prompts, pair, t_comment, profile_tick], chosen, api_name="taste_choose_a", **t2i)
-    b_btn.click(choose_b, [t_prompts, pair, t_comment, profile_tick], chosen, api_name="taste_choose_b", **t2i)
-    skip_btn.click(skip, [t_prompts, pair], [*shown, t_status], api_name="taste_skip", **t2i)
+    a_btn.click(choose_a, [t_prompts, pair, pair_id, t_comment, profile_tick], chosen, api_name="taste_choose_a",
+                **t2i)
+    b_btn.click(choose_b, [t_prompts, pair, pair_id, t_comment, profile_tick], chosen, api_name="taste_choose_b",
+                **t2i)
+    skip_btn.click(skip, [t_prompts, pair, pair_id], [*shown, t_status], api_name="taste_skip", **t2i)
     timer.tick(poll, None, [t_reward, timer], api_visibility="private")
     demo.load(load, None, [t_progress, t_reward], api_visibility="private")
