@@ -219,7 +219,9 @@ def test_a_phone_photo_costs_at_most_the_visual_budget(concept_db, tiny_cache, m
 
     vlm = load_vlm("tiny:qwen2.5-vl", device="cpu")
     real_max = published.config("Qwen/Qwen2.5-VL-3B-Instruct", "preprocessor_config.json")["max_pixels"]
-    patches = vlm.processor.image_processor.get_number_of_image_patches(3000, 4000, {"max_pixels": real_max})
+    ip = vlm.processor.image_processor
+    patches = ip.get_number_of_image_patches(3000, 4000, {"size": {"longest_edge": real_max,
+                                                                   "shortest_edge": ip.size["shortest_edge"]}})
     assert patches // 4 == 15301  # what the checkpoint's own limit would cost
     photo = Image.new("RGB", (4000, 3000), (90, 120, 150))
     assert 900 < vlm.visual_tokens(photo) <= 1024
