@@ -36,7 +36,8 @@ QUOTA = {"MMPERSONA_QUOTA_IMAGES": "12", "MMPERSONA_QUOTA_EVENTS": "12", "MMPERS
 
 
 def _png(seed: int, size: int = 48) -> bytes:
-    sys.path.insert(0, str(ROOT / "scripts"))
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
     import hostile_corpus
 
     return hostile_corpus.png(seed, size)
@@ -83,29 +84,36 @@ def raw(url: str, request: bytes, timeout: float = 10) -> bytes:
     return out
 
 
-def start(work: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str, Path]:
+def launch(argv: list[str], work: Path, extra_env: dict[str, str], log_name: str, probe: str,
+           up: Callable[[int], bool], what: str) -> tuple[subprocess.Popen, Path]:
+    """Start `argv` (the tiny preset, one OpenMP thread) with its output in `work/log_name`, and wait until `probe`
+    answers a status that `up` accepts; exits naming `what` if it dies or takes over 300 s."""
     import httpx
 
-    port = free_port()
-    log = work / "server.log"
+    log = work / log_name
     env = {**os.environ, **extra_env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmpersona", "--preset", "tiny", "--device", "cpu", "--db", str(work / "c.db"),
-         "serve", "--port", str(port), "--keys", str(work / "keys.json")], env=env, stdout=log.open("wb"),
-        stderr=subprocess.STDOUT, cwd=work)
-    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=work)
     deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {log.read_text(errors='replace')[-3000:]}")
+            raise SystemExit(f"the {what} exited: {log.read_text(errors='replace')[-3000:]}")
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url, log
+            if up(httpx.get(probe, timeout=1).status_code):
+                return proc, log
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            raise SystemExit("the server did not come up in 300 s")
+            raise SystemExit(f"the {what} did not come up in 300 s")
         time.sleep(0.5)
+
+
+def start(work: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc, log = launch([sys.executable, "-m", "mmpersona", "--preset", "tiny", "--device", "cpu", "--db",
+                        str(work / "c.db"), "serve", "--port", str(port), "--keys", str(work / "keys.json")],
+                       work, extra_env, "server.log", f"{url}/health", lambda status: status == 200, "server")
+    return proc, url, log
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -261,28 +269,13 @@ def classify(responses: list, server_paths: list[str]) -> tuple[str, list[int], 
 
 
 def start_app(work: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str, Path]:
-    import httpx
-
     port = free_port()
-    log = work / "app.log"
-    (work / "logins.txt").write_text("alice:pw-alice\nbob:pw-bob\n")
-    env = {**os.environ, **extra_env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "gradio_app.py"), "--preset", "tiny", "--device", "cpu",
-                             "--db", str(work / "app.db"), "--auth-file", str(work / "logins.txt"), "--port", str(port)],
-                            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=work)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the app exited: {log.read_text(errors='replace')[-3000:]}")
-        try:
-            if httpx.get(f"{url}/config", timeout=1).status_code in (200, 401):
-                return proc, url, log
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit("the app did not come up in 300 s")
-        time.sleep(0.5)
+    (work / "logins.txt").write_text("alice:pw-alice\nbob:pw-bob\n")
+    proc, log = launch([sys.executable, str(ROOT / "gradio_app.py"), "--preset", "tiny", "--device", "cpu", "--db",
+                        str(work / "app.db"), "--auth-file", str(work / "logins.txt"), "--port", str(port)],
+                       work, extra_env, "app.log", f"{url}/config", lambda status: status in (200, 401), "app")
+    return proc, url, log
 
 
 def app_cases(url: str, work: Path) -> list[tuple[str, Callable, str]]:
@@ -313,6 +306,31 @@ def app_cases(url: str, work: Path) -> list[tuple[str, Callable, str]]:
     ]
 
 
+def run_cases(cases: list[tuple[str, Callable, str]], bob, anon, log: Path, view: Callable[[], Any],
+              paths: list[str], only: set[str] | None) -> list[dict]:
+    """Each case as bob (and anon) sends it: its outcome, the tracebacks it left in the process's `log`, whether
+    a response names one of `paths`, and whether alice's `view` is still what it was before the first case."""
+    import httpx
+
+    baseline = view()
+    results = []
+    for name, send, expected in cases:
+        if only and name not in only:
+            continue
+        seen = len(log.read_bytes())
+        try:
+            outcome, statuses, leaks = classify(send(bob, anon), paths)
+        except httpx.HTTPError as e:  # the server dropped the connection: as bad as a 500
+            outcome, statuses, leaks = "http_500", [repr(e)[:100]], False
+        time.sleep(0.05)
+        new_log = log.read_bytes()[seen:].decode(errors="replace")
+        results.append({"case": name, "expected": expected, "outcome": outcome, "statuses": statuses,
+                        "traceback": "Traceback" in new_log, "leaks_path": leaks,
+                        "cross_user_effect": view() != baseline})
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    return results
+
+
 def run_app(work: Path, only: set[str] | None = None) -> tuple[list[dict], float]:
     import httpx
 
@@ -322,7 +340,6 @@ def run_app(work: Path, only: set[str] | None = None) -> tuple[list[dict], float
 
     work.mkdir(parents=True, exist_ok=True)
     proc, url, log = start_app(work, {**QUOTA, "MMPERSONA_QUOTA_UPLOAD_MB": "1"})
-    results = []
     try:
         def login(user: str, password: str) -> httpx.Client:
             client = httpx.Client(base_url=url, timeout=120)
@@ -340,23 +357,8 @@ def run_app(work: Path, only: set[str] | None = None) -> tuple[list[dict], float
                 status = c.post("/login", data={"username": "alice", "password": "pw-alice"}).status_code
             return status, summarize(store, "alice")
 
-        baseline = alice_view()
         bob, anon = login("bob", "pw-bob"), httpx.Client(base_url=url, timeout=60)
-        paths = [str(work), str(ROOT)]
-        for name, send, expected in app_cases(url, work):
-            if only and name not in only:
-                continue
-            seen = len(log.read_bytes())
-            try:
-                outcome, statuses, leaks = classify(send(bob, anon), paths)
-            except httpx.HTTPError as e:
-                outcome, statuses, leaks = "http_500", [repr(e)[:100]], False
-            time.sleep(0.05)
-            new_log = log.read_bytes()[seen:].decode(errors="replace")
-            results.append({"case": name, "expected": expected, "outcome": outcome, "statuses": statuses,
-                            "traceback": "Traceback" in new_log, "leaks_path": leaks,
-                            "cross_user_effect": alice_view() != baseline})
-            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        results = run_cases(app_cases(url, work), bob, anon, log, alice_view, [str(work), str(ROOT)], only)
         store.close()
         return results, peak_rss_mb(proc.pid)
     finally:
@@ -387,24 +389,8 @@ def run(work: Path, *, only: set[str] | None = None) -> dict:
             ids[name] = r.json()["id"]
         alice.post("/v1/profile/events", json={"kind": "like", "image": data_url(_png(7))})
         photo = data_url(_png(1))
-        baseline = alice_view(alice, photo)
-        paths = [str(work), str(keys_path), str(ROOT)]
-        results = []
-        for name, send, expected in cases(url, work, keys_path, ids):
-            if only and name not in only:
-                continue
-            seen = len(log.read_bytes())
-            try:
-                responses = send(bob, anon)
-                outcome, statuses, leaks = classify(responses, paths)
-            except httpx.HTTPError as e:  # the server dropped the connection: as bad as a 500
-                outcome, statuses, leaks = "http_500", [repr(e)[:100]], False
-            time.sleep(0.05)
-            new_log = log.read_bytes()[seen:].decode(errors="replace")
-            effect = alice_view(alice, photo) != baseline
-            results.append({"case": name, "expected": expected, "outcome": outcome, "statuses": statuses,
-                            "traceback": "Traceback" in new_log, "leaks_path": leaks, "cross_user_effect": effect})
-            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        results = run_cases(cases(url, work, keys_path, ids), bob, anon, log, lambda: alice_view(alice, photo),
+                            [str(work), str(keys_path), str(ROOT)], only)
         rss = peak_rss_mb(proc.pid)
     finally:
         proc.terminate()

@@ -3,24 +3,19 @@ lock-outs, taste pairs answered twice, and a flood of ids that would evict anoth
 
 import asyncio
 import json
-import socket
 import threading
 import time
 
 import pytest
 from PIL import Image
 
+from servers import free_port
+
 gr = pytest.importorskip("gradio", reason="the app extra is not installed")
 httpx = pytest.importorskip("httpx")
 
 PROXY = "127.0.0.5"  # the one trusted reverse proxy of the test server
 DELAY = 0.1  # the test server's answer delay after a wrong password
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,15 @@
 """The Gradio app through gradio_client: each tab's main action, two users, concurrent requests."""
 
-import socket
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
+from servers import free_port
+
 gr = pytest.importorskip("gradio", reason="the app extra is not installed")
 gradio_client = pytest.importorskip("gradio_client")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
