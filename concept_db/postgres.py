@@ -250,6 +250,7 @@ class PostgresStore(SQLStore):
         self._depth = 0
         self._partitions: set[str] = set()
         self._dims: dict[str, int] = {}
+        self._usage_known, self._usage_after = {}, {}
 
         def connect(migrated: bool = True) -> Any:
             try:

@@ -65,6 +65,11 @@ class SQLStore:
 
     #: per-owner limits on what writes may store (None: none); `ConceptDB(quota=...)` sets it
     quota: Quota | None = None
+    #: owner -> (revision, usage at that revision), as this store's own quota checks left it: the next check of
+    #: the owner reads one revision instead of counting every row (`_charge`); another writer's commit, or a
+    #: rollback, moves the revision away from it and the usage is counted again
+    _usage_known: dict[str, tuple[int, Usage]]
+    _usage_after: dict[str, Usage]  # owner -> usage once the write in progress lands (set by `_charge`)
 
     _lock: threading.RLock
     _conn: Any
@@ -106,6 +111,9 @@ class SQLStore:
         invalidate here)."""
         c.execute("INSERT INTO owner_revisions VALUES (?, 1) ON CONFLICT (owner) DO UPDATE "
                   "SET revision = owner_revisions.revision + 1", (owner,))
+        after = self._usage_after.pop(owner, None)
+        if after is not None:  # a quota check counted this write: its usage is known at the new revision
+            self._usage_known[owner] = (self._revision(c, owner), after)
 
     def _committed(self) -> None:
         """Called after each outermost COMMIT (SQLite hands the checkpoint to its own thread here)."""
@@ -134,9 +142,11 @@ class SQLStore:
                 else:
                     self._conn.execute("ROLLBACK")
                 self._rolled_back()
+                self._usage_known.clear()  # revisions the rollback undid may be reached again
                 raise
             finally:
                 self._depth -= 1
+                self._usage_after.clear()
             self._conn.execute("RELEASE w" if nested else "COMMIT")
             if not nested:
                 self._committed()
@@ -544,21 +554,36 @@ class SQLStore:
         """Refuse early (`QuotaExceeded`) what the quota will refuse when it is written (before work is spent on it:
         the write checks again, in its transaction)."""
         if self.quota is not None:
-            self.quota.check(owner, self.usage(owner), images=images, events=events, size=size)
+            with self._lock:
+                now = self._current_usage(self._conn, owner)
+            self.quota.check(owner, now, images=images, events=events, size=size)
+
+    def _current_usage(self, c, owner: str) -> Usage:
+        """The owner's usage: as this store's last quota check left it while the revision is still the one it
+        left, else counted."""
+        known = self._usage_known.get(owner)
+        return known[1] if known is not None and known[0] == self._revision(c, owner) else self._usage(c, owner)
 
     def _charge(self, c, owner: str, *, images: int = 0, events: int = 0, size: int = 0) -> None:
-        """Refuse (`QuotaExceeded`) a write that takes `owner` past the quota, inside its transaction."""
+        """Refuse (`QuotaExceeded`) a write that takes `owner` past the quota, inside its transaction; the usage
+        once it lands is kept for the next check (`_bump` files it under the new revision)."""
         if self.quota is None:
             return
         if self._OWNER_LOCK is not None:
             c.execute(self._OWNER_LOCK, (owner,))
-        self.quota.check(owner, self._usage(c, owner), images=images, events=events, size=size)
+        now = self._current_usage(c, owner)
+        self.quota.check(owner, now, images=images, events=events, size=size)
+        self._usage_after[owner] = Usage(now.images + images, now.events + events, now.bytes + size)
 
     def revision(self, owner: str) -> int:
         """A number that changes whenever the owner's data does (0 before the first write): what a cache of
         anything derived from the owner's concepts compares against."""
         check_owner(owner)
-        row = self._conn.execute("SELECT revision FROM owner_revisions WHERE owner = ?", (owner,)).fetchone()
+        return self._revision(self._conn, owner)
+
+    @staticmethod
+    def _revision(c, owner: str) -> int:
+        row = c.execute("SELECT revision FROM owner_revisions WHERE owner = ?", (owner,)).fetchone()
         return int(row[0]) if row else 0
 
     def remove_image(self, owner: str, concept_id: str, image_hash: str) -> Concept:

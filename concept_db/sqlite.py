@@ -271,6 +271,7 @@ class SQLiteStore(SQLStore):
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._usage_known, self._usage_after = {}, {}
         # every statement runs under the store's lock and is fully fetched before the lock is released, so one
         # store can serve many threads (the app's workers) through its single connection
         raw = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
