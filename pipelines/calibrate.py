@@ -32,6 +32,7 @@ class Calibration:
     positives: int
     negatives: int
     reached: bool  # False when no threshold reaches the target (the strictest one is returned)
+    face: "dict[str, Any] | None" = None  # the face threshold's own calibration (`face=` given), same fields
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,8 +65,62 @@ def choose_threshold(scored: Sequence[tuple[float, bool]], n_positive: int, targ
 
 
 def calibrate(db: "ConceptDB", user: str, positives: dict[str, Sequence["ImageInput"]],
-              negatives: Sequence["ImageInput"], *, target_precision: float = 0.9, store: bool = True) -> Calibration:
-    """Score held-out images, choose the threshold, and (by default) save it as the user's setting."""
+              negatives: Sequence["ImageInput"], *, target_precision: float = 0.9, store: bool = True,
+              face: Any = None) -> Calibration:
+    """Score held-out images, choose the threshold, and (by default) save it as the user's setting.
+
+    `face` (a `FaceModel`): the face threshold too, from the same images: each face found in a positive image is
+    scored by its best match among the user's person concepts (correct when that is the image's concept), each
+    face in a negative image by its best match (never correct); the lowest face threshold at the target
+    precision is stored as the user's `FACE_THRESHOLD_SETTING` (`Calibration.face`)."""
+    result = _calibrate_clip(db, user, positives, negatives, target_precision)
+    if face is not None:
+        result.face = _calibrate_face(db, user, positives, negatives, target_precision, face)
+    if store:
+        db.store.set_setting(user, THRESHOLD_SETTING, result.threshold)
+        if result.face is not None:
+            from .retrieval import FACE_THRESHOLD_SETTING
+
+            db.store.set_setting(user, FACE_THRESHOLD_SETTING, result.face["threshold"])
+    return result
+
+
+def _calibrate_face(db: "ConceptDB", user: str, positives: dict[str, Sequence["ImageInput"]],
+                    negatives: Sequence["ImageInput"], target: float, face: Any) -> "dict[str, Any] | None":
+    from .retrieval import Retriever
+
+    people = Retriever(db, face=face).people(user)
+    if not people:
+        return None
+
+    def best(image: "ImageInput") -> list[tuple[float, str]]:
+        out = []
+        for f in face.detect(image):
+            hits = [m for m in db.store.search(user, f.vector, embedder=face.name, k=max(4, len(people)))
+                    if m.concept.id in people]
+            if hits:
+                out.append((hits[0].score, hits[0].concept.id))
+        return out
+
+    scored: list[tuple[float, bool]] = []
+    n_pos = 0
+    for name, images in positives.items():
+        concept = db.resolve(user, name)
+        for image in images:
+            for score, cid in best(image):
+                n_pos += concept.id in people
+                scored.append((score, cid == concept.id))
+    for image in negatives:
+        scored += [(score, False) for score, _ in best(image)]
+    if not scored:
+        return None
+    threshold, precision, recall, reached = choose_threshold(scored, n_pos, target)
+    return {"threshold": threshold, "precision": precision, "recall": recall, "faces": len(scored),
+            "reached": reached}
+
+
+def _calibrate_clip(db: "ConceptDB", user: str, positives: dict[str, Sequence["ImageInput"]],
+                    negatives: Sequence["ImageInput"], target_precision: float) -> Calibration:
     scored: list[tuple[float, bool]] = []
     n_pos = 0
     for name, images in positives.items():
@@ -84,10 +139,7 @@ def calibrate(db: "ConceptDB", user: str, positives: dict[str, Sequence["ImageIn
             if hits:
                 scored.append((hits[0].score, False))
     threshold, precision, recall, reached = choose_threshold(scored, n_pos, target_precision)
-    result = Calibration(threshold, precision, recall, target_precision, n_pos, len(negatives), reached)
-    if store:
-        db.store.set_setting(user, THRESHOLD_SETTING, threshold)
-    return result
+    return Calibration(threshold, precision, recall, target_precision, n_pos, len(negatives), reached)
 
 
 def images_in(folder: str | Path) -> list[Path]:

@@ -1,11 +1,20 @@
 """Which of a user's concepts a question and an image are about: typed results, no prompt text.
 
-Three sources, each a method of its own:
+Four sources, each a method of its own:
 - mentions: `<name>`, the bare name or an alias written in the question (every turn of a chat);
 - the whole image, embedded and searched in the user's concepts;
 - regions: boxes from an open-vocabulary detector prompted with the categories in the user's database, each
-  crop embedded and searched.
+  crop embedded and searched;
+- faces: each face found in the photo matched against the faces in the user's reference images (`by_faces`).
 `merge` de-duplicates by concept (not by image), keeping each concept's best evidence.
+
+How face evidence is fused with CLIP and the instance embedder (README "Person concepts"): CLIP and the instance
+embedder are fused into one score (`fused`); face scores are on a scale of their own and are not mixed into it.
+A face hit needs the face threshold (calibrated per user), and then outranks image and region hits (an identity
+match, where CLIP sees "a person"). When the photo has faces, a person concept (one with a face in its reference
+images) is found by its face or not at all: CLIP and instance hits of person concepts are dropped, so a stranger
+is not taken for the user's friend because both are people. A detected region holding a face takes the face's
+concept (one face per region) and is not assigned again.
 """
 
 from __future__ import annotations
@@ -22,21 +31,25 @@ if TYPE_CHECKING:
 
     from concept_db import Concept
     from mmpersona.conceptdb import ConceptDB
+    from mmpersona.face import Face, FaceModel
     from mmpersona.instance import InstanceEmbedder
     from mmpersona.models import Detector
     from mmpersona.models.loaders import Detection
 
 MENTION = re.compile(r"<([^<>\n]{1,64})>")
 WORD = re.compile(r"[\w][\w'\-]*", re.UNICODE)
-SOURCES = ("mention", "image", "region")
+SOURCES = ("mention", "face", "image", "region")
+#: The user's setting that holds their calibrated face threshold (cosine of unit face vectors).
+FACE_THRESHOLD_SETTING = "retrieval_face_min_score"
 
 
 @dataclass(frozen=True)
 class RetrievedConcept:
     """One retrieved concept and the evidence for it.
 
-    `score` is a cosine similarity for image and region hits, and 1.0 for a mention. `box` is the region
-    `(x0, y0, x1, y1)` for region hits; `image` the content hash of the reference image that matched.
+    `score` is a cosine similarity for image, region and face hits (faces: of face vectors), and 1.0 for a
+    mention. `box` is the region `(x0, y0, x1, y1)` for region hits, the face's for face hits; `image` the
+    content hash of the reference image that matched.
     """
 
     concept: "Concept"
@@ -76,7 +89,8 @@ class Retriever:
 
     def __init__(self, db: "ConceptDB", detector: "Detector | None" = None, *,
                  detector_threshold: float | None = None, max_regions: int = 8,
-                 instance: "InstanceEmbedder | None" = None, instance_weight: float = 0.5):
+                 instance: "InstanceEmbedder | None" = None, instance_weight: float = 0.5,
+                 face: "FaceModel | None" = None, face_threshold: float | None = None):
         self.db = db
         self.detector = detector
         self.detector_threshold = detector_threshold
@@ -85,9 +99,13 @@ class Retriever:
         if not 0.0 <= instance_weight <= 1.0:
             raise InvalidConceptError(f"instance_weight must lie in [0, 1], got {instance_weight}")
         self.instance_weight = instance_weight
+        self.face = face
+        self.face_threshold = face_threshold  # None: the user's calibrated one, else the face model's default
         self._vectors: OrderedDict[tuple, Any] = OrderedDict()  # see image_vector
         # (user, instance embedder) -> the store revision at which all the user's images had its vectors
         self._indexed: dict[tuple[str, str], int] = {}
+        # (user, face model) -> (revision, ids of the concepts with a face in their reference images)
+        self._people: dict[tuple[str, str], tuple[int, frozenset[str]]] = {}
 
     def image_vector(self, image: "Image.Image") -> Any:
         """The embedder's vector of a whole image, remembered for the last 256 images by their pixels: the
@@ -131,17 +149,79 @@ class Retriever:
     def instance_vectors(self, images: list["Image.Image"]) -> Any:
         return self.instance.embed_images(images)
 
-    def ensure_instance_vectors(self, user: str) -> int:
-        """Give every reference image of the user an instance vector (lazily: once per change of the user's
-        data, one listing when nothing is missing); returns how many were computed."""
+    def ensure_instance_vectors(self, user: str, embedder: Any = None) -> int:
+        """Give every reference image of the user an instance vector (or `embedder`'s: the face model's) lazily:
+        once per change of the user's data, one listing when nothing is missing; returns how many were
+        computed."""
         from mmpersona.instance import ensure_vectors
 
-        key = (user, self.instance.name)
+        embedder = embedder or self.instance
+        key = (user, embedder.name)
         if self._indexed.get(key) == self.db.store.revision(user):
             return 0
-        done = ensure_vectors(self.db, user, self.instance)
+        done = ensure_vectors(self.db, user, embedder)
         self._indexed[key] = self.db.store.revision(user)
         return done
+
+    # ------------------------------------------------------------------ faces
+
+    def people(self, user: str) -> frozenset[str]:
+        """Ids of the user's concepts with a face in at least one reference image (person concepts)."""
+        from mmpersona.face import is_face
+
+        self.ensure_instance_vectors(user, self.face)
+        key = (user, self.face.name)
+        revision = self.db.store.revision(user)
+        known = self._people.get(key)
+        if known is None or known[0] != revision:
+            ids, _, vectors = self.db.store.owner_vectors(user, self.face.name)
+            known = (revision, frozenset(c for c, v in zip(ids, vectors, strict=True) if is_face(v)))
+            self._people[key] = known
+        return known[1]
+
+    def user_face_threshold(self, user: str) -> float:
+        if self.face_threshold is not None:
+            return self.face_threshold
+        stored = self.db.store.get_setting(user, FACE_THRESHOLD_SETTING)
+        return float(stored) if stored is not None else self.face.default_threshold
+
+    def faces(self, image: "Image.Image") -> list["Face"]:
+        """The faces in `image` (each with its vector), largest first."""
+        return self.face.detect(image)
+
+    def by_faces(self, user: str, image: "Image.Image", *, faces: "list[Face] | None" = None,
+                 min_score: float | None = None) -> list[RetrievedConcept]:
+        """Each face in the photo matched against the user's reference faces: (face, concept) pairs at or above
+        the face threshold (`min_score`, else the user's calibrated one, else the face model's default), taken
+        one-to-one, best first, so that a group photo's faces become different people."""
+        if self.face is None:
+            raise InvalidConceptError("face retrieval needs a face model (pass one, or faces=False)")
+        faces = self.faces(image) if faces is None else faces
+        if not faces:
+            return []
+        people = self.people(user)
+        if not people:
+            return []
+        threshold = self.user_face_threshold(user) if min_score is None else min_score
+        k = max(4, 2 * len(faces))
+        pairs = sorted(((m.score, i, m) for i, f in enumerate(faces)
+                        for m in self.db.store.search(user, f.vector, embedder=self.face.name, k=k,
+                                                      min_score=threshold)
+                        if m.concept.id in people),
+                       key=lambda t: (-t[0], t[1]))
+        out, used_faces, used_concepts = [], set(), set()
+        for score, i, m in pairs:
+            if i in used_faces or m.concept.id in used_concepts:
+                continue
+            used_faces.add(i)
+            used_concepts.add(m.concept.id)
+            out.append(RetrievedConcept(m.concept, score, "face", faces[i].box, m.image))
+        return out
+
+    def without_people(self, user: str, hits: list[RetrievedConcept]) -> list[RetrievedConcept]:
+        """`hits` less the person concepts: used when the photo has faces (then a person is found by face)."""
+        people = self.people(user)
+        return [r for r in hits if r.concept.id not in people]
 
     def fused(self, user: str, clip_vector: Any, instance_vector: Any, k: int,
               min_score: float | None) -> list[tuple[Any, float]]:
@@ -186,14 +266,20 @@ class Retriever:
         return detections
 
     def by_regions(self, user: str, image: "Image.Image", *, k: int = 3, min_score: float | None = None,
-                   assign: bool = False, merge_iou: float = 0.5) -> list[RetrievedConcept]:
+                   assign: bool = False, merge_iou: float = 0.5,
+                   taken: "list[RetrievedConcept] | None" = None) -> list[RetrievedConcept]:
         """Detect regions of the user's categories, embed each crop in one batch, search each.
 
         `assign`: one concept per region and one region per concept, so that four people in a photo become four
         concepts, not the best match four times. Overlapping boxes are merged first (`merge_iou`); then the
         (region, concept) pairs are taken greedily by score, best first, each region and each concept at most
-        once. Without it, each region contributes its `k` best concepts (and `merge` keeps a concept's best)."""
+        once. Without it, each region contributes its `k` best concepts (and `merge` keeps a concept's best).
+
+        `taken`: face hits already assigned; with `assign`, a region holding one of those faces (its centre) is
+        that face's concept's region and takes no other, and those concepts are not assigned to another region."""
         detections = self.regions(user, image, merge_iou=merge_iou if assign else None)
+        if assign and taken:
+            detections = [d for d in detections if not any(_holds(d.box, r.box) for r in taken)]
         if not detections:
             return []
         crops = [image.crop(d.box) for d in detections]
@@ -212,7 +298,7 @@ class Retriever:
                     for det, matches in zip(detections, hits, strict=True) for m, score in matches]
         pairs = sorted(((score, i, m) for i, matches in enumerate(hits) for m, score in matches),
                        key=lambda t: (-t[0], t[1]))
-        out, regions_used, concepts_used = [], set(), set()
+        out, regions_used, concepts_used = [], set(), {r.concept.id for r in taken or ()}
         for score, i, m in pairs:
             if i in regions_used or m.concept.id in concepts_used:
                 continue
@@ -221,9 +307,27 @@ class Retriever:
             out.append(RetrievedConcept(m.concept, score, "region", detections[i].box, m.image))
         return out
 
+    def retrieve(self, user: str, text: str, image: "Image.Image | None", *, k: int = 3,
+                 min_score: float | None = None, regions: bool = False,
+                 assign: bool = False) -> list[RetrievedConcept]:
+        """Every source the retriever has, merged by concept: what a question (`text`) about `image` is about.
+        `min_score` is the CLIP (or fused) threshold; faces use the face threshold (`user_face_threshold`)."""
+        groups = [self.by_mention(user, text)]
+        if image is not None:
+            faces = self.faces(image) if self.face is not None else []
+            found = self.by_faces(user, image, faces=faces) if faces else []
+            visual = [self.by_image(user, image, k=k, min_score=min_score)]
+            if regions:
+                visual.append(self.by_regions(user, image, k=k, min_score=min_score, assign=assign, taken=found))
+            if faces:  # a person in a photo with faces is found by face or not at all (module docs)
+                visual = [self.without_people(user, hits) for hits in visual]
+            groups += [found, *visual]
+        return self.merge(*groups)
+
     @staticmethod
     def merge(*groups: list[RetrievedConcept]) -> list[RetrievedConcept]:
-        """One entry per concept: mentions first, then by best score. A concept found in a region keeps that
+        """One entry per concept: mentions first, then face matches, then by best score. A concept found in a
+        region keeps that
         region's box even when other evidence (a mention, the whole image) ranks higher: where it is."""
         best: dict[str, RetrievedConcept] = {}
         region: dict[str, RetrievedConcept] = {}  # each concept's best region hit
@@ -248,5 +352,14 @@ def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def _holds(region: tuple[int, int, int, int], face: tuple[int, int, int, int] | None) -> bool:
+    """Whether the centre of `face` lies inside `region`."""
+    if face is None:
+        return False
+    cx, cy = (face[0] + face[2]) / 2, (face[1] + face[3]) / 2
+    return region[0] <= cx <= region[2] and region[1] <= cy <= region[3]
+
+
 def _rank(r: RetrievedConcept) -> tuple[int, float]:
-    return (1 if r.source == "mention" else 0, r.score)
+    """Mentions first, then face matches (identity evidence above the face threshold), then by score."""
+    return (2 if r.source == "mention" else 1 if r.source == "face" else 0, r.score)

