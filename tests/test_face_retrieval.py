@@ -127,3 +127,14 @@ def test_face_vectors_are_one_per_reference_image_and_erased_with_the_user(db, f
     assert sum(v[-1] < 0.5 for v in vectors) == 1  # Eileen's photo has a face, the cat's and the cup's none
     db.store.erase_owner("alice")
     assert db.store.owner_vectors("alice", face.name)[0] == []
+
+
+def test_no_face_is_searched_for_a_user_without_person_concepts(db, face, photos, mobilenet, monkeypatch):
+    db.add("bob", "<mug>", [photos["coffee"]], category="cup")
+    retriever = Retriever(db, face=face)
+    calls = []
+    monkeypatch.setattr(face, "detect", lambda image, **kw: calls.append(image) or [])
+    hits = retriever.retrieve("bob", "", photos["astronaut"], k=1)
+    assert calls == [] and [h.source for h in hits] == ["image"]
+    retriever.retrieve("alice", "", photos["astronaut"], k=1)  # alice has a person concept: her photo is searched
+    assert len(calls) == 1
