@@ -35,6 +35,8 @@ def main() -> None:
                         help="comma-separated addresses or networks of the reverse proxies in front of the app, whose "
                              "X-Forwarded-For names the client (default: env MMPERSONA_TRUSTED_PROXIES, else none: "
                              "the client is the socket's peer); the login throttle counts per client")
+    parser.add_argument("--face", action="store_true",
+                        help='chat also finds person concepts by face (dlib: pip install "mmpersona[face]")')
     parser.add_argument("--device", default="auto")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
@@ -47,7 +49,7 @@ def main() -> None:
     except ValueError as e:
         parser.error(f"--trusted-proxies: {e}")
     logins = read_logins(args.auth_file) if args.auth_file else {}
-    demo = build_app(args.preset, args.db, multi_user=bool(logins), device=args.device)
+    demo = build_app(args.preset, args.db, multi_user=bool(logins), device=args.device, face=args.face)
     launch(demo, logins=logins, trusted_proxies=[str(p) for p in proxies], server_name=args.host,
            server_port=args.port)
 

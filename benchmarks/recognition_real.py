@@ -176,14 +176,15 @@ def faces(rows: list[Row], root: Path, per_person: int) -> dict:
             hits = row.found(user, image, k=len(people), min_score=-1.0 if row.face_only else None)
             right += bool(hits) and hits[0].concept.id == ids[name]
         # verification: every query against every person's reference, from the stored vectors
-        embedder = row.retriever.face if row.face_only else row.db.embedder
-        if row.face_only:
+        # the face rows verify with face vectors (for people, the fusion rule decides by face)
+        embedder = row.retriever.face or row.db.embedder
+        if embedder is row.retriever.face:
             row.retriever.ensure_instance_vectors(user, embedder)
-        ids, _, refs = row.db.store.owner_vectors(user, embedder.name)
+        concept_ids, _, refs = row.db.store.owner_vectors(user, embedder.name)
         q = embedder.embed_images([f for _, f in queries])
         sims = q @ refs.T
         for i, (name, _) in enumerate(queries):
-            for j, cid in enumerate(ids):
+            for j, cid in enumerate(concept_ids):
                 (pos if cid == ids[name] else neg).append(float(sims[i, j]))
         out[row.name] = {"face_identification": right / len(queries), "face_verification_auc": auc(pos, neg)}
     return {"rows": out, "counts": {"people": len(people), "queries": sum(min(len(photos(p)) - 1, per_person)
@@ -335,11 +336,13 @@ def main() -> None:
                 for name, v in res["rows"].items():
                     rows_out[name].update(v)
         if args.yollava:
+            print(json.dumps(rows_out), file=sys.stderr, flush=True)
             res = yollava(rows, args.yollava)
             counts["bo"] = res["counts"]
             for name, v in res["rows"].items():
                 rows_out[name].update(v)
         if args.faces:
+            print(json.dumps(rows_out), file=sys.stderr, flush=True)
             res = faces(rows, args.faces, args.face_queries)
             counts["faces"] = res["counts"]
             for name, v in res["rows"].items():

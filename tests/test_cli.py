@@ -41,7 +41,7 @@ def test_build_tiny_json(tiny_cache):
 
 def test_demo_end_to_end(tiny_cache, tmp_path):
     data = json.loads(run_cli("--preset", "tiny", "--device", "cpu", "--json", "demo", "--out", str(tmp_path),
-                              "--steps", "2").stdout)
+                              "--steps", "2", "--no-real").stdout)
     assert data["retrieved"][0]["concept"] == "<red-ball>"  # the rotated red ball finds itself first
     assert data["abstained"] is False and isinstance(data["answer"], str)
     assert os.path.getsize(data["image_path"]) > 0
@@ -50,7 +50,7 @@ def test_demo_end_to_end(tiny_cache, tmp_path):
     assert Image.open(data["image_path"]).size == (64, 64)
     assert set(data["timings_s"]) == {"register", "answer", "t2i"}
     again = json.loads(run_cli("--preset", "tiny", "--device", "cpu", "--json", "demo", "--out", str(tmp_path),
-                               "--steps", "2").stdout)
+                               "--steps", "2", "--no-real").stdout)
     assert again["retrieved"] == data["retrieved"]  # a re-run starts from the same state
 
 
@@ -65,7 +65,8 @@ def test_demo_output_is_the_clis_own(tmp_path):
                   env=env, cwd=tmp_path)
     assert out.stderr == ""
     assert [line.split(":")[0] for line in out.stdout.splitlines()] == [
-        "preset tiny", "question", "retrieved", "answer", "image", "timings"]
+        "preset tiny", "question", "retrieved", "answer", "image", "timings", "real recognition"]
+    assert "demo --real" in out.stdout  # how to see the real part (nothing real is cached in a fresh cache)
     verbose = run_cli("--preset", "tiny", "--device", "cpu", "-v", "demo", "--out", str(tmp_path / "demo"),
                       "--steps", "2", env=env, cwd=tmp_path)
     assert "Loading weights" in verbose.stderr or "it/s" in verbose.stderr

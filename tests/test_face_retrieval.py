@@ -138,3 +138,45 @@ def test_no_face_is_searched_for_a_user_without_person_concepts(db, face, photos
     assert calls == [] and [h.source for h in hits] == ["image"]
     retriever.retrieve("alice", "", photos["astronaut"], k=1)  # alice has a person concept: her photo is searched
     assert len(calls) == 1
+
+
+def test_the_api_and_the_app_say_a_person_was_matched_by_face(tmp_path, tiny_cache, face, photos):
+    """`serve --face` and the app's `--face`: the chat's retrieved concepts carry the face match, over real HTTP,
+    and the app's concept card says "matched by face"."""
+    import base64
+    import io
+
+    import httpx
+    from servers import in_thread
+
+    from mmpersona.app.state import App
+    from mmpersona.conceptdb import ConceptDB
+    from mmpersona.server import KeyStore, create_app
+    from pipelines import PersonalizedVLMPipeline
+
+    her_again = ImageOps.mirror(photos["astronaut"]).resize((400, 400))
+    buf = io.BytesIO()
+    her_again.save(buf, format="PNG")
+    photo_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    db = ConceptDB(tmp_path / "api.db", preset="tiny", device="cpu")
+    db.add("alice", "<eileen>", [photos["astronaut"]], category="person")
+    db.add("alice", "<cup>", [photos["coffee"]], category="cup")
+    keys = KeyStore(tmp_path / "keys.json")
+    key = keys.create("alice")[1]
+    vlm = PersonalizedVLMPipeline(db, preset="tiny", device="cpu", face=face, max_new_tokens=4)
+    with in_thread(create_app(db, keys, vlm=vlm)) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                       json={"model": "mmpersona", "max_tokens": 4, "messages": [{"role": "user", "content": [
+                           {"type": "image_url", "image_url": {"url": photo_url}},
+                           {"type": "text", "text": "Who is this?"}]}]})
+    assert r.status_code == 200, r.text
+    first = r.json()["mmpersona"]["retrieved"][0]
+    assert first["source"] == "face" and first["concept"]["handle"] == "<eileen>" and first["box"]
+    db.close()
+
+    app = App("tiny", tmp_path / "app.db", "cpu", face=True)
+    app.db.add("alice", "<eileen>", [photos["astronaut"]], category="person")
+    *_, (shown, rows, thumbs, boxes, status) = app.chat("alice", her_again, "Who is this?", [])
+    assert rows[0][0] == "<eileen>" and rows[0][2] == "face"
+    assert "matched by face" in thumbs and "used <eileen>" in status

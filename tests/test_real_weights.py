@@ -167,3 +167,15 @@ def test_mobilenet_input_is_rgb_in_imagenet_normalisation(mobilenet):
     expected = (np.array([1.0, 0.0, 0.0]) - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     np.testing.assert_allclose(centre, expected, atol=1e-5)
     np.testing.assert_allclose(red[0, :, 2, 112].numpy(), 0.0, atol=0.02)  # the padding above: the mean colour
+
+
+def test_the_demos_real_recognition_finds_both_subjects_and_abstains_on_the_rocket(tmp_path, mobilenet):
+    from mmpersona.demo import real_available, real_recognition
+
+    report = real_recognition(tmp_path)
+    assert real_available()  # what it fetched is cached: the plain demo shows it from now on
+    got = {q["query"]: q for q in report["queries"]}
+    assert got["the other view of the motorbike"]["retrieved"] == "<motorbike>"
+    assert got["the cat, mirrored and cropped"]["retrieved"] == "<chelsea>"
+    rocket = got["a rocket nobody registered"]
+    assert rocket["retrieved"] is None and rocket["score"] < report["threshold"]

@@ -16,7 +16,7 @@ logger = logging.getLogger("mmpersona.app")
 
 
 def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_user: bool = False,
-              device: str = "auto"):
+              device: str = "auto", face: bool = False):
     """The Gradio Blocks; gradio is imported here, with an install hint if it is missing."""
     try:
         import gradio as gr
@@ -26,7 +26,7 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
         raise MissingDependencyError('The app needs Gradio: pip install "mmpersona[app]"') from e
     from mmpersona import MmpersonaError
 
-    app = App(preset, db_path, device, multi_user)
+    app = App(preset, db_path, device, multi_user, face=face)
 
     def guarded(fn):
         """Our errors become a readable message in the page instead of a stack trace; an expected refusal

@@ -24,15 +24,20 @@ class Refused(ValueError):
     traceback."""
 
 
+#: How a concept card says what found it, where the source's own name would not say it to a user.
+SOURCE_LABELS = {"face": "matched by face"}
+
+
 class App:
     """Shared state: one concept database (thread-safe) and lazily loaded models, each used under its lock."""
 
     def __init__(self, preset: str = "tiny", db_path: str | Path | None = None, device: str = "auto",
-                 multi_user: bool = False):
+                 multi_user: bool = False, face: bool = False):
         from concept_db.types import Quota
         from mmpersona import ConceptDB
 
         self.preset, self.device, self.multi_user = preset, device, multi_user
+        self.face = face  # chat also finds person concepts by face (dlib)
         # many users share it: each stores at most the quota (MMPERSONA_QUOTA_IMAGES / _EVENTS / _MB)
         self.db = ConceptDB(db_path, preset=preset, device=device, quota=Quota.from_env() if multi_user else None)
         self._vlm_pipe = None
@@ -64,7 +69,7 @@ class App:
         with self._vlm_lock:
             if self._vlm_pipe is None:
                 self._vlm_pipe = PersonalizedVLMPipeline(self.db, preset=self.preset, device=self.device,
-                                                         max_new_tokens=64)
+                                                         max_new_tokens=64, face=self.face)
         return self._vlm_pipe
 
     @property
@@ -205,7 +210,8 @@ class App:
         answer = stream.result
         rows = [[r.concept.handle, round(r.score, 4), r.source, str(r.box) if r.box else ""] for r in answer.retrieved]
         thumbs = grid_html([(self.thumbnail(user, r.image or r.concept.images[0]), r.concept.handle,
-                             f"{r.score:.3f} · {r.source}") for r in answer.retrieved if r.concept.images],
+                             f"{r.score:.3f} · {SOURCE_LABELS.get(r.source, r.source)}")
+                            for r in answer.retrieved if r.concept.images],
                            empty="", size=88, elem="retrieved")
         status = ("no concept recognised: answered without personal context" if answer.abstained else
                   "used " + ", ".join(r.concept.handle for r in answer.retrieved))

@@ -49,6 +49,8 @@ def serve(
     cpu_offload: bool = typer.Option(False, "--cpu-offload", help="Model CPU offload (for small GPUs)."),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode in tiles (less memory for big images)."),
     max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.01, help="Largest request body."),
+    face: bool = typer.Option(False, "--face", help="Chat also finds person concepts by face (dlib; the face "
+                                                    "extra); loaded with the chat model."),
     health_detail: bool = typer.Option(False, "--health-detail",
                                        help="/health also shows the models' state, the queue and the remote lane "
                                             "(to anyone who can reach it: for a private monitoring network)."),
@@ -86,7 +88,8 @@ def serve(
                          batch_window_ms=batch_window_ms, health_detail=health_detail)
 
     def make_chat():
-        return PersonalizedVLMPipeline(db, vlm=s.vlm(), max_new_tokens=config.default_max_tokens, **load)
+        return PersonalizedVLMPipeline(db, vlm=s.vlm(), max_new_tokens=config.default_max_tokens,
+                                       face=(s.overrides.get("face") or True) if face else False, **load)
 
     def make_images():
         return PersonalizedT2IPipeline(db, t2i=s.overrides.get(role), role=role, adapter=adapter,

