@@ -58,14 +58,17 @@ class InstanceEmbedder:
         return embed_batched(list(images), self.dim, batch_size, encode, progress, "instance vectors")
 
 
-def ensure_vectors(db: "ConceptDB", user: str, embedder: Any, *, progress: bool = False) -> int:
+def ensure_vectors(db: "ConceptDB", user: str, embedder: Any, *, progress: bool = False,
+                   limit: int | None = None) -> int:
     """Compute and store `embedder`'s vector of each of the user's reference images that has none yet (any
-    embedder with `name` and `embed_images`: the instance embedder, or CLIP after a switch); returns how many
-    were computed (0 when all are there: one query)."""
+    embedder with `name` and `embed_images`: the instance embedder, the face model, or CLIP after a switch);
+    returns how many were computed (0 when all are there: one query). `limit`: at most that many this call (a
+    request's bounded share; the rest on later calls)."""
     from tqdm.auto import tqdm
 
     by_concept: dict[str, list[str]] = {}
-    for concept_id, image_hash in db.store.missing_embeddings(user, embedder.name):
+    missing = db.store.missing_embeddings(user, embedder.name)
+    for concept_id, image_hash in missing[:limit] if limit is not None else missing:
         by_concept.setdefault(concept_id, []).append(image_hash)
     for concept_id, hashes in tqdm(by_concept.items(), desc=f"indexing ({embedder.name})", unit="concept",
                                    disable=not progress or len(by_concept) < 2):

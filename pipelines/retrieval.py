@@ -149,18 +149,24 @@ class Retriever:
     def instance_vectors(self, images: list["Image.Image"]) -> Any:
         return self.instance.embed_images(images)
 
+    #: Reference images one retrieval embeds at most for missing instance or face vectors (a request's cost is
+    #: bounded: 8 faces are about 2.5 s on one CPU thread); the rest on the next retrievals, or all at once with
+    #: `mmpersona concepts reindex`. Images not yet indexed are not matched meanwhile. None: no bound.
+    index_budget: int | None = 8
+
     def ensure_instance_vectors(self, user: str, embedder: Any = None) -> int:
-        """Give every reference image of the user an instance vector (or `embedder`'s: the face model's) lazily:
-        once per change of the user's data, one listing when nothing is missing; returns how many were
-        computed."""
+        """Give the user's reference images an instance vector (or `embedder`'s: the face model's) lazily: once
+        per change of the user's data, one listing when nothing is missing, at most `INDEX_BUDGET` images per
+        call (`index_budget`); returns how many were computed."""
         from mmpersona.instance import ensure_vectors
 
         embedder = embedder or self.instance
         key = (user, embedder.name)
         if self._indexed.get(key) == self.db.store.revision(user):
             return 0
-        done = ensure_vectors(self.db, user, embedder)
-        self._indexed[key] = self.db.store.revision(user)
+        done = ensure_vectors(self.db, user, embedder, limit=self.index_budget)
+        if self.index_budget is None or done < self.index_budget:  # nothing is left to index at this revision
+            self._indexed[key] = self.db.store.revision(user)
         return done
 
     # ------------------------------------------------------------------ faces

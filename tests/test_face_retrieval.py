@@ -180,3 +180,17 @@ def test_the_api_and_the_app_say_a_person_was_matched_by_face(tmp_path, tiny_cac
     *_, (shown, rows, thumbs, boxes, status) = app.chat("alice", her_again, "Who is this?", [])
     assert rows[0][0] == "<eileen>" and rows[0][2] == "face"
     assert "matched by face" in thumbs and "used <eileen>" in status
+
+
+def test_a_retrieval_indexes_a_bounded_number_of_images(db, face, photos):
+    """A user with many reference images not yet face-indexed: each retrieval embeds at most `index_budget`
+    of them (a request's cost is bounded), the next ones the rest; `people` grows as they are indexed."""
+    from PIL import ImageOps as Ops
+
+    w, h = photos["astronaut"].size
+    views = [Ops.mirror(photos["astronaut"]).crop((i, 0, w - i, h)) for i in range(0, 40, 4)]  # 10 new images
+    db.add("carol", "<eileen>", views, category="person")
+    retriever = Retriever(db, face=face)
+    retriever.index_budget = 4
+    assert [retriever.ensure_instance_vectors("carol", face) for _ in range(4)] == [4, 4, 2, 0]
+    assert len(retriever.people("carol")) == 1
