@@ -104,7 +104,7 @@ def test_mobilenet_loads_strictly_with_imagenet_features(mobilenet, photos):
 
 def test_the_astronaut_is_closer_to_herself_than_to_anyone_else(mobilenet, photos):
     """The same photo rescaled, cropped and mirrored stays far closer than any other photo: a colour-order,
-    normalisation or crop mistake in preprocessing closes this gap (measured: 0.95-0.96 vs at most 0.59)."""
+    normalisation or crop mistake in preprocessing closes this gap (measured: 0.988-0.989 vs at most 0.79)."""
     from PIL import ImageOps
 
     a = photos["astronaut"]
@@ -113,11 +113,11 @@ def test_the_astronaut_is_closer_to_herself_than_to_anyone_else(mobilenet, photo
     others = [photos[n] for n in ("camera", "chelsea", "coffee", "rocket", "motorcycle_left")]
     v = mobilenet.embed_images([a] + variants + others)
     same, different = v[1:4] @ v[0], v[4:] @ v[0]
-    assert same.min() >= 0.9, same
-    assert same.min() - different.max() >= 0.25, (same, different)
+    assert same.min() >= 0.95, same
+    assert same.min() - different.max() >= 0.15, (same, different)
     # the other view of the same motorcycle (a stereo pair) is its nearest photo too
     m = mobilenet.embed_images([photos["motorcycle_left"], photos["motorcycle_right"]])
-    assert float(m[0] @ m[1]) - different.max() >= 0.25
+    assert float(m[0] @ m[1]) - different.max() >= 0.15
 
 
 def test_padding_keeps_the_whole_image(mobilenet, photos):
@@ -150,7 +150,7 @@ def test_dreambooth_one_reference_top1_floor(mobilenet):
     q = mobilenet.embed_images(queries)
     top1 = float(np.mean((q @ r.T).argmax(axis=1) == np.asarray(labels)))
     assert len(subjects) == 30 and len(queries) >= 100
-    assert top1 >= 0.9, top1  # measured 0.9375 (158 photos at 256 px); full size: 0.945
+    assert top1 >= 0.9, top1  # measured: see MobileNetEmbedder's docstring
 
 
 def test_mobilenet_input_is_rgb_in_imagenet_normalisation(mobilenet):
@@ -161,7 +161,7 @@ def test_mobilenet_input_is_rgb_in_imagenet_normalisation(mobilenet):
 
     from mmpersona.instance import IMAGENET_MEAN, IMAGENET_STD
 
-    red = mobilenet.pixels([Image.new("RGB", (100, 50), (255, 0, 0))])
+    red = mobilenet.pixels([Image.new("RGB", (100, 50), (255, 0, 0))], 224)
     assert red.shape == (1, 3, 224, 224)
     centre = red[0, :, 112, 112].numpy()
     expected = (np.array([1.0, 0.0, 0.0]) - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)

