@@ -156,8 +156,8 @@ class Retriever:
 
     def ensure_instance_vectors(self, user: str, embedder: Any = None) -> int:
         """Give the user's reference images an instance vector (or `embedder`'s: the face model's) lazily: once
-        per change of the user's data, one listing when nothing is missing, at most `INDEX_BUDGET` images per
-        call (`index_budget`); returns how many were computed."""
+        per change of the user's data, one listing when nothing is missing, at most `index_budget` images per
+        call; returns how many were computed."""
         from mmpersona.instance import ensure_vectors
 
         embedder = embedder or self.instance
@@ -334,8 +334,8 @@ class Retriever:
     @staticmethod
     def merge(*groups: list[RetrievedConcept]) -> list[RetrievedConcept]:
         """One entry per concept: mentions first, then face matches, then by best score. A concept found in a
-        region keeps that
-        region's box even when other evidence (a mention, the whole image) ranks higher: where it is."""
+        region keeps that region's box even when other evidence (a mention, the whole image) ranks higher: where
+        it is."""
         best: dict[str, RetrievedConcept] = {}
         region: dict[str, RetrievedConcept] = {}  # each concept's best region hit
         for group in groups:
