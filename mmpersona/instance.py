@@ -92,8 +92,9 @@ class MobileNetEmbedder:
     (224 px, average pooling) gives DreamBooth top-1 0.945 and `<bo>` against its 265 look-alikes AUC 0.913;
     larger inputs see the fine detail one Shiba Inu differs from another by (448 px: AUC 0.97) but average
     pooling there loses whole objects (top-1 0.77), GeM keeps them (0.945); the two sizes together give 0.977
-    and 0.959. Chosen among 12 such variants on those sets, so a new set may show less. About 3x the compute
-    of one 224 px pass.
+    and 0.959. Chosen among 12 such variants on those sets, so a new set may show less. About 6x the compute
+    of one 224 px pass: about 130 ms an image on 2 CPU cores (channels-last, 8 at a time: 2.5x faster than 32 at once
+    in torch's default layout).
 
     Each image is padded to a square of ImageNet's mean colour (zero after normalisation), as DINOv2's inputs
     are, then resized to each size with antialiasing, in RGB."""
@@ -140,7 +141,10 @@ class MobileNetEmbedder:
             loaded = [load_image(x) for x in batch]
             total = 0
             for size in self.sizes:
-                maps = self.model(self.pixels(loaded, size).to(self.device, self.dtype)).float()
+                pixels = self.pixels(loaded, size).to(self.device, self.dtype)
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+                # 8 at a time: a CPU runs these depthwise convolutions 1.7x faster than 32 at once (cache)
+                maps = torch.cat([self.model(pixels[i : i + 8]) for i in range(0, len(pixels), 8)]).float()
                 pooled = maps.clamp(min=1e-6).pow(self.p).mean((2, 3)).pow(1 / self.p)
                 total = total + torch.nn.functional.normalize(pooled, dim=-1)
             return total

@@ -134,7 +134,8 @@ def test_padding_keeps_the_whole_image(mobilenet, photos):
 @pytest.mark.skipif(not (FIXTURE / "dreambooth" / "manifest.json").is_file(), reason="no DreamBooth fixture")
 def test_dreambooth_one_reference_top1_floor(mobilenet):
     """DreamBooth's 30 subjects (CC-BY-4.0, downscaled; tests/fixtures/real_photos/LICENSE.md): the first
-    photo of each subject is its only reference, every other photo a query; top-1 must stay >= 0.85."""
+    photo of each subject is its only reference, the next two are queries (all 128 cost CI a minute); top-1
+    must stay >= 0.9 (measured 56/60 = 0.933; on all 128 at 256 px 0.9375, at full size 0.977)."""
     from PIL import Image
 
     manifest = json.loads((FIXTURE / "dreambooth" / "manifest.json").read_text())
@@ -143,14 +144,14 @@ def test_dreambooth_one_reference_top1_floor(mobilenet):
     for i, subject in enumerate(subjects):
         files = [FIXTURE / "dreambooth" / subject / f["file"] for f in manifest[subject]]
         refs.append(Image.open(files[0]).convert("RGB"))
-        for f in files[1:]:
+        for f in files[1:3]:
             queries.append(Image.open(f).convert("RGB"))
             labels.append(i)
     r = mobilenet.embed_images(refs)
     q = mobilenet.embed_images(queries)
     top1 = float(np.mean((q @ r.T).argmax(axis=1) == np.asarray(labels)))
-    assert len(subjects) == 30 and len(queries) >= 100
-    assert top1 >= 0.9, top1  # measured: see MobileNetEmbedder's docstring
+    assert len(subjects) == 30 and len(queries) == 60
+    assert top1 >= 0.9, top1
 
 
 def test_mobilenet_input_is_rgb_in_imagenet_normalisation(mobilenet):
