@@ -89,7 +89,9 @@ def _calibrate_face(db: "ConceptDB", user: str, positives: dict[str, Sequence["I
                     negatives: Sequence["ImageInput"], target: float, face: Any) -> "dict[str, Any] | None":
     from .retrieval import Retriever
 
-    people = Retriever(db, face=face).people(user)
+    retriever = Retriever(db, face=face)
+    retriever.index_budget = None  # a calibration indexes every reference face first (not a request's share)
+    people = retriever.people(user)
     if not people:
         return None
 
