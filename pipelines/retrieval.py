@@ -112,19 +112,23 @@ class Retriever:
         turns of a chat about one photo, or an evaluation asking many questions of one image, embed it once.
         The vector depends on the pixels and the embedder alone (always embedded on its own, a batch of one), so
         the cache changes no result."""
+        emb = self.db.embedder
+        return self._remembered(emb.name, image, lambda: emb.embed_images([image])[0])
+
+    def _remembered(self, model: str, image: "Image.Image", compute: Any) -> Any:
+        """`compute()`'s result for `image`, kept for the last 256 (model, pixels) pairs."""
         import hashlib
 
-        emb = self.db.embedder
-        key = (emb.name, image.size, image.mode, hashlib.blake2b(image.tobytes(), digest_size=16).digest())
-        vector = self._vectors.get(key)
-        if vector is None:
-            vector = emb.embed_images([image])[0]
-            self._vectors[key] = vector
+        key = (model, image.size, image.mode, hashlib.blake2b(image.tobytes(), digest_size=16).digest())
+        value = self._vectors.get(key)
+        if value is None:
+            value = compute()
+            self._vectors[key] = value
             if len(self._vectors) > 256:
                 self._vectors.popitem(last=False)
         else:
             self._vectors.move_to_end(key)
-        return vector
+        return value
 
     def by_mention(self, user: str, text: str) -> list[RetrievedConcept]:
         """Concepts named in `text` by `<name>`, bare name or alias, in order of first mention."""
@@ -192,41 +196,36 @@ class Retriever:
         return float(stored) if stored is not None else self.face.default_threshold
 
     def faces(self, image: "Image.Image") -> list["Face"]:
-        """The faces in `image` (each with its vector), largest first."""
-        return self.face.detect(image)
+        """The faces in `image` (each with its vector), largest first; remembered by the photo's pixels as
+        `image_vector` is (a chat's turns about one photo search it once)."""
+        return self._remembered(f"faces:{self.face.name}", image, lambda: self.face.detect(image))
 
     def by_faces(self, user: str, image: "Image.Image", *, faces: "list[Face] | None" = None,
-                 min_score: float | None = None) -> list[RetrievedConcept]:
+                 min_score: float | None = None, people: frozenset[str] | None = None) -> list[RetrievedConcept]:
         """Each face in the photo matched against the user's reference faces: (face, concept) pairs at or above
         the face threshold (`min_score`, else the user's calibrated one, else the face model's default), taken
-        one-to-one, best first, so that a group photo's faces become different people."""
+        one-to-one, best first, so that a group photo's faces become different people. `people`: the user's
+        person concepts when the caller has them already (`people` indexes, so one request asks once)."""
         if self.face is None:
             raise InvalidConceptError("face retrieval needs a face model (pass one, or faces=False)")
         faces = self.faces(image) if faces is None else faces
         if not faces:
             return []
-        people = self.people(user)
+        people = self.people(user) if people is None else people
         if not people:
             return []
         threshold = self.user_face_threshold(user) if min_score is None else min_score
         k = max(4, 2 * len(faces))
-        pairs = sorted(((m.score, i, m) for i, f in enumerate(faces)
-                        for m in self.db.store.search(user, f.vector, embedder=self.face.name, k=k,
-                                                      min_score=threshold)
-                        if m.concept.id in people),
-                       key=lambda t: (-t[0], t[1]))
-        out, used_faces, used_concepts = [], set(), set()
-        for score, i, m in pairs:
-            if i in used_faces or m.concept.id in used_concepts:
-                continue
-            used_faces.add(i)
-            used_concepts.add(m.concept.id)
-            out.append(RetrievedConcept(m.concept, score, "face", faces[i].box, m.image))
-        return out
+        candidates = [(m.score, i, m) for i, f in enumerate(faces)
+                      for m in self.db.store.search(user, f.vector, embedder=self.face.name, k=k, min_score=threshold)
+                      if m.concept.id in people]
+        return [RetrievedConcept(m.concept, score, "face", faces[i].box, m.image)
+                for score, i, m in one_to_one(candidates)]
 
-    def without_people(self, user: str, hits: list[RetrievedConcept]) -> list[RetrievedConcept]:
+    def without_people(self, user: str, hits: list[RetrievedConcept],
+                       people: frozenset[str] | None = None) -> list[RetrievedConcept]:
         """`hits` less the person concepts: used when the photo has faces (then a person is found by face)."""
-        people = self.people(user)
+        people = self.people(user) if people is None else people
         return [r for r in hits if r.concept.id not in people]
 
     def fused(self, user: str, clip_vector: Any, instance_vector: Any, k: int,
@@ -302,16 +301,9 @@ class Retriever:
         if not assign:
             return [RetrievedConcept(m.concept, score, "region", det.box, m.image)
                     for det, matches in zip(detections, hits, strict=True) for m, score in matches]
-        pairs = sorted(((score, i, m) for i, matches in enumerate(hits) for m, score in matches),
-                       key=lambda t: (-t[0], t[1]))
-        out, regions_used, concepts_used = [], set(), {r.concept.id for r in taken or ()}
-        for score, i, m in pairs:
-            if i in regions_used or m.concept.id in concepts_used:
-                continue
-            regions_used.add(i)
-            concepts_used.add(m.concept.id)
-            out.append(RetrievedConcept(m.concept, score, "region", detections[i].box, m.image))
-        return out
+        candidates = [(score, i, m) for i, matches in enumerate(hits) for m, score in matches]
+        return [RetrievedConcept(m.concept, score, "region", detections[i].box, m.image)
+                for score, i, m in one_to_one(candidates, taken={r.concept.id for r in taken or ()})]
 
     def retrieve(self, user: str, text: str, image: "Image.Image | None", *, k: int = 3,
                  min_score: float | None = None, regions: bool = False,
@@ -320,14 +312,16 @@ class Retriever:
         `min_score` is the CLIP (or fused) threshold; faces use the face threshold (`user_face_threshold`)."""
         groups = [self.by_mention(user, text)]
         if image is not None:
+            # asked once: `people` indexes missing faces, at most `index_budget` of them a call (a request's bound)
+            people = self.people(user) if self.face is not None else frozenset()
             # no face is searched for a user without person concepts (detection costs 0.1-0.8 s a photo)
-            faces = self.faces(image) if self.face is not None and self.people(user) else []
-            found = self.by_faces(user, image, faces=faces) if faces else []
+            faces = self.faces(image) if people else []
+            found = self.by_faces(user, image, faces=faces, people=people) if faces else []
             visual = [self.by_image(user, image, k=k, min_score=min_score)]
             if regions:
                 visual.append(self.by_regions(user, image, k=k, min_score=min_score, assign=assign, taken=found))
             if faces:  # a person in a photo with faces is found by face or not at all (module docs)
-                visual = [self.without_people(user, hits) for hits in visual]
+                visual = [self.without_people(user, hits, people) for hits in visual]
             groups += [found, *visual]
         return self.merge(*groups)
 
@@ -357,6 +351,19 @@ def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     inter = w * h
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def one_to_one(candidates: list[tuple[float, int, Any]], taken: set[str] | None = None) -> list[tuple[float, int, Any]]:
+    """Greedy one-to-one assignment of (score, slot, match) candidates, best score first (then lower slot): each
+    slot (a region, a face) and each concept (`match.concept.id`) at most once; concepts in `taken` never."""
+    out, slots, concepts = [], set(), set(taken or ())
+    for score, i, m in sorted(candidates, key=lambda t: (-t[0], t[1])):
+        if i in slots or m.concept.id in concepts:
+            continue
+        slots.add(i)
+        concepts.add(m.concept.id)
+        out.append((score, i, m))
+    return out
 
 
 def _holds(region: tuple[int, int, int, int], face: tuple[int, int, int, int] | None) -> bool:

