@@ -78,7 +78,7 @@ def test_the_wheel_members_come_out_under_their_own_names_only(tmp_path):
 
 def test_mobilenet_loads_strictly_with_imagenet_features(mobilenet, skimage_photos):
     """The remapped checkpoint fills every layer (strict load) and gives ImageNet features: non-negative
-    (after ReLU6 and pooling), unit length, and not the same vector for different skimage_photos."""
+    (after ReLU6 and pooling), unit length, and not the same vector for different photos."""
     vectors = mobilenet.embed_images([skimage_photos["chelsea"], skimage_photos["coffee"]])
     assert vectors.shape == (2, 1280) and vectors.dtype == np.float32
     assert (vectors >= 0).all()
