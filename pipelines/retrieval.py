@@ -112,23 +112,19 @@ class Retriever:
         turns of a chat about one photo, or an evaluation asking many questions of one image, embed it once.
         The vector depends on the pixels and the embedder alone (always embedded on its own, a batch of one), so
         the cache changes no result."""
-        emb = self.db.embedder
-        return self._remembered(emb.name, image, lambda: emb.embed_images([image])[0])
-
-    def _remembered(self, model: str, image: "Image.Image", compute: Any) -> Any:
-        """`compute()`'s result for `image`, kept for the last 256 (model, pixels) pairs."""
         import hashlib
 
-        key = (model, image.size, image.mode, hashlib.blake2b(image.tobytes(), digest_size=16).digest())
-        value = self._vectors.get(key)
-        if value is None:
-            value = compute()
-            self._vectors[key] = value
+        emb = self.db.embedder
+        key = (emb.name, image.size, image.mode, hashlib.blake2b(image.tobytes(), digest_size=16).digest())
+        vector = self._vectors.get(key)
+        if vector is None:
+            vector = emb.embed_images([image])[0]
+            self._vectors[key] = vector
             if len(self._vectors) > 256:
                 self._vectors.popitem(last=False)
         else:
             self._vectors.move_to_end(key)
-        return value
+        return vector
 
     def by_mention(self, user: str, text: str) -> list[RetrievedConcept]:
         """Concepts named in `text` by `<name>`, bare name or alias, in order of first mention."""
@@ -196,9 +192,10 @@ class Retriever:
         return float(stored) if stored is not None else self.face.default_threshold
 
     def faces(self, image: "Image.Image") -> list["Face"]:
-        """The faces in `image` (each with its vector), largest first; remembered by the photo's pixels as
-        `image_vector` is (a chat's turns about one photo search it once)."""
-        return self._remembered(f"faces:{self.face.name}", image, lambda: self.face.detect(image))
+        """The faces in `image` (each with its vector), largest first. Not kept across requests: the whole-image
+        cache `image_vector` is shared by all users, and a detection's 0.1-0.8 s would tell a user that another
+        sent the same photo."""
+        return self.face.detect(image)
 
     def by_faces(self, user: str, image: "Image.Image", *, faces: "list[Face] | None" = None,
                  min_score: float | None = None, people: frozenset[str] | None = None) -> list[RetrievedConcept]:
