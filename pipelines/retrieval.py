@@ -20,11 +20,12 @@ concept (one face per region) and is not assigned again.
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from concept_db.types import InvalidConceptError, normalize_name
+
+from .caching import UserCache
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -101,29 +102,31 @@ class Retriever:
         self.instance_weight = instance_weight
         self.face = face
         self.face_threshold = face_threshold  # None: the user's calibrated one, else the face model's default
-        self._vectors: OrderedDict[tuple, Any] = OrderedDict()  # see image_vector
+        self._cache = UserCache(per_user=32, users=64)  # see image_vector, faces
         # (user, instance embedder) -> the store revision at which all the user's images had its vectors
         self._indexed: dict[tuple[str, str], int] = {}
         # (user, face model) -> (revision, ids of the concepts with a face in their reference images)
         self._people: dict[tuple[str, str], tuple[int, frozenset[str]]] = {}
 
-    def image_vector(self, image: "Image.Image") -> Any:
-        """The embedder's vector of a whole image, remembered for the last 256 images by their pixels: the
-        turns of a chat about one photo, or an evaluation asking many questions of one image, embed it once.
-        The vector depends on the pixels and the embedder alone (always embedded on its own, a batch of one), so
-        the cache changes no result."""
+    @staticmethod
+    def _pixels_key(model: str, image: "Image.Image") -> str:
         import hashlib
 
+        digest = hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest()
+        return f"{model}|{image.mode}|{image.width}x{image.height}|{digest}"
+
+    def image_vector(self, user: str, image: "Image.Image") -> Any:
+        """The embedder's vector of a whole image, remembered by its pixels for the user who sent it (their last
+        32 images): the turns of a chat about one photo, or an evaluation asking many questions of one image,
+        embed it once. Per user: a cache shared by pixels would answer one user fast for a photo another user
+        sent, and so tell them. The vector depends on the pixels and the embedder alone (always embedded on its
+        own, a batch of one), so the cache changes no result."""
         emb = self.db.embedder
-        key = (emb.name, image.size, image.mode, hashlib.blake2b(image.tobytes(), digest_size=16).digest())
-        vector = self._vectors.get(key)
+        key = self._pixels_key(emb.name, image)
+        vector = self._cache.get(user, key)
         if vector is None:
             vector = emb.embed_images([image])[0]
-            self._vectors[key] = vector
-            if len(self._vectors) > 256:
-                self._vectors.popitem(last=False)
-        else:
-            self._vectors.move_to_end(key)
+            self._cache.put(user, key, vector)
         return vector
 
     def by_mention(self, user: str, text: str) -> list[RetrievedConcept]:
@@ -138,7 +141,7 @@ class Retriever:
                  min_score: float | None = None) -> list[RetrievedConcept]:
         """The user's concepts that look most like the whole image (fused with the instance embedder's
         similarity when the retriever has one: `fused`)."""
-        vector = self.image_vector(image)
+        vector = self.image_vector(user, image)
         if self.instance is not None:
             return [RetrievedConcept(m.concept, score, "image", None, m.image)
                     for m, score in self.fused(user, vector, self.instance_vectors([image])[0], k, min_score)]
@@ -191,11 +194,16 @@ class Retriever:
         stored = self.db.store.get_setting(user, FACE_THRESHOLD_SETTING)
         return float(stored) if stored is not None else self.face.default_threshold
 
-    def faces(self, image: "Image.Image") -> list["Face"]:
-        """The faces in `image` (each with its vector), largest first. Not kept across requests: the whole-image
-        cache `image_vector` is shared by all users, and a detection's 0.1-0.8 s would tell a user that another
-        sent the same photo."""
-        return self.face.detect(image)
+    def faces(self, user: str, image: "Image.Image") -> list["Face"]:
+        """The faces in `image` (each with its vector), largest first; remembered by its pixels for this user only,
+        as `image_vector` is (a chat's turns about one photo detect once; a detection's 0.1-0.8 s never tells a
+        user that another sent the same photo)."""
+        key = self._pixels_key(f"faces:{self.face.name}", image)
+        found = self._cache.get(user, key)
+        if found is None:
+            found = self.face.detect(image)
+            self._cache.put(user, key, found)
+        return list(found)
 
     def by_faces(self, user: str, image: "Image.Image", *, faces: "list[Face] | None" = None,
                  min_score: float | None = None, people: frozenset[str] | None = None) -> list[RetrievedConcept]:
@@ -205,7 +213,7 @@ class Retriever:
         person concepts when the caller has them already (`people` indexes, so one request asks once)."""
         if self.face is None:
             raise InvalidConceptError("face retrieval needs a face model (pass one, or faces=False)")
-        faces = self.faces(image) if faces is None else faces
+        faces = self.faces(user, image) if faces is None else faces
         if not faces:
             return []
         people = self.people(user) if people is None else people
@@ -312,7 +320,7 @@ class Retriever:
             # asked once: `people` indexes missing faces, at most `index_budget` of them a call (a request's bound)
             people = self.people(user) if self.face is not None else frozenset()
             # no face is searched for a user without person concepts (detection costs 0.1-0.8 s a photo)
-            faces = self.faces(image) if people else []
+            faces = self.faces(user, image) if people else []
             found = self.by_faces(user, image, faces=faces, people=people) if faces else []
             visual = [self.by_image(user, image, k=k, min_score=min_score)]
             if regions:

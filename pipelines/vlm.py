@@ -228,7 +228,7 @@ class PersonalizedVLMPipeline:
                                       max_regions=self.retriever.max_regions,
                                       instance_weight=self.retriever.instance_weight, face=face,
                                       face_threshold=self.retriever.face_threshold)
-            out.retriever._vectors, out.retriever._indexed = self.retriever._vectors, self.retriever._indexed
+            out.retriever._cache, out.retriever._indexed = self.retriever._cache, self.retriever._indexed
             out.retriever._people = self.retriever._people
         fields = {k: int(v) for k, v in options.items()
                   if k in ("max_concepts", "max_images", "max_info_chars", "max_total_chars")}

@@ -62,11 +62,11 @@ def test_a_stranger_is_not_taken_for_a_person_concept(db, face, skimage_photos, 
     image = skimage_photos["astronaut"]
     rng = np.random.default_rng(0)
     stranger = to_stored(rng.standard_normal(128))
-    monkeypatch.setattr(retriever, "faces", lambda image: [Face((200, 80, 280, 160), 1.0, stranger)])
+    monkeypatch.setattr(retriever, "faces", lambda user, image: [Face((200, 80, 280, 160), 1.0, stranger)])
     names = [h.concept.handle for h in retriever.retrieve("alice", "", image, k=3)]
     assert "<eileen>" not in names
     # the same photo with no face found (the back of her head): the image embedder finds her
-    monkeypatch.setattr(retriever, "faces", lambda image: [])
+    monkeypatch.setattr(retriever, "faces", lambda user, image: [])
     hits = retriever.retrieve("alice", "", image, k=3)
     assert hits[0].concept.handle == "<eileen>" and hits[0].source == "image"
 
@@ -123,6 +123,22 @@ def test_no_face_is_searched_for_a_user_without_person_concepts(db, face, skimag
     assert calls == [] and [h.source for h in hits] == ["image"]
     retriever.retrieve("alice", "", skimage_photos["astronaut"], k=1)  # alice has a person concept: her photo is searched
     assert len(calls) == 1
+
+
+def test_a_photos_faces_are_detected_once_per_user(db, face, skimage_photos, monkeypatch):
+    """A chat's turns about one photo detect its faces once; another user sending the same photo gets no cached
+    detection (its 0.1-0.8 s saved would tell them that someone sent it)."""
+    db.add("bob", "<eileen>", [skimage_photos["astronaut"]], category="person")
+    retriever = Retriever(db, face=face)
+    retriever.people("alice"), retriever.people("bob")  # index the reference faces first
+    calls = []
+    detect = face.detect
+    monkeypatch.setattr(face, "detect", lambda image, **kw: calls.append(image) or detect(image, **kw))
+    photo = ImageOps.mirror(skimage_photos["astronaut"])
+    first = retriever.retrieve("alice", "who is this?", photo, k=1)
+    assert retriever.retrieve("alice", "and now?", photo.copy(), k=1) == first and len(calls) == 1
+    bobs = retriever.retrieve("bob", "who is this?", photo, k=1)
+    assert len(calls) == 2 and bobs[0].concept.owner == "bob" and bobs[0].source == "face"
 
 
 def test_the_api_and_the_app_say_a_person_was_matched_by_face(tmp_path, tiny_cache, face, skimage_photos):

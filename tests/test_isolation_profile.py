@@ -79,7 +79,7 @@ def test_another_users_image_is_encoded_afresh_for_bob(t2i, encoded):
 
 
 def test_the_ip_embedding_cache_is_bounded_per_user_and_in_users(t2i, encoded, monkeypatch):
-    from pipelines.t2i import UserCache
+    from pipelines.caching import UserCache
 
     cache = UserCache(per_user=2, users=2)
     monkeypatch.setattr(t2i, "ip_cache", cache)

@@ -257,7 +257,9 @@ def test_evaluation_methods(pipe):
         pipe.answer_as("oracle", image, "?", user="alice", concepts=["rex"])
 
 
-def test_an_image_is_embedded_once_across_questions(concept_db, monkeypatch):
+def test_an_image_is_embedded_once_across_questions_of_one_user(concept_db, monkeypatch):
+    """A user's photo is embedded once across their questions; another user sending the same photo gets no
+    cached vector (a fast answer would tell them someone sent it)."""
     from pipelines.retrieval import Retriever
 
     retriever = Retriever(concept_db)
@@ -267,9 +269,11 @@ def test_an_image_is_embedded_once_across_questions(concept_db, monkeypatch):
     photo = drawn("ellipse", (200, 30, 30))
     first = retriever.by_image("alice", photo)
     assert retriever.by_image("alice", photo.copy()) == first and len(calls) == 1  # same pixels: one embedding
-    assert retriever.by_image("bob", photo)[0].concept.owner == "bob" and len(calls) == 1  # per user results
+    assert retriever.by_image("bob", photo)[0].concept.owner == "bob" and len(calls) == 2  # bob's own embedding
+    assert retriever.by_image("bob", photo.copy())[0].concept.owner == "bob" and len(calls) == 2
     retriever.by_image("alice", drawn("rectangle", (30, 60, 200)))
-    assert len(calls) == 2
+    assert len(calls) == 3
+    assert retriever.by_image("alice", photo) == first and len(calls) == 3  # alice's first photo is still hers
 
 
 def test_variant_changes_options_and_shares_the_rest(tiny_cache, tmp_path):
@@ -290,8 +294,8 @@ def test_variant_changes_options_and_shares_the_rest(tiny_cache, tmp_path):
         assert (pipe.k, pipe.regions, pipe.prompts.budget.max_images) == (3, False, 0)
         assert other.vlm is pipe.vlm and other.db is pipe.db and other.retriever.detector is not None
         assert pipe.retriever.detector is None
-        other.retriever.image_vector(img)
-        assert len(pipe.retriever._vectors) == 1  # one cache for both
+        other.retriever.image_vector("u", img)
+        assert pipe.retriever._cache.size("u") == 1  # one cache for both
         calls = []
         by_regions = other.retriever.by_regions
         other.retriever.by_regions = lambda *a, **k: calls.append(a) or by_regions(*a, **k)
