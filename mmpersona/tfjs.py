@@ -216,7 +216,7 @@ def _sparse_to_dense(node: dict, indices: Any, shape: Any, values: Any, default:
     import torch
 
     dims = [int(s) for s in shape.reshape(-1).tolist()]
-    out = torch.full(dims, default.item(), dtype=values.dtype)
+    out = torch.full(dims, default.item(), dtype=values.dtype, device=values.device)
     if len(dims) > 1:
         out[tuple(indices.reshape(-1, len(dims)).t())] = values
     else:

@@ -53,6 +53,20 @@ def test_nanodet_finds_the_objects_of_real_photos(nanodet, skimage_photos):
     assert nanodet.detect(Image.new("RGB", (300, 200), (128, 128, 128)), ["cup"]) == []  # nothing on a grey page
 
 
+def test_nanodet_runs_on_a_second_device(nanodet, skimage_photos):
+    """On an accelerator (the tests' fake second device: a CPU tensor meeting one of its tensors raises, as CUDA
+    does), the same boxes as on the CPU."""
+    from fake_device import fake_device
+
+    from mmpersona.proposals import load_nanodet
+
+    expected = nanodet.detect(skimage_photos["motorcycle_left"])
+    with fake_device() as dev:
+        moved = load_nanodet(nanodet.graph.path.parent, nanodet.spec, dev)
+        found = moved.detect(skimage_photos["motorcycle_left"])
+    assert [(d.label, d.box) for d in found] == [(d.label, d.box) for d in expected] and found
+
+
 def test_region_retrieval_finds_each_concept_of_a_group_photo_in_its_own_box(nanodet, mobilenet, skimage_photos,
                                                                             tmp_path):
     """Three concepts registered from one photo each, found in one canvas of other views of them (mirrored,
