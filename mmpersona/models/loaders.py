@@ -802,12 +802,13 @@ class Detector:
 def load_detector(spec: SpecLike = None, *, preset: str = "default", device: Any = "auto",
                   dtype: Any = None) -> "Detector | NanoDet":
     """Load a zero-shot object detector (OWLv2, OWL-ViT, Grounding DINO, ...), or `npm:nanodet`: NanoDet-m's
-    class-agnostic object proposals, real weights that install offline (`mmpersona.proposals.NanoDet`)."""
-    if resolve("detector", spec, preset=preset).source == "npm":
+    class-agnostic object proposals, real weights that install offline (`mmpersona.proposals.NanoDet`; it runs in
+    float32 whatever `dtype`: 7.6 MB of weights)."""
+    resolved = resolve("detector", spec, preset=preset)
+    if resolved.source == "npm":
         from ..proposals import load_nanodet
 
-        spec = resolve("detector", spec, preset=preset)
-        return load_nanodet(local_dir(spec), spec, resolve_device(device))
+        return load_nanodet(local_dir(resolved), resolved, resolve_device(device))
     spec, processor, model, dev, dt = _load_transformers("detector", spec, preset, device, dtype,
                                                          "a zero-shot object detector", "AutoProcessor",
                                                          "AutoModelForZeroShotObjectDetection")
