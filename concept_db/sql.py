@@ -727,7 +727,12 @@ class SQLStore:
             args.append(kind)
         return [ProfileEvent(*r) for r in self._conn.execute(sql + " ORDER BY created, id", args)]
 
-    def delete_profile_event(self, owner: str, event_id: str) -> None:
+    def delete_profile_event(self, owner: str, event_id: str) -> list[str]:
+        """Remove one preference event, and with it the artefacts learned from the profile (`PROFILE_ARTEFACTS`:
+        the reward model, the DPO LoRA, ...), which would otherwise keep what the user took back; returns the names
+        of the artefacts removed (to be trained again on what is left)."""
+        from .types import PROFILE_ARTEFACTS
+
         check_owner(owner)
         with self._tx() as c:
             row = c.execute("SELECT image, other FROM profile_events WHERE id = ? AND owner = ?",
@@ -737,7 +742,12 @@ class SQLStore:
             self._profile_shrinks(c, owner)
             c.execute("DELETE FROM profile_events WHERE id = ?", (event_id,))
             self._drop_orphan_images(c, [h for h in row if h])
+            marks = ", ".join("?" * len(PROFILE_ARTEFACTS))
+            removed = sorted(r[0] for r in c.execute(
+                f"SELECT name FROM owner_blobs WHERE owner = ? AND name IN ({marks})", (owner, *PROFILE_ARTEFACTS)))
+            c.execute(f"DELETE FROM owner_blobs WHERE owner = ? AND name IN ({marks})", (owner, *PROFILE_ARTEFACTS))
             self._bump(c, owner)
+        return removed
 
     def _delete_profile(self, c, owner: str) -> list[str]:
         hashes = [h for row in c.execute("SELECT image, other FROM profile_events WHERE owner = ?", (owner,))

@@ -305,6 +305,11 @@ class BulkResult:
 
 PROFILE_KINDS = ("like", "dislike", "pair", "prompt")
 
+#: The per-user artefacts learned from the preference events (`put_blob` names): the personal reward model, the
+#: DPO LoRA, the user embedding and the cache of the events' image vectors. Removing an event removes them, so
+#: that nothing keeps what the user took back (`delete_profile_event`); they are trained again on what is left.
+PROFILE_ARTEFACTS = ("reward_model", "dpo_lora", "user_embedding", "profile_vectors")
+
 
 @dataclass(frozen=True)
 class ProfileEvent:

@@ -266,8 +266,13 @@ def test_the_profile_lists_every_entry_and_removes_one(ui):
     images_rendered(page, ".profile-entry")
     page.screenshot(path=str(ARTIFACTS / SHOTS[4]), full_page=True)
     newest = events[-1]
+    from mmpersona.preferences import PreferenceProfile
+
+    assert not PreferenceProfile(db, "alice").train_reward().cold_start
     entries.first.get_by_role("button", name="Remove").click()
-    expect(page.locator("#profile-status textarea")).to_have_value("removed it from your profile")
+    expect(page.locator("#profile-status textarea")).to_have_value(
+        "removed it from your profile; your reward model learned from it went too: train again")
+    assert PreferenceProfile(db, "alice").reward().cold_start  # untrained
     expect(entries).to_have_count(len(events) - 1)
     assert [e.id for e in db.store.profile_events("alice")] == [e.id for e in events if e.id != newest.id]
     # reset asks first

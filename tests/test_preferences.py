@@ -180,3 +180,39 @@ def test_profile_images_are_embedded_once_and_kept_with_the_profile(tmp_path, ti
     PreferenceProfile(db, "alice").train_reward()
     assert sum(embedded) == 5  # only the new like
     assert PreferenceProfile(db, "bob").image_vectors([]).shape == (0, db.embedder.dim)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.pg)])
+def test_removing_an_event_untrains_what_was_learned_from_it(backend, tmp_path, tiny_embedder, request):
+    """A like the user takes back leaves no trace in what was learned from the profile: the reward model, the
+    LoRA and the cached image vectors trained on it go with it (to be trained again on what is left); another
+    user's stay, and so do the user's artefacts not learned from the profile."""
+    from safetensors.numpy import save
+
+    from concept_db.types import PROFILE_ARTEFACTS
+    from mmpersona.preferences import PROFILE_VECTORS_BLOB, USER_EMBEDDING_BLOB
+    from mmpersona.reward import BLOB_NAME
+    from pipelines.t2i import LORA_BLOB
+
+    assert set(PROFILE_ARTEFACTS) == {BLOB_NAME, LORA_BLOB, USER_EMBEDDING_BLOB, PROFILE_VECTORS_BLOB}
+    url = str(tmp_path / "c.db") if backend == "sqlite" else request.getfixturevalue("pg_url")
+    with ConceptDB(url, embedder=tiny_embedder) as db:
+        profiles = {user: PreferenceProfile(db, user) for user in ("alice", "bob")}
+        for user, p in profiles.items():
+            p.like(drawn((200, 30, 30)))
+            p.dislike(drawn((30, 30, 200)))
+            p.user_embedding()
+            assert not p.train_reward().cold_start
+            db.store.put_blob(user, LORA_BLOB, save({"w": np.ones(2, np.float32)}), model="m")
+            db.store.put_blob(user, "concept_tokens", save({"t": np.zeros(2, np.float32)}), model="m")
+        assert db.store.get_blob("alice", PROFILE_VECTORS_BLOB) is not None
+        removed = db.store.delete_profile_event("alice", profiles["alice"].events("like")[0].id)
+        assert removed == sorted(PROFILE_ARTEFACTS)
+        alice = PreferenceProfile(db, "alice")
+        assert alice.reward().cold_start and all(db.store.get_blob("alice", n) is None for n in PROFILE_ARTEFACTS)
+        assert db.store.get_blob("alice", "concept_tokens") is not None  # not learned from the profile
+        assert not PreferenceProfile(db, "bob").reward().cold_start
+        assert all(db.store.get_blob("bob", n) is not None for n in PROFILE_ARTEFACTS)
+        assert not alice.train_reward().cold_start  # trained again on the dislike that is left
+        last = alice.events("dislike")[0].id
+        assert db.store.delete_profile_event("alice", last) == sorted([BLOB_NAME, PROFILE_VECTORS_BLOB])

@@ -387,8 +387,10 @@ def test_profile_events_through_http(api):
         assert alice.put("/v1/profile/attributes", json={"liked": ["warm light"]}).json()["liked"] == ["warm light"]
         assert alice.get("/v1/profile/attributes").json()["liked"] == ["warm light"]
         assert alice.post("/v1/profile/reward").json()["pairs"] == 1
-        assert alice.delete(f"/v1/profile/events/{like.json()['id']}").json()["deleted"]
+        forgot = alice.delete(f"/v1/profile/events/{like.json()['id']}").json()
+        assert forgot["deleted"] and "reward_model" in forgot["artefacts_removed"]  # untrained: train it again
         assert alice.get("/v1/profile").json()["counts"]["like"] == 0
+        assert alice.get("/v1/profile").json()["reward_model"] == {"cold_start": True}
         assert alice.delete(f"/v1/profile/events/{like.json()['id']}").status_code == 404
         assert alice.delete("/v1/profile").json()["removed"] >= 2
         assert alice.get("/v1/profile").json()["counts"] == {"like": 0, "dislike": 0, "pair": 0, "prompt": 0}

@@ -33,8 +33,11 @@ def profile_tab(gr, app: App, guarded, demo, profile_tick) -> None:
 
                 @guarded
                 def remove(count, request: gr.Request, event_id=row["id"]):
-                    app.db.store.delete_profile_event(app.user(request), event_id)
-                    return "removed it from your profile", count + 1
+                    removed = app.db.store.delete_profile_event(app.user(request), event_id)
+                    learned = {"reward_model": "reward model", "dpo_lora": "LoRA"}
+                    names = [learned[n] for n in removed if n in learned]
+                    note = f"; your {' and '.join(names)} learned from it went too: train again" if names else ""
+                    return "removed it from your profile" + note, count + 1
 
                 forget.click(remove, [profile_tick], [p_status, profile_tick])
 

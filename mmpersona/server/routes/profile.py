@@ -66,8 +66,9 @@ async def profile_record(event: EventRequest, user: str = Depends(user_of),
 
 @router.delete("/v1/profile/events/{event_id}")
 def profile_forget(event_id: str, user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
-    srv.db.store.delete_profile_event(user, event_id)
-    return {"id": event_id, "object": "profile.event", "deleted": True}
+    removed = srv.db.store.delete_profile_event(user, event_id)
+    # what was learned from the profile went with it (the reward model, the LoRA): train them again to use them
+    return {"id": event_id, "object": "profile.event", "deleted": True, "artefacts_removed": removed}
 
 
 @router.get("/v1/profile/attributes")
