@@ -51,6 +51,9 @@ STRIDES = (8, 16, 32)
 #: for the concept embedder (a plush sloth is no COCO class, and scores 0.2 as a "teddy bear"); measured on
 #: DreamBooth composites (`benchmarks/recognition_real.py`): every subject had a box at 0.15.
 DEFAULT_THRESHOLD = 0.15
+#: Photos whose longer side is above this are shrunk to it first (4x the input: the network's own resize then
+#: works on at most 1664 x 1664 pixels).
+MAX_SIDE = 4 * SIZE
 #: Proposals overlapping a better one by this IoU are the same object (class-agnostic suppression).
 NMS_IOU = 0.5
 
@@ -110,7 +113,11 @@ class NanoDet:
         import numpy as np
         import torch
         import torch.nn.functional as F
+        from PIL import Image
 
+        if max(image.size) > MAX_SIDE:  # a bounded cost: a 24 MP photo would be 288 MB of float32 pixels
+            image = image.copy()
+            image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BILINEAR)
         # bilinear without antialiasing, as NanoDet's own pipeline resizes (cv2.INTER_LINEAR)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)[..., ::-1].copy()).permute(2, 0, 1)[None]
         pixels = F.interpolate(pixels, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=False)

