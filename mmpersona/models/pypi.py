@@ -26,6 +26,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 from ..errors import ModelUnavailableError
 
@@ -130,34 +131,92 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def folder_of(files: PypiFiles) -> Path:
+def cache_folder(source: str, name: str) -> Path:
+    """Where a package registry's (`"pypi"`, `"npm"`) named files are cached."""
     from ..paths import cache_dir
 
-    return cache_dir() / "pypi" / files.name
+    return cache_dir() / source / name
 
 
-def cached(files: PypiFiles) -> Path | None:
-    """The cache folder when it holds every member with the right SHA-256, else None."""
-    folder = folder_of(files)
-    for m in files.members:
+def checked_folder(folder: Path, members: Sequence[Member]) -> Path | None:
+    """`folder` when it holds every member with the right SHA-256, else None."""
+    for m in members:
         path = folder / m.name
         if not path.is_file() or sha256_of(path) != m.sha256:
             return None
     return folder
 
 
-def ensure(files: PypiFiles, *, model_id: str | None = None) -> Path:
-    """The cache folder holding `files`' members, downloading and checking them first when needed."""
-    folder = cached(files)
+def fetch_once(key: str, check: Callable[[], Path | None], download: Callable[[], Path]) -> Path:
+    """`check()`'s folder, or `download()`'s: one download at a time per `key` (a model id), checked again once
+    the lock is held (a concurrent caller may have just finished it)."""
+    folder = check()
     if folder is not None:
         return folder
     with _locks_guard:
-        lock = _locks.setdefault(files.name, threading.Lock())
+        lock = _locks.setdefault(key, threading.Lock())
     with lock:
-        folder = cached(files)
-        if folder is None:
-            folder = _download(files, model_id or f"pypi:{files.name}")
-    return folder
+        return check() or download()
+
+
+def install_members(archive: Path, members: Sequence[Member], folder: Path, staging: Path,
+                    fail: Callable[[str], Exception]) -> None:
+    """Copy each member out of a wheel (zip) or a tarball into `staging`, checking its SHA-256, then move them
+    into `folder`, each whole or not at all. Nothing in the archive is run, and no path from it is used to write
+    (each member is written under its own fixed name)."""
+    staging.mkdir()
+    extract_members(archive, members, staging, fail)
+    folder.mkdir(exist_ok=True)
+    for m in members:
+        os.replace(staging / m.name, folder / m.name)
+
+
+def extract_members(archive: Path, members: Sequence[Member], dest: Path, fail: Callable[[str], Exception]) -> None:
+    """Copy each member out of a wheel (zip) or a tarball (read in one pass) into `dest` under its fixed name,
+    checking its SHA-256; `fail(reason)` is the error raised."""
+    import tarfile
+    import zipfile
+
+    try:
+        if archive.name.endswith(".whl"):
+            with zipfile.ZipFile(archive) as z:
+                names = set(z.namelist())
+                for m in members:
+                    if m.path in names:  # a missing one is reported below
+                        with z.open(m.path) as src, open(dest / m.name, "wb") as out:
+                            shutil.copyfileobj(src, out, 1 << 20)
+        else:
+            wanted = {m.path: m for m in members}
+            with tarfile.open(archive, "r:*") as t:
+                for info in t:
+                    m = wanted.get(info.name)
+                    src = t.extractfile(info) if m is not None and info.isfile() else None
+                    if src is not None:
+                        with src, open(dest / m.name, "wb") as out:
+                            shutil.copyfileobj(src, out, 1 << 20)
+    except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+        raise fail(f"{archive.name} could not be read ({e})") from e
+    for m in members:
+        target = dest / m.name
+        if not target.is_file():
+            raise fail(f"{archive.name} has no {m.path}")
+        if sha256_of(target) != m.sha256:
+            raise fail(f"{m.path} in {archive.name} does not have the expected SHA-256 {m.sha256}")
+
+
+def folder_of(files: PypiFiles) -> Path:
+    return cache_folder("pypi", files.name)
+
+
+def cached(files: PypiFiles) -> Path | None:
+    """The cache folder when it holds every member with the right SHA-256, else None."""
+    return checked_folder(folder_of(files), files.members)
+
+
+def ensure(files: PypiFiles, *, model_id: str | None = None) -> Path:
+    """The cache folder holding `files`' members, downloading and checking them first when needed."""
+    key = f"pypi:{files.name}"
+    return fetch_once(key, lambda: cached(files), lambda: _download(files, model_id or key))
 
 
 def _fail(files: PypiFiles, model_id: str, reason: str) -> ModelUnavailableError:
@@ -209,38 +268,12 @@ def _download(files: PypiFiles, model_id: str) -> Path:
         archive = got[0]
         if dist.sha256 is not None and sha256_of(archive) != dist.sha256:
             raise _fail(files, model_id, f"{archive.name} does not have the published SHA-256 {dist.sha256}")
-        staged = Path(tmp) / "members"
-        staged.mkdir()
-        _extract(files, archive, staged, model_id)
-        folder.mkdir(exist_ok=True)
-        for m in files.members:
-            os.replace(staged / m.name, folder / m.name)  # each file appears whole or not at all
+        install_members(archive, files.members, folder, Path(tmp) / "members",
+                        lambda reason: _fail(files, model_id, reason))
     logger.warning("cached %s in %s", model_id, folder)
     return folder
 
 
 def _extract(files: PypiFiles, archive: Path, dest: Path, model_id: str) -> None:
-    """Copy each member out of a wheel (zip) or an sdist (tar.gz), checking its SHA-256; nothing is executed
-    and no path from the archive is used to write (each member is written under its own fixed name)."""
-    import tarfile
-    import zipfile
-
-    for m in files.members:
-        target = dest / m.name
-        try:
-            if archive.name.endswith(".whl"):
-                with zipfile.ZipFile(archive) as z, z.open(m.path) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-            else:
-                with tarfile.open(archive, "r:*") as t:
-                    src = t.extractfile(m.path)
-                    if src is None:
-                        raise KeyError(m.path)
-                    with src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, 1 << 20)
-        except KeyError:
-            raise _fail(files, model_id, f"{archive.name} has no {m.path}") from None
-        except (OSError, zipfile.BadZipFile, tarfile.TarError) as e:
-            raise _fail(files, model_id, f"{archive.name} could not be read ({e})") from e
-        if sha256_of(target) != m.sha256:
-            raise _fail(files, model_id, f"{m.path} in {archive.name} does not have the expected SHA-256 {m.sha256}")
+    """`extract_members` for `files`, failing with their fix."""
+    extract_members(archive, files.members, dest, lambda reason: _fail(files, model_id, reason))
