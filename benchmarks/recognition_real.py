@@ -14,7 +14,9 @@ A set not given is skipped.
 
 Rows (`--rows`): `tiny-clip` (random weights: chance level, as a check), `mobilenetv2` (the real ImageNet
 MobileNetV2 as the image embedder), `face` (dlib's faces only), `fusion` (MobileNetV2 and faces, fused by the
-documented rule); with `--detector ID`, each also with regions (+ assignment).
+documented rule); with `--detector ID`, each also with regions (+ assignment; a region hit is accepted by its
+cohort-normalised score, S-norm, as `Retriever` does by default), and with `--cosine-regions` also with regions
+accepted by the cosine threshold (`+regions-cosine`: `region_snorm=None`, the rule before S-norm).
 
 Measures, each with its count of concepts and images:
 - dreambooth: concept retrieval top-1 with 1 and with 3 reference photos (the first photos of each subject);
@@ -26,7 +28,8 @@ Measures, each with its count of concepts and images:
 - faces: identification top-1 (one reference photo per person, `--face-queries` queries each) and verification
   AUC (query vs every person's reference);
 - composites: `--composites` canvases of 2-4 DreamBooth subjects (photos not used as references, at varied
-  scales and positions), recall and precision of the concepts found (k = 4, the calibrated threshold);
+  scales and positions), recall and precision of the concepts found (k = 4, the calibrated threshold for the
+  whole image; regions by S-norm);
 - ms per image for each row.
 Writes `recognition_real.md` (a table) and `recognition_real.png` (a bar plot) to `--out`, and prints one final
 JSON line: {"rows": {row: {measure: value}}, "counts": {...}, "targets": {...}}.
@@ -74,13 +77,15 @@ def auc(pos: list[float], neg: list[float]) -> float:
 class Row:
     """One configuration: which embedder the database uses, whether faces are matched, whether regions are."""
 
-    def __init__(self, name: str, embedder, face, detector, workdir: Path):
+    def __init__(self, name: str, embedder, face, detector, workdir: Path, *, snorm: bool = True):
         from mmpersona.conceptdb import ConceptDB
         from pipelines.retrieval import Retriever
 
         self.name, self.face_only = name, name.startswith("face")
         self.db = ConceptDB(workdir / f"{name}-{time.monotonic_ns()}.db", embedder=embedder)
         self.retriever = Retriever(self.db, detector, face=face)
+        if not snorm:
+            self.retriever.region_snorm = None
         self.retriever.index_budget = None  # every reference image indexed before the first query is measured
         self.regions = detector is not None
         self.seconds, self.images = 0.0, 0
@@ -293,6 +298,8 @@ def main() -> None:
     parser.add_argument("--faces", type=Path, help="folder-per-person face photos")
     parser.add_argument("--rows", default="tiny-clip,mobilenetv2,face,fusion")
     parser.add_argument("--detector", help="a detector id for the +regions rows (none: no region rows)")
+    parser.add_argument("--cosine-regions", action="store_true",
+                        help="also rows whose regions are accepted by the cosine threshold (no S-norm)")
     parser.add_argument("--face-queries", type=int, default=5, help="query photos per person")
     parser.add_argument("--composites", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
@@ -328,6 +335,9 @@ def main() -> None:
                 made.append(Row(name, embedder(emb), f, None, Path(tmp)))
                 if detector is not None:
                     made.append(Row(f"{name}+regions", embedder(emb), f, detector, Path(tmp)))
+                    if args.cosine_regions:
+                        made.append(Row(f"{name}+regions-cosine", embedder(emb), f, detector, Path(tmp),
+                                        snorm=False))
             return made
 
         rows = make_rows()

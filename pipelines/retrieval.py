@@ -15,6 +15,12 @@ match, where CLIP sees "a person"). When the photo has faces, a person concept (
 images) is found by its face or not at all: CLIP and instance hits of person concepts are dropped, so a stranger
 is not taken for the user's friend because both are people. A detected region holding a face takes the face's
 concept (one face per region) and is not assigned again.
+
+How a region hit is accepted (README "Regions"): for a user with at least `COHORT_MIN` concepts, a crop's score
+to a concept must stand out among the user's concepts: its S-norm (`pipelines.cohort`) at least `region_snorm`
+(2.5 by default). A crop scores lower than the whole photos the cosine threshold was calibrated on, and a part
+of one object looks a little like everything; the normalised score tells the two apart where the cosine cannot.
+Users with fewer concepts, and `region_snorm=None`, keep the cosine threshold for regions too.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from concept_db.types import InvalidConceptError, normalize_name
 
 from .caching import UserCache
+from .cohort import COHORT_K, COHORT_MIN, REGION_SNORM, ConceptCohort, best_pairs, concept_cohort, snorm
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -50,7 +57,8 @@ class RetrievedConcept:
 
     `score` is a cosine similarity for image, region and face hits (faces: of face vectors), and 1.0 for a
     mention. `box` is the region `(x0, y0, x1, y1)` for region hits, the face's for face hits; `image` the
-    content hash of the reference image that matched.
+    content hash of the reference image that matched; `snorm` a region hit's cohort-normalised score, when it
+    was accepted by it (module docs).
     """
 
     concept: "Concept"
@@ -58,10 +66,12 @@ class RetrievedConcept:
     source: str
     box: tuple[int, int, int, int] | None = None
     image: str | None = None
+    snorm: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"concept": self.concept.to_dict(), "score": round(self.score, 6), "source": self.source,
-                "box": list(self.box) if self.box else None, "image": self.image}
+                "box": list(self.box) if self.box else None, "image": self.image,
+                "snorm": None if self.snorm is None else round(self.snorm, 4)}
 
 
 def mention_candidates(text: str, max_words: int = 3) -> list[str]:
@@ -86,12 +96,14 @@ class Retriever:
     """Retrieval over one `ConceptDB` (and, for regions, a detector).
 
     `detector_threshold`: the detector's box score threshold; None (default) uses the detector family's own
-    (OWLv2 0.1, Grounding DINO 0.35 with 0.25 for its label tokens: `Detector.default_threshold`)."""
+    (OWLv2 0.1, Grounding DINO 0.35 with 0.25 for its label tokens: `Detector.default_threshold`).
+    `region_snorm`: the S-norm a region hit needs (module docs); None: the cosine threshold, as for images."""
 
     def __init__(self, db: "ConceptDB", detector: "Detector | None" = None, *,
                  detector_threshold: float | None = None, max_regions: int = 8,
                  instance: "InstanceEmbedder | None" = None, instance_weight: float = 0.5,
-                 face: "FaceModel | None" = None, face_threshold: float | None = None):
+                 face: "FaceModel | None" = None, face_threshold: float | None = None,
+                 region_snorm: float | None = REGION_SNORM):
         self.db = db
         self.detector = detector
         self.detector_threshold = detector_threshold
@@ -102,7 +114,8 @@ class Retriever:
         self.instance_weight = instance_weight
         self.face = face
         self.face_threshold = face_threshold  # None: the user's calibrated one, else the face model's default
-        self._cache = UserCache(per_user=32, users=64)  # see image_vector, faces
+        self.region_snorm = region_snorm
+        self._cache = UserCache(per_user=32, users=64)  # see image_vector, faces, cohort
         # (user, instance embedder) -> the store revision at which all the user's images had its vectors
         self._indexed: dict[tuple[str, str], int] = {}
         # (user, face model) -> (revision, ids of the concepts with a face in their reference images)
@@ -257,6 +270,44 @@ class Retriever:
         scored.sort(key=lambda t: -t[1])
         return scored[:k]
 
+    def cohort(self, user: str) -> ConceptCohort | None:
+        """The statistics of the user's concepts that region scores are normalised with (`pipelines.cohort`), or
+        None when regions keep the cosine threshold (`region_snorm` is None, or fewer than `COHORT_MIN`
+        concepts). Computed from the stored vectors (fused as `fused` fuses, with an instance embedder) once per
+        change of the user's data, and cached for that user only."""
+        if self.region_snorm is None:
+            return None
+        if self.instance is not None:
+            self.ensure_instance_vectors(user)
+        parts = [self.db.embedder.name]
+        if self.instance is not None:
+            parts += [self.instance.name, repr(self.instance_weight)]
+        key = f"cohort|{'|'.join(parts)}|{self.db.store.revision(user)}"
+        found = self._cache.get(user, key)
+        if found is None:
+            found = self._concept_cohort(user)
+            self._cache.put(user, key, found)
+        return found if len(found) >= COHORT_MIN else None
+
+    def _concept_cohort(self, user: str) -> ConceptCohort:
+        import numpy as np
+
+        ids, _, vectors = self.db.store.owner_vectors(user, self.db.embedder.name)
+        concepts, matrix = best_pairs(ids, vectors)
+        if len(concepts) < COHORT_MIN:
+            return ConceptCohort({}, {})
+        if self.instance is not None:
+            inst_ids, _, inst_vectors = self.db.store.owner_vectors(user, self.instance.name)
+            inst_concepts, inst_matrix = best_pairs(inst_ids, inst_vectors)
+            where = {c: i for i, c in enumerate(inst_concepts)}
+            have = [a for a, c in enumerate(concepts) if c in where]  # not yet indexed: CLIP's score alone
+            full = matrix.copy()
+            full[np.ix_(have, have)] = inst_matrix[np.ix_([where[concepts[a]] for a in have],
+                                                          [where[concepts[a]] for a in have])]
+            w = self.instance_weight
+            matrix = (1 - w) * matrix + w * full
+        return concept_cohort(concepts, matrix)
+
     def regions(self, user: str, image: "Image.Image", *, merge_iou: float | None = None) -> list["Detection"]:
         """Boxes of the user's categories in `image` (one detector pass, every category a query), best first;
         with `merge_iou`, a box overlapping a better one by at least that IoU is merged into it (whatever its
@@ -286,28 +337,43 @@ class Retriever:
         once. Without it, each region contributes its `k` best concepts (and `merge` keeps a concept's best).
 
         `taken`: face hits already assigned; with `assign`, a region holding one of those faces (its centre) is
-        that face's concept's region and takes no other, and those concepts are not assigned to another region."""
+        that face's concept's region and takes no other, and those concepts are not assigned to another region.
+
+        A hit is accepted by its S-norm (at least `region_snorm`) when the user has a cohort (`cohort`), else by
+        `min_score` (module docs)."""
         detections = self.regions(user, image, merge_iou=merge_iou if assign else None)
         if assign and taken:
             detections = [d for d in detections if not any(_holds(d.box, r.box) for r in taken)]
         if not detections:
             return []
+        cohort = self.cohort(user)
         crops = [image.crop(d.box) for d in detections]
         vectors = self.db.embedder.embed_images(crops)
         # assigning: enough candidates per region that a region whose best concept went elsewhere has its next
         per_region = max(k, len(detections)) if assign else k
+        # normalising: each crop's K + 1 best, its cohort (accepted by S-norm, not by the cosine threshold)
+        wide, floor = (max(per_region, min(COHORT_K + 1, len(cohort))), None) if cohort else (per_region, min_score)
         if self.instance is not None:
             instance = self.instance_vectors(crops)
-            hits = [self.fused(user, v, iv, per_region, min_score) for v, iv in zip(vectors, instance, strict=True)]
+            hits = [self.fused(user, v, iv, wide, floor) for v, iv in zip(vectors, instance, strict=True)]
         else:
             hits = [[(m, m.score) for m in self.db.store.search(user, v, embedder=self.db.embedder.name,
-                                                                 k=per_region, min_score=min_score)]
+                                                                 k=wide, min_score=floor)]
                     for v in vectors]
+        scored = [[(m, score, None) for m, score in matches] for matches in hits]
+        if cohort:
+            scored = []
+            for matches in hits:
+                norms = snorm({m.concept.id: score for m, score in matches}, cohort)
+                kept = [(m, score, norms[m.concept.id]) for m, score in matches
+                        if norms.get(m.concept.id, float("-inf")) >= self.region_snorm]
+                scored.append(kept[:per_region])
         if not assign:
-            return [RetrievedConcept(m.concept, score, "region", det.box, m.image)
-                    for det, matches in zip(detections, hits, strict=True) for m, score in matches]
-        candidates = [(score, i, m) for i, matches in enumerate(hits) for m, score in matches]
-        return [RetrievedConcept(m.concept, score, "region", detections[i].box, m.image)
+            return [RetrievedConcept(m.concept, score, "region", det.box, m.image, z)
+                    for det, matches in zip(detections, scored, strict=True) for m, score, z in matches]
+        candidates = [(score, i, m) for i, matches in enumerate(scored) for m, score, _ in matches]
+        norms = {(i, m.concept.id): z for i, matches in enumerate(scored) for m, _, z in matches}
+        return [RetrievedConcept(m.concept, score, "region", detections[i].box, m.image, norms[i, m.concept.id])
                 for score, i, m in one_to_one(candidates, taken={r.concept.id for r in taken or ()})]
 
     def retrieve(self, user: str, text: str, image: "Image.Image | None", *, k: int = 3,

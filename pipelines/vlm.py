@@ -227,7 +227,8 @@ class PersonalizedVLMPipeline:
                                       detector_threshold=self.retriever.detector_threshold,
                                       max_regions=self.retriever.max_regions,
                                       instance_weight=self.retriever.instance_weight, face=face,
-                                      face_threshold=self.retriever.face_threshold)
+                                      face_threshold=self.retriever.face_threshold,
+                                      region_snorm=self.retriever.region_snorm)
             out.retriever._cache, out.retriever._indexed = self.retriever._cache, self.retriever._indexed
             out.retriever._people = self.retriever._people
         fields = {k: int(v) for k, v in options.items()
