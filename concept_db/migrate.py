@@ -66,6 +66,10 @@ def _vectors_by_concept(store: "SQLStore", owner: str) -> dict[str, dict[str, di
     return out
 
 
+#: What a user's data is made of, as `summarize` counts it (`migrate_owner` copies all but images on their own)
+KINDS = ("concepts", "images", "vectors", "tensors", "events", "blobs", "settings", "memory")
+
+
 def summarize(store: "SQLStore", owner: str) -> tuple[dict[str, int], str]:
     """Counts and a digest of everything `owner` has in `store`, independent of backend and of concept ids."""
     digest, counts = hashlib.sha256(), Counter()
@@ -101,8 +105,11 @@ def summarize(store: "SQLStore", owner: str) -> tuple[dict[str, int], str]:
     for key, value in sorted(store.settings(owner).items()):
         feed("setting", key, value)
         counts["settings"] += 1
-    return {k: counts[k] for k in ("concepts", "images", "vectors", "tensors", "events", "blobs", "settings")}, \
-        digest.hexdigest()
+    for m in sorted(store.memory(owner), key=lambda m: m.id):
+        feed("memory", m.id, m.text, name_of.get(m.concept_id) if m.concept_id else None, m.kind, m.topic, m.status,
+             m.source, m.valid_from, m.superseded_by, m.created, m.updated)
+        counts["memory"] += 1
+    return {k: counts[k] for k in KINDS}, digest.hexdigest()
 
 
 def migrate_owner(source: "SQLStore", target: "SQLStore", owner: str, *, batch: int = 200,
@@ -169,15 +176,21 @@ def migrate_owner(source: "SQLStore", target: "SQLStore", owner: str, *, batch: 
         if target.get_setting(owner, key, _MISSING) != value:
             target.set_setting(owner, key, value)
             copied["settings"] += 1
+    have_memory = {m.id for m in target.memory(owner)}
+    # oldest first: each state is added after those it replaces, so the target orders them as the source does
+    for m in sorted(source.memory(owner), key=lambda m: (m.valid_from, m.created, m.id)):
+        if m.id not in have_memory:
+            target.add_memory(owner, m.text, concept_id=on_target[source_name[m.concept_id]] if m.concept_id else None,
+                              kind=m.kind, topic=m.topic, status=m.status, source=m.source, valid_from=m.valid_from,
+                              entry_id=m.id, created=m.created, updated=m.updated)
+            copied["memory"] += 1
     counts, digest = summarize(source, owner)
     target_counts, target_digest = summarize(target, owner)
     if (counts, digest) != (target_counts, target_digest):
         differ = {k: (counts[k], target_counts[k]) for k in counts if counts[k] != target_counts[k]}
         raise MigrationError(f"user {owner!r} differs after copying: "
                              + (f"counts (source, target) {differ}" if differ else "same counts, different content"))
-    return OwnerMigration(owner, {k: copied[k] for k in ("concepts", "vectors", "tensors", "events", "blobs",
-                                                         "settings")},
-                          counts, digest)
+    return OwnerMigration(owner, {k: copied[k] for k in KINDS if k != "images"}, counts, digest)
 
 
 

@@ -132,6 +132,24 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     -- as SQLite's migration 5: bumped whenever an owner's preference profile loses entries
     CREATE TABLE profile_generations (owner text PRIMARY KEY, generation bigint NOT NULL);
     """),
+    (5, """
+    -- as SQLite's migration 6: what the user told the assistant (types.MemoryEntry)
+    CREATE TABLE memory_entries (
+        id text PRIMARY KEY,
+        owner text NOT NULL,
+        text text NOT NULL,
+        concept_id text,
+        kind text NOT NULL,
+        topic text NOT NULL,
+        status text NOT NULL,
+        source text NOT NULL,
+        valid_from double precision NOT NULL,
+        superseded_by text,
+        created double precision NOT NULL,
+        updated double precision NOT NULL
+    );
+    CREATE INDEX memory_entries_owner ON memory_entries (owner, concept_id);
+    """),
 ]
 
 _MIGRATION_LOCK = 7_345_121  # advisory lock key: one process migrates at a time

@@ -14,10 +14,12 @@ import secrets
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from .types import (MAX_ALIASES, PROFILE_KINDS, BulkResult, Concept, ConceptNotFound, DuplicateConceptError,
-                    InvalidConceptError, Match, NewConcept, ProfileEvent, Quota, StoredTensor, Usage, check_owner,
+                    InvalidConceptError, Match, MemoryEntry, NewConcept, ProfileEvent, Quota, StoredTensor, Usage,
+                    check_owner,
                     check_text, content_hash, handle_skeleton, hash_key, normalize_name)
 
 if TYPE_CHECKING:
@@ -38,7 +40,10 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "profile_events": (("id", "owner", "kind", "prompt", "image", "other", "comment", "created"), ("id",)),
     "owner_blobs": (("owner", "name", "model", "data", "created"), ("owner", "name")),
     "profile_generations": (("owner", "generation"), ("owner",)),
+    "memory_entries": (("id", "owner", "text", "concept_id", "kind", "topic", "status", "source", "valid_from",
+                        "superseded_by", "created", "updated"), ("id",)),
 }
+_MEMORY_COLUMNS = ", ".join(TABLES["memory_entries"][0])  # MemoryEntry's fields, in order
 
 
 class SQLStore:
@@ -453,6 +458,7 @@ class SQLStore:
             c.execute("DELETE FROM handles WHERE concept_id = ?", (concept_id,))
             c.execute("DELETE FROM concept_images WHERE concept_id = ?", (concept_id,))
             c.execute("DELETE FROM concepts WHERE id = ? AND owner = ?", (concept_id, owner))
+            c.execute("DELETE FROM memory_entries WHERE owner = ? AND concept_id = ?", (owner, concept_id))
             self._drop_orphan_images(c, concept.images)
             self._bump(c, owner)
 
@@ -481,6 +487,7 @@ class SQLStore:
             c.execute("DELETE FROM owner_settings WHERE owner = ?", (owner,))
             hashes += self._delete_profile(c, owner)
             c.execute("DELETE FROM owner_blobs WHERE owner = ?", (owner,))
+            c.execute("DELETE FROM memory_entries WHERE owner = ?", (owner,))
             n = c.execute("DELETE FROM concepts WHERE owner = ?", (owner,)).rowcount
             self._drop_orphan_images(c, hashes)
             self._bump(c, owner)
@@ -548,7 +555,8 @@ class SQLStore:
                 f"i.hkey = {self._HKEY.format('e.' + column)} AND i.hash = e.{column} "
                 f"WHERE e.owner = ? AND e.{column} IS NOT NULL", (owner,)).fetchone()
             size += more
-        return Usage(images=int(images), events=int(events), bytes=int(size))
+        (memory,) = c.execute("SELECT COUNT(*) FROM memory_entries WHERE owner = ?", (owner,)).fetchone()
+        return Usage(images=int(images), events=int(events), bytes=int(size), memory=int(memory))
 
     def check_quota(self, owner: str, *, images: int = 0, events: int = 0, size: int = 0) -> None:
         """Refuse early (`QuotaExceeded`) what the quota will refuse when it is written (before work is spent on it:
@@ -564,7 +572,7 @@ class SQLStore:
         known = self._usage_known.get(owner)
         return known[1] if known is not None and known[0] == self._revision(c, owner) else self._usage(c, owner)
 
-    def _charge(self, c, owner: str, *, images: int = 0, events: int = 0, size: int = 0) -> None:
+    def _charge(self, c, owner: str, *, images: int = 0, events: int = 0, size: int = 0, memory: int = 0) -> None:
         """Refuse (`QuotaExceeded`) a write that takes `owner` past the quota, inside its transaction; the usage
         once it lands is kept for the next check (`_bump` files it under the new revision)."""
         if self.quota is None:
@@ -572,8 +580,9 @@ class SQLStore:
         if self._OWNER_LOCK is not None:
             c.execute(self._OWNER_LOCK, (owner,))
         now = self._current_usage(c, owner)
-        self.quota.check(owner, now, images=images, events=events, size=size)
-        self._usage_after[owner] = Usage(now.images + images, now.events + events, now.bytes + size)
+        self.quota.check(owner, now, images=images, events=events, size=size, memory=memory)
+        self._usage_after[owner] = Usage(now.images + images, now.events + events, now.bytes + size,
+                                         now.memory + memory)
 
     def revision(self, owner: str) -> int:
         """A number that changes whenever the owner's data does (0 before the first write): what a cache of
@@ -672,8 +681,9 @@ class SQLStore:
         return [r[0] for r in rows], [r[1] for r in rows], self._matrix([r[2] for r in rows], dim)
 
     def owners(self) -> list[str]:
-        """Every owner with data in this database (concepts, settings, profile or per-user artefacts)."""
-        return sorted({r[0] for table in ("concepts", "owner_settings", "profile_events", "owner_blobs")
+        """Every owner with data in this database (concepts, settings, profile, per-user artefacts or memory)."""
+        tables = ("concepts", "owner_settings", "profile_events", "owner_blobs", "memory_entries")
+        return sorted({r[0] for table in tables
                        for r in self._conn.execute(f"SELECT DISTINCT owner FROM {table}")})
 
     def embedder_dims(self) -> dict[str, int]:
@@ -794,6 +804,129 @@ class SQLStore:
             raise ProfileChanged(f"the preference profile of {owner!r} was reset or lost entries while this was "
                                  "computed from it: nothing was stored (run it again on the profile as it is now)")
 
+    # ------------------------------------------------------------------ memory
+
+    def add_memory(self, owner: str, text: str, *, concept_id: str | None = None, kind: str = "fact",
+                   topic: str = "", status: str = "accepted", source: str = "", valid_from: float | None = None,
+                   entry_id: str | None = None, created: float | None = None,
+                   updated: float | None = None) -> MemoryEntry:
+        """Remember something the user said (`MemoryEntry`), about their concept `concept_id` or about them.
+
+        An accepted state replaces the current state of the same concept and topic that holds from an earlier
+        time (or is itself history, when a newer one is already known). `entry_id`, `created` and `updated`
+        restore an entry as it was (migrations)."""
+        check_owner(owner)
+        now = time.time()
+        text, kind, topic, status, source = _memory_fields(text, kind, topic, status, source)
+        entry = MemoryEntry(_restored_id(entry_id) or new_id(), owner, text, concept_id, kind, topic, status, source,
+                            valid_from=float(valid_from) if valid_from is not None else now,
+                            created=float(created) if created is not None else now,
+                            updated=float(updated) if updated is not None else now)
+        with self._tx() as c:
+            self._check_memory_concept(c, owner, concept_id)
+            self._charge(c, owner, memory=1)
+            self._insert(c, "memory_entries", [_memory_row(entry)])
+            self._resolve_states(c, owner, entry)
+            self._bump(c, owner)
+        return self.memory_entry(owner, entry.id)
+
+    def memory_entry(self, owner: str, entry_id: str) -> MemoryEntry:
+        check_owner(owner)
+        row = self._conn.execute(f"SELECT {_MEMORY_COLUMNS} FROM memory_entries WHERE id = ? AND owner = ?",
+                                 (entry_id, owner)).fetchone()
+        if row is None:
+            raise ConceptNotFound(f"user {owner!r} has no memory entry {entry_id!r}")
+        return MemoryEntry(*row[:2], *_memory_tail(row))
+
+    def memory(self, owner: str, *, concept_ids: Sequence[str | None] | None = None, status: str | None = None,
+               current: bool = False, limit: int | None = None, offset: int = 0) -> list[MemoryEntry]:
+        """The owner's memory entries, newest first (by `valid_from`, then `created`): of `concept_ids` only when
+        given (None in it: the entries about the user), with `status` only, or only the `current` ones
+        (accepted, not superseded)."""
+        check_owner(owner)
+        sql = f"SELECT {_MEMORY_COLUMNS} FROM memory_entries WHERE owner = ?"
+        args: list[Any] = [owner]
+        if concept_ids is not None:
+            ids = [i for i in concept_ids if i is not None]
+            parts = [f"concept_id IN ({', '.join('?' * len(ids))})"] if ids else []
+            if len(ids) != len(concept_ids):
+                parts.append("concept_id IS NULL")
+            if not parts:
+                return []
+            sql += " AND (" + " OR ".join(parts) + ")"
+            args += ids
+        if current:
+            sql += " AND status = 'accepted' AND superseded_by IS NULL"
+        elif status is not None:
+            sql += " AND status = ?"
+            args.append(status)
+        sql += f" ORDER BY valid_from DESC, created DESC, id{self._COLLATE}"
+        if limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            args += [int(limit), int(offset)]
+        return [MemoryEntry(*r[:2], *_memory_tail(r)) for r in self._conn.execute(sql, args)]
+
+    def update_memory(self, owner: str, entry_id: str, **fields: Any) -> MemoryEntry:
+        """Change an entry's `text`, `kind`, `topic`, `status` (accept a proposal), `concept_id` or `valid_from`;
+        the states it leaves and joins are put in order again."""
+        allowed = {"text", "kind", "topic", "status", "concept_id", "valid_from"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise InvalidConceptError(f"cannot change {sorted(unknown)} of a memory entry; valid: {sorted(allowed)}")
+        check_owner(owner)
+        with self._tx() as c:
+            row = c.execute(f"SELECT {_MEMORY_COLUMNS} FROM memory_entries WHERE id = ? AND owner = ?"
+                            f"{self._FOR_UPDATE}", (entry_id, owner)).fetchone()
+            if row is None:
+                raise ConceptNotFound(f"user {owner!r} has no memory entry {entry_id!r}")
+            old = MemoryEntry(*row[:2], *_memory_tail(row))
+            merged = {f: fields.get(f, getattr(old, f)) for f in ("text", "kind", "topic", "status")}
+            text, kind, topic, status, source = _memory_fields(**merged, source=old.source)
+            new = replace(old, text=text, kind=kind, topic=topic, status=status,
+                          concept_id=fields.get("concept_id", old.concept_id),
+                          valid_from=float(fields.get("valid_from", old.valid_from)), updated=time.time(),
+                          superseded_by=None)
+            if new.concept_id != old.concept_id:
+                self._check_memory_concept(c, owner, new.concept_id)
+            c.execute("DELETE FROM memory_entries WHERE id = ?", (entry_id,))
+            self._insert(c, "memory_entries", [_memory_row(new)])
+            self._resolve_states(c, owner, old)
+            self._resolve_states(c, owner, new)
+            self._bump(c, owner)
+        return self.memory_entry(owner, entry_id)
+
+    def delete_memory(self, owner: str, entry_id: str) -> None:
+        """Forget one entry; a state it had replaced is current again."""
+        check_owner(owner)
+        with self._tx() as c:
+            row = c.execute(f"SELECT {_MEMORY_COLUMNS} FROM memory_entries WHERE id = ? AND owner = ?",
+                            (entry_id, owner)).fetchone()
+            if row is None:
+                raise ConceptNotFound(f"user {owner!r} has no memory entry {entry_id!r}")
+            c.execute("DELETE FROM memory_entries WHERE id = ?", (entry_id,))
+            self._resolve_states(c, owner, MemoryEntry(*row[:2], *_memory_tail(row)))
+            self._bump(c, owner)
+
+    def _check_memory_concept(self, c, owner: str, concept_id: str | None) -> None:
+        if concept_id is not None and c.execute("SELECT 1 FROM concepts WHERE id = ? AND owner = ?",
+                                                (concept_id, owner)).fetchone() is None:
+            raise ConceptNotFound(f"user {owner!r} has no concept {concept_id!r}")
+
+    def _resolve_states(self, c, owner: str, entry: MemoryEntry) -> None:
+        """Put the accepted states of `entry`'s concept and topic in order: each is replaced by the next newer one
+        (`superseded_by`), the newest is current. Facts and proposals are never superseded."""
+        if entry.kind != "state":
+            return
+        where = "concept_id IS NULL" if entry.concept_id is None else "concept_id = ?"
+        args = [owner, entry.topic] + ([] if entry.concept_id is None else [entry.concept_id])
+        chain = c.execute(f"SELECT id, superseded_by FROM memory_entries WHERE owner = ? AND kind = 'state' AND "
+                          f"status = 'accepted' AND topic = ? AND {where} ORDER BY valid_from, created, id",
+                          args).fetchall()
+        chain = [tuple(r) for r in chain]
+        for (eid, was), after in zip(chain, [r[0] for r in chain[1:]] + [None], strict=False):
+            if was != after:
+                c.execute("UPDATE memory_entries SET superseded_by = ? WHERE id = ?", (after, eid))
+
     def put_blob(self, owner: str, name: str, data: bytes, *, model: str,
                  profile_generation: int | None = None) -> None:
         """Store a per-user safetensors artefact (reward model, LoRA), tagged with the model it fits.
@@ -861,6 +994,36 @@ class _Rows(list):
 def _json(value: Any) -> Any:
     """An aggregated JSON column: text from SQLite, already parsed from PostgreSQL."""
     return json.loads(value) if isinstance(value, str) else value
+
+
+def _memory_fields(text: Any, kind: Any, topic: Any, status: Any, source: Any) -> tuple[str, str, str, str, str]:
+    """A memory entry's text fields, checked: (text, kind, topic, status, source)."""
+    from .types import MAX_MEMORY_TEXT, MAX_MEMORY_TOPIC, MEMORY_KINDS, MEMORY_STATUSES
+
+    text = check_text(text, "memory text", MAX_MEMORY_TEXT).strip()
+    if not text:
+        raise InvalidConceptError("a memory entry needs a non-empty text")
+    if kind not in MEMORY_KINDS:
+        raise InvalidConceptError(f"unknown memory kind {kind!r}; valid: {', '.join(MEMORY_KINDS)}")
+    if status not in MEMORY_STATUSES:
+        raise InvalidConceptError(f"unknown memory status {status!r}; valid: {', '.join(MEMORY_STATUSES)}")
+    topic = " ".join(check_text(topic, "memory topic", MAX_MEMORY_TOPIC).lower().split())
+    if kind == "state" and not topic:
+        raise InvalidConceptError("a state needs a topic (what it is the state of, e.g. 'age' or 'bed'): a newer "
+                                  "state of the same concept and topic replaces it")
+    return text, kind, topic, status, check_text(source, "memory source", 200)
+
+
+def _memory_row(e: MemoryEntry) -> tuple:
+    return (e.id, e.owner, e.text, e.concept_id, e.kind, e.topic, e.status, e.source, e.valid_from, e.superseded_by,
+            e.created, e.updated)
+
+
+def _memory_tail(row: Sequence[Any]) -> tuple:
+    """A memory row's fields after (id, owner), in `MemoryEntry`'s order."""
+    _, _, text, concept_id, kind, topic, status, source, valid_from, superseded_by, created, updated = row
+    return (text, concept_id, kind, topic, status, source, float(valid_from), superseded_by, float(created),
+            float(updated))
 
 
 def new_id() -> str:

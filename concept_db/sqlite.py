@@ -157,6 +157,24 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     -- result derived from the profile is stored only if the generation read with its events is still current
     CREATE TABLE profile_generations (owner TEXT PRIMARY KEY, generation INTEGER NOT NULL) WITHOUT ROWID;
     """),
+    (6, """
+    -- what the user told the assistant (types.MemoryEntry): facts, and states that hold until a newer one
+    CREATE TABLE memory_entries (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        text TEXT NOT NULL,
+        concept_id TEXT,
+        kind TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        status TEXT NOT NULL,
+        source TEXT NOT NULL,
+        valid_from REAL NOT NULL,
+        superseded_by TEXT,
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX memory_entries_owner ON memory_entries (owner, concept_id);
+    """),
 ]
 
 

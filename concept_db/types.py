@@ -52,9 +52,10 @@ class Usage:
     images: int = 0
     events: int = 0
     bytes: int = 0
+    memory: int = 0  # memory entries (proposed or accepted)
 
     def to_dict(self) -> dict[str, int]:
-        return {"images": self.images, "events": self.events, "bytes": self.bytes}
+        return {"images": self.images, "events": self.events, "bytes": self.bytes, "memory": self.memory}
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,12 @@ class Quota:
     images: int | None = 2_000
     events: int | None = 10_000
     bytes: int | None = 2**30
+    memory: int | None = 5_000
 
     @classmethod
     def from_env(cls) -> "Quota":
-        """The defaults, or `MMPERSONA_QUOTA_IMAGES`, `MMPERSONA_QUOTA_EVENTS`, `MMPERSONA_QUOTA_MB` (0: no limit)."""
+        """The defaults, or `MMPERSONA_QUOTA_IMAGES`, `MMPERSONA_QUOTA_EVENTS`, `MMPERSONA_QUOTA_MB`,
+        `MMPERSONA_QUOTA_MEMORY` (0: no limit)."""
         import os
 
         def read(name: str, default: int | None, scale: int = 1) -> int | None:
@@ -85,14 +88,17 @@ class Quota:
 
         d = cls()
         return cls(read("MMPERSONA_QUOTA_IMAGES", d.images), read("MMPERSONA_QUOTA_EVENTS", d.events),
-                   read("MMPERSONA_QUOTA_MB", d.bytes, 2**20))
+                   read("MMPERSONA_QUOTA_MB", d.bytes, 2**20), read("MMPERSONA_QUOTA_MEMORY", d.memory))
 
-    def check(self, owner: str, now: Usage, images: int = 0, events: int = 0, size: int = 0) -> None:
-        """Raise `QuotaExceeded` if adding `images`, `events` and `size` bytes to `now` goes past a limit."""
+    def check(self, owner: str, now: Usage, images: int = 0, events: int = 0, size: int = 0,
+              memory: int = 0) -> None:
+        """Raise `QuotaExceeded` if adding `images`, `events`, `size` bytes and `memory` entries to `now` goes past
+        a limit."""
         mb = lambda n: f"{n / 2**20:.1f} MB"  # noqa: E731
         for what, have, more, limit, shown in (("concept images", now.images, images, self.images, str),
                                                ("profile events", now.events, events, self.events, str),
-                                               ("of images", now.bytes, size, self.bytes, mb)):
+                                               ("of images", now.bytes, size, self.bytes, mb),
+                                               ("memory entries", now.memory, memory, self.memory, str)):
             if more and limit is not None and have + more > limit:
                 raise QuotaExceeded(f"user {owner!r} stores {shown(have)} {what} of the {shown(limit)} allowed, "
                                     f"and this would add {shown(more)}: delete some to make room")
@@ -305,10 +311,53 @@ class BulkResult:
 
 PROFILE_KINDS = ("like", "dislike", "pair", "prompt")
 
+#: What a memory entry is: a lasting fact ("Bo is a Shiba Inu"), or a state that holds from `valid_from` until a
+#: newer state of the same concept and topic replaces it ("Bo's bed is on the balcony").
+MEMORY_KINDS = ("fact", "state")
+#: A proposed entry (extracted from a conversation) is used only once the user accepts it.
+MEMORY_STATUSES = ("proposed", "accepted")
+MAX_MEMORY_TEXT = 500
+MAX_MEMORY_TOPIC = 64
+
 #: The per-user artefacts learned from the preference events (`put_blob` names): the personal reward model, the
 #: DPO LoRA, the user embedding and the cache of the events' image vectors. Removing an event removes them, so
 #: that nothing keeps what the user took back (`delete_profile_event`); they are trained again on what is left.
 PROFILE_ARTEFACTS = ("reward_model", "dpo_lora", "user_embedding", "profile_vectors")
+
+
+@dataclass(frozen=True)
+class MemoryEntry:
+    """Something the user told the assistant, about one of their concepts (`concept_id`) or about themselves
+    (None).
+
+    `kind` "fact" lasts; "state" holds from `valid_from` until a newer accepted state of the same concept and
+    `topic` replaces it (`superseded_by` then names that entry: it is history, never presented as current).
+    `status` "proposed" entries are waiting for the user's yes; `source` says where the entry came from (a
+    conversation's turn, "user" for one the user wrote)."""
+
+    id: str
+    owner: str
+    text: str
+    concept_id: str | None = None
+    kind: str = "fact"
+    topic: str = ""
+    status: str = "accepted"
+    source: str = ""
+    valid_from: float = 0.0
+    superseded_by: str | None = None
+    created: float = 0.0
+    updated: float = 0.0
+
+    @property
+    def current(self) -> bool:
+        """Accepted and not replaced by a newer state."""
+        return self.status == "accepted" and self.superseded_by is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "text": self.text, "concept_id": self.concept_id, "kind": self.kind,
+                "topic": self.topic, "status": self.status, "source": self.source, "valid_from": self.valid_from,
+                "superseded_by": self.superseded_by, "current": self.current, "created": self.created,
+                "updated": self.updated}
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from mmpersona.errors import MmpersonaError
 from mmpersona.images import ImageInput, load_image
 from mmpersona.models.loaders import DEFAULT_MAX_VISUAL_TOKENS
 
+from .memory import MemoryIndex
 from .prompt import Grounding, PromptBudget, PromptBuilder, defuse, printable_messages, quote
 from .retrieval import RetrievedConcept, Retriever
 
@@ -67,8 +68,9 @@ class VLMAnswer:
         retrieved: the concepts injected into the prompt, best first, with score, source and box.
         abstained: True when no concept passed retrieval (none was injected).
         messages: the chat sent to the model (images described, not embedded).
-        timings: milliseconds per stage: retrieval_ms, prompt_ms, generate_ms, total_ms.
+        timings: milliseconds per stage: retrieval_ms, memory_ms, prompt_ms, generate_ms, total_ms.
         candidates: everything retrieval found, before the prompt budget.
+        memory: the user's memory entries the prompt held (`MemoryEntry`).
     """
 
     answer: str
@@ -77,11 +79,13 @@ class VLMAnswer:
     messages: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
     candidates: list[RetrievedConcept] = field(default_factory=list)
+    memory: list[Any] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"answer": self.answer, "abstained": self.abstained,
                 "retrieved": [r.to_dict() for r in self.retrieved],
                 "candidates": [r.to_dict() for r in self.candidates],
+                "memory": [e.to_dict() for e in self.memory],
                 "messages": self.messages, "timings": {k: round(v, 3) for k, v in self.timings.items()}}
 
 
@@ -159,6 +163,7 @@ class PersonalizedVLMPipeline:
         # the checkpoint's own special tokens, never learned concept tokens (a handle must reach those)
         self.prompts = PromptBuilder(budget, self.vlm.model_tokens(), interleaved=self.vlm.interleaves_images)
         self.max_new_tokens = max_new_tokens
+        self.memory = MemoryIndex(self.db)
 
     #: a user with no concepts is an error (most likely a wrong `user`); False: they are answered like a user none
     #: of whose concepts was recognised (the HTTP API, where the user comes from an API key)
@@ -166,7 +171,8 @@ class PersonalizedVLMPipeline:
 
     #: the options `variant` changes: retrieval and prompt options, the learned-token mode
     OPTIONS = ("regions", "assign", "instance", "face", "boxes", "marks", "original", "verify", "max_checks", "k",
-               "min_score", "mode", "max_concepts", "max_images", "max_info_chars", "max_total_chars")
+               "min_score", "mode", "max_concepts", "max_images", "max_info_chars", "max_total_chars",
+               "max_memory_chars")
     #: the options that are on / off switches
     FLAGS = ("regions", "assign", "instance", "face", "boxes", "marks", "original", "verify")
 
@@ -232,7 +238,7 @@ class PersonalizedVLMPipeline:
             out.retriever._cache, out.retriever._indexed = self.retriever._cache, self.retriever._indexed
             out.retriever._people = self.retriever._people
         fields = {k: int(v) for k, v in options.items()
-                  if k in ("max_concepts", "max_images", "max_info_chars", "max_total_chars")}
+                  if k in ("max_concepts", "max_images", "max_info_chars", "max_total_chars", "max_memory_chars")}
         if fields:
             out.prompts = PromptBuilder(replace(self.prompts.budget, **fields), self.vlm.model_tokens(),
                                         interleaved=self.vlm.interleaves_images)
@@ -322,11 +328,36 @@ class PersonalizedVLMPipeline:
             candidates = [RetrievedConcept(self.db.resolve(user, c), 1.0, "oracle") for c in concepts]
         as_text, learned = self.load_learned(user, candidates)
         t1 = time.perf_counter()
+        memory, handles = self.recall(user, question, [r.concept for r in candidates])
+        tm = time.perf_counter()
         prompt = self.prompts.build(question, img, as_text, history=history,
                                     reference_images=self.reference_images(user, as_text), learned=learned,
-                                    grounding=self.grounding(img), system=system)
+                                    grounding=self.grounding(img), system=system, memory=memory, handles=handles)
         t2 = time.perf_counter()
-        return prompt, candidates, {"retrieval_ms": (t1 - t0) * 1000, "prompt_ms": (t2 - t1) * 1000, **timings}
+        return prompt, candidates, {"retrieval_ms": (t1 - t0) * 1000, "memory_ms": (tm - t1) * 1000,
+                                    "prompt_ms": (t2 - tm) * 1000, **timings}
+
+    def recall(self, user: str, question: str, concepts: list[Any]) -> tuple[list[Any], dict[str, str]]:
+        """The user's memory entries for this turn (`pipelines.memory`: the turn's concepts' current entries, then
+        those relevant to the question, within `max_memory_chars`), and the handles of the concepts they are
+        about."""
+        entries = self.memory.select(user, question, [c.id for c in concepts],
+                                     max_chars=self.prompts.budget.max_memory_chars)
+        handles = {c.id: c.handle for c in concepts}
+        missing = [e.concept_id for e in entries if e.concept_id and e.concept_id not in handles]
+        if missing:
+            handles.update({cid: c.handle for cid, c in self.db.store.get_many(user, missing).items()})
+        return entries, handles
+
+    def remember(self, user: str, question: str, answer: "VLMAnswer | None" = None, *, source: str = "",
+                 extractor: Any = None) -> list[Any]:
+        """Memory proposals from what the user said (`question`), stored for the user to accept (or accepted, with
+        their `memory.auto_accept` setting): run it after the answer was sent. A pronoun refers to the answer's
+        only concept. `extractor`: the `RuleExtractor` by default (the tiny preset's VLM cannot extract)."""
+        from .memory import propose
+
+        concepts = [r.concept for r in answer.retrieved] if answer is not None else []
+        return propose(self.db, user, question, concepts, extractor=extractor, source=source)
 
     def grounding(self, image: "Image.Image | None") -> Grounding | None:
         """How the prompt says where region-retrieved concepts are in `image` (None: it does not)."""
@@ -402,7 +433,7 @@ class PersonalizedVLMPipeline:
         timings["generate_ms"] = (time.perf_counter() - started) * 1000
         timings["total_ms"] = (time.perf_counter() - start) * 1000
         return VLMAnswer(text.strip(), prompt.injected, not prompt.injected, printable_messages(prompt.messages),
-                         timings, candidates)
+                         timings, candidates, prompt.memory)
 
     def answer_as(self, method: str, image: ImageInput | None, question: str, *, user: str,
                   concepts: "list[Any] | None" = None, history: list[dict[str, Any]] | None = None,
@@ -417,7 +448,7 @@ class PersonalizedVLMPipeline:
             answer = self.generate(prompt.messages, **generate_kwargs)
             timings["total_ms"] = (time.perf_counter() - start) * 1000
             return VLMAnswer(answer, prompt.injected, not prompt.injected, printable_messages(prompt.messages),
-                             timings, candidates)
+                             timings, candidates, prompt.memory)
         if method == "vanilla":
             start = time.perf_counter()
             img = load_image(image) if image is not None else None

@@ -162,3 +162,38 @@ def test_chat_one_shot_interactive_and_calibrate(tiny_cache, tmp_path):
     assert result["positives"] == 1 and result["negatives"] == 1 and 0 < result["threshold"] <= 1.01
     out = run_cli(*base, "chat", "--image", "/no/such.png", "hi", check=False)
     assert out.returncode == 2 and "file not found" in out.stderr
+
+
+def test_memory_from_chat_to_the_prompt_through_the_cli(tiny_cache, tmp_path):
+    """What the user says in a chat is proposed, accepted with `memory accept`, and in the next answer's prompt;
+    a newer state replaces the older in the prompt; `memory rm` forgets; errors are one line."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (64, 64), (240, 240, 240))
+    ImageDraw.Draw(img).ellipse((10, 10, 54, 54), fill=(210, 30, 30))
+    photo = tmp_path / "bo.png"
+    img.save(photo)
+    base = ["--preset", "tiny", "--device", "cpu", "--db", str(tmp_path / "c.db"), "--user", "alice", "--json"]
+    run_cli(*base, "concepts", "add", "bo", "--image", str(photo))
+    said = json.loads(run_cli(*base, "chat", "--image", str(photo), "Bo turned four last week. Is <bo> happy?",
+                              "--max-new-tokens", "2").stdout)
+    assert [(e["text"], e["status"], e["topic"]) for e in said["proposed"]] == [
+        ("Bo turned four last week.", "proposed", "age")]
+    assert said["memory"] == []  # a proposal is not used before it is accepted
+    entry = said["proposed"][0]["id"]
+    assert json.loads(run_cli(*base, "memory", "list", "--proposed").stdout)["entries"][0]["id"] == entry
+    run_cli(*base, "memory", "accept", entry)
+    newer = json.loads(run_cli(*base, "memory", "add", "Bo is five now.", "--concept", "bo", "--state", "age").stdout)
+    answer = json.loads(run_cli(*base, "chat", "--image", str(photo), "How old is <bo>?", "--max-new-tokens", "2",
+                                "--no-remember").stdout)
+    assert [e["id"] for e in answer["memory"]] == [newer["id"]] and "proposed" in answer and not answer["proposed"]
+    system = answer["messages"][0]["content"][0]["text"]
+    assert "Bo is five now." in system and "turned four" not in system  # history is not presented as current
+    listing = json.loads(run_cli(*base, "memory", "list", "--concept", "bo").stdout)["entries"]
+    assert [(e["id"], e["current"]) for e in listing] == [(newer["id"], True), (entry, False)]
+    run_cli(*base, "memory", "rm", newer["id"])
+    assert [e["id"] for e in json.loads(run_cli(*base, "memory", "list", "--current").stdout)["entries"]] == [entry]
+    out = run_cli(*base, "memory", "rm", "nope", check=False)
+    assert out.returncode == 2 and "no memory entry 'nope'" in out.stderr
+    out = run_cli(*base, "memory", "add", "x", "--concept", "ghost", check=False)
+    assert out.returncode == 2 and "ghost" in out.stderr

@@ -33,6 +33,9 @@ def fill(store):
         store.add_profile_event(owner, "pair", images=[b"shared-a", b"shared-b"], prompt="a cat")
         store.put_blob(owner, "reward", save({"w": np.zeros(3, np.float32)}), model="m")
         store.set_setting(owner, "threshold", 0.25 + u)
+        store.add_memory(owner, "c0 was three.", concept_id=first.id, kind="state", topic="age", valid_from=1.0e9)
+        store.add_memory(owner, "c0 is four.", concept_id=first.id, kind="state", topic="age")
+        store.add_memory(owner, f"I am {owner}.", status="proposed", source="chat")
 
 
 @pytest.mark.pg
@@ -43,7 +46,7 @@ def test_sqlite_to_postgres_and_back(tmp_path, pg_url):
     assert [o.owner for o in report.owners] == ["alice", "bob"]
     alice = report.owners[0]
     assert alice.counts == {"concepts": 7, "images": 14, "vectors": 15, "tensors": 1, "events": 2, "blobs": 1,
-                            "settings": 1}
+                            "settings": 1, "memory": 3}
     assert alice.copied["concepts"] == 7 and alice.copied["events"] == 2
     dst = open_store(pg_url)
     for owner in ("alice", "bob"):

@@ -2,8 +2,9 @@
 bit-identical whether or not other users exist and whatever they stored, hostile archives included.
 
 Hypothesis draws sequences of other users' operations (adds with forged vectors and with copies of alice's
-own images and query photos, forged and squatting archive imports, deletes, edits, likes, settings, erasure)
-and runs them between alice's steps; alice's outputs (retrieval results and scores, the rendered VLM prompt,
+own images and query photos, forged and squatting archive imports, deletes, edits, likes, settings, memory
+entries in alice's words and attached to her concepts, erasure) and runs them between alice's steps; alice's
+outputs (retrieval results and scores, her memory for each turn, the rendered VLM prompt,
 the calibrated threshold, her reward model's scores, her stored vectors) must equal those of a run in which
 nobody else exists. On both backends.
 """
@@ -33,6 +34,7 @@ NAMES = ["cat", "dog", "mug", "x"]
 def alice_run(db: ConceptDB, others: list[tuple], tmp: Path) -> dict:
     """Alice's fixed session, with `others` spread between her steps; returns everything computed for her."""
     from pipelines.calibrate import calibrate
+    from pipelines.memory import MemoryIndex
     from pipelines.prompt import PromptBuilder
     from pipelines.retrieval import Retriever
 
@@ -41,14 +43,25 @@ def alice_run(db: ConceptDB, others: list[tuple], tmp: Path) -> dict:
     run_others(db, chunks[0], tmp)
     db.add(ALICE, "cat", [POOL[0], POOL[1]], category="pet", info="alice's cat")
     db.add(ALICE, "dog", [POOL[1], POOL[2]], category="pet", info="alice's dog", aliases=["rex"])
+    cat = db.get(ALICE, "cat")
+    db.store.add_memory(ALICE, "The cat sleeps in the kitchen.", concept_id=cat.id, kind="state", topic="bed",
+                        valid_from=1.7e9)
+    db.store.add_memory(ALICE, "The cat sleeps on the balcony.", concept_id=cat.id, kind="state", topic="bed",
+                        valid_from=1.7e9 + 86400)
+    db.store.add_memory(ALICE, "I walk the dog at dawn.")
     run_others(db, chunks[1], tmp)
     retriever = Retriever(db)
     builder = PromptBuilder()
+    memory = MemoryIndex(db)
     for q in (3, 4, 0):
         image = corpus_image(q)
         found = Retriever.merge(retriever.by_mention(ALICE, "is <cat> with rex?"), retriever.by_image(ALICE, image))
         out[f"retrieved{q}"] = [(r.concept.name, r.score, r.source, r.image) for r in found]
-        out[f"prompt{q}"] = json.dumps(builder.build("what is this?", None, found).messages)
+        entries = memory.select(ALICE, "where does it sleep at dawn?", [r.concept.id for r in found])
+        out[f"memory{q}"] = [(e.text, e.kind, e.topic, e.current) for e in entries]
+        out[f"prompt{q}"] = json.dumps(builder.build("what is this?", None, found, memory=entries,
+                                                     handles={r.concept.id: r.concept.handle for r in found}
+                                                     ).messages)
     out["search_text"] = [(m.concept.name, m.score, m.image) for m in db.search_text(ALICE, "a pet", k=3)]
     run_others(db, chunks[2], tmp)
     out["calibration"] = calibrate(db, ALICE, {"cat": [POOL[0]], "dog": [POOL[2]]}, [POOL[3]]).to_dict()
@@ -103,6 +116,13 @@ def run_others(db: ConceptDB, ops: list[tuple], tmp: Path) -> None:
                 PreferenceProfile(db, owner).like(datas[0])
             elif kind == "setting":
                 db.store.set_setting(owner, "retrieval.threshold", seed / 100)
+            elif kind == "memory":  # alice's words, about their own concept of her concept's name, or hers
+                target = db.get(ALICE if seed % 3 == 0 else owner, name).id
+                db.store.add_memory(owner, "The cat sleeps at dawn in the kitchen.", concept_id=target,
+                                    kind="state", topic="bed", valid_from=1.7e9 + seed)
+            elif kind == "memory_rm":
+                for e in db.store.memory(owner)[:1]:
+                    db.store.delete_memory(owner, e.id)
             elif kind == "erase":
                 db.erase_user(owner)
         except (ConceptDBError, ImportFormatError):
@@ -111,7 +131,7 @@ def run_others(db: ConceptDB, ops: list[tuple], tmp: Path) -> None:
 
 operations = st.tuples(
     st.sampled_from(["add", "add_forged", "import_forged", "import_squat", "delete", "edit", "like", "setting",
-                     "erase"]),
+                     "memory", "memory_rm", "erase"]),
     st.sampled_from(OTHERS),
     st.sampled_from(NAMES),
     st.lists(st.integers(0, len(POOL) - 1), min_size=1, max_size=3),
@@ -124,6 +144,8 @@ def test_other_users_never_change_alice_results(db_url, tiny_embedder, tmp_path,
     with ConceptDB(db_url, embedder=tiny_embedder) as db:
         baseline = alice_run(db, [], tmp_path)
         assert baseline["retrieved3"] and baseline["calibration"]["threshold"] is not None
+        assert ("The cat sleeps on the balcony.", "state", "bed", True) in baseline["memory3"]
+        assert all("kitchen" not in text for text, *_ in baseline["memory3"])
 
         @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
         @given(others=st.lists(operations, min_size=1, max_size=16))

@@ -70,8 +70,12 @@ def served(tmp_path_factory, tiny_embedder, talkative_qwen):
                       {"kind": "dislike", "image": data_url(POOL[4])},
                       {"kind": "pair", "prompt": "a pet", "chosen": data_url(POOL[0]), "rejected": data_url(POOL[5])}):
             assert alice.post("/v1/profile/events", json=event).status_code in (200, 201)
+        for entry in ({"text": "The cat sleeps on the sofa.", "concept": "cat", "topic": "bed"},
+                      {"text": "I feed the cat at seven."}):
+            assert alice.post("/v1/memory", json=entry).status_code == 201
         ns = SimpleNamespace(http=http, db=db)
         ns.baseline = alice_view(alice)
+        assert len(ns.baseline["greedy"][3]) == 1 and len(ns.baseline["memory"]["data"]) == 2  # her memory is used
         yield ns
         for client in http.values():
             client.close()
@@ -88,7 +92,7 @@ def alice_view(alice: httpx.Client) -> dict:
         personal = body["mmpersona"]
         return (body["choices"][0]["message"]["content"],
                 [(x["concept"]["id"], round(x["score"], 5), x["source"]) for x in personal["retrieved"]],
-                personal["abstained"])
+                personal["abstained"], [x["id"] for x in personal["memory"]], personal["proposed"])
 
     def search(**query):
         r = alice.post("/v1/concepts/search", json={"k": 5, **query})
@@ -108,6 +112,7 @@ def alice_view(alice: httpx.Client) -> dict:
         "concepts": alice.get("/v1/concepts").json(),
         "profile": profile,
         "events": alice.get("/v1/profile/events").json(),
+        "memory": alice.get("/v1/memory").json(),
         "generated": pixels,
         "scores": [round(s, 5) for s in r.json()["mmpersona"]["scores"]],
     }
@@ -140,6 +145,13 @@ def bob_does(bob: httpx.Client, op: tuple) -> None:
         bob.delete("/v1/profile")
     elif kind == "delete":
         bob.delete(f"/v1/concepts/{['cat', 'dog', 'kitty'][seed % 3]}")
+    elif kind == "memory":  # alice's words, on his concept of her concept's name, or about him
+        bob.post("/v1/memory", json={"text": "The cat sleeps in the garage now.", "topic": "bed",
+                                     **({"concept": "cat"} if seed % 2 else {})})
+        bob.post("/v1/chat/completions", json={"messages": ask("The cat sleeps at seven. I feed the cat.", pngs[0]),
+                                               "max_tokens": 2})
+        for entry in bob.get("/v1/memory").json()["data"][: seed % 3]:
+            bob.patch(f"/v1/memory/{entry['id']}", json={"status": "accepted"})
     elif kind == "hostile":  # refused, and nothing of it may reach alice
         bob.post("/v1/chat/completions", json={"messages": ask("hi"), "seed": 2**64 + seed})
         bob.get(f"/v1/concepts?offset={2**63 + seed}")
@@ -147,7 +159,8 @@ def bob_does(bob: httpx.Client, op: tuple) -> None:
 
 
 operations = st.tuples(
-    st.sampled_from(["add", "alias", "like", "pair", "chat", "generate", "reward", "reset", "delete", "hostile"]),
+    st.sampled_from(["add", "alias", "like", "pair", "chat", "generate", "reward", "reset", "delete", "memory",
+                     "hostile"]),
     st.lists(st.integers(0, len(POOL) - 1), min_size=1, max_size=2),
     st.integers(0, 1000),
 )

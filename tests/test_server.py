@@ -396,6 +396,48 @@ def test_profile_events_through_http(api):
         assert alice.get("/v1/profile").json()["counts"] == {"like": 0, "dislike": 0, "pair": 0, "prompt": 0}
 
 
+def test_memory_through_http_from_a_chat_turn_to_the_next_answer(api):
+    """A statement in a chat turn comes back as a proposal in the `mmpersona` field (streamed too), is accepted
+    with PATCH, and the next answer's prompt holds it (`mmpersona.memory`); a newer state replaces it; bob can
+    neither see nor change alice's entries; bad requests are clear 4xx."""
+    client = api.client("alice")
+    reply = client.chat.completions.create(model="m", messages=ask("Bo turned four last week. Is <bo> happy?", BO),
+                                           max_tokens=2)
+    proposed = reply.model_extra["mmpersona"]["proposed"]
+    assert [(e["text"], e["status"], e["topic"]) for e in proposed] == [("Bo turned four last week.", "proposed",
+                                                                          "age")]
+    assert reply.model_extra["mmpersona"]["memory"] == []
+    quiet = client.chat.completions.create(model="m", messages=ask("Bo likes naps. Hi <bo>", BO), max_tokens=2,
+                                           extra_body={"remember": False})
+    assert quiet.model_extra["mmpersona"]["proposed"] == []
+    entry = proposed[0]["id"]
+    with api.http("alice") as alice, api.http("bob") as bob:
+        assert bob.get("/v1/memory").json()["data"] == []
+        assert bob.patch(f"/v1/memory/{entry}", json={"status": "accepted"}).status_code == 404
+        assert bob.delete(f"/v1/memory/{entry}").status_code == 404
+        assert bob.post("/v1/memory", json={"text": "mine now", "concept": "bo"}).status_code == 404
+        assert alice.patch(f"/v1/memory/{entry}", json={"status": "accepted"}).json()["current"] is True
+        chunks = list(client.chat.completions.create(model="m", messages=ask("How old is <bo>?", BO), max_tokens=2,
+                                                     stream=True))
+        used = chunks[-1].model_extra["mmpersona"]["memory"]
+        assert [e["id"] for e in used] == [entry] and chunks[-1].model_extra["mmpersona"]["proposed"] == []
+        newer = alice.post("/v1/memory", json={"text": "Bo is five now.", "concept": "bo", "topic": "age"})
+        assert newer.status_code == 201
+        direct = api.vlm(BO, "How old is <bo>?", user="alice", max_new_tokens=2)
+        assert [e.id for e in direct.memory] == [newer.json()["id"]]
+        listing = alice.get("/v1/memory", params={"concept": "bo"}).json()["data"]
+        assert [(e["id"], e["current"]) for e in listing] == [(newer.json()["id"], True), (entry, False)]
+        assert [e["id"] for e in alice.get("/v1/memory", params={"current": True}).json()["data"]] == \
+            [newer.json()["id"]]
+        assert alice.post("/v1/memory", json={"text": " "}).status_code == 400
+        assert alice.post("/v1/memory", json={"text": "x", "owner": "bob"}).status_code == 400
+        assert alice.patch(f"/v1/memory/{entry}", json={}).status_code == 400
+        assert alice.get("/v1/memory", params={"limit": 10**6}).status_code == 400
+        for e in alice.get("/v1/memory").json()["data"]:
+            assert alice.delete(f"/v1/memory/{e['id']}").json()["deleted"]
+        assert alice.get("/v1/memory").json()["data"] == []
+
+
 # ------------------------------------------------------------------------------------------ generation
 
 
@@ -418,7 +460,8 @@ def test_generation_in_the_shape_of_images_generations(api):
 def test_openapi_documents_every_route_and_the_key(api):
     spec = httpx.get(f"{api.url}/openapi.json").json()
     for path in ("/v1/chat/completions", "/v1/images/generations", "/v1/concepts", "/v1/concepts/{ref}",
-                 "/v1/concepts/{ref}/images", "/v1/concepts/search", "/v1/profile/events", "/health"):
+                 "/v1/concepts/{ref}/images", "/v1/concepts/search", "/v1/profile/events", "/v1/memory",
+                 "/v1/memory/{entry_id}", "/health"):
         assert path in spec["paths"], path
     assert any(s.get("scheme") == "bearer" for s in spec["components"]["securitySchemes"].values())
     assert httpx.get(f"{api.url}/docs").status_code == 200

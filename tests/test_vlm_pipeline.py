@@ -48,7 +48,7 @@ def test_reference_image_retrieves_its_concept_first(pipe):
     assert not out.abstained and isinstance(out.answer, str)
     system = out.messages[0]["content"][0]["text"]
     assert "<mug>" in system and '"A blue mug."' in system
-    assert set(out.timings) == {"retrieval_ms", "prompt_ms", "generate_ms", "total_ms"}
+    assert set(out.timings) == {"retrieval_ms", "memory_ms", "prompt_ms", "generate_ms", "total_ms"}
     assert all(r.concept.owner == "alice" for r in out.candidates)  # bob's red rectangle is never a candidate
     json.dumps(out.to_dict())  # serialisable as the CLI prints it
 

@@ -27,6 +27,8 @@ def chat(
     face: bool = typer.Option(False, "--face", help="Find person concepts by face (dlib; the face extra)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     mode: str = typer.Option("retrieval", "--mode", help="retrieval, tokens (learned) or hybrid."),
+    remember: bool = typer.Option(True, "--remember/--no-remember",
+                                  help="Propose memory entries from what you say (after each answer)."),
 ) -> None:
     """Ask a VLM about an image with your concepts retrieved and injected (RAP style)."""
     from pipelines.vlm import PersonalizedVLMPipeline
@@ -43,7 +45,9 @@ def chat(
                                        min_score=min_score, max_new_tokens=max_new_tokens, mode=mode)
         if question is not None:
             answer = pipe(image, question, user=s.user)
-            emit(s, answer.to_dict(), _answer_text(answer))
+            proposed = pipe.remember(s.user, question, answer, source="chat") if remember else []
+            emit(s, {**answer.to_dict(), "proposed": [e.to_dict() for e in proposed]},
+                 "\n".join([_answer_text(answer), *_proposed_lines(proposed)]))
             return
         session = pipe.chat(s.user, image)
         typer.echo("Interactive chat: type a question; '/image PATH' changes the photo; '/quit' or Ctrl-D ends.",
@@ -68,21 +72,36 @@ def chat(
             try:
                 pieces = session.stream(line) if not s.json else None
                 if pieces is None:
-                    typer.echo(json.dumps(session.ask(line).to_dict(), default=str))
+                    answer = session.ask(line)
+                    proposed = pipe.remember(s.user, line, answer, source="chat") if remember else []
+                    typer.echo(json.dumps({**answer.to_dict(), "proposed": [e.to_dict() for e in proposed]},
+                                          default=str))
                     continue
                 typer.echo("assistant> ", nl=False)
                 for piece in pieces:
                     typer.echo(piece, nl=False)
                 typer.echo("")
                 typer.echo(_retrieved_line(session.answers[-1]), err=True)
+                if remember:  # after the answer is out: proposing never delays it
+                    for text in _proposed_lines(pipe.remember(s.user, line, session.answers[-1], source="chat")):
+                        typer.echo(text, err=True)
             except MmpersonaError as e:  # one bad turn does not end the conversation
                 typer.echo(f"error: {e}", err=True)
 
 
 def _retrieved_line(answer) -> str:
     if answer.abstained:
-        return "(no concept recognised: answered without personal context)"
-    return "(used " + ", ".join(f"{r.concept.handle} {r.source} {r.score:.3f}" for r in answer.retrieved) + ")"
+        line = "(no concept recognised: answered without personal context)"
+    else:
+        line = "(used " + ", ".join(f"{r.concept.handle} {r.source} {r.score:.3f}" for r in answer.retrieved) + ")"
+    if answer.memory:
+        line += f"\n(remembered: {len(answer.memory)} entr{'y' if len(answer.memory) == 1 else 'ies'})"
+    return line
+
+
+def _proposed_lines(entries) -> list[str]:
+    verb = "remembered" if entries and entries[0].status == "accepted" else "to remember? (mmpersona memory accept ID)"
+    return [f"{verb}: {e.id} {e.text}" for e in entries]
 
 
 def _answer_text(answer) -> str:

@@ -34,6 +34,8 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Sampling's seed (absent: fresh entropy).")
     n: int = Field(1, ge=1, le=1, description="One answer per request.")
     regions: bool = Field(False, description="mmpersona: also retrieve per detected region of the photo.")
+    remember: bool = Field(True, description="mmpersona: propose memory entries from the question (returned in "
+                                             "`mmpersona.proposed`, used once accepted).")
 
 
 class ImageRequest(BaseModel):
@@ -86,3 +88,19 @@ class AttributesBody(BaseModel):
     liked: list[str] | None = None
     disliked: list[str] | None = None
 
+
+
+class MemoryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(..., description="What to remember.")
+    concept: str | None = Field(None, description="The concept it is about (name, alias or id); none: about you.")
+    topic: str | None = Field(None, description="A state of this topic (e.g. bed, age): it replaces the concept's "
+                                                "earlier state of the topic. None: a lasting fact.")
+
+
+class MemoryPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    status: Literal["accepted"] | None = Field(None, description="accepted: a proposal is used from now on.")
+    concept: str | None = Field(None, description="Move it to this concept ('' : about you).")
+    topic: str | None = Field(None, description="Make it a state of this topic ('' : a fact).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from concurrent.futures import Future, InvalidStateError
@@ -26,6 +27,7 @@ from ..schemas import ChatMessage, ChatRequest
 from ..worker import awaited
 
 router = APIRouter(tags=["chat"])
+log = logging.getLogger(__name__)
 
 
 @router.post("/v1/chat/completions")
@@ -56,7 +58,7 @@ async def chat_completions(req: ChatRequest, request: Request, user: str = Depen
             answer = await srv.worker.run(lambda: chosen(srv, req)(photo, talk.question, user=user, history=talk.history,
                                                              system=talk.system, stop=watch.stop, **options),
                                           user=user, stop=watch.stop)
-            return completion(common, base, answer)
+            return await completion(common, base, answer, Memo(srv, req, user, talk.question))
 
         def start():
             stream = chosen(srv, req).stream(photo, talk.question, user=user, history=talk.history, system=talk.system,
@@ -65,7 +67,7 @@ async def chat_completions(req: ChatRequest, request: Request, user: str = Depen
 
         stream, pieces = await srv.worker.stream(start, user=user, stop=watch.stop)
         watch.keep()  # the stream goes on after this returns; a client that leaves sets `stop`
-        return sse(common, base, pieces, lambda: stream.result, watch)
+        return sse(common, base, pieces, lambda: stream.result, watch, Memo(srv, req, user, talk.question))
 
 
 def chosen(srv: Server, req: ChatRequest) -> Any:
@@ -107,7 +109,8 @@ async def remote_answer(req: ChatRequest, talk: "Conversation", options: dict[st
         async with srv.remote.slot():
             t = time.perf_counter()
             text = await watch.until_gone(remote.acomplete(messages, max_tokens, **kwargs))
-        return completion(common, pipe, pipe.answer(prompt, candidates, timings, text, started=t, start=start))
+        return await completion(common, pipe, pipe.answer(prompt, candidates, timings, text, started=t, start=start),
+                                Memo(srv, req, user, talk.question))
 
     got: dict[str, Any] = {}
 
@@ -120,7 +123,7 @@ async def remote_answer(req: ChatRequest, talk: "Conversation", options: dict[st
         got["answer"] = pipe.answer(prompt, candidates, timings, "".join(text), started=t, start=start)
 
     watch.keep()
-    return sse(common, pipe, pieces(), lambda: got["answer"], watch)
+    return sse(common, pipe, pieces(), lambda: got["answer"], watch, Memo(srv, req, user, talk.question))
 
 
 @dataclass
@@ -180,8 +183,8 @@ async def batched_answer(req: ChatRequest, talk: "Conversation", options: dict[s
     item = ChatItem(partial(chosen, srv, req), photo, talk, user, options["max_new_tokens"], watch.stop)
     run = partial(answer_batch, sampling=rest)
     if not req.stream:
-        return completion(common, base, await srv.worker.run_batched(key, item, run, user=user, stop=watch.stop,
-                                                                     arrival=arrival))
+        answer = await srv.worker.run_batched(key, item, run, user=user, stop=watch.stop, arrival=arrival)
+        return await completion(common, base, answer, Memo(srv, req, user, talk.question))
     loop, pieces_in = asyncio.get_running_loop(), asyncio.Queue()
     item.on_text = lambda piece: loop.call_soon_threadsafe(pieces_in.put_nowait, piece)
     item.prepared = Future()
@@ -206,22 +209,49 @@ async def batched_answer(req: ChatRequest, talk: "Conversation", options: dict[s
         got["answer"] = future.result()
 
     watch.keep()
-    return sse(common, base, pieces(), lambda: got["answer"], watch)
+    return sse(common, base, pieces(), lambda: got["answer"], watch, Memo(srv, req, user, talk.question))
 
 
 _END = object()
 
 
-def completion(common: dict[str, Any], pipe: Any, answer: Any) -> JSONResponse:
+@dataclass
+class Memo:
+    """What a turn proposes to remember (`pipelines.memory`), from the user's question, once it is answered."""
+
+    srv: Server
+    req: ChatRequest
+    user: str
+    question: str
+
+    async def propose(self, answer: Any) -> list[dict[str, Any]]:
+        """The proposals stored for the user (none with `remember: false`). A full memory quota or a bad proposal
+        costs the proposals, never the answer."""
+        if not self.req.remember:
+            return []
+        from concept_db import ConceptDBError
+        from pipelines.memory import propose
+
+        concepts = [r.concept for r in answer.retrieved]
+        try:
+            entries = await run_in_threadpool(propose, self.srv.db, self.user, self.question, concepts, source="chat")
+        except ConceptDBError as e:
+            log.info("no memory proposals for this turn: %s", e)
+            return []
+        return [e.to_dict() for e in entries]
+
+
+async def completion(common: dict[str, Any], pipe: Any, answer: Any, memo: Memo | None = None) -> JSONResponse:
     # a plain JSON body already: returned as is, not walked again by FastAPI's encoder
+    proposed = await memo.propose(answer) if memo is not None else []
     return JSONResponse({**common, "object": "chat.completion", "model": pipe.vlm.spec.id,
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer},
                                       "finish_reason": "stop"}],
-                         "usage": None, "mmpersona": personal(answer)})
+                         "usage": None, "mmpersona": personal(answer, proposed)})
 
 
 def sse(common: dict[str, Any], pipe: Any, pieces: AsyncIterator[str], result: Callable[[], Any],
-        watch: Watch) -> StreamingResponse:
+        watch: Watch, memo: Memo | None = None) -> StreamingResponse:
     """The answer as server-sent events: OpenAI's chunks, then the `mmpersona` field and `[DONE]`. A client that
     leaves sets the request's `stop`, which ends the generation."""
     head = {**common, "object": "chat.completion.chunk", "model": pipe.vlm.spec.id}
@@ -241,7 +271,9 @@ def sse(common: dict[str, Any], pipe: Any, pieces: AsyncIterator[str], result: C
                 err = as_api_error(e)
                 yield f"data: {json.dumps(error_body(err.message, err.type, err.code))}\n\n"
                 return
-            yield chunk({}, "stop", mmpersona=personal(result()))
+            answer = result()  # every piece is out: proposing to remember never delays the answer
+            proposed = await memo.propose(answer) if memo is not None else []
+            yield chunk({}, "stop", mmpersona=personal(answer, proposed))
             yield "data: [DONE]\n\n"
         finally:
             watch.stop.set()  # ended, or closed because the client left: the work stops
@@ -332,7 +364,9 @@ def sampling(req: ChatRequest, limits: ServeConfig) -> dict[str, Any]:
     return out
 
 
-def personal(answer: Any) -> dict[str, Any]:
-    """The `mmpersona` field of a chat response: what personalization did."""
+def personal(answer: Any, proposed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The `mmpersona` field of a chat response: what personalization did (the concepts and memory entries used)
+    and what the turn proposes to remember."""
     return {"retrieved": [r.to_dict() for r in answer.retrieved], "abstained": answer.abstained,
+            "memory": [e.to_dict() for e in answer.memory], "proposed": proposed or [],
             "timings": {k: round(v, 3) for k, v in answer.timings.items()}}
