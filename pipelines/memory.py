@@ -5,7 +5,8 @@ fact, or a state that holds until a newer state of the same concept and topic re
 
 - chooses the entries a turn needs (`MemoryIndex.select`): the current entries of the concepts the turn is
   about (retrieved or mentioned), newest first, then the current entries that share the question's rarer words
-  (IDF-weighted word overlap), within a character budget. Superseded states and unconfirmed proposals are never
+  (IDF-weighted word overlap; words the turn's own entries already hold do not count, and an entry needs half
+  the best one's weight), within a character budget. Superseded states and unconfirmed proposals are never
   chosen, so history is never presented as current. The user's current entries are read and indexed once per
   change of their data (store revision), for that user only;
 - proposes entries from a user's message (`RuleExtractor`): a documented set of sentence patterns, the extractor
@@ -62,12 +63,15 @@ class _Indexed:
 class MemoryIndex:
     """Chooses a turn's memory entries from the user's current ones (module docs)."""
 
-    def __init__(self, db: "ConceptDB", *, min_relevance: float = 1.0):
+    def __init__(self, db: "ConceptDB", *, min_relevance: float = 1.0, relative: float = 0.5):
         """`min_relevance`: the weight of the words an entry shares with the question that it needs to be chosen
         when it is not about the turn's concepts; a word weighs ln((n + 1) / d), held by d of the user's n current
-        entries (by one of 1000: 6.9; by one of 2: 1.1; by half of them: 0.7, so two such words are needed)."""
+        entries (by one of 1000: 6.9; by one of 2: 1.1; by half of them: 0.7, so two such words are needed).
+        `relative`: and at least this share of the best such entry's weight (asked who is allergic to peanuts, the
+        entries on peanuts, not every allergy)."""
         self.db = db
         self.min_relevance = min_relevance
+        self.relative = relative
         self._cache = UserCache(per_user=2, users=64)
 
     def _index(self, user: str) -> _Indexed:
@@ -94,7 +98,10 @@ class MemoryIndex:
         rank = {cid: i for i, cid in enumerate(concept_ids)}
         about = [e for e in index.entries if e.concept_id in rank]
         about.sort(key=lambda e: rank[e.concept_id])  # stable: newest first within a concept
-        asked = set(words(question))
+        # the question's words that the turn's concepts' own entries already hold draw no other entry in: asked
+        # where <kiko>'s bed is, the other pets' beds are not what the user wants to know
+        asked = set(words(question)).difference(*(ts for e, ts in zip(index.entries, index.terms, strict=True)
+                                                  if e.concept_id in rank))
         scored = []
         for i, (e, ts) in enumerate(zip(index.entries, index.terms, strict=True)):
             if e.concept_id in rank:
@@ -102,6 +109,8 @@ class MemoryIndex:
             score = sum(index.idf.get(t, 0.0) for t in ts & asked)
             if score >= self.min_relevance:
                 scored.append((-score, i, e))
+        best = -min((t[0] for t in scored), default=0.0)
+        scored = [t for t in scored if -t[0] >= self.relative * best]
         chosen, used = [], 0
         for e in about + [e for _, _, e in sorted(scored, key=lambda t: (t[0], t[1]))]:
             if used + len(e.text) > max_chars:
@@ -203,13 +212,16 @@ def propose(db: "ConceptDB", user: str, message: str, concepts: "Sequence[Concep
             extractor: Any = None, source: str = "") -> "list[MemoryEntry]":
     """Store what `message` proposes (`extractor`: a `RuleExtractor` by default) as the user's entries, "proposed"
     unless the user accepts automatically (`AUTO_ACCEPT_SETTING`); an entry the user already has (same concept
-    and text) is not proposed again. Returns the stored entries."""
+    and text, current or waiting) is not proposed again. Returns the stored entries."""
     extractor = extractor or RuleExtractor()
     proposals = extractor.propose(db, user, message, concepts)
     if not proposals:
         return []
     status = "accepted" if db.store.get_setting(user, AUTO_ACCEPT_SETTING) else "proposed"
-    have = {(e.concept_id, " ".join(e.text.lower().split())) for e in db.store.memory(user)}
+    # what the user already has, as it holds now: a state said again after it changed (the bed back in the
+    # kitchen) is new again, so only current entries and waiting proposals count
+    have = {(e.concept_id, " ".join(e.text.lower().split())) for e in db.store.memory(user)
+            if e.superseded_by is None}
     out = []
     now = time.time()
     for p in proposals:

@@ -217,3 +217,22 @@ def test_the_pipeline_puts_current_memory_in_the_prompt_and_reports_it(tmp_path,
         proposed = pipe.remember("alice", "It is four now.", answer)
         assert [(e.text, e.concept_id, e.status) for e in proposed] == [("<bo> is four now.", bo.id, "proposed")]
         assert pipe.remember("alice", "It is four now.", answer) == []  # not proposed twice
+
+
+def test_the_memory_benchmark_runs_and_scores_the_memory_layer(tiny_cache):
+    """`benchmarks/memory.py` at a small size: its JSON line has the issue's fields; with the oracle extractor
+    (each sentence stored as what it means) every needed entry is in the prompt and no replaced state is."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
+    out = subprocess.run([sys.executable, str(script), "--subjects", "9", "--sessions", "3", "--runs", "2",
+                          "--extractor", "oracle"], capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"needed_recall", "stale_rate", "memory_tokens_per_turn", "memory_ms", "answer_latency_ratio"} <= set(result)
+    assert result["needed_recall"] == 1.0 and result["stale_rate"] == 0.0 and result["counts"]["implied"] == 6
+    assert 0 < result["memory_tokens_per_turn"] <= 300

@@ -144,7 +144,7 @@ def erase_user(
     ctx: typer.Context,
     yes: bool = typer.Option(False, "--yes", help="Confirm: this cannot be undone."),
 ) -> None:
-    """Remove everything of --user: concepts, images, vectors, learned tensors, profile, artefacts, settings."""
+    """Remove everything of --user: concepts, images, vectors, learned tensors, profile, artefacts, settings, memory."""
     s = settings(ctx)
     if not yes:
         raise typer.BadParameter(f"erasing all data of user {s.user!r} cannot be undone: add --yes", param_hint="--yes")
