@@ -165,6 +165,8 @@ def read_folder(path: str | Path) -> tuple[list[_Pending], list[tuple[str, str]]
     return pending, skipped
 
 
+#: Memory entries one archived concept may carry (the server's per-user quota is 5,000).
+MAX_ARCHIVED_MEMORY = 5_000
 _JSON_TYPE = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
 
 
@@ -220,6 +222,21 @@ def _manifest_entry(entry: Any, where: str) -> dict[str, Any]:
             raise ImportFormatError(f"{where}.tensors[{j}] must be an object with 'name', 'model', 'fingerprint' "
                                     "and a 'tensors/...' file")
     out["tensors"] = tensors
+    memory = _typed(entry, "memory", list, [], where)
+    if len(memory) > MAX_ARCHIVED_MEMORY:
+        raise ImportFormatError(f"{where}.memory has {len(memory)} entries, over the limit of {MAX_ARCHIVED_MEMORY}")
+    out["memory"] = []
+    for j, m in enumerate(memory):
+        at = f"{where}.memory[{j}]"
+        if not isinstance(m, dict):
+            raise ImportFormatError(f"{at} must be an object")
+        item = {key: _typed(m, key, str, "", at) for key in ("text", "kind", "topic", "source")}
+        for key in ("valid_from", "created", "updated"):
+            value = _typed(m, key, (int, float), None, at)
+            if value is not None and not math.isfinite(value):
+                raise ImportFormatError(f"{at}.{key} must be a finite number")
+            item[key] = value
+        out["memory"].append(item)
     return out
 
 
@@ -339,6 +356,7 @@ def _read_archive(archive: SafeZip, embedder: "Callable[[], tuple[str, int]] | N
             "aliases": e["aliases"], "attributes": e["attributes"], "tensors": tensors,
             "vectors": {emb: (ref["images"], vectors[ref["key"]]) for emb, ref in e["embeddings"].items()
                         if ref["key"] in vectors},
+            "memory": e["memory"],
         }
         pending.append(item)
     return pending
@@ -404,9 +422,18 @@ def import_concepts(store: "ConceptStore", user: str, path: str | Path, fmt: str
     with store.transaction():
         result = store.add_many(user, new, skip_invalid=not strict)
         added = store.get_many(user, result.added)
-        for cid in result.added:  # restore learned tensors of archived concepts
-            for t in by_name[added[cid].name].restore.get("tensors", []):
+        for cid in result.added:  # restore learned tensors and memory of archived concepts
+            restore = by_name[added[cid].name].restore
+            for t in restore.get("tensors", []):
                 store.put_tensor(user, cid, t["name"], t["data"], model=t["model"], fingerprint=t["fingerprint"])
+            # oldest first, so that each state replaces the ones before it as it did; new ids (an id is global)
+            for m in sorted(restore.get("memory", []), key=lambda m: (m["valid_from"] or 0, m["created"] or 0)):
+                try:
+                    store.add_memory(user, m["text"], concept_id=cid, kind=m["kind"] or "fact", topic=m["topic"],
+                                     source=m["source"], valid_from=m["valid_from"], created=m["created"],
+                                     updated=m["updated"])
+                except InvalidConceptError as e:
+                    skip(f"{added[cid].name} memory", str(e))
     report.skipped += result.skipped
     report.added = [added[cid].name for cid in result.added]
     logger.info("imported %d concepts from %s (%d skipped)", len(report.added), path, len(report.skipped))
@@ -512,10 +539,13 @@ def _write_archive(store, user: str, concepts, path: Path) -> None:
                 member = f"tensors/{c.id}/{len(tensors)}.safetensors"
                 zf.writestr(member, t.data)
                 tensors.append({"name": name, "model": t.model, "fingerprint": t.fingerprint, "file": member})
+            memory = [{"text": m.text, "kind": m.kind, "topic": m.topic, "source": m.source,
+                       "valid_from": m.valid_from, "created": m.created, "updated": m.updated}
+                      for m in store.memory(user, concept_ids=[c.id], status="accepted")]
             entries.append({"id": c.id, "name": c.name, "category": c.category, "info": c.info,
                             "aliases": list(c.aliases), "attributes": c.attributes, "created": c.created,
                             "updated": c.updated, "version": c.version, "images": images,
-                            "embeddings": embeddings, "tensors": tensors})
+                            "embeddings": embeddings, "tensors": tensors, "memory": memory})
         if arrays:
             zf.writestr("embeddings.safetensors", save_safetensors(arrays))
         manifest = json.dumps({"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "concepts": entries},

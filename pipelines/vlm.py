@@ -352,12 +352,23 @@ class PersonalizedVLMPipeline:
     def remember(self, user: str, question: str, answer: "VLMAnswer | None" = None, *, source: str = "",
                  extractor: Any = None) -> list[Any]:
         """Memory proposals from what the user said (`question`), stored for the user to accept (or accepted, with
-        their `memory.auto_accept` setting): run it after the answer was sent. A pronoun refers to the answer's
-        only concept. `extractor`: the `RuleExtractor` by default (the tiny preset's VLM cannot extract)."""
+        their `memory.auto_accept` setting): run it after the answer was sent. `extractor`: `self.extractor` by
+        default (`memory_extractor`)."""
         from .memory import propose
 
         concepts = [r.concept for r in answer.retrieved] if answer is not None else []
-        return propose(self.db, user, question, concepts, extractor=extractor, source=source)
+        return propose(self.db, user, question, concepts, extractor=extractor or self.memory_extractor(),
+                       source=source)
+
+    def memory_extractor(self) -> Any:
+        """What reads memory proposals from a message: the chat model itself (`VLMExtractor`: a structured prompt,
+        its JSON validated), or for the tiny test models, whose random weights cannot, the documented
+        `RuleExtractor`."""
+        from .memory import RuleExtractor, VLMExtractor
+
+        if self.vlm.spec.source == "tiny":
+            return RuleExtractor()
+        return VLMExtractor(self.generate, special_tokens=self.prompts.special_tokens)
 
     def grounding(self, image: "Image.Image | None") -> Grounding | None:
         """How the prompt says where region-retrieved concepts are in `image` (None: it does not)."""

@@ -2,7 +2,7 @@
 
 Each flow as a new user would do it, behind the login and the app's SessionGuard, asserting the state it leaves
 in the database, not only what rendered: two concepts that keep their own photos, editing and deleting one;
-chat with the retrieved concepts; the taste onboarding (one choice, one pair event); feedback under generated
+chat with the retrieved concepts; memory proposed in the chat, kept, listed and forgotten; the taste onboarding (one choice, one pair event); feedback under generated
 images; the profile list, where removing an entry removes it. One screenshot per flow, taken after the images
 have rendered, goes to artifacts/browser/ (kept by CI as test artifacts).
 """
@@ -191,6 +191,32 @@ def test_chat_shows_the_retrieved_concepts_small_with_score_and_source(ui):
     images_rendered(page, "#chat-thumbs")
     assert thumb.locator("img").bounding_box()["width"] <= 100
     page.screenshot(path=str(ARTIFACTS / SHOTS[1]), full_page=True)
+
+
+def test_memory_proposed_under_the_answer_kept_then_forgotten_in_the_memory_tab(ui):
+    """A statement in the chat is proposed under the answer; "Remember this" stores it as current; the Memory tab
+    lists it, and "Forget" removes it from the database."""
+    from playwright.sync_api import expect
+
+    page, db, _ = ui
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_label("Question").fill("Bo turned four last week.")
+    page.get_by_role("button", name="Ask").click()
+    memory = page.locator("#chat-memory textarea")
+    expect(memory).to_have_value(re.compile(r"Remember this\?\n• Bo turned four last week\."), timeout=180_000)
+    assert [e.status for e in db.store.memory("alice")] == ["proposed"]
+    page.locator("#chat-remember").click()
+    expect(memory).to_have_value("remembered 1 entry")
+    assert [(e.text, e.current) for e in db.store.memory("alice")] == [("Bo turned four last week.", True)]
+    page.get_by_role("tab", name="Memory").click()
+    rows = page.locator(".memory-entry")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("Bo turned four last week.")
+    expect(rows.first).to_contain_text("<bo> · current · state of age")
+    rows.first.get_by_role("button", name="Forget").click()
+    expect(page.locator("#memory-status textarea")).to_have_value("forgot 1 entry")
+    expect(rows).to_have_count(0)
+    assert db.store.memory("alice") == []
 
 
 def test_taste_onboarding_stores_each_choice_as_one_pair(ui):

@@ -45,12 +45,14 @@ def test_concepts_chat_preferences_generate(server):
     assert alice.predict("<bo>", api_name="/concept_fields") == ("<bo>", "dog", "my shiba", "")
     assert "/gradio_api/file=" not in gallery and "data:image/webp;base64," in gallery  # inline, not a URL
     assert "added <bo>" in status and table["data"][0][0] == "<bo>" and gallery.count("<img") == 1
-    chat, rows, thumbs, boxes, chat_status = alice.predict(gradio_client.handle_file(str(images["red"])),
-                                                           "What is in this photo?", [], False, api_name="/chat")
+    chat, rows, thumbs, boxes, chat_status, memory = alice.predict(gradio_client.handle_file(str(images["red"])),
+                                                                   "What is in this photo?", [], False,
+                                                                   api_name="/chat")
+    assert memory == ""  # a question: nothing to remember, nothing remembered yet
     assert rows["data"][0][0] == "<bo>" and rows["data"][0][2] == "image" and "used <bo>" in chat_status
     assert chat[-1]["role"] == "assistant" and thumbs.count("<img") >= 1 and boxes == ""  # no regions asked
-    *_, boxes, _ = alice.predict(gradio_client.handle_file(str(images["red"])), "Where is <bo>?", [], True,
-                                 api_name="/chat")
+    *_, boxes, _, _ = alice.predict(gradio_client.handle_file(str(images["red"])), "Where is <bo>?", [], True,
+                                    api_name="/chat")
     assert boxes == "" or ("data:image/webp;base64," in boxes and "data-boxes=" in boxes)
     assert "liked the image" in alice.predict(gradio_client.handle_file(str(images["red"])), "warm red",
                                               api_name="/like")
@@ -68,6 +70,28 @@ def test_concepts_chat_preferences_generate(server):
     # the vanilla comparison costs a second generation, so only when asked for
     mine, plain, meta, *_ = alice.predict("a ball", ["attributes"], 1, 2, 0, False, api_name="/generate")
     assert mine.count("<img") == 1 and plain == "" and meta["vanilla"] is None
+
+
+def test_memory_from_a_chat_turn_kept_with_one_click_and_used_next(server):
+    """What the user says is proposed under the answer; "Remember this" keeps it (in this session: the
+    proposals are the session's own); the next answer says it used it; bob's session cannot settle alice's."""
+    url, images, demo = server
+    alice = client(url, "alice", "pw-a")
+    photo = gradio_client.handle_file(str(images["red"]))
+    if not any(row[0] == "<bo>" for row in alice.predict(api_name="/list_concepts")[1]["data"]):
+        alice.predict("<bo>", "dog", "my shiba", [photo], api_name="/add_concept")
+    *_, memory = alice.predict(photo, "Bo turned four last week.", [], False, api_name="/chat")
+    assert "Remember this?" in memory and "Bo turned four last week." in memory
+    store = demo.mmpersona_app.db.store
+    waiting = store.memory("alice", status="proposed")
+    assert [e.text for e in waiting] == ["Bo turned four last week."]
+    bob = client(url, "bob", "pw-b")
+    assert "nothing proposed" in bob.predict(api_name="/remember")  # his session has no proposals of hers
+    assert "remembered 1 entry" in alice.predict(api_name="/remember")
+    assert store.memory_entry("alice", waiting[0].id).current
+    *_, memory = alice.predict(photo, "How old is <bo>?", [], False, api_name="/chat")
+    assert "Remembered and used:\n• Bo turned four last week. (a state: age)" in memory
+    store.delete_memory("alice", waiting[0].id)
 
 
 def test_users_never_see_each_other(server):

@@ -58,6 +58,10 @@ def populate(store, owner, seed=0):
     store.add_profile_event(owner, "pair", images=[f"{owner}-p1".encode(), f"{owner}-p2".encode()], prompt="p")
     store.put_blob(owner, "reward", save({"w": np.zeros(2, np.float32)}), model="m")
     store.set_setting(owner, "threshold", 0.3)
+    store.add_memory(owner, f"{owner}-dog sleeps in the hall.", concept_id=c.id, kind="state", topic="bed",
+                     valid_from=1.7e9)
+    store.add_memory(owner, f"{owner}-dog sleeps on the sofa.", concept_id=c.id, kind="state", topic="bed")
+    store.add_memory(owner, f"{owner} is a nurse.", status="proposed")
     return c
 
 
@@ -66,7 +70,13 @@ def cross_owner_calls(store, victim):
     cid, img = victim.id, victim.images[0]
     q = vec(0)
     event = store.profile_events("alice")[0]
+    entry = store.memory("alice")[0]
     return {
+        "memory": lambda: store.memory("mallory"),
+        "memory_entry": lambda: store.memory_entry("mallory", entry.id),
+        "add_memory": lambda: store.add_memory("mallory", "pwned", concept_id=cid),
+        "update_memory": lambda: store.update_memory("mallory", entry.id, text="pwned", status="accepted"),
+        "delete_memory": lambda: store.delete_memory("mallory", entry.id),
         "get": lambda: store.get("mallory", cid),
         "get_many": lambda: store.get_many("mallory", [cid]),
         "find": lambda: store.find("mallory", victim.name),
@@ -141,6 +151,7 @@ def test_isolation_every_public_operation(store):
     store.add_profile_event("mallory", "like", images=[b"alice-liked"])
     store.put_blob("mallory", "reward", save({"w": np.ones(2, np.float32)}), model="m")
     store.set_setting("mallory", "threshold", 0.9)
+    store.add_memory("mallory", "alice-dog sleeps in the garage.", kind="state", topic="bed")
     assert store.search("alice", vec(0), embedder="e", k=5)[0].concept.owner == "alice"
     # the victim's data is untouched
     assert reliability_snapshot(store, "alice") == before
@@ -159,7 +170,8 @@ def test_erase_user_removes_everything_of_theirs_and_only_theirs(store):
     bob_before = reliability_snapshot(store, "bob")
     assert store.erase_owner("alice") == 1
     q = store._conn.execute
-    for table in ("concepts", "handles", "embeddings", "owner_settings", "profile_events", "owner_blobs"):
+    for table in ("concepts", "handles", "embeddings", "owner_settings", "profile_events", "owner_blobs",
+                  "memory_entries"):
         assert q(f"SELECT count(*) FROM {table} WHERE owner = ?", ("alice",)).fetchone()[0] == 0, table
     assert q("SELECT count(*) FROM tensors WHERE concept_id NOT IN (SELECT id FROM concepts)").fetchone()[0] == 0
     remaining = {r[0] for r in q("SELECT data FROM images")}

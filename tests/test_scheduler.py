@@ -94,6 +94,58 @@ def test_a_flooding_user_is_refused_while_another_is_served_first():
     worker.close()
 
 
+def test_background_work_runs_only_when_no_request_waits_and_never_takes_a_requests_place():
+    """`submit_idle` (memory readings after a response): not counted in the queue, started only when nothing
+    else waits, bounded per user and in all; closing drops what has not started."""
+    worker = ModelWorker(queue_size=2)
+    gate, order = threading.Event(), []
+
+    def job(name, wait=False):
+        def run():
+            order.append(name)
+            if wait:
+                gate.wait(5)
+            return name
+        return run
+
+    running = worker.submit(job("request-1", wait=True), user="alice")
+    while not worker.busy:
+        time.sleep(0.01)
+    later = [worker.submit_idle(job("idle-a"), user="alice"), worker.submit_idle(job("idle-b"), user="bob")]
+    with pytest.raises(QueueFull):  # the lane holds `queue_size` jobs in all
+        worker.submit_idle(job("idle-c"), user="carol")
+    waiting = [worker.submit(job("request-2"), user="bob"), worker.submit(job("request-3"), user="carol")]
+    assert worker.waiting == 2  # the background jobs take no request's place
+    gate.set()
+    assert [f.result(5) for f in [running, *waiting, *later]] == ["request-1", "request-2", "request-3", "idle-a",
+                                                                   "idle-b"]
+    assert order == ["request-1", "request-2", "request-3", "idle-a", "idle-b"]
+    one = ModelWorker(queue_size=8)
+    block = threading.Event()
+    one.submit(lambda: block.wait(5))
+    while not one.busy:
+        time.sleep(0.01)
+    mine = [one.submit_idle(job(f"mine-{i}"), user="mallory") for i in range(ModelWorker.IDLE_PER_USER)]
+    with pytest.raises(QueueFull):
+        one.submit_idle(job("one too many"), user="mallory")
+    block.set()
+    assert [f.result(5) for f in mine] == ["mine-0", "mine-1"]
+    worker.close()
+    one.close()
+    stopped, release = ModelWorker(queue_size=1), threading.Event()
+    stopped.submit(lambda: release.wait(5))
+    while not stopped.busy:
+        time.sleep(0.01)
+    pending = stopped.submit_idle(job("never"))
+    closing = threading.Thread(target=stopped.close)
+    closing.start()
+    while not stopped._closed:
+        time.sleep(0.01)
+    release.set()
+    closing.join(5)
+    assert pending.cancelled() and "never" not in order
+
+
 def test_a_job_whose_caller_left_is_dropped_before_it_starts():
     worker = ModelWorker(queue_size=4)
     gate, ran = threading.Event(), []

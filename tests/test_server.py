@@ -396,10 +396,14 @@ def test_profile_events_through_http(api):
         assert alice.get("/v1/profile").json()["counts"] == {"like": 0, "dislike": 0, "pair": 0, "prompt": 0}
 
 
-def test_memory_through_http_from_a_chat_turn_to_the_next_answer(api):
+def test_memory_through_http_from_a_chat_turn_to_the_next_answer(api, monkeypatch):
     """A statement in a chat turn comes back as a proposal in the `mmpersona` field (streamed too), is accepted
     with PATCH, and the next answer's prompt holds it (`mmpersona.memory`); a newer state replaces it; bob can
-    neither see nor change alice's entries; bad requests are clear 4xx."""
+    neither see nor change alice's entries; bad requests are clear 4xx. (The rule extractor reads the turn, as
+    for the tiny preset's models; the talkative test model is a local folder, which gets the model's own.)"""
+    from pipelines.memory import RuleExtractor
+
+    monkeypatch.setattr(type(api.vlm), "memory_extractor", lambda self: RuleExtractor())
     client = api.client("alice")
     reply = client.chat.completions.create(model="m", messages=ask("Bo turned four last week. Is <bo> happy?", BO),
                                            max_tokens=2)
@@ -436,6 +440,27 @@ def test_memory_through_http_from_a_chat_turn_to_the_next_answer(api):
         for e in alice.get("/v1/memory").json()["data"]:
             assert alice.delete(f"/v1/memory/{e['id']}").json()["deleted"]
         assert alice.get("/v1/memory").json()["data"] == []
+
+
+def test_a_model_extractor_reads_memory_after_the_response(api, monkeypatch):
+    """With a chat model that extracts (`VLMExtractor`), the reading is a job queued after the response: the
+    response proposes nothing itself, and the proposal appears in `GET /v1/memory?status=proposed`. (The tiny
+    model cannot write JSON: its text is given here, the rest is the server's own path.)"""
+    from pipelines.memory import VLMExtractor
+
+    said = '[{"about": "<bo>", "kind": "state", "topic": "food", "text": "Bo eats salmon now."}]'
+    monkeypatch.setattr(type(api.vlm), "memory_extractor", lambda self: VLMExtractor(lambda messages, **_: said))
+    reply = api.client("alice").chat.completions.create(model="m", messages=ask("We feed <bo> salmon now.", BO),
+                                                        max_tokens=2)
+    assert reply.model_extra["mmpersona"]["proposed"] == []
+    with api.http("alice") as alice:
+        deadline = time.monotonic() + 30
+        while not [e for e in alice.get("/v1/memory", params={"status": "proposed"}).json()["data"]
+                   if e["text"] == "Bo eats salmon now." and e["topic"] == "food"]:
+            assert time.monotonic() < deadline, "the proposal never arrived"
+            time.sleep(0.05)
+        for e in alice.get("/v1/memory").json()["data"]:
+            alice.delete(f"/v1/memory/{e['id']}")
 
 
 # ------------------------------------------------------------------------------------------ generation

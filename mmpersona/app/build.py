@@ -10,7 +10,7 @@ from .config import CACHE_SECONDS, MAX_UPLOAD
 from .guard import SessionGuard, parse_proxies
 from .logins import Logins
 from .state import App, Refused
-from .tabs import chat_tab, concepts_tab, generate_tab, profile_tab, taste_tab
+from .tabs import chat_tab, concepts_tab, generate_tab, memory_tab, profile_tab, taste_tab
 
 logger = logging.getLogger("mmpersona.app")
 
@@ -50,17 +50,20 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
         gr.Markdown(f"# mmpersona\nPreset **{preset}**. {mode}")
         # bumped by every change to the profile, in any tab: the profile list renders again
         profile_tick = gr.State(0)
+        memory_tick = gr.State(0)  # bumped by every change to the memory: its list renders again
 
         with gr.Tab("Concepts"):
             concepts_tab(gr, app, guarded, demo)
         with gr.Tab("Chat"):
-            chat_tab(gr, app)
+            chat_tab(gr, app, memory_tick)
         with gr.Tab("Taste"):
             taste_tab(gr, app, guarded, demo, profile_tick)
         with gr.Tab("Generate"):
             generate_tab(gr, app, guarded, preset, profile_tick)
         with gr.Tab("Profile"):
             profile_tab(gr, app, guarded, demo, profile_tick)
+        with gr.Tab("Memory"):
+            memory_tab(gr, app, guarded, memory_tick)
     demo.mmpersona_app = app
     return demo
 

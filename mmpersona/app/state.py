@@ -194,8 +194,9 @@ class App:
 
     def chat(self, user: str, image: Any, question: str, history: list[dict], regions: bool = False):
         """Yields (chat messages, retrieved rows, retrieved thumbnails, the photo with each region-retrieved
-        concept's box, label and score drawn, status) as the answer streams. `regions`: find each concept in
-        the photo (detector regions, one concept per region)."""
+        concept's box, label and score drawn, status, the memory used and proposed (text), the ids of this turn's
+        proposals) as the answer streams. `regions`: find each concept in the photo (detector regions, one
+        concept per region). Once the answer is out, what the user said is read for memory proposals."""
         question = question or ""
         if len(question) > MAX_QUESTION_CHARS:
             raise ValueError(f"the question is {len(question)} characters, over the limit of {MAX_QUESTION_CHARS}")
@@ -206,7 +207,7 @@ class App:
             stream = pipe.stream(image, question, user=user, history=turns)
             for piece in stream:
                 shown[-1]["content"] += piece
-                yield shown, [], "", "", "answering..."
+                yield shown, [], "", "", "answering...", "", []
         answer = stream.result
         rows = [[r.concept.handle, round(r.score, 4), r.source, str(r.box) if r.box else ""] for r in answer.retrieved]
         thumbs = grid_html([(self.thumbnail(user, r.image or r.concept.images[0]), r.concept.handle,
@@ -216,7 +217,61 @@ class App:
         status = ("no concept recognised: answered without personal context" if answer.abstained else
                   "used " + ", ".join(r.concept.handle for r in answer.retrieved))
         shown[-1]["content"] = answer.answer or "(the model gave an empty answer)"
-        yield shown, rows, thumbs, boxes_html(image, answer.retrieved), status
+        where = boxes_html(image, answer.retrieved)
+        used = self.memory_text("Remembered and used", answer.memory)
+        yield shown, rows, thumbs, where, status, used, []
+        from concept_db import ConceptDBError
+
+        try:
+            with self._vlm_lock:  # after the answer: reading the message may need the model (`memory_extractor`)
+                proposed = pipe.remember(user, question, answer, source="chat")
+        except ConceptDBError as e:  # a full memory quota costs the proposals, never the answer
+            logger.info("no memory proposals for this turn: %s", e)
+            proposed = []
+        waiting = [e for e in proposed if e.status == "proposed"]
+        text = "\n\n".join(t for t in (used, self.memory_text("Remember this?", waiting),
+                                        self.memory_text("Remembered", [e for e in proposed if e.status != "proposed"]))
+                            if t)
+        yield shown, rows, thumbs, where, status, text, [e.id for e in waiting]
+
+    @staticmethod
+    def memory_text(title: str, entries: list) -> str:
+        """A few memory entries as Markdown-free text lines under a title (user text is never markup here)."""
+        if not entries:
+            return ""
+        return title + ("" if title.endswith("?") else ":") + "\n" + "\n".join(f"• {e.text}" + (f" (a state: {e.topic})" if e.kind == "state" else "")
+                                          for e in entries)
+
+    # ------------------------------------------------------------------ memory
+
+    def memory_entries(self, user: str) -> list[dict[str, Any]]:
+        """The user's memory, newest first (the latest `PROFILE_SHOWN`), as rows for the Memory tab."""
+        entries = self.db.store.memory(user, limit=PROFILE_SHOWN)
+        ids = sorted({e.concept_id for e in entries if e.concept_id})
+        handles = {cid: c.handle for cid, c in self.db.store.get_many(user, ids).items()} if ids else {}
+        return [{"id": e.id, "text": e.text, "about": handles.get(e.concept_id, "you") if e.concept_id else "you",
+                 "kind": e.kind, "topic": e.topic, "status": e.status,
+                 "state": "waiting for your yes" if e.status == "proposed" else
+                 "replaced by a newer state" if e.superseded_by else "current"} for e in entries]
+
+    def remember(self, user: str, text: str, concept: str = "", topic: str = "") -> str:
+        text, concept, topic = (text or "").strip(), (concept or "").strip(), (topic or "").strip()
+        if len(text) > MAX_QUESTION_CHARS:
+            raise ValueError(f"the text is {len(text)} characters, over the limit of {MAX_QUESTION_CHARS}")
+        cid = self.db.resolve(user, concept).id if concept else None
+        self.db.store.add_memory(user, text, concept_id=cid, kind="state" if topic else "fact", topic=topic,
+                                 source="user")
+        return "remembered"
+
+    def settle(self, user: str, entry_ids: list[str], accept: bool) -> str:
+        """Accept (or reject: forget) the given proposals of the user's; others' ids are refused as missing."""
+        for entry_id in entry_ids:
+            if accept:
+                self.db.store.update_memory(user, entry_id, status="accepted")
+            else:
+                self.db.store.delete_memory(user, entry_id)
+        n = len(entry_ids)
+        return f"{'remembered' if accept else 'forgot'} {n} entr{'y' if n == 1 else 'ies'}"
 
     # ------------------------------------------------------------------ preferences
 

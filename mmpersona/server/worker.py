@@ -103,6 +103,7 @@ class ModelWorker:
         self._started: dict[str, int] = {}  # when each waiting user's last job started (a tick)
         self._ticks = itertools.count()
         self._waiting = 0
+        self._idle: deque[tuple[str, _Job]] = deque()  # `submit_idle`: run only when no other job waits
         self._closed = False
         self._mean_seconds = 1.0  # a running mean of job durations, for Retry-After
         self.busy = False
@@ -124,6 +125,25 @@ class ModelWorker:
         """Queue `fn` for `user`; its result (or exception) arrives in the returned future. Raises `QueueFull`.
         A job whose `stop` is set before it starts is dropped (its future raises `Cancelled`)."""
         return self._queue(_Job(fn, Future(), stop), user)
+
+    #: `submit_idle` jobs one user may have waiting
+    IDLE_PER_USER = 2
+
+    def submit_idle(self, fn: Callable[[], Any], *, user: str = "") -> Future:
+        """Queue `fn` at the lowest priority: it starts only when no other job waits (work no response waits for,
+        such as reading a chat turn for memory). Bounded apart from the queue, so it never takes a request's place:
+        at most `queue_size` such jobs, `IDLE_PER_USER` from one user; raises `QueueFull` past that. It never
+        delays a job that is waiting when it could start; one that arrives while it runs waits for it."""
+        job = _Job(fn, Future(), None)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the model worker is closed")
+            mine = sum(u == user for u, _ in self._idle)
+            if len(self._idle) >= self.queue_size or mine >= self.IDLE_PER_USER:
+                raise QueueFull(self.retry_after(), self.queue_size, "the model has no time for background work now")
+            self._idle.append((user, job))
+            self._cond.notify()
+        return job.future
 
     def arriving(self) -> Arrival:
         """Announce a batchable request that is still being received or decoded: a batch about to start waits
@@ -226,10 +246,12 @@ class ModelWorker:
         """The next job to run (None: closed), fairly: the waiting user whose last job started longest ago. A
         batchable job comes with the waiting jobs of its key, taken in the same order (a batch of one or more)."""
         with self._cond:
-            while not self._queues:
+            while not self._queues and not (self._idle and not self._closed):
                 if self._closed:
                     return None
                 self._cond.wait()
+            if not self._queues:  # nothing else waits: background work (`submit_idle`)
+                return [self._idle.popleft()[1]]
             user = min(self._queues, key=lambda u: self._started.get(u, -1))  # ties: first in arrival order
             job = self._queues[user].popleft()
             self._waiting -= 1
@@ -309,8 +331,11 @@ class ModelWorker:
                 self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * took
 
     def close(self) -> None:
-        """Let queued jobs finish, then stop the thread."""
+        """Let queued jobs finish (background jobs not yet started are dropped), then stop the thread."""
         with self._cond:
             self._closed = True
+            for _, job in self._idle:
+                job.future.cancel()
+            self._idle.clear()
             self._cond.notify()
         self._thread.join(timeout=60)

@@ -24,7 +24,7 @@ from ..errors import ApiError, as_api_error, error_body
 from ..media import data_url_bytes
 from ..scheduler import Hold, Watch
 from ..schemas import ChatMessage, ChatRequest
-from ..worker import awaited
+from ..worker import QueueFull, awaited
 
 router = APIRouter(tags=["chat"])
 log = logging.getLogger(__name__)
@@ -225,20 +225,42 @@ class Memo:
     question: str
 
     async def propose(self, answer: Any) -> list[dict[str, Any]]:
-        """The proposals stored for the user (none with `remember: false`). A full memory quota or a bad proposal
-        costs the proposals, never the answer."""
+        """The proposals stored for the user (none with `remember: false`). With the rule extractor (the tiny
+        models) they are read here, in milliseconds, and returned; with the chat model itself (`VLMExtractor`) the
+        reading is a model job of its own, queued after this response is complete, and its proposals are listed
+        by `GET /v1/memory?status=proposed`. A full memory quota, a full queue or a bad proposal costs the
+        proposals, never the answer. The model's reading starts only when no request waits for the model
+        (`ModelWorker.submit_idle`), and is skipped when the model has no time for it."""
         if not self.req.remember:
             return []
-        from concept_db import ConceptDBError
-        from pipelines.memory import propose
+        from pipelines.memory import RuleExtractor, propose
 
-        concepts = [r.concept for r in answer.retrieved]
-        try:
-            entries = await run_in_threadpool(propose, self.srv.db, self.user, self.question, concepts, source="chat")
-        except ConceptDBError as e:
+        pipe = self.srv.chat.loaded()
+        extractor = pipe.memory_extractor() if pipe is not None else RuleExtractor()
+        job = partial(propose, self.srv.db, self.user, self.question, [r.concept for r in answer.retrieved],
+                      extractor=extractor, source="chat")
+        if isinstance(extractor, RuleExtractor):
+            return [e.to_dict() for e in await self._guarded(run_in_threadpool(job))]
+        try:  # at the lowest priority: it never takes a request's place nor delays one that waits
+            future = self.srv.worker.submit_idle(job, user=self.user)
+        except QueueFull as e:
             log.info("no memory proposals for this turn: %s", e)
             return []
-        return [e.to_dict() for e in entries]
+        task = asyncio.create_task(self._guarded(asyncio.wrap_future(future)))
+        _LATER.add(task)
+        task.add_done_callback(_LATER.discard)
+        return []
+
+    @staticmethod
+    async def _guarded(work: Any) -> list[Any]:
+        try:
+            return await work
+        except Exception as e:  # noqa: BLE001 - proposals are never worth an answer
+            log.info("no memory proposals for this turn: %s", e)
+            return []
+
+
+_LATER: set[asyncio.Task] = set()  # memory readings queued after their response (kept until they finish)
 
 
 async def completion(common: dict[str, Any], pipe: Any, answer: Any, memo: Memo | None = None) -> JSONResponse:
