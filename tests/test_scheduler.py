@@ -514,8 +514,9 @@ class StandIn:
     """An OpenAI-compatible server answering every request after `delay` s, any number at once; it records how
     many it had at once and whether a client left before its answer."""
 
-    def __init__(self, delay: float):
+    def __init__(self, delay: float, memory_reply: str | None = None):
         self.delay, self.in_flight, self.most, self.abandoned = delay, 0, 0, 0
+        self.memory_reply, self.readings = memory_reply, 0  # the answer to a memory reading (`VLMExtractor`)
 
     def app(self):
         from starlette.applications import Starlette
@@ -535,9 +536,11 @@ class StandIn:
                     await asyncio.sleep(0.02)
             finally:
                 self.in_flight -= 1
+            reading = self.memory_reply is not None and "personal memory" in json.dumps(body["messages"][0])
+            self.readings += reading
             return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": "a dog"}}]})
+                                 "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                     "role": "assistant", "content": self.memory_reply if reading else "a dog"}}]})
 
         return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
 
@@ -575,6 +578,38 @@ def test_remote_vlm_requests_go_out_at_once_and_stop_when_the_client_leaves(tmp_
             wait_for(lambda: stand_in.in_flight == 1, what="the remote request")
             sock.close()
             wait_for(lambda: stand_in.abandoned == 1, timeout=5, what="the remote request to be closed")
+
+
+def test_a_remote_vlm_reads_a_turn_for_memory_after_the_response(tmp_path, tiny_embedder, tiny_cache):
+    """With a VLM server behind it, the memory reading goes there too, from the event loop once the response is
+    out (never through the local model worker); questions alone are not read at all."""
+    from mmpersona.models import load_vlm
+    from mmpersona.models.tiny import tiny_path
+    from pipelines import PersonalizedVLMPipeline
+
+    said = '[{"about": "<bo>", "kind": "state", "topic": "bed", "text": "Bo sleeps on the balcony now."}]'
+    stand_in = StandIn(delay=0.0, memory_reply=said)
+    db = ConceptDB(tmp_path / "c.db", embedder=tiny_embedder)
+    db.add("alice", "bo", [photo()], category="dog")
+    keys = KeyStore(tmp_path / "keys.json")
+    key = keys.create("alice")[1]
+    with in_thread(stand_in.app()) as backend:
+        remote = PersonalizedVLMPipeline(db, vlm=load_vlm(f"openai:{backend}/v1#{tiny_path('qwen2.5-vl')}"))
+        app = create_app(db, keys, vlm=remote, config=LIMITS)
+        with in_thread(app) as url:
+            def ask(text):
+                body = chat_body(8)
+                body["messages"][0]["content"][1]["text"] = text
+                r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60,
+                               headers={"Authorization": f"Bearer {key}"})
+                assert r.status_code == 200 and r.json()["mmpersona"]["proposed"] == [], r.text
+                return r
+
+            ask("What is <bo> doing?")
+            ask("Bo sleeps on the balcony now. Is <bo> here?")
+            wait_for(lambda: db.store.memory("alice", status="proposed"), what="the proposal")
+            assert [e.text for e in db.store.memory("alice")] == ["Bo sleeps on the balcony now."]
+            assert stand_in.readings == 1  # the question alone was not read
 
 
 # ------------------------------------------------------------------------------------------ replicas

@@ -241,15 +241,38 @@ class Memo:
                       extractor=extractor, source="chat")
         if isinstance(extractor, RuleExtractor):
             return [e.to_dict() for e in await self._guarded(run_in_threadpool(job))]
-        try:  # at the lowest priority: it never takes a request's place nor delays one that waits
-            future = self.srv.worker.submit_idle(job, user=self.user)
-        except QueueFull as e:
-            log.info("no memory proposals for this turn: %s", e)
-            return []
-        task = asyncio.create_task(self._guarded(asyncio.wrap_future(future)))
+        if pipe.vlm.remote is not None:
+            work = self._remote_reading(pipe, extractor, [r.concept for r in answer.retrieved])
+        else:
+            try:  # at the lowest priority: it never takes a request's place nor delays one that waits
+                work = asyncio.wrap_future(self.srv.worker.submit_idle(job, user=self.user))
+            except QueueFull as e:
+                log.info("no memory proposals for this turn: %s", e)
+                return []
+        task = asyncio.create_task(self._guarded(work))
         _LATER.add(task)
         task.add_done_callback(_LATER.discard)
         return []
+
+    async def _remote_reading(self, pipe: Any, extractor: Any, concepts: list[Any]) -> list[Any]:
+        """The remote VLM reads the turn: sent from the event loop like an answer, only when the VLM server has
+        a free slot (none waits, none is kept waiting), then validated and stored."""
+        from mmpersona.models.remote import openai_messages
+        from pipelines.memory import store_proposals
+
+        lane = self.srv.remote
+        if lane.in_flight + lane.waiting >= lane.concurrency:
+            log.info("no memory proposals for this turn: the VLM server is busy")
+            return []
+        asked = await run_in_threadpool(extractor.request, self.srv.db, self.user, self.question, concepts)
+        if asked is None:
+            return []
+        messages, handles = asked
+        async with lane.slot():
+            text = await pipe.vlm.remote.acomplete(openai_messages(pipe.vlm._prepared(messages)),
+                                                   extractor.max_new_tokens)
+        return await run_in_threadpool(store_proposals, self.srv.db, self.user, extractor.parse(text, handles),
+                                       source="chat")
 
     @staticmethod
     async def _guarded(work: Any) -> list[Any]:
