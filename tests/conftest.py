@@ -61,6 +61,16 @@ def db_url(request, tmp_path) -> str:
     return str(tmp_path / "concepts.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
 
 
+@pytest.fixture
+def store(db_url):
+    """An open store on each backend (`db_url`), closed after the test."""
+    from concept_db import open_store
+
+    s = open_store(db_url)
+    yield s
+    s.close()
+
+
 @pytest.fixture(scope="session")
 def pg_server():
     """A PostgreSQL + pgvector server for the session: `MMPERSONA_TEST_PG_URL` when set (a superuser URL of

@@ -14,13 +14,6 @@ from pipelines.memory import RuleExtractor, words
 DAY = 86_400.0
 
 
-@pytest.fixture
-def store(db_url):
-    s = open_store(db_url)
-    yield s
-    s.close()
-
-
 def concept(store, owner, name):
     return store.add(owner, name, images=[f"{owner}-{name}".encode()],
                      embeddings={"e": np.ones((1, 4), np.float32) / 2})

@@ -4,11 +4,10 @@ every public operation, and erasing one user. Long runs: `python scripts/reliabi
 import inspect
 
 import numpy as np
-import pytest
 from safetensors.numpy import save
 
 import scripts
-from concept_db import ConceptNotFound, open_store
+from concept_db import ConceptNotFound
 from concept_db.types import Quota, Usage
 
 reliability = scripts.load("reliability")
@@ -122,13 +121,6 @@ NOT_OWNER_SCOPED = {"add", "add_many", "add_profile_event", "put_blob", "set_set
                     "quota",  # the per-owner limits: a setting of the store, the same for every owner
                     # the server's API keys (PostgreSQL): found by key id, checked by their hash (test_scheduler)
                     "put_api_key", "api_key", "api_keys", "delete_api_key"}
-
-
-@pytest.fixture
-def store(db_url):
-    s = open_store(db_url)
-    yield s
-    s.close()
 
 
 def test_isolation_every_public_operation(store):

@@ -15,13 +15,6 @@ from concept_db.types import content_hash, hash_key
 DIM = 16
 
 
-@pytest.fixture
-def store(db_url):
-    s = open_store(db_url)
-    yield s
-    s.close()
-
-
 def vecs(n: int, seed: int = 0) -> np.ndarray:
     v = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
