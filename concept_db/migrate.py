@@ -67,7 +67,8 @@ def _vectors_by_concept(store: "SQLStore", owner: str) -> dict[str, dict[str, di
 
 
 #: What a user's data is made of, as `summarize` counts it (`migrate_owner` copies all but images on their own)
-KINDS = ("concepts", "images", "vectors", "tensors", "events", "blobs", "settings", "memory")
+KINDS = ("concepts", "images", "vectors", "tensors", "events", "blobs", "settings", "memory", "conversations",
+         "turns")
 
 
 def summarize(store: "SQLStore", owner: str) -> tuple[dict[str, int], str]:
@@ -109,7 +110,22 @@ def summarize(store: "SQLStore", owner: str) -> tuple[dict[str, int], str]:
         feed("memory", m.id, m.text, name_of.get(m.concept_id) if m.concept_id else None, m.kind, m.topic, m.status,
              m.source, m.valid_from, m.superseded_by, m.created, m.updated)
         counts["memory"] += 1
+    for chat in sorted(_all_conversations(store, owner), key=lambda c: c.id):
+        feed("conversation", chat.id, chat.title, chat.created, chat.updated)
+        counts["conversations"] += 1
+        for t in store.turns(owner, chat.id):
+            feed("turn", chat.id, t.position, t.question, t.answer, t.image, t.created)
+            counts["turns"] += 1
     return {k: counts[k] for k in KINDS}, digest.hexdigest()
+
+
+def _all_conversations(store: "SQLStore", owner: str, page: int = 500) -> list:
+    out: list = []
+    while True:
+        batch = store.conversations(owner, limit=page, offset=len(out))
+        out += batch
+        if len(batch) < page:
+            return out
 
 
 def migrate_owner(source: "SQLStore", target: "SQLStore", owner: str, *, batch: int = 200,
@@ -184,6 +200,16 @@ def migrate_owner(source: "SQLStore", target: "SQLStore", owner: str, *, batch: 
                               kind=m.kind, topic=m.topic, status=m.status, source=m.source, valid_from=m.valid_from,
                               entry_id=m.id, created=m.created, updated=m.updated)
             copied["memory"] += 1
+    have_chats = {c.id: c.turns for c in _all_conversations(target, owner)}
+    for chat in _all_conversations(source, owner):
+        if chat.id not in have_chats:
+            target.start_conversation(owner, chat.title, conversation_id=chat.id, created=chat.created,
+                                      updated=chat.updated)
+            copied["conversations"] += 1
+        for t in source.turns(owner, chat.id)[have_chats.get(chat.id, 0):]:  # turns only append
+            target.add_turn(owner, chat.id, t.question, t.answer, created=t.created,
+                            image=source.image_bytes(owner, t.image) if t.image else None)
+            copied["turns"] += 1
     counts, digest = summarize(source, owner)
     target_counts, target_digest = summarize(target, owner)
     if (counts, digest) != (target_counts, target_digest):

@@ -150,6 +150,29 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     );
     CREATE INDEX memory_entries_owner ON memory_entries (owner, concept_id);
     """),
+    (6, """
+    -- as SQLite's migration 7: kept chats (types.Conversation) and their turns (types.Turn)
+    CREATE TABLE conversations (
+        id text PRIMARY KEY,
+        owner text NOT NULL,
+        title text NOT NULL,
+        created double precision NOT NULL,
+        updated double precision NOT NULL
+    );
+    CREATE INDEX conversations_owner ON conversations (owner, updated);
+    CREATE TABLE conversation_turns (
+        conversation_id text NOT NULL,
+        position integer NOT NULL,
+        owner text NOT NULL,
+        question text NOT NULL,
+        answer text NOT NULL,
+        image text,
+        created double precision NOT NULL,
+        PRIMARY KEY (conversation_id, position)
+    );
+    CREATE INDEX conversation_turns_owner ON conversation_turns (owner, image);
+    CREATE INDEX conversation_turns_image ON conversation_turns (image);
+    """),
 ]
 
 _MIGRATION_LOCK = 7_345_121  # advisory lock key: one process migrates at a time

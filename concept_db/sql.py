@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from .types import (MAX_ALIASES, PROFILE_KINDS, BulkResult, Concept, ConceptNotFound, DuplicateConceptError,
-                    InvalidConceptError, Match, MemoryEntry, NewConcept, ProfileEvent, Quota, StoredTensor, Usage,
-                    check_owner,
-                    check_text, content_hash, handle_skeleton, hash_key, normalize_name)
+from .types import (MAX_ALIASES, MAX_CONVERSATION_TITLE, MAX_TURN_TEXT, PROFILE_KINDS, BulkResult, Concept,
+                    ConceptNotFound, Conversation, DuplicateConceptError, InvalidConceptError, Match, MemoryEntry,
+                    NewConcept, ProfileEvent, Quota, StoredTensor, Turn, Usage, check_owner, check_text, content_hash,
+                    handle_skeleton, hash_key, normalize_name)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,6 +42,9 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "profile_generations": (("owner", "generation"), ("owner",)),
     "memory_entries": (("id", "owner", "text", "concept_id", "kind", "topic", "status", "source", "valid_from",
                         "superseded_by", "created", "updated"), ("id",)),
+    "conversations": (("id", "owner", "title", "created", "updated"), ("id",)),
+    "conversation_turns": (("conversation_id", "position", "owner", "question", "answer", "image", "created"),
+                           ("conversation_id", "position")),
 }
 _MEMORY_COLUMNS = ", ".join(TABLES["memory_entries"][0])  # MemoryEntry's fields, in order
 
@@ -488,6 +491,7 @@ class SQLStore:
             hashes += self._delete_profile(c, owner)
             c.execute("DELETE FROM owner_blobs WHERE owner = ?", (owner,))
             c.execute("DELETE FROM memory_entries WHERE owner = ?", (owner,))
+            hashes += self._delete_conversations(c, owner)
             n = c.execute("DELETE FROM concepts WHERE owner = ?", (owner,)).rowcount
             self._drop_orphan_images(c, hashes)
             self._bump(c, owner)
@@ -556,15 +560,24 @@ class SQLStore:
                 f"WHERE e.owner = ? AND e.{column} IS NOT NULL", (owner,)).fetchone()
             size += more
         (memory,) = c.execute("SELECT COUNT(*) FROM memory_entries WHERE owner = ?", (owner,)).fetchone()
-        return Usage(images=int(images), events=int(events), bytes=int(size), memory=int(memory))
+        (chats,) = c.execute("SELECT COUNT(*) FROM conversations WHERE owner = ?", (owner,)).fetchone()
+        (turns,) = c.execute("SELECT COUNT(*) FROM conversation_turns WHERE owner = ?", (owner,)).fetchone()
+        (more,) = c.execute(  # a photo asked about in many turns is counted once
+            f"SELECT COALESCE(SUM(i.size), 0) FROM (SELECT DISTINCT image FROM conversation_turns WHERE owner = ? "
+            f"AND image IS NOT NULL) t JOIN images i ON i.hkey = {self._HKEY.format('t.image')} AND i.hash = t.image",
+            (owner,)).fetchone()
+        return Usage(images=int(images), events=int(events), bytes=int(size) + int(more), memory=int(memory),
+                     conversations=int(chats), turns=int(turns))
 
-    def check_quota(self, owner: str, *, images: int = 0, events: int = 0, size: int = 0) -> None:
+    def check_quota(self, owner: str, *, images: int = 0, events: int = 0, size: int = 0, conversations: int = 0,
+                    turns: int = 0) -> None:
         """Refuse early (`QuotaExceeded`) what the quota will refuse when it is written (before work is spent on it:
         the write checks again, in its transaction)."""
         if self.quota is not None:
             with self._lock:
                 now = self._current_usage(self._conn, owner)
-            self.quota.check(owner, now, images=images, events=events, size=size)
+            self.quota.check(owner, now, images=images, events=events, size=size, conversations=conversations,
+                             turns=turns)
 
     def _current_usage(self, c, owner: str) -> Usage:
         """The owner's usage: as this store's last quota check left it while the revision is still the one it
@@ -572,7 +585,8 @@ class SQLStore:
         known = self._usage_known.get(owner)
         return known[1] if known is not None and known[0] == self._revision(c, owner) else self._usage(c, owner)
 
-    def _charge(self, c, owner: str, *, images: int = 0, events: int = 0, size: int = 0, memory: int = 0) -> None:
+    def _charge(self, c, owner: str, *, images: int = 0, events: int = 0, size: int = 0, memory: int = 0,
+                conversations: int = 0, turns: int = 0) -> None:
         """Refuse (`QuotaExceeded`) a write that takes `owner` past the quota, inside its transaction; the usage
         once it lands is kept for the next check (`_bump` files it under the new revision)."""
         if self.quota is None:
@@ -580,9 +594,10 @@ class SQLStore:
         if self._OWNER_LOCK is not None:
             c.execute(self._OWNER_LOCK, (owner,))
         now = self._current_usage(c, owner)
-        self.quota.check(owner, now, images=images, events=events, size=size, memory=memory)
+        self.quota.check(owner, now, images=images, events=events, size=size, memory=memory,
+                         conversations=conversations, turns=turns)
         self._usage_after[owner] = Usage(now.images + images, now.events + events, now.bytes + size,
-                                         now.memory + memory)
+                                         now.memory + memory, now.conversations + conversations, now.turns + turns)
 
     def revision(self, owner: str) -> int:
         """A number that changes whenever the owner's data does (0 before the first write): what a cache of
@@ -612,18 +627,22 @@ class SQLStore:
         c.executemany("DELETE FROM images WHERE hkey = ? AND hash = ? AND NOT EXISTS "
                       "(SELECT 1 FROM concept_images ci WHERE ci.image_id = images.id) AND NOT EXISTS "
                       "(SELECT 1 FROM profile_events WHERE image = ?) AND NOT EXISTS "
-                      "(SELECT 1 FROM profile_events WHERE other = ?)", [(hash_key(h), h, h, h) for h in set(hashes)])
+                      "(SELECT 1 FROM profile_events WHERE other = ?) AND NOT EXISTS "
+                      "(SELECT 1 FROM conversation_turns WHERE image = ?)",
+                      [(hash_key(h), h, h, h, h) for h in set(hashes)])
 
     def image_bytes(self, owner: str, image_hash: str) -> bytes:
-        """The encoded bytes of one of the owner's images (a concept's reference image or a profile image)."""
+        """The encoded bytes of one of the owner's images (a concept's reference image, a profile image or the photo
+        of a kept conversation's turn)."""
         check_owner(owner)
         if not isinstance(image_hash, str) or not re.fullmatch(r"[0-9a-f]{64}", image_hash):
             raise ConceptNotFound(f"user {owner!r} has no image {str(image_hash)[:12]!r}: not a content hash")
         row = self._conn.execute(
             "SELECT i.data FROM images i WHERE i.hkey = ? AND i.hash = ? AND (EXISTS (SELECT 1 FROM concept_images "
             "ci JOIN concepts c ON c.id = ci.concept_id WHERE ci.image_id = i.id AND c.owner = ?) OR EXISTS "
-            "(SELECT 1 FROM profile_events p WHERE p.owner = ? AND (p.image = i.hash OR p.other = i.hash)))",
-            (hash_key(image_hash), image_hash, owner, owner)).fetchone()
+            "(SELECT 1 FROM profile_events p WHERE p.owner = ? AND (p.image = i.hash OR p.other = i.hash)) OR EXISTS "
+            "(SELECT 1 FROM conversation_turns t WHERE t.owner = ? AND t.image = i.hash))",
+            (hash_key(image_hash), image_hash, owner, owner, owner)).fetchone()
         if row is None:
             raise ConceptNotFound(f"user {owner!r} has no image {image_hash[:12]}")
         return row[0]
@@ -681,8 +700,9 @@ class SQLStore:
         return [r[0] for r in rows], [r[1] for r in rows], self._matrix([r[2] for r in rows], dim)
 
     def owners(self) -> list[str]:
-        """Every owner with data in this database (concepts, settings, profile, per-user artefacts or memory)."""
-        tables = ("concepts", "owner_settings", "profile_events", "owner_blobs", "memory_entries")
+        """Every owner with data in this database (concepts, settings, profile, per-user artefacts, memory or
+        conversations)."""
+        tables = ("concepts", "owner_settings", "profile_events", "owner_blobs", "memory_entries", "conversations")
         return sorted({r[0] for table in tables
                        for r in self._conn.execute(f"SELECT DISTINCT owner FROM {table}")})
 
@@ -927,6 +947,117 @@ class SQLStore:
             if was != after:
                 c.execute("UPDATE memory_entries SET superseded_by = ? WHERE id = ?", (after, eid))
 
+    # ------------------------------------------------------------------ conversations
+
+    def start_conversation(self, owner: str, title: str = "", *, conversation_id: str | None = None,
+                           created: float | None = None, updated: float | None = None) -> Conversation:
+        """A new kept chat (`Conversation`); its first turn names it when `title` is empty. `conversation_id`,
+        `created` and `updated` restore one as it was (migrations, imports)."""
+        check_owner(owner)
+        title = _title(title)
+        now = time.time()
+        chat = Conversation(_restored_id(conversation_id) or new_id(), owner, title,
+                            float(created) if created is not None else now,
+                            float(updated) if updated is not None else now)
+        with self._tx() as c:
+            self._charge(c, owner, conversations=1)
+            self._insert(c, "conversations", [(chat.id, owner, chat.title, chat.created, chat.updated)])
+            self._bump(c, owner)
+        return chat
+
+    def conversation(self, owner: str, conversation_id: str) -> Conversation:
+        check_owner(owner)
+        row = self._conn.execute(
+            "SELECT c.id, c.owner, c.title, c.created, c.updated, (SELECT COUNT(*) FROM conversation_turns t "
+            "WHERE t.conversation_id = c.id) FROM conversations c WHERE c.id = ? AND c.owner = ?",
+            (conversation_id, owner)).fetchone()
+        if row is None:
+            raise ConceptNotFound(f"user {owner!r} has no conversation {str(conversation_id)[:64]!r}")
+        return _conversation(row)
+
+    def conversations(self, owner: str, *, limit: int = 100, offset: int = 0) -> list[Conversation]:
+        """The owner's kept chats, the most recently continued first."""
+        check_owner(owner)
+        rows = self._conn.execute(
+            "SELECT c.id, c.owner, c.title, c.created, c.updated, (SELECT COUNT(*) FROM conversation_turns t "
+            "WHERE t.conversation_id = c.id) FROM conversations c WHERE c.owner = ? "
+            f"ORDER BY c.updated DESC, c.id{self._COLLATE} DESC LIMIT ? OFFSET ?", (owner, int(limit), int(offset)))
+        return [_conversation(r) for r in rows]
+
+    def turns(self, owner: str, conversation_id: str, *, last: int | None = None) -> list[Turn]:
+        """A kept chat's turns, oldest first (the `last` ones only, when given)."""
+        self.conversation(owner, conversation_id)  # the owner's, or not found
+        sql = ("SELECT position, question, answer, image, created FROM conversation_turns WHERE conversation_id = ? "
+               "AND owner = ? ORDER BY position DESC")
+        args: list[Any] = [conversation_id, owner]
+        if last is not None:
+            sql += " LIMIT ?"
+            args.append(max(0, int(last)))
+        return [Turn(int(p), q, a, i, float(t)) for p, q, a, i, t in reversed(self._conn.execute(sql, args))]
+
+    def add_turn(self, owner: str, conversation_id: str, question: str, answer: str, *, image: bytes | None = None,
+                 created: float | None = None) -> Turn:
+        """Keep one question and its answer at the end of a chat, with the photo it was about (stored once, by
+        content hash); an untitled chat takes its title from its first question."""
+        check_owner(owner)
+        question = check_text(question, "question", MAX_TURN_TEXT)
+        answer = check_text(answer, "answer", MAX_TURN_TEXT)
+        blob = _image_blobs([image])[0] if image is not None else None
+        digest = content_hash(blob) if blob is not None else None
+        when = float(created) if created is not None else time.time()
+        with self._tx() as c:
+            row = c.execute(f"SELECT title, updated FROM conversations WHERE id = ? AND owner = ?{self._FOR_UPDATE}",
+                            (conversation_id, owner)).fetchone()
+            if row is None:
+                raise ConceptNotFound(f"user {owner!r} has no conversation {str(conversation_id)[:64]!r}")
+            known = digest is not None and c.execute(
+                "SELECT 1 FROM conversation_turns WHERE owner = ? AND image = ? LIMIT 1", (owner, digest)).fetchone()
+            self._charge(c, owner, turns=1, size=len(blob) if blob is not None and not known else 0)
+            (position,) = c.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM conversation_turns "
+                                    "WHERE conversation_id = ?", (conversation_id,)).fetchone()
+            if blob is not None:
+                self._store_images(c, [(digest, blob, hash_key(digest))])
+            self._insert(c, "conversation_turns", [(conversation_id, int(position), owner, question, answer, digest,
+                                                    when)])
+            title = row[0] or _title(" ".join(question.split())[:60])
+            c.execute("UPDATE conversations SET title = ?, updated = ? WHERE id = ?",
+                      (title, max(float(row[1]), when), conversation_id))
+            self._bump(c, owner)
+        return Turn(int(position), question, answer, digest, when)
+
+    def rename_conversation(self, owner: str, conversation_id: str, title: str) -> Conversation:
+        check_owner(owner)
+        title = _title(title)
+        with self._tx() as c:
+            if c.execute("UPDATE conversations SET title = ?, updated = ? WHERE id = ? AND owner = ?",
+                         (title, time.time(), conversation_id, owner)).rowcount == 0:
+                raise ConceptNotFound(f"user {owner!r} has no conversation {str(conversation_id)[:64]!r}")
+            self._bump(c, owner)
+        return self.conversation(owner, conversation_id)
+
+    def delete_conversation(self, owner: str, conversation_id: str) -> None:
+        """Forget a kept chat, its turns and the photos nothing else uses."""
+        check_owner(owner)
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM conversations WHERE id = ? AND owner = ?",
+                         (conversation_id, owner)).fetchone() is None:
+                raise ConceptNotFound(f"user {owner!r} has no conversation {str(conversation_id)[:64]!r}")
+            hashes = [r[0] for r in c.execute("SELECT DISTINCT image FROM conversation_turns WHERE conversation_id = ? "
+                                              "AND image IS NOT NULL", (conversation_id,))]
+            c.execute("DELETE FROM conversation_turns WHERE conversation_id = ?", (conversation_id,))
+            c.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            self._drop_orphan_images(c, hashes)
+            self._bump(c, owner)
+
+    def _delete_conversations(self, c, owner: str) -> list[str]:
+        hashes = [r[0] for r in c.execute("SELECT DISTINCT image FROM conversation_turns WHERE owner = ? "
+                                          "AND image IS NOT NULL", (owner,))]
+        c.execute("DELETE FROM conversation_turns WHERE owner = ?", (owner,))
+        c.execute("DELETE FROM conversations WHERE owner = ?", (owner,))
+        return hashes
+
+    # ------------------------------------------------------------------ artefacts
+
     def put_blob(self, owner: str, name: str, data: bytes, *, model: str,
                  profile_generation: int | None = None) -> None:
         """Store a per-user safetensors artefact (reward model, LoRA), tagged with the model it fits.
@@ -1012,6 +1143,15 @@ def _memory_fields(text: Any, kind: Any, topic: Any, status: Any, source: Any) -
         raise InvalidConceptError("a state needs a topic (what it is the state of, e.g. 'age' or 'bed'): a newer "
                                   "state of the same concept and topic replaces it")
     return text, kind, topic, status, check_text(source, "memory source", 200)
+
+
+def _title(title: Any) -> str:
+    return " ".join(check_text(title, "conversation title", MAX_CONVERSATION_TITLE).split())
+
+
+def _conversation(row: Sequence[Any]) -> Conversation:
+    cid, owner, title, created, updated, turns = row
+    return Conversation(cid, owner, title, float(created), float(updated), int(turns))
 
 
 def _memory_row(e: MemoryEntry) -> tuple:

@@ -175,6 +175,29 @@ SCHEMA_MIGRATIONS: list[tuple[int, str]] = [
     ) WITHOUT ROWID;
     CREATE INDEX memory_entries_owner ON memory_entries (owner, concept_id);
     """),
+    (7, """
+    -- chats the user can come back to (types.Conversation) and their turns (types.Turn: a photo by content hash)
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        title TEXT NOT NULL,
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX conversations_owner ON conversations (owner, updated);
+    CREATE TABLE conversation_turns (
+        conversation_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        owner TEXT NOT NULL,
+        question TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        image TEXT,
+        created REAL NOT NULL,
+        PRIMARY KEY (conversation_id, position)
+    ) WITHOUT ROWID;
+    CREATE INDEX conversation_turns_owner ON conversation_turns (owner, image);
+    CREATE INDEX conversation_turns_image ON conversation_turns (image);
+    """),
 ]
 
 

@@ -53,9 +53,12 @@ class Usage:
     events: int = 0
     bytes: int = 0
     memory: int = 0  # memory entries (proposed or accepted)
+    conversations: int = 0  # kept chats (`Conversation`)
+    turns: int = 0  # their turns (a turn's photo counts in `bytes`)
 
     def to_dict(self) -> dict[str, int]:
-        return {"images": self.images, "events": self.events, "bytes": self.bytes, "memory": self.memory}
+        return {"images": self.images, "events": self.events, "bytes": self.bytes, "memory": self.memory,
+                "conversations": self.conversations, "turns": self.turns}
 
 
 @dataclass(frozen=True)
@@ -67,11 +70,13 @@ class Quota:
     events: int | None = 10_000
     bytes: int | None = 2**30
     memory: int | None = 5_000
+    conversations: int | None = 1_000
+    turns: int | None = 20_000
 
     @classmethod
     def from_env(cls) -> "Quota":
         """The defaults, or `MMPERSONA_QUOTA_IMAGES`, `MMPERSONA_QUOTA_EVENTS`, `MMPERSONA_QUOTA_MB`,
-        `MMPERSONA_QUOTA_MEMORY` (0: no limit)."""
+        `MMPERSONA_QUOTA_MEMORY`, `MMPERSONA_QUOTA_CONVERSATIONS`, `MMPERSONA_QUOTA_TURNS` (0: no limit)."""
         import os
 
         def read(name: str, default: int | None, scale: int = 1) -> int | None:
@@ -88,17 +93,21 @@ class Quota:
 
         d = cls()
         return cls(read("MMPERSONA_QUOTA_IMAGES", d.images), read("MMPERSONA_QUOTA_EVENTS", d.events),
-                   read("MMPERSONA_QUOTA_MB", d.bytes, 2**20), read("MMPERSONA_QUOTA_MEMORY", d.memory))
+                   read("MMPERSONA_QUOTA_MB", d.bytes, 2**20), read("MMPERSONA_QUOTA_MEMORY", d.memory),
+                   read("MMPERSONA_QUOTA_CONVERSATIONS", d.conversations), read("MMPERSONA_QUOTA_TURNS", d.turns))
 
     def check(self, owner: str, now: Usage, images: int = 0, events: int = 0, size: int = 0,
-              memory: int = 0) -> None:
-        """Raise `QuotaExceeded` if adding `images`, `events`, `size` bytes and `memory` entries to `now` goes past
-        a limit."""
+              memory: int = 0, conversations: int = 0, turns: int = 0) -> None:
+        """Raise `QuotaExceeded` if adding `images`, `events`, `size` bytes, `memory` entries, `conversations` and
+        `turns` to `now` goes past a limit."""
         mb = lambda n: f"{n / 2**20:.1f} MB"  # noqa: E731
         for what, have, more, limit, shown in (("concept images", now.images, images, self.images, str),
                                                ("profile events", now.events, events, self.events, str),
                                                ("of images", now.bytes, size, self.bytes, mb),
-                                               ("memory entries", now.memory, memory, self.memory, str)):
+                                               ("memory entries", now.memory, memory, self.memory, str),
+                                               ("conversations", now.conversations, conversations,
+                                                self.conversations, str),
+                                               ("conversation turns", now.turns, turns, self.turns, str)):
             if more and limit is not None and have + more > limit:
                 raise QuotaExceeded(f"user {owner!r} stores {shown(have)} {what} of the {shown(limit)} allowed, "
                                     f"and this would add {shown(more)}: delete some to make room")
@@ -358,6 +367,42 @@ class MemoryEntry:
                 "topic": self.topic, "status": self.status, "source": self.source, "valid_from": self.valid_from,
                 "superseded_by": self.superseded_by, "current": self.current, "created": self.created,
                 "updated": self.updated}
+
+
+MAX_TURN_TEXT = 64_000  # a kept turn's question, and its answer
+MAX_CONVERSATION_TITLE = 200
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question and its answer in a kept conversation. `image`: the content hash of the photo the question
+    was about (None: none); the photo is stored once, like every image."""
+
+    position: int
+    question: str
+    answer: str
+    image: str | None = None
+    created: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "question": self.question, "answer": self.answer, "image": self.image,
+                "created": self.created}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A chat the user can come back to: its turns are `ConceptStore.turns(owner, id)`."""
+
+    id: str
+    owner: str
+    title: str = ""
+    created: float = 0.0
+    updated: float = 0.0
+    turns: int = 0  # how many
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "created": self.created, "updated": self.updated,
+                "turns": self.turns}
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,25 @@ def load_image_bytes(
     return data
 
 
+def load_image_with_bytes(
+    source: ImageInput,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> "tuple[Image.Image, bytes]":
+    """`load_image` and `load_image_bytes` in one decode: the RGB image and the encoded bytes it came from (a PIL
+    image: encoded as PNG)."""
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        img = load_image(source, max_pixels=max_pixels)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return img, buf.getvalue()
+    data = read_image_bytes(source, max_bytes=max_bytes)
+    return _decode(data, describe(source), max_pixels), data
+
+
 def encoded_pixels(data: bytes) -> int:
     """The pixel count of encoded image `data`, from its header alone (0 when the header cannot be read:
     decoding it will say why)."""

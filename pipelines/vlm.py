@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from concept_db.types import ConceptDBError
 from mmpersona.errors import MmpersonaError
-from mmpersona.images import ImageInput, load_image
+from mmpersona.images import ImageInput, load_image, load_image_with_bytes
 from mmpersona.models.loaders import DEFAULT_MAX_VISUAL_TOKENS
 
 from .memory import MemoryIndex
@@ -479,9 +479,11 @@ class PersonalizedVLMPipeline:
         prompt, candidates, timings = self.prepare(image, question, user=user, history=history, system=system)
         return AnswerStream(self, prompt, candidates, timings, start, generate_kwargs)
 
-    def chat(self, user: str, image: ImageInput | None = None) -> "ChatSession":
-        """A multi-turn conversation; retrieval runs on every turn."""
-        return ChatSession(self, user, image)
+    def chat(self, user: str, image: ImageInput | None = None, *, keep: bool = False,
+             conversation: str | None = None) -> "ChatSession":
+        """A multi-turn conversation; retrieval runs on every turn. `keep`: kept in the concept database, to be
+        continued later; `conversation`: continue that kept conversation (see `ChatSession`)."""
+        return ChatSession(self, user, image, keep=keep, conversation=conversation)
 
 
 class AnswerStream:
@@ -566,33 +568,94 @@ class _Either:
         return any(e.is_set() for e in self.events)
 
 
-class ChatSession:
-    """A conversation about one image (which a turn may replace); every turn retrieves again."""
+#: earlier turns of a kept conversation given to the model when it is continued (the prompt budget may use fewer)
+RESUMED_TURNS = 16
 
-    def __init__(self, pipe: PersonalizedVLMPipeline, user: str, image: ImageInput | None = None):
+
+class ChatSession:
+    """A conversation about one image (which a turn may replace); every turn retrieves again.
+
+    With `keep=True` the conversation is kept in the concept database (`store.start_conversation` at its first
+    turn, then each question, answer and photo: `add_turn`), and `conversation_id` names it; pass that id as
+    `conversation` (`pipe.chat(user, conversation=id)`) to continue it later, with its last `RESUMED_TURNS` turns
+    as the history and its last photo as the image. A turn that would go past the user's quota is refused before
+    the model runs; an answer stopped before its end is not kept."""
+
+    def __init__(self, pipe: PersonalizedVLMPipeline, user: str, image: ImageInput | None = None, *,
+                 keep: bool = False, conversation: str | None = None):
         self.pipe = pipe
         self.user = user
-        self.image = load_image(image) if image is not None else None
+        self.keep = keep or conversation is not None
+        self.conversation_id = conversation
         self.history: list[dict[str, Any]] = []
         self.answers: list[VLMAnswer] = []
+        self._image: Image.Image | None = None
+        self._photo: bytes | None = None  # the image's encoded bytes, kept with each turn
+        self._kept: bytes | None = None  # the photo already kept with a turn (keeping it again costs no bytes)
+        if conversation is not None:
+            store = pipe.db.store
+            turns = store.turns(user, conversation, last=RESUMED_TURNS)
+            for t in turns:
+                self._add_history(t.question, t.answer)
+            if image is None and turns and turns[-1].image:
+                self._image, self._photo = load_image_with_bytes(store.image_bytes(user, turns[-1].image))
+                self._kept = self._photo
+        if image is not None:
+            self.image = image
+
+    @property
+    def image(self) -> "Image.Image | None":
+        return self._image
+
+    @image.setter
+    def image(self, value: ImageInput | None) -> None:
+        """The photo of this turn and the next ones (decoded and checked here: a bad one changes nothing)."""
+        if value is None:
+            self._image = self._photo = None
+        elif self.keep:
+            self._image, self._photo = load_image_with_bytes(value)
+        else:
+            self._image = load_image(value)
 
     def ask(self, question: str, image: ImageInput | None = None, **generate_kwargs: Any) -> VLMAnswer:
         """Ask the next question; `image` replaces the conversation's image from this turn on."""
         if image is not None:
-            self.image = load_image(image)
+            self.image = image
+        self._check(question)
         answer = self.pipe(self.image, question, user=self.user, history=self.history, **generate_kwargs)
         self._remember(question, answer)
         return answer
 
     def stream(self, question: str, image: ImageInput | None = None, **generate_kwargs: Any) -> Iterator[str]:
         if image is not None:
-            self.image = load_image(image)
+            self.image = image
+        self._check(question)
         stream = self.pipe.stream(self.image, question, user=self.user, history=self.history, **generate_kwargs)
         yield from stream
         self._remember(question, stream.result)
 
+    def _check(self, question: str) -> None:
+        """Refuse, before the model runs, a turn that cannot be kept (its text, or the user's quota)."""
+        if not self.keep:
+            return
+        from concept_db.types import MAX_TURN_TEXT, check_text
+
+        check_text(question, "question", MAX_TURN_TEXT)
+        store = self.pipe.db.store
+        store.check_quota(self.user, turns=1, conversations=int(self.conversation_id is None),
+                          size=len(self._photo) if self._photo is not None and self._photo is not self._kept else 0)
+
     def _remember(self, question: str, answer: VLMAnswer) -> None:
+        self._add_history(question, answer.answer)
+        self.answers.append(answer)
+        if self.keep:
+            store = self.pipe.db.store
+            if self.conversation_id is None:
+                self.conversation_id = store.start_conversation(self.user).id
+            store.add_turn(self.user, self.conversation_id, question, answer.answer, image=self._photo)
+            self._kept = self._photo
+
+    def _add_history(self, question: str, answer: str) -> None:
         # earlier turns stay as text: the current image is attached to the current turn only
         self.history += [{"role": "user", "content": [{"type": "text", "text": question}]},
-                         {"role": "assistant", "content": [{"type": "text", "text": answer.answer}]}]
-        self.answers.append(answer)
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]

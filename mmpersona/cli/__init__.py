@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from ..errors import MmpersonaError
-from . import adapter, chat, concepts, demo, evaluate, generate, keys, memory, models, profile, serve
+from . import adapter, chat, chats, concepts, demo, evaluate, generate, keys, memory, models, profile, serve
 from .settings import Settings, emit, settings
 
 __all__ = ["Settings", "app", "emit", "main", "settings"]
@@ -77,6 +77,7 @@ app.add_typer(models.app, name="models")
 app.add_typer(profile.app, name="profile")
 app.add_typer(concepts.app, name="concepts")
 app.add_typer(memory.app, name="memory")
+app.add_typer(chats.app, name="chats")
 app.add_typer(adapter.app, name="adapter")
 app.add_typer(keys.app, name="keys")
 app.add_typer(evaluate.app, name="eval")
