@@ -110,7 +110,7 @@ def summarize(store: "SQLStore", owner: str) -> tuple[dict[str, int], str]:
         feed("memory", m.id, m.text, name_of.get(m.concept_id) if m.concept_id else None, m.kind, m.topic, m.status,
              m.source, m.valid_from, m.superseded_by, m.created, m.updated)
         counts["memory"] += 1
-    for chat in sorted(_all_conversations(store, owner), key=lambda c: c.id):
+    for chat in sorted(store.all_conversations(owner), key=lambda c: c.id):
         feed("conversation", chat.id, chat.title, chat.created, chat.updated)
         counts["conversations"] += 1
         for t in store.turns(owner, chat.id):
@@ -118,14 +118,6 @@ def summarize(store: "SQLStore", owner: str) -> tuple[dict[str, int], str]:
             counts["turns"] += 1
     return {k: counts[k] for k in KINDS}, digest.hexdigest()
 
-
-def _all_conversations(store: "SQLStore", owner: str, page: int = 500) -> list:
-    out: list = []
-    while True:
-        batch = store.conversations(owner, limit=page, offset=len(out))
-        out += batch
-        if len(batch) < page:
-            return out
 
 
 def migrate_owner(source: "SQLStore", target: "SQLStore", owner: str, *, batch: int = 200,
@@ -200,8 +192,8 @@ def migrate_owner(source: "SQLStore", target: "SQLStore", owner: str, *, batch: 
                               kind=m.kind, topic=m.topic, status=m.status, source=m.source, valid_from=m.valid_from,
                               entry_id=m.id, created=m.created, updated=m.updated)
             copied["memory"] += 1
-    have_chats = {c.id: c.turns for c in _all_conversations(target, owner)}
-    for chat in _all_conversations(source, owner):
+    have_chats = {c.id: c.turns for c in target.all_conversations(owner)}
+    for chat in source.all_conversations(owner):
         if chat.id not in have_chats:
             target.start_conversation(owner, chat.title, conversation_id=chat.id, created=chat.created,
                                       updated=chat.updated)

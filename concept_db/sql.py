@@ -984,6 +984,15 @@ class SQLStore:
             f"ORDER BY c.updated DESC, c.id{self._COLLATE} DESC LIMIT ? OFFSET ?", (owner, int(limit), int(offset)))
         return [_conversation(r) for r in rows]
 
+    def all_conversations(self, owner: str, *, page: int = 500) -> list[Conversation]:
+        """Every kept chat of the owner (read a page at a time), the most recently continued first."""
+        out: list[Conversation] = []
+        while True:
+            batch = self.conversations(owner, limit=page, offset=len(out))
+            out += batch
+            if len(batch) < page:
+                return out
+
     def turns(self, owner: str, conversation_id: str, *, last: int | None = None) -> list[Turn]:
         """A kept chat's turns, oldest first (the `last` ones only, when given)."""
         self.conversation(owner, conversation_id)  # the owner's, or not found

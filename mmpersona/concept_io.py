@@ -191,10 +191,7 @@ def _manifest_entry(entry: Any, where: str) -> dict[str, Any]:
         out[key] = _typed(entry, key, str, "", where)
     out["id"] = _typed(entry, "id", str, None, where)
     for key in ("created", "updated"):
-        value = _typed(entry, key, (int, float), None, where)
-        if value is not None and not math.isfinite(value):
-            raise ImportFormatError(f"{where}.{key} must be a finite number")
-        out[key] = value
+        out[key] = _finite(entry, key, where)
     out["version"] = _typed(entry, "version", int, None, where)
     if out["version"] is not None and out["version"] < 1:
         raise ImportFormatError(f"{where}.version must be a positive integer")
@@ -204,9 +201,7 @@ def _manifest_entry(entry: Any, where: str) -> dict[str, Any]:
     out["attributes"] = _typed(entry, "attributes", dict, {}, where) or {}
     images = _typed(entry, "images", list, [], where)
     for j, image in enumerate(images):
-        if not isinstance(image, dict) or not isinstance(image.get("hash"), str) \
-                or not isinstance(image.get("file"), str) or not image["file"].startswith("images/"):
-            raise ImportFormatError(f"{where}.images[{j}] must be an object with a 'hash' and an 'images/...' file")
+        _image_ref(image, f"{where}.images[{j}]")
     out["images"] = images
     embeddings = _typed(entry, "embeddings", dict, {}, where)
     for embedder, ref in embeddings.items():
@@ -222,21 +217,62 @@ def _manifest_entry(entry: Any, where: str) -> dict[str, Any]:
             raise ImportFormatError(f"{where}.tensors[{j}] must be an object with 'name', 'model', 'fingerprint' "
                                     "and a 'tensors/...' file")
     out["tensors"] = tensors
+    out["memory"] = _memory_items(entry, where)
+    return out
+
+
+def _memory_items(entry: dict, where: str) -> list[dict[str, Any]]:
+    """The memory entries of a manifest object (a concept's, or the user's own at the top level), checked."""
     memory = _typed(entry, "memory", list, [], where)
     if len(memory) > MAX_ARCHIVED_MEMORY:
         raise ImportFormatError(f"{where}.memory has {len(memory)} entries, over the limit of {MAX_ARCHIVED_MEMORY}")
-    out["memory"] = []
+    out = []
     for j, m in enumerate(memory):
         at = f"{where}.memory[{j}]"
         if not isinstance(m, dict):
             raise ImportFormatError(f"{at} must be an object")
         item = {key: _typed(m, key, str, "", at) for key in ("text", "kind", "topic", "source")}
         for key in ("valid_from", "created", "updated"):
-            value = _typed(m, key, (int, float), None, at)
-            if value is not None and not math.isfinite(value):
-                raise ImportFormatError(f"{at}.{key} must be a finite number")
-            item[key] = value
-        out["memory"].append(item)
+            item[key] = _finite(m, key, at)
+        out.append(item)
+    return out
+
+
+def _finite(entry: dict, key: str, where: str) -> float | None:
+    value = _typed(entry, key, (int, float), None, where)
+    if value is not None and not math.isfinite(value):
+        raise ImportFormatError(f"{where}.{key} must be a finite number")
+    return value
+
+
+def _image_ref(image: Any, where: str) -> None:
+    if not isinstance(image, dict) or not isinstance(image.get("hash"), str) \
+            or not isinstance(image.get("file"), str) or not image["file"].startswith("images/"):
+        raise ImportFormatError(f"{where} must be an object with a 'hash' and an 'images/...' file")
+
+
+def _conversation_entries(data: Any, where: str) -> list[dict[str, Any]]:
+    """The kept conversations of an archive (conversations.json), every field checked for its type."""
+    if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
+        raise ImportFormatError(f"{where} must be an object with a 'conversations' list")
+    out = []
+    for i, chat in enumerate(data["conversations"]):
+        at = f"{where}: conversations[{i}]"
+        if not isinstance(chat, dict):
+            raise ImportFormatError(f"{at} must be an object")
+        item: dict[str, Any] = {"title": _typed(chat, "title", str, "", at), "created": _finite(chat, "created", at),
+                                "updated": _finite(chat, "updated", at), "turns": []}
+        for j, turn in enumerate(_typed(chat, "turns", list, [], at)):
+            tat = f"{at}.turns[{j}]"
+            if not isinstance(turn, dict):
+                raise ImportFormatError(f"{tat} must be an object")
+            image = turn.get("image")
+            if image is not None:
+                _image_ref(image, f"{tat}.image")
+            item["turns"].append({"question": _typed(turn, "question", str, "", tat),
+                                  "answer": _typed(turn, "answer", str, "", tat), "image": image,
+                                  "created": _finite(turn, "created", tat)})
+        out.append(item)
     return out
 
 
@@ -297,6 +333,21 @@ def read_archive(path: str | Path, *, embedder: "Callable[[], tuple[str, int]] |
     asked only when the archive holds vectors) and only with that dimension; others are dropped, so an archive
     cannot register an embedder name or dimension, and its concepts are embedded afresh.
     """
+    return read_user_archive(path, embedder=embedder, limits=limits)[0]
+
+
+@dataclass
+class UserData:
+    """What an archive holds of the user beyond their concepts: the memory entries about them and their kept
+    conversations (each turn's photo as bytes, read and checked against its hash)."""
+
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    conversations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_user_archive(path: str | Path, *, embedder: "Callable[[], tuple[str, int]] | None" = None,
+                      limits: ArchiveLimits | None = None) -> tuple[list[_Pending], UserData]:
+    """`read_archive`, and what the archive holds of the user beyond their concepts (`UserData`)."""
     path = Path(path)
     limits = limits or ArchiveLimits()
     try:
@@ -306,7 +357,8 @@ def read_archive(path: str | Path, *, embedder: "Callable[[], tuple[str, int]] |
         raise ImportFormatError(str(e)) from e
 
 
-def _read_archive(archive: SafeZip, embedder: "Callable[[], tuple[str, int]] | None") -> list[_Pending]:
+def _read_archive(archive: SafeZip, embedder: "Callable[[], tuple[str, int]] | None"
+                  ) -> tuple[list[_Pending], UserData]:
     where = repr(str(archive.path))
     manifest = parse_json(archive.read("manifest.json", archive.limits.max_json_bytes), f"{where}: manifest.json",
                           max_depth=archive.limits.max_json_depth)
@@ -331,19 +383,23 @@ def _read_archive(archive: SafeZip, embedder: "Callable[[], tuple[str, int]] | N
             e["embeddings"] = {emb: ref for emb, ref in e["embeddings"].items() if emb == name}
 
     images: dict[str, tuple[bytes, str]] = {}  # member -> (bytes, hash): each read and hashed once
+
+    def image_bytes(image: dict[str, str]) -> bytes:
+        member = image["file"]
+        if member not in images:
+            data = archive.read(member)
+            images[member] = (data, content_hash(data))
+        if images[member][1] != image["hash"]:
+            raise ImportFormatError(f"{where}: {member} does not match its hash (corrupt archive)")
+        return images[member][0]
+
     tensors_total = 0
     pending = []
     for e in entries:
         item = _Pending(name=e["name"], category=e["category"], info=e["info"])
         for image in e["images"]:
-            member = image["file"]
-            if member not in images:
-                data = archive.read(member)
-                images[member] = (data, content_hash(data))
-            if images[member][1] != image["hash"]:
-                raise ImportFormatError(f"{where}: {member} does not match its hash (corrupt archive)")
-            item.images.append(images[member][0])
-            item.labels.append(member)
+            item.images.append(image_bytes(image))
+            item.labels.append(image["file"])
         tensors = []
         for t in e["tensors"]:
             tensors_total += archive.info(t["file"]).file_size
@@ -359,7 +415,18 @@ def _read_archive(archive: SafeZip, embedder: "Callable[[], tuple[str, int]] | N
             "memory": e["memory"],
         }
         pending.append(item)
-    return pending
+    user = UserData(memory=_memory_items(manifest, f"{where}: manifest"))
+    if "conversations.json" in archive.members:
+        chats = _conversation_entries(
+            parse_json(archive.read("conversations.json", archive.limits.max_json_bytes),
+                       f"{where}: conversations.json", max_depth=archive.limits.max_json_depth),
+            f"{where}: conversations.json")
+        for chat in chats:
+            for turn in chat["turns"]:
+                if turn["image"] is not None:
+                    turn["image"] = image_bytes(turn["image"])
+        user.conversations = chats
+    return pending, user
 
 
 # ------------------------------------------------------------------------------------------- import
@@ -375,13 +442,14 @@ def import_concepts(store: "ConceptStore", user: str, path: str | Path, fmt: str
     if fmt not in FORMATS:
         raise ImportFormatError(f"unknown import format {fmt!r}; valid: {', '.join(FORMATS)}")
     report = ImportReport(fmt, str(path))
+    user_data = UserData()
     if fmt == "rap":
         pending = read_rap(path)
     elif fmt == "folder":
         pending, skipped = read_folder(path)
         report.skipped += skipped
     else:
-        pending = read_archive(path, embedder=lambda: (get_embedder().name, get_embedder().dim))
+        pending, user_data = read_user_archive(path, embedder=lambda: (get_embedder().name, get_embedder().dim))
 
     def skip(item: str, reason: str) -> None:
         if strict:
@@ -434,10 +502,32 @@ def import_concepts(store: "ConceptStore", user: str, path: str | Path, fmt: str
                                      updated=m["updated"])
                 except InvalidConceptError as e:
                     skip(f"{added[cid].name} memory", str(e))
+        _restore_user_data(store, user, user_data, skip)
     report.skipped += result.skipped
     report.added = [added[cid].name for cid in result.added]
     logger.info("imported %d concepts from %s (%d skipped)", len(report.added), path, len(report.skipped))
     return report
+
+
+def _restore_user_data(store: "ConceptStore", user: str, data: UserData, skip: Callable[[str, str], None]) -> None:
+    """The memory about the user and their kept conversations, under new ids (ids are global); a conversation
+    that cannot be stored whole (a bad turn, a full quota) is skipped whole."""
+    for m in sorted(data.memory, key=lambda m: (m["valid_from"] or 0, m["created"] or 0)):
+        try:
+            store.add_memory(user, m["text"], kind=m["kind"] or "fact", topic=m["topic"], source=m["source"],
+                             valid_from=m["valid_from"], created=m["created"], updated=m["updated"])
+        except InvalidConceptError as e:
+            skip("memory", str(e))
+    for i, chat in enumerate(data.conversations):
+        try:
+            with store.transaction():  # nested in the import's: a savepoint, undone alone
+                kept = store.start_conversation(user, chat["title"], created=chat["created"],
+                                                updated=chat["updated"])
+                for turn in chat["turns"]:
+                    store.add_turn(user, kept.id, turn["question"], turn["answer"], image=turn["image"],
+                                   created=turn["created"])
+        except ConceptDBError as e:
+            skip(f"conversation {i} ({chat['title'][:40]!r})", str(e))
 
 
 def _embed_all(store: "ConceptStore", get_embedder: "Callable[[], ClipEmbedder]", user: str,
@@ -512,6 +602,7 @@ def export_concepts(store: "ConceptStore", user: str, path: str | Path, fmt: str
     return len(concepts)
 
 
+
 def _write_archive(store, user: str, concepts, path: Path) -> None:
     from safetensors.numpy import save as save_safetensors
 
@@ -548,8 +639,27 @@ def _write_archive(store, user: str, concepts, path: Path) -> None:
                             "embeddings": embeddings, "tensors": tensors, "memory": memory})
         if arrays:
             zf.writestr("embeddings.safetensors", save_safetensors(arrays))
-        manifest = json.dumps({"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "concepts": entries},
-                              separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        chats = []
+        for chat in store.all_conversations(user):
+            turns = []
+            for t in store.turns(user, chat.id):
+                image = None
+                if t.image:
+                    data = store.image_bytes(user, t.image)
+                    image = {"hash": t.image, "file": f"images/{t.image}.{_extension(data)}"}
+                    if image["file"] not in written:
+                        zf.writestr(image["file"], data, compress_type=zipfile.ZIP_STORED)
+                        written.add(image["file"])
+                turns.append({"question": t.question, "answer": t.answer, "image": image, "created": t.created})
+            chats.append({"title": chat.title, "created": chat.created, "updated": chat.updated, "turns": turns})
+        if chats:
+            zf.writestr("conversations.json", json.dumps({"conversations": chats}, separators=(",", ":"),
+                                                         ensure_ascii=False).encode("utf-8"))
+        about_user = [{"text": m.text, "kind": m.kind, "topic": m.topic, "source": m.source,
+                       "valid_from": m.valid_from, "created": m.created, "updated": m.updated}
+                      for m in store.memory(user, concept_ids=[None], status="accepted")]
+        manifest = json.dumps({"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "concepts": entries,
+                               "memory": about_user}, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         limit = ArchiveLimits().max_json_bytes
         if len(manifest) > limit:  # still written: the importing side may raise its limit
             logger.warning("%s: the manifest is %d bytes, over the import limit of %d; importing it needs "

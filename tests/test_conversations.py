@@ -227,3 +227,52 @@ def test_chat_sessions_through_the_cli(tiny_cache, tmp_path):
     assert out.returncode == 2 and "--image" in out.stderr
     run_cli(*base, "chats", "rm", cid)
     assert json.loads(run_cli(*base, "chats", "list").stdout)["conversations"] == []
+
+
+def test_an_archive_carries_the_conversations_and_an_import_restores_them(tmp_path, tiny_embedder):
+    """An exported archive holds the user's kept conversations (conversations.json, each photo once among the
+    images); an import restores them under new ids with their turns, photos and times; a malformed turn is a
+    clear error that imports nothing; a conversation over the importer's quota is skipped whole and named."""
+    import zipfile
+
+    from mmpersona.concept_io import ImportFormatError
+    from mmpersona.conceptdb import ConceptDB
+
+    with ConceptDB(tmp_path / "c.db", embedder=tiny_embedder) as db:
+        photo = png("red")
+        db.add("alice", "bo", [photo])
+        chat = db.store.start_conversation("alice", "Bo at home", created=1000.0, updated=2000.0)
+        db.store.add_turn("alice", chat.id, "Is this Bo?", "Yes.", image=photo, created=1500.0)
+        db.store.add_turn("alice", chat.id, "Where?", "The balcony.", created=1600.0)
+        other = db.store.start_conversation("alice")
+        db.store.add_turn("alice", other.id, "And this?", "A cat.", image=png("blue"))
+        archive = tmp_path / "alice.zip"
+        db.export_concepts("alice", archive, "archive")
+        with zipfile.ZipFile(archive) as zf:
+            members = {n: zf.read(n) for n in zf.namelist()}
+        assert sum(n.startswith("images/") for n in members) == 2  # the concept's photo is the turn's
+        db.import_concepts("bob", archive, "archive", progress=False)
+        got = {c.title: c for c in db.store.conversations("bob")}
+        assert set(got) == {"Bo at home", "And this?"} and got["Bo at home"].id != chat.id
+        assert (got["Bo at home"].created, got["Bo at home"].updated) == (1000.0, 2000.0)
+        turns = db.store.turns("bob", got["Bo at home"].id)
+        assert [(t.question, t.answer, t.created) for t in turns] == [("Is this Bo?", "Yes.", 1500.0),
+                                                                      ("Where?", "The balcony.", 1600.0)]
+        assert db.store.image_bytes("bob", turns[0].image) == photo and turns[1].image is None
+
+        chats = json.loads(members["conversations.json"])
+        chats["conversations"][0]["turns"][0]["created"] = "noon"
+        bad = tmp_path / "bad.zip"
+        with zipfile.ZipFile(bad, "w") as zf:
+            for n, data in {**members, "conversations.json": json.dumps(chats).encode()}.items():
+                zf.writestr(n, data)
+        with pytest.raises(ImportFormatError, match=r"turns\[0\]\.created must be"):
+            db.import_concepts("carol", bad, "archive", progress=False)
+        assert db.list("carol") == [] and db.store.conversations("carol") == []
+
+        db.store.quota = Quota(turns=2)
+        report = db.import_concepts("dave", archive, "archive", progress=False)
+        db.store.quota = None
+        kept = db.store.conversations("dave")
+        assert [(c.title, c.turns) for c in kept] == [("And this?", 1)]  # the newest fits; the next is skipped whole
+        assert any("Bo at home" in item and "turns" in reason for item, reason in report.skipped)

@@ -94,6 +94,40 @@ def test_memory_from_a_chat_turn_kept_with_one_click_and_used_next(server):
     store.delete_memory("alice", waiting[0].id)
 
 
+def test_chats_are_kept_and_a_past_one_is_continued(server):
+    """Each session's chat is kept from its first answer (the session continues the same one); a past chat opens
+    with its turns and its photo, and the next answer continues it; bob can neither open nor delete it."""
+    url, images, demo = server
+    alice = client(url, "alice", "pw-a")
+    photo = gradio_client.handle_file(str(images["red"]))
+    if not any(row[0] == "<bo>" for row in alice.predict(api_name="/list_concepts")[1]["data"]):
+        alice.predict("<bo>", "dog", "my shiba", [photo], api_name="/add_concept")
+    store = demo.mmpersona_app.db.store
+    before = {c.id for c in store.conversations("alice")}
+    shown, *_ = alice.predict(photo, "Is this my dog?", [], False, api_name="/chat")
+    alice.predict(photo, "What colour is it?", shown, False, api_name="/chat")
+    new = [c for c in store.conversations("alice") if c.id not in before]
+    assert len(new) == 1 and new[0].turns == 2 and new[0].title == "Is this my dog?"
+    kept = store.turns("alice", new[0].id)
+    assert kept[0].image is not None and kept[0].image == kept[1].image and kept[1].question == "What colour is it?"
+
+    later = client(url, "alice", "pw-a")  # another visit: opens the past chat and goes on with it
+    messages, image, photo, status = later.predict(new[0].id, api_name="/open_chat")
+    assert [m["content"][0]["text"] for m in messages][0::2] == ["Is this my dog?", "What colour is it?"]
+    assert image is None and "data:image" in photo and "continuing" in status  # the photo inline, not a file
+    shown, rows, *_ = later.predict(None, "And now?", messages, False, api_name="/chat")
+    assert rows["data"][0][0] == "<bo>"  # retrieved from the chat's own photo
+    assert store.conversation("alice", new[0].id).turns == 3
+    assert store.turns("alice", new[0].id)[-1].image == kept[0].image  # the photo it opened with
+
+    bob = client(url, "bob", "pw-b")
+    with pytest.raises(Exception, match="no conversation|not in the list|Value"):
+        bob.predict(new[0].id, api_name="/open_chat")
+    assert store.conversation("alice", new[0].id).turns == 3
+    assert "deleted" in later.predict(api_name="/delete_chat")[-1]
+    assert new[0].id not in {c.id for c in store.conversations("alice")}
+
+
 def test_users_never_see_each_other(server):
     url, images, _ = server
     alice, bob = client(url, "alice", "pw-a"), client(url, "bob", "pw-b")

@@ -278,9 +278,9 @@ def test_the_vlm_extractor_asks_the_model_with_the_message_as_data(tmp_path, tin
 
 
 def test_an_archive_carries_a_concepts_memory_and_an_import_restores_it(tmp_path, tiny_embedder):
-    """Exported with its concept: accepted entries (a state and the state it replaced, a fact), not proposals nor
-    what the user said about themselves; imported under new ids, the newer state current again; a malformed
-    entry is a clear error that imports nothing."""
+    """Exported with its concept: accepted entries (a state and the state it replaced, a fact), not proposals;
+    what the user said about themselves goes with the archive (not with a concept); imported under new ids, the
+    newer state current again; a malformed entry is a clear error that imports nothing."""
     import json
     import zipfile
 
@@ -300,7 +300,8 @@ def test_an_archive_carries_a_concepts_memory_and_an_import_restores_it(tmp_path
         archive = tmp_path / "alice.zip"
         db.export_concepts("alice", archive, "archive")
         db.import_concepts("bob", archive, "archive", progress=False)
-        got = db.store.memory("bob")
+        assert [e.text for e in db.store.memory("bob", concept_ids=[None])] == ["I am a nurse."]
+        got = db.store.memory("bob", concept_ids=[db.get("bob", "bo").id])
         assert sorted(e.text for e in got) == ["Bo is a Shiba Inu.", "Bo's bed is in the hall.",
                                                "Bo's bed is on the balcony."]
         by_text = {e.text: e for e in got}

@@ -73,6 +73,9 @@ def served(tmp_path_factory, tiny_embedder, talkative_qwen):
         for entry in ({"text": "The cat sleeps on the sofa.", "concept": "cat", "topic": "bed"},
                       {"text": "I feed the cat at seven."}):
             assert alice.post("/v1/memory", json=entry).status_code == 201
+        r = alice.post("/v1/chat/completions", json={"messages": ask("Where is the cat?", POOL[3]), "max_tokens": 2,
+                                                      "conversation": "new", "remember": False})
+        assert r.status_code == 200 and r.json()["mmpersona"]["conversation"], r.text
         ns = SimpleNamespace(http=http, db=db)
         ns.baseline = alice_view(alice)
         assert len(ns.baseline["greedy"][3]) == 1 and len(ns.baseline["memory"]["data"]) == 2  # her memory is used
@@ -104,7 +107,13 @@ def alice_view(alice: httpx.Client) -> dict:
     assert r.status_code == 200, r.text
     pixels = hashlib.sha256(base64.b64decode(r.json()["data"][0]["b64_json"])).hexdigest()
     profile = alice.get("/v1/profile").json()
+    chats = alice.get("/v1/conversations").json()
+    turns = alice.get(f"/v1/conversations/{chats['data'][0]['id']}").json()
+    photo = alice.get(f"/v1/media/{turns['data'][0]['image']}")
     return {
+        "conversations": chats,
+        "turns": turns,
+        "turn_photo": (photo.status_code, hashlib.sha256(photo.content).hexdigest()),
         "greedy": chat(),
         "seeded": chat(seed=11, temperature=1.3),
         "search_text": search(text="a pet"),
@@ -152,6 +161,13 @@ def bob_does(bob: httpx.Client, op: tuple) -> None:
                                                "max_tokens": 2})
         for entry in bob.get("/v1/memory").json()["data"][: seed % 3]:
             bob.patch(f"/v1/memory/{entry['id']}", json={"status": "accepted"})
+    elif kind == "conversation":  # her photo and question in his kept chats, her chat's id, his chats deleted
+        r = bob.post("/v1/chat/completions", json={"messages": ask("Where is the cat?", pngs[0]), "max_tokens": 2,
+                                                   "conversation": "new", "remember": False})
+        mine = r.json().get("mmpersona", {}).get("conversation") if r.status_code == 200 else None
+        for cid in [mine] + [c["id"] for c in bob.get("/v1/conversations").json()["data"]]:
+            if cid and seed % 2:
+                bob.delete(f"/v1/conversations/{cid}")
     elif kind == "hostile":  # refused, and nothing of it may reach alice
         bob.post("/v1/chat/completions", json={"messages": ask("hi"), "seed": 2**64 + seed})
         bob.get(f"/v1/concepts?offset={2**63 + seed}")
@@ -160,7 +176,7 @@ def bob_does(bob: httpx.Client, op: tuple) -> None:
 
 operations = st.tuples(
     st.sampled_from(["add", "alias", "like", "pair", "chat", "generate", "reward", "reset", "delete", "memory",
-                     "hostile"]),
+                     "conversation", "hostile"]),
     st.lists(st.integers(0, len(POOL) - 1), min_size=1, max_size=2),
     st.integers(0, 1000),
 )

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from mmpersona import ConceptDB, MmpersonaError
 from mmpersona.server import KeyStore, ModelWorker, QueueFull, ServeConfig, create_app
 from mmpersona.server.app import preload_models
+from mmpersona.server.schemas import ChatMessage
 from servers import free_port, in_thread, stop, wait_healthy
 
 openai = pytest.importorskip("openai")
@@ -442,6 +443,98 @@ def test_memory_through_http_from_a_chat_turn_to_the_next_answer(api, monkeypatc
         assert alice.get("/v1/memory").json()["data"] == []
 
 
+def test_kept_conversations_through_http(api):
+    """`conversation: "new"` keeps the exchange and returns its id; sending only the next message with that id
+    answers as the pipeline does with the kept turns as history and the kept photo; streamed too; listed, read,
+    renamed and deleted through /v1/conversations; another user's id is a 404 before any model work; a full quota
+    is a 403 before any model work, and a chat that keeps nothing still works."""
+    from concept_db.types import Quota
+
+    client = api.client("alice")
+    first = client.chat.completions.create(model="m", messages=ask("Is <bo> here?", BO), max_tokens=4,
+                                           extra_body={"conversation": "new", "remember": False})
+    cid = first.model_extra["mmpersona"]["conversation"]
+    assert cid and first.choices[0].message.content
+    follow = [{"role": "user", "content": "What is he doing?"}]
+    second = client.chat.completions.create(model="m", messages=follow, max_tokens=4,
+                                            extra_body={"conversation": cid, "remember": False})
+    history = [{"role": "user", "content": [{"type": "text", "text": "Is <bo> here?"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": first.choices[0].message.content}]}]
+    direct = api.vlm(BO, "What is he doing?", user="alice", history=history, max_new_tokens=4)
+    assert second.choices[0].message.content == direct.answer
+    assert "<bo>" in [r["concept"]["handle"] for r in second.model_extra["mmpersona"]["retrieved"]]  # the kept photo
+    chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "And now?"}],
+                                                 max_tokens=2, stream=True,
+                                                 extra_body={"conversation": cid, "remember": False}))
+    assert chunks[-1].model_extra["mmpersona"]["conversation"] == cid
+    plain = client.chat.completions.create(model="m", messages=ask("Not kept", BO), max_tokens=1)
+    assert plain.model_extra["mmpersona"]["conversation"] is None
+    with api.http("alice") as alice, api.http("bob") as bob:
+        listing = alice.get("/v1/conversations").json()["data"]
+        assert [(c["id"], c["turns"], c["title"]) for c in listing] == [(cid, 3, "Is <bo> here?")]
+        chat = alice.get(f"/v1/conversations/{cid}").json()
+        assert [t["question"] for t in chat["data"]] == ["Is <bo> here?", "What is he doing?", "And now?"]
+        assert [t["question"] for t in alice.get(f"/v1/conversations/{cid}", params={"last": 1}).json()["data"]] == \
+            ["And now?"]
+        photo = chat["data"][0]["image"]
+        assert chat["data"][2]["image"] == photo and alice.get(f"/v1/media/{photo}").content == png(BO)
+        before = api.app.state.worker.done
+        r = bob.post("/v1/chat/completions", json={"messages": follow, "conversation": cid, "max_tokens": 2})
+        assert r.status_code == 404 and "no conversation" in error_of(r)["message"]
+        assert api.app.state.worker.done == before  # refused before any model work
+        for call in (lambda: bob.get(f"/v1/conversations/{cid}"), lambda: bob.delete(f"/v1/conversations/{cid}"),
+                     lambda: bob.patch(f"/v1/conversations/{cid}", json={"title": "mine"})):
+            assert call().status_code == 404
+        assert bob.get("/v1/conversations").json()["data"] == []
+        assert alice.patch(f"/v1/conversations/{cid}", json={"title": "Bo at home"}).json()["title"] == "Bo at home"
+        assert alice.patch(f"/v1/conversations/{cid}", json={"title": "x" * 201}).status_code == 400
+        assert alice.get("/v1/conversations", params={"limit": 10**6}).status_code == 400
+        store = api.db.store
+        store.quota = Quota(turns=store.usage("alice").turns, bytes=None)
+        try:
+            before = api.app.state.worker.done
+            r = alice.post("/v1/chat/completions", json={"messages": follow, "conversation": cid, "max_tokens": 2})
+            assert r.status_code == 403 and error_of(r)["code"] == "quota_exceeded"
+            assert api.app.state.worker.done == before
+            assert alice.post("/v1/chat/completions", json={"messages": ask("Still fine?", BO),
+                                                            "max_tokens": 1}).status_code == 200
+        finally:
+            store.quota = None
+        assert store.conversation("alice", cid).turns == 3
+        assert alice.delete(f"/v1/conversations/{cid}").json()["deleted"]
+        assert alice.get(f"/v1/conversations/{cid}").status_code == 404
+
+
+def test_a_continued_conversation_stays_within_the_request_limits(api):
+    """The kept turns put before a request's messages never take it past `max_history` messages nor
+    `max_history_chars` (the newest turns are kept); the last kept photo is used unless the request sends one."""
+    from mmpersona.server.routes.chat import conversation, resume
+
+    store = api.db.store
+    chat = store.start_conversation("bob")
+    for i in range(5):
+        store.add_turn("bob", chat.id, f"question {i}", f"answer {i}", image=png(MAM) if i == 3 else None)
+    srv = SimpleNamespace(db=api.db, limits=LIMITS)  # max_history 4 messages, 1,000 characters
+    talk = conversation([ChatMessage(role="user", content="next?")], LIMITS)
+    resume(talk, chat.id, "bob", srv)
+    assert [m["content"][0]["text"] for m in talk.history] == ["question 3", "answer 3", "question 4", "answer 4"]
+    assert talk.image is None  # the last turn had no photo
+    talk = conversation([ChatMessage(role="assistant", content="b"),
+                         ChatMessage(role="user", content=[{"type": "image_url", "image_url": {"url": data_url(BO)}},
+                                                           {"type": "text", "text": "now?"}])], LIMITS)
+    resume(talk, chat.id, "bob", srv)  # room for one kept turn beside the request's message
+    assert [m["content"][0]["text"] for m in talk.history] == ["question 4", "answer 4", "b"]
+    assert talk.image == png(BO)  # the request's own photo
+    long = store.start_conversation("bob")
+    for i in range(3):
+        store.add_turn("bob", long.id, f"{i}" * 400, f"{i}" * 400)
+    talk = conversation([ChatMessage(role="user", content="next?")], LIMITS)
+    resume(talk, long.id, "bob", srv)  # room for two turns, characters for one
+    assert [m["content"][0]["text"][:1] for m in talk.history] == ["2", "2"]
+    store.delete_conversation("bob", chat.id)
+    store.delete_conversation("bob", long.id)
+
+
 def test_a_model_extractor_reads_memory_after_the_response(api, monkeypatch):
     """With a chat model that extracts (`VLMExtractor`), the reading is a job queued after the response: the
     response proposes nothing itself, and the proposal appears in `GET /v1/memory?status=proposed`. (The tiny
@@ -486,7 +579,7 @@ def test_openapi_documents_every_route_and_the_key(api):
     spec = httpx.get(f"{api.url}/openapi.json").json()
     for path in ("/v1/chat/completions", "/v1/images/generations", "/v1/concepts", "/v1/concepts/{ref}",
                  "/v1/concepts/{ref}/images", "/v1/concepts/search", "/v1/profile/events", "/v1/memory",
-                 "/v1/memory/{entry_id}", "/health"):
+                 "/v1/memory/{entry_id}", "/v1/conversations", "/v1/conversations/{conversation_id}", "/health"):
         assert path in spec["paths"], path
     assert any(s.get("scheme") == "bearer" for s in spec["components"]["securitySchemes"].values())
     assert httpx.get(f"{api.url}/docs").status_code == 200

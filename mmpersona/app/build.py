@@ -55,7 +55,7 @@ def build_app(preset: str = "tiny", db_path: str | Path | None = None, *, multi_
         with gr.Tab("Concepts"):
             concepts_tab(gr, app, guarded, demo)
         with gr.Tab("Chat"):
-            chat_tab(gr, app, memory_tick)
+            chat_tab(gr, app, guarded, demo, memory_tick)
         with gr.Tab("Taste"):
             taste_tab(gr, app, guarded, demo, profile_tick)
         with gr.Tab("Generate"):

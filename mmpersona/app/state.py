@@ -19,6 +19,10 @@ from .render import boxes_html, cards_html, data_uri, grid_html, image_uri, png_
 logger = logging.getLogger("mmpersona.app")
 
 
+#: `App.chat(conversation=...)`: start a kept conversation with this turn
+NEW_CONVERSATION = "new"
+
+
 class Refused(ValueError):
     """A request refused as expected (a taste pair answered already): the user gets the message, and the log no
     traceback."""
@@ -192,23 +196,47 @@ class App:
 
     # ------------------------------------------------------------------ chat
 
-    def chat(self, user: str, image: Any, question: str, history: list[dict], regions: bool = False):
+    def chat(self, user: str, image: Any, question: str, history: list[dict], regions: bool = False,
+             conversation: str | None = None):
         """Yields (chat messages, retrieved rows, retrieved thumbnails, the photo with each region-retrieved
         concept's box, label and score drawn, status, the memory used and proposed (text), the ids of this turn's
-        proposals) as the answer streams. `regions`: find each concept in the photo (detector regions, one
-        concept per region). Once the answer is out, what the user said is read for memory proposals."""
+        proposals, the kept conversation's id) as the answer streams. `regions`: find each concept in the photo
+        (detector regions, one concept per region). `conversation`: keep the turn in this conversation of the
+        user's (`NEW_CONVERSATION`: one started for it; None: not kept). Once the answer is out, the turn is kept
+        and what the user said is read for memory proposals."""
         question = question or ""
         if len(question) > MAX_QUESTION_CHARS:
             raise ValueError(f"the question is {len(question)} characters, over the limit of {MAX_QUESTION_CHARS}")
         turns = bounded_history(history)
         pipe = self.region_pipe if regions else self.vlm_pipe
+        photo = None
+        if conversation is not None:  # checked before the model runs: the photo, the chat's owner, the quota
+            from mmpersona.images import load_image_with_bytes
+
+            if conversation != NEW_CONVERSATION:
+                conversation = self.db.store.conversation(user, conversation).id
+                if image is None:  # the chat goes on about its last photo
+                    image = self.conversation_photo(user, conversation)
+            if image is not None:
+                image, photo = load_image_with_bytes(image)
+            self.db.store.check_quota(user, turns=1, conversations=int(conversation == NEW_CONVERSATION),
+                                      size=len(photo) if photo is not None else 0)
+        kept = None if conversation in (None, NEW_CONVERSATION) else conversation
         shown = history + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         with self._vlm_lock:  # one generation at a time on the shared model
             stream = pipe.stream(image, question, user=user, history=turns)
             for piece in stream:
                 shown[-1]["content"] += piece
-                yield shown, [], "", "", "answering...", "", []
+                yield shown, [], "", "", "answering...", "", [], kept
         answer = stream.result
+        from concept_db import ConceptDBError
+
+        if conversation is not None:
+            try:
+                kept = kept or self.db.store.start_conversation(user).id
+                self.db.store.add_turn(user, kept, question, answer.answer, image=photo)
+            except ConceptDBError as e:  # a quota filled meanwhile costs the kept turn, never the answer
+                logger.warning("the turn was not kept: %s", e)
         rows = [[r.concept.handle, round(r.score, 4), r.source, str(r.box) if r.box else ""] for r in answer.retrieved]
         thumbs = grid_html([(self.thumbnail(user, r.image or r.concept.images[0]), r.concept.handle,
                              f"{r.score:.3f} · {SOURCE_LABELS.get(r.source, r.source)}")
@@ -219,9 +247,7 @@ class App:
         shown[-1]["content"] = answer.answer or "(the model gave an empty answer)"
         where = boxes_html(image, answer.retrieved)
         used = self.memory_text("Remembered and used", answer.memory)
-        yield shown, rows, thumbs, where, status, used, []
-        from concept_db import ConceptDBError
-
+        yield shown, rows, thumbs, where, status, used, [], kept
         try:
             with self._vlm_lock:  # after the answer: reading the message may need the model (`memory_extractor`)
                 proposed = pipe.remember(user, question, answer, source="chat")
@@ -232,7 +258,36 @@ class App:
         text = "\n\n".join(t for t in (used, self.memory_text("Remember this?", waiting),
                                         self.memory_text("Remembered", [e for e in proposed if e.status != "proposed"]))
                             if t)
-        yield shown, rows, thumbs, where, status, text, [e.id for e in waiting]
+        yield shown, rows, thumbs, where, status, text, [e.id for e in waiting], kept
+
+    # ------------------------------------------------------------------ kept conversations
+
+    def conversation_choices(self, user: str) -> list[tuple[str, str]]:
+        """(label, id) of the user's most recently continued conversations (the latest `PROFILE_SHOWN`)."""
+        import time
+
+        return [(f"{c.title or '(untitled)'} · {c.turns} turn{'' if c.turns == 1 else 's'} · "
+                 f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(c.updated))}", c.id)
+                for c in self.db.store.conversations(user, limit=PROFILE_SHOWN)]
+
+    def open_conversation(self, user: str, conversation: str) -> tuple[list[dict], str]:
+        """A kept conversation's latest turns as chat messages, and its last photo inline (HTML; empty: none)."""
+        turns = self.db.store.turns(user, conversation, last=PROFILE_SHOWN)
+        messages = [m for t in turns for m in ({"role": "user", "content": t.question},
+                                                {"role": "assistant", "content": t.answer})]
+        photo = turns[-1].image if turns else None
+        shown = grid_html([(self.thumbnail(user, photo), "the chat's photo (used unless you upload another)", "")],
+                          empty="", size=160, elem="chat-photo") if photo else ""
+        return messages, shown
+
+    def conversation_photo(self, user: str, conversation: str) -> bytes | None:
+        """The encoded photo of a kept conversation's last turn (None: none)."""
+        last = self.db.store.turns(user, conversation, last=1)
+        return self.db.store.image_bytes(user, last[0].image) if last and last[0].image else None
+
+    def delete_conversation(self, user: str, conversation: str) -> str:
+        self.db.store.delete_conversation(user, conversation)
+        return "deleted the conversation"
 
     @staticmethod
     def memory_text(title: str, entries: list) -> str:

@@ -24,7 +24,7 @@ from .. import __version__
 from . import errors
 from .config import ServeConfig
 from .dependencies import Server
-from .routes import chat, concepts, images, memory, profile, service
+from .routes import chat, concepts, conversations, images, memory, profile, service
 from .scheduler import PixelBudget, RemoteLane
 from .served import Served, chat_pipeline
 from .worker import ModelWorker
@@ -63,7 +63,7 @@ def create_app(db: "ConceptDB", keys: "KeyStore", *, vlm: "PersonalizedVLMPipeli
                               decode=PixelBudget(limits.max_decode_pixels), chat=chat_model, images=image_model)
     app.state.worker, app.state.limits, app.state.chat, app.state.images = worker, limits, chat_model, image_model
     errors.install(app, limits.max_body_bytes)
-    for routes in (service, chat, images, concepts, profile, memory):
+    for routes in (service, chat, images, concepts, profile, memory, conversations):
         app.include_router(routes.router)
     return app
 

@@ -36,6 +36,11 @@ class ChatRequest(BaseModel):
     regions: bool = Field(False, description="mmpersona: also retrieve per detected region of the photo.")
     remember: bool = Field(True, description="mmpersona: propose memory entries from the question (returned in "
                                              "`mmpersona.proposed`, used once accepted).")
+    conversation: str | None = Field(None, max_length=64,
+                                     description="mmpersona: keep this exchange in a conversation of yours: 'new' "
+                                                 "starts one (its id comes back in `mmpersona.conversation`); an id "
+                                                 "continues it: its kept turns come before `messages` (send only the "
+                                                 "new ones) and its last photo is asked about when none is sent.")
 
 
 class ImageRequest(BaseModel):
@@ -96,6 +101,11 @@ class MemoryRequest(BaseModel):
     concept: str | None = Field(None, description="The concept it is about (name, alias or id); none: about you.")
     topic: str | None = Field(None, description="A state of this topic (e.g. bed, age): it replaces the concept's "
                                                 "earlier state of the topic. None: a lasting fact.")
+
+
+class ConversationPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field(..., max_length=200)
 
 
 class MemoryPatch(BaseModel):

@@ -1,12 +1,20 @@
 """The Chat tab: a photo, a question, the streamed answer, the concepts and memory it used, and what the turn
-proposes to remember (kept or dropped with one click)."""
+proposes to remember (kept or dropped with one click); every chat is kept, and past chats can be continued."""
 
-from ..state import App
+from ..state import NEW_CONVERSATION, App
 
 
-def chat_tab(gr, app: App, memory_tick) -> None:
+def chat_tab(gr, app: App, guarded, demo, memory_tick) -> None:
     from mmpersona import MmpersonaError
 
+    with gr.Row():
+        # custom values pass: an id is checked against the caller's own chats when opened
+        ch_past = gr.Dropdown(label="Past chats (continue one)", choices=[], value=None, interactive=True,
+                              allow_custom_value=True,
+                              elem_id="chat-past", scale=4)
+        ch_new = gr.Button("New chat", size="sm", elem_id="chat-new", scale=0)
+        ch_delete = gr.Button("Delete this chat", size="sm", elem_id="chat-delete", scale=0)
+    ch_conv = gr.State(None)  # the kept conversation this chat continues (None: a new one at the next answer)
     with gr.Row():
         ch_image = gr.Image(label="Photo", type="filepath", height=260, elem_id="chat-image")
         chatbot = gr.Chatbot(label="Conversation", height=320, render_markdown=False)  # <bo> stays text
@@ -26,18 +34,49 @@ def chat_tab(gr, app: App, memory_tick) -> None:
         ch_keep = gr.Button("Remember this", size="sm", elem_id="chat-remember")
         ch_drop = gr.Button("Don't remember", size="sm", elem_id="chat-forget")
 
-    def ask(image, question, history, regions, request: gr.Request):
+    def ask(image, question, history, regions, conversation, request: gr.Request):
         try:
             user = app.user(request)
-            yield from app.chat(user, image, question, history or [], bool(regions))
+            yield from app.chat(user, image, question, history or [], bool(regions),
+                                conversation=conversation or NEW_CONVERSATION)
         except (MmpersonaError, ValueError, PermissionError) as e:
             raise gr.Error(str(e)) from e
 
     # one chat at a time on the shared model: the others wait in Gradio's queue (where a user who leaves is
     # dropped), not in a thread blocked on the model's lock; generation has a queue of its own
-    asked = ch_btn.click(ask, [ch_image, ch_q, chatbot, ch_regions],
-                         [chatbot, ch_rows, ch_thumbs, ch_boxes, ch_status, ch_memory, ch_proposed], api_name="chat",
-                         concurrency_id="vlm", concurrency_limit=1)
+    asked = ch_btn.click(ask, [ch_image, ch_q, chatbot, ch_regions, ch_conv],
+                         [chatbot, ch_rows, ch_thumbs, ch_boxes, ch_status, ch_memory, ch_proposed, ch_conv],
+                         api_name="chat", concurrency_id="vlm", concurrency_limit=1)
+
+    def past(conversation, request: gr.Request):
+        """The list of past chats, the one being continued selected."""
+        return gr.update(choices=app.conversation_choices(app.user(request)), value=conversation)
+
+    asked.then(guarded(past), [ch_conv], [ch_past], api_visibility="private")
+    demo.load(guarded(past), [ch_conv], [ch_past], api_visibility="private")
+
+    @guarded
+    def open_past(conversation, request: gr.Request):
+        """The chat's turns, and its photo shown inline: the photo field is emptied, so the chat goes on about its
+        own photo unless another is uploaded (the app's outputs are never files: see guard.py)."""
+        if not conversation:
+            return gr.update(), gr.update(), "", gr.update(), None
+        messages, photo = app.open_conversation(app.user(request), conversation)
+        return messages, None, photo, "continuing a past chat", conversation
+
+    ch_past.input(open_past, [ch_past], [chatbot, ch_image, ch_thumbs, ch_status, ch_conv], api_name="open_chat")
+    ch_new.click(lambda: ([], None, None, "", "a new chat: kept from its first answer"), None,
+                 [chatbot, ch_conv, ch_past, ch_thumbs, ch_status], api_visibility="private")
+
+    @guarded
+    def delete(conversation, request: gr.Request):
+        if not conversation:
+            return gr.update(), None, gr.update(), "no kept chat open"
+        user = app.user(request)
+        status = app.delete_conversation(user, conversation)
+        return [], None, gr.update(choices=app.conversation_choices(user), value=None), status
+
+    ch_delete.click(delete, [ch_conv], [chatbot, ch_conv, ch_past, ch_status], api_name="delete_chat")
 
     def settle(accept):
         def run(ids, count, request: gr.Request):

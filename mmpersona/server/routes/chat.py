@@ -16,6 +16,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from concept_db.types import content_hash
+
 from ...cancel import Cancelled
 from ...images import encoded_pixels, load_image
 from ..config import ServeConfig
@@ -38,6 +40,8 @@ async def chat_completions(req: ChatRequest, request: Request, user: str = Depen
     concepts used."""
     talk = conversation(req.messages, srv.limits)
     options = sampling(req, srv.limits)
+    if req.conversation is not None:  # before any model work: an unknown id or a full quota is refused first
+        await run_in_threadpool(resume, talk, req.conversation, user, srv)
     common = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time())}
     async with Watch(request) as watch:
         base = srv.chat.loaded()
@@ -58,7 +62,7 @@ async def chat_completions(req: ChatRequest, request: Request, user: str = Depen
             answer = await srv.worker.run(lambda: chosen(srv, req)(photo, talk.question, user=user, history=talk.history,
                                                              system=talk.system, stop=watch.stop, **options),
                                           user=user, stop=watch.stop)
-            return await completion(common, base, answer, Memo(srv, req, user, talk.question))
+            return await completion(common, base, answer, Memo(srv, req, user, talk))
 
         def start():
             stream = chosen(srv, req).stream(photo, talk.question, user=user, history=talk.history, system=talk.system,
@@ -67,7 +71,7 @@ async def chat_completions(req: ChatRequest, request: Request, user: str = Depen
 
         stream, pieces = await srv.worker.stream(start, user=user, stop=watch.stop)
         watch.keep()  # the stream goes on after this returns; a client that leaves sets `stop`
-        return sse(common, base, pieces, lambda: stream.result, watch, Memo(srv, req, user, talk.question))
+        return sse(common, base, pieces, lambda: stream.result, watch, Memo(srv, req, user, talk))
 
 
 def chosen(srv: Server, req: ChatRequest) -> Any:
@@ -110,7 +114,7 @@ async def remote_answer(req: ChatRequest, talk: "Conversation", options: dict[st
             t = time.perf_counter()
             text = await watch.until_gone(remote.acomplete(messages, max_tokens, **kwargs))
         return await completion(common, pipe, pipe.answer(prompt, candidates, timings, text, started=t, start=start),
-                                Memo(srv, req, user, talk.question))
+                                Memo(srv, req, user, talk))
 
     got: dict[str, Any] = {}
 
@@ -123,7 +127,7 @@ async def remote_answer(req: ChatRequest, talk: "Conversation", options: dict[st
         got["answer"] = pipe.answer(prompt, candidates, timings, "".join(text), started=t, start=start)
 
     watch.keep()
-    return sse(common, pipe, pieces(), lambda: got["answer"], watch, Memo(srv, req, user, talk.question))
+    return sse(common, pipe, pieces(), lambda: got["answer"], watch, Memo(srv, req, user, talk))
 
 
 @dataclass
@@ -184,7 +188,7 @@ async def batched_answer(req: ChatRequest, talk: "Conversation", options: dict[s
     run = partial(answer_batch, sampling=rest)
     if not req.stream:
         answer = await srv.worker.run_batched(key, item, run, user=user, stop=watch.stop, arrival=arrival)
-        return await completion(common, base, answer, Memo(srv, req, user, talk.question))
+        return await completion(common, base, answer, Memo(srv, req, user, talk))
     loop, pieces_in = asyncio.get_running_loop(), asyncio.Queue()
     item.on_text = lambda piece: loop.call_soon_threadsafe(pieces_in.put_nowait, piece)
     item.prepared = Future()
@@ -209,7 +213,7 @@ async def batched_answer(req: ChatRequest, talk: "Conversation", options: dict[s
         got["answer"] = future.result()
 
     watch.keep()
-    return sse(common, base, pieces(), lambda: got["answer"], watch, Memo(srv, req, user, talk.question))
+    return sse(common, base, pieces(), lambda: got["answer"], watch, Memo(srv, req, user, talk))
 
 
 _END = object()
@@ -217,12 +221,42 @@ _END = object()
 
 @dataclass
 class Memo:
-    """What a turn proposes to remember (`pipelines.memory`), from the user's question, once it is answered."""
+    """What a turn leaves once it is answered: the exchange kept in its conversation (`conversation` in the
+    request), and what it proposes to remember (`pipelines.memory`) from the user's question."""
 
     srv: Server
     req: ChatRequest
     user: str
-    question: str
+    talk: "Conversation"
+
+    @property
+    def question(self) -> str:
+        return self.talk.question
+
+    async def after(self, answer: Any) -> dict[str, Any]:
+        """The `mmpersona` field of the answer, once the turn is kept and its proposals are stored."""
+        kept = await self.keep(answer)
+        return personal(answer, await self.propose(answer), kept)
+
+    async def keep(self, answer: Any) -> str | None:
+        """The exchange appended to its kept conversation (started first for 'new'); returns the conversation's id
+        (None: not kept). The quota was checked before the answer; one that filled meanwhile costs the turn, never
+        the answer."""
+        talk = self.talk
+        if talk.kept is None:
+            return None
+        store = self.srv.db.store
+
+        def write() -> str:
+            cid = store.start_conversation(self.user).id if talk.kept == NEW_CONVERSATION else talk.kept
+            store.add_turn(self.user, cid, talk.question, answer.answer, image=talk.image)
+            return cid
+
+        try:
+            return await run_in_threadpool(write)
+        except Exception as e:  # noqa: BLE001 - keeping the turn is never worth the answer
+            log.warning("the turn was not kept in conversation %s: %s", talk.kept, e)
+            return None
 
     async def propose(self, answer: Any) -> list[dict[str, Any]]:
         """The proposals stored for the user (none with `remember: false`). With the rule extractor (the tiny
@@ -288,11 +322,11 @@ _LATER: set[asyncio.Task] = set()  # memory readings queued after their response
 
 async def completion(common: dict[str, Any], pipe: Any, answer: Any, memo: Memo | None = None) -> JSONResponse:
     # a plain JSON body already: returned as is, not walked again by FastAPI's encoder
-    proposed = await memo.propose(answer) if memo is not None else []
+    extra = await memo.after(answer) if memo is not None else personal(answer)
     return JSONResponse({**common, "object": "chat.completion", "model": pipe.vlm.spec.id,
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer},
                                       "finish_reason": "stop"}],
-                         "usage": None, "mmpersona": personal(answer, proposed)})
+                         "usage": None, "mmpersona": extra})
 
 
 def sse(common: dict[str, Any], pipe: Any, pieces: AsyncIterator[str], result: Callable[[], Any],
@@ -316,9 +350,8 @@ def sse(common: dict[str, Any], pipe: Any, pieces: AsyncIterator[str], result: C
                 err = as_api_error(e)
                 yield f"data: {json.dumps(error_body(err.message, err.type, err.code))}\n\n"
                 return
-            answer = result()  # every piece is out: proposing to remember never delays the answer
-            proposed = await memo.propose(answer) if memo is not None else []
-            yield chunk({}, "stop", mmpersona=personal(answer, proposed))
+            answer = result()  # every piece is out: keeping the turn and proposing never delay the answer
+            yield chunk({}, "stop", mmpersona=await memo.after(answer) if memo is not None else personal(answer))
             yield "data: [DONE]\n\n"
         finally:
             watch.stop.set()  # ended, or closed because the client left: the work stops
@@ -353,6 +386,42 @@ class Conversation:
     image: bytes | None
     history: list[dict[str, Any]]
     system: str | None
+    kept: str | None = None  # the kept conversation this turn goes to (NEW_CONVERSATION: one started for it)
+
+
+NEW_CONVERSATION = "new"
+#: earlier turns of a kept conversation put before the request's messages (within the request limits)
+RESUMED_TURNS = 16
+
+
+def resume(talk: Conversation, conversation_id: str, user: str, srv: Server) -> None:
+    """Continue a kept conversation (`conversation` in the request): its last turns before the request's messages,
+    within the limits on history, and its last photo when the request sends none; the quota checked for the turn
+    to be kept. Unknown ids (another user's included) are a 404 before any model work."""
+    store, limits = srv.db.store, srv.limits
+    kept_image = None
+    if conversation_id != NEW_CONVERSATION:
+        chat = store.conversation(user, conversation_id)
+        room = min(RESUMED_TURNS, (limits.max_history - len(talk.history)) // 2)
+        turns = store.turns(user, chat.id, last=room) if room > 0 else []
+        budget = limits.max_history_chars - sum(len(p["text"]) for m in talk.history for p in m["content"])
+        earlier: list[dict[str, Any]] = []
+        for t in reversed(turns):  # the newest turns first, while they fit
+            budget -= len(t.question) + len(t.answer)
+            if budget < 0:
+                break
+            earlier[:0] = [{"role": "user", "content": [{"type": "text", "text": t.question}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": t.answer}]}]
+        talk.history[:0] = earlier
+        last = turns[-1:] or (store.turns(user, chat.id, last=1) if chat.turns else [])
+        last_image = last[0].image if last else None
+        if talk.image is None and last_image is not None:
+            talk.image = kept_image = store.image_bytes(user, last_image)
+        elif talk.image is not None and last_image is not None and content_hash(talk.image) == last_image:
+            kept_image = talk.image
+    talk.kept = conversation_id
+    store.check_quota(user, conversations=int(conversation_id == NEW_CONVERSATION), turns=1,
+                      size=len(talk.image) if talk.image is not None and talk.image is not kept_image else 0)
 
 
 def conversation(messages: list[ChatMessage], limits: ServeConfig) -> Conversation:
@@ -409,9 +478,9 @@ def sampling(req: ChatRequest, limits: ServeConfig) -> dict[str, Any]:
     return out
 
 
-def personal(answer: Any, proposed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The `mmpersona` field of a chat response: what personalization did (the concepts and memory entries used)
-    and what the turn proposes to remember."""
+def personal(answer: Any, proposed: list[dict[str, Any]] | None = None, kept: str | None = None) -> dict[str, Any]:
+    """The `mmpersona` field of a chat response: what personalization did (the concepts and memory entries used),
+    what the turn proposes to remember and the conversation it was kept in (None: not kept)."""
     return {"retrieved": [r.to_dict() for r in answer.retrieved], "abstained": answer.abstained,
-            "memory": [e.to_dict() for e in answer.memory], "proposed": proposed or [],
+            "memory": [e.to_dict() for e in answer.memory], "proposed": proposed or [], "conversation": kept,
             "timings": {k: round(v, 3) for k, v in answer.timings.items()}}

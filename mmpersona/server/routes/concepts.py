@@ -134,6 +134,6 @@ def search_batch(db: Any, kind: str, items: list[tuple[str, Any, dict[str, Any]]
 
 @router.get("/v1/media/{image_hash}", response_class=Response)
 def media(image_hash: str, user: str = Depends(user_of), srv: Server = Depends(server)) -> Response:
-    """One of your stored images (a concept's or the profile's) by content hash."""
+    """One of your stored images (a concept's, the profile's or a kept conversation's) by content hash."""
     data = srv.db.store.image_bytes(user, image_hash)
     return Response(data, media_type=media_type(data), headers={"Cache-Control": "private, max-age=86400"})
