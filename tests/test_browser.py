@@ -219,6 +219,32 @@ def test_memory_proposed_under_the_answer_kept_then_forgotten_in_the_memory_tab(
     assert db.store.memory("alice") == []
 
 
+def test_a_past_chat_is_reopened_and_continued(ui):
+    """The chat so far is kept; "New chat" empties the conversation; picking the kept chat under "Past chats"
+    shows its turns and its photo (inline), and the next question continues it about that photo."""
+    from playwright.sync_api import expect
+
+    page, db, _ = ui
+    page.get_by_role("tab", name="Chat").click()
+    (kept,) = db.store.conversations("alice")
+    turns = kept.turns
+    assert turns >= 1 and kept.title == "What is in this photo?"
+    page.get_by_role("button", name="New chat").click()
+    says(page.locator("#chat-status textarea"), "a new chat")
+    expect(page.locator("#chat-conversation")).not_to_contain_text("What is in this photo?")
+    field(page, "chat-past").click()
+    page.get_by_role("option", name=re.compile("What is in this photo")).click()
+    says(page.locator("#chat-status textarea"), "continuing a past chat")
+    expect(page.locator("#chat-conversation")).to_contain_text("What is in this photo?")
+    expect(page.locator("#chat-image img")).to_have_count(0)  # the photo field is empty: the chat's own is used
+    images_rendered(page, "#chat-thumbs")
+    page.get_by_label("Question").fill("Is it still here?")
+    page.get_by_role("button", name="Ask").click()
+    expect(page.locator("#chat-status textarea")).to_have_value(re.compile("used <bo>"), timeout=180_000)
+    assert db.store.conversation("alice", kept.id).turns == turns + 1
+    assert len(db.store.conversations("alice")) == 1
+
+
 def test_taste_onboarding_stores_each_choice_as_one_pair(ui):
     from playwright.sync_api import expect
 

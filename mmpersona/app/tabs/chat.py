@@ -17,7 +17,8 @@ def chat_tab(gr, app: App, guarded, demo, memory_tick) -> None:
     ch_conv = gr.State(None)  # the kept conversation this chat continues (None: a new one at the next answer)
     with gr.Row():
         ch_image = gr.Image(label="Photo", type="filepath", height=260, elem_id="chat-image")
-        chatbot = gr.Chatbot(label="Conversation", height=320, render_markdown=False)  # <bo> stays text
+        chatbot = gr.Chatbot(label="Conversation", height=320, render_markdown=False,  # <bo> stays text
+                             elem_id="chat-conversation")
     ch_q = gr.Textbox(label="Question", placeholder="What is <bo> doing?")
     ch_regions = gr.Checkbox(label="Find each concept in the photo (regions)", value=False, elem_id="chat-regions")
     ch_btn = gr.Button("Ask", variant="primary")
