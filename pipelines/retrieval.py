@@ -218,6 +218,13 @@ class Retriever:
             self._cache.put(user, key, found)
         return list(found)
 
+    def known_faces(self, user: str, image: "Image.Image") -> list["Face"]:
+        """The faces `faces` found in `image` for this user, if it looked already (else none: nothing is detected
+        here)."""
+        if self.face is None:
+            return []
+        return list(self._cache.get(user, self._pixels_key(f"faces:{self.face.name}", image)) or [])
+
     def by_faces(self, user: str, image: "Image.Image", *, faces: "list[Face] | None" = None,
                  min_score: float | None = None, people: frozenset[str] | None = None) -> list[RetrievedConcept]:
         """Each face in the photo matched against the user's reference faces: (face, concept) pairs at or above

@@ -360,6 +360,27 @@ class PersonalizedVLMPipeline:
         return propose(self.db, user, question, concepts, extractor=extractor or self.memory_extractor(),
                        source=source)
 
+    def propose_concepts(self, user: str, question: str, image: ImageInput | None, answer: "VLMAnswer | None" = None,
+                         *, detect: bool = True) -> list[Any]:
+        """New concepts the user introduced in `question` about `image` ("this is my friend Anna"), each with the
+        region of the photo that shows it (`pipelines.introductions`): run it after the answer was sent, and
+        confirm one with `add_proposed`. `detect=False`: no model runs (only the faces the answer's retrieval
+        found)."""
+        from .introductions import propose_concepts
+
+        if image is None:
+            return []
+        img = load_image(image)
+        retrieved = answer.retrieved if answer is not None else []
+        return propose_concepts(self.db, self.retriever, user, question, img, retrieved, detect=detect)
+
+    def add_proposed(self, user: str, proposal: Any, image: ImageInput) -> Any:
+        """Confirm a concept proposal (`propose_concepts`; or its `to_dict()` edited): the concept, made from its
+        region of `image`."""
+        from .introductions import accept
+
+        return accept(self.db, user, proposal, load_image(image))
+
     def memory_extractor(self) -> Any:
         """What reads memory proposals from a message: the chat model itself (`VLMExtractor`: a structured prompt,
         its JSON validated), or for the tiny test models, whose random weights cannot, the documented

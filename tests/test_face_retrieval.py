@@ -178,7 +178,7 @@ def test_the_api_and_the_app_say_a_person_was_matched_by_face(tmp_path, tiny_cac
 
     app = App("tiny", tmp_path / "app.db", "cpu", face=True)
     app.db.add("alice", "<eileen>", [skimage_photos["astronaut"]], category="person")
-    *_, (shown, rows, thumbs, boxes, status, _, _, _) = app.chat("alice", her_again, "Who is this?", [])
+    *_, (shown, rows, thumbs, boxes, status, _, _, _, _) = app.chat("alice", her_again, "Who is this?", [])
     assert rows[0][0] == "<eileen>" and rows[0][2] == "face"
     assert "matched by face" in thumbs and "used <eileen>" in status
 

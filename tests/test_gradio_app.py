@@ -128,6 +128,28 @@ def test_chats_are_kept_and_a_past_one_is_continued(server):
     assert new[0].id not in {c.id for c in store.conversations("alice")}
 
 
+def test_a_concept_introduced_in_the_chat_is_added_with_one_click(server):
+    """"This is my friend Anna." shows a new-concept proposal under the answer; "Add the new concept" makes it from
+    the kept turn's photo; bob's session has none to add."""
+    url, images, demo = server
+    alice = client(url, "alice", "pw-a")
+    photo = gradio_client.handle_file(str(images["blue"]))
+    if not any(row[0] == "<bo>" for row in alice.predict(api_name="/list_concepts")[1]["data"]):
+        alice.predict("<bo>", "dog", "my shiba", [gradio_client.handle_file(str(images["red"]))],
+                      api_name="/add_concept")
+    *_, memory = alice.predict(photo, "This is my friend Anna.", [], False, api_name="/chat")
+    assert "New concept?" in memory and "<Anna> (person, my friend), from the whole photo" in memory
+    store = demo.mmpersona_app.db.store
+    assert store.find("alice", "Anna") is None  # not before the click
+    bob = client(url, "bob", "pw-b")
+    assert "no new concept" in bob.predict(api_name="/add_new_concept")
+    assert "added <Anna>" in alice.predict(api_name="/add_new_concept")
+    anna = store.find("alice", "Anna")
+    assert anna.category == "person" and anna.info == "my friend" and len(anna.images) == 1
+    assert "no new concept" in alice.predict(api_name="/add_new_concept")  # added once
+    store.delete("alice", anna.id)
+
+
 def test_users_never_see_each_other(server):
     url, images, _ = server
     alice, bob = client(url, "alice", "pw-a"), client(url, "bob", "pw-b")

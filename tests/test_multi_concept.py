@@ -341,12 +341,12 @@ def test_app_draws_each_region_concepts_box_label_and_score(four, tiny_cache, tm
     app.region_pipe.min_score = -1.0
     path = tmp_path / "scene.png"
     photo.save(path)
-    *_, (chat, rows, thumbs, boxes, status, _, _, _) = list(app.chat("u", str(path), "Who is here?", [], regions=True))
+    *_, (chat, rows, thumbs, boxes, status, _, _, _, _) = list(app.chat("u", str(path), "Who is here?", [], regions=True))
     assert 'data-boxes="4"' in boxes and all(f"&lt;{n}&gt;" in boxes for n in COLOURS)  # labels in the alt text
     drawn = Image.open(io.BytesIO(base64.b64decode(boxes.split("base64,")[1].split('"')[0])))
     assert drawn.size == photo.size
     pixel = drawn.convert("RGB").getpixel((0, 30))  # on bo's box edge: an outline colour (WebP-compressed)
     assert min(sum(abs(a - b) for a, b in zip(pixel, colour, strict=True)) for colour in PALETTE[:4]) < 30
     assert sorted(row[0] for row in rows if row[3]) == sorted(f"<{n}>" for n in COLOURS)
-    *_, (_, _, _, plain, _, _, _, _) = list(app.chat("u", str(path), "Who is here?", []))
+    *_, (_, _, _, plain, _, _, _, _, _) = list(app.chat("u", str(path), "Who is here?", []))
     assert plain == ""

@@ -505,6 +505,38 @@ def test_kept_conversations_through_http(api):
         assert alice.get(f"/v1/conversations/{cid}").status_code == 404
 
 
+def test_a_concept_introduced_in_a_chat_is_proposed_and_confirmed_in_one_request(api):
+    """"This is my friend Anna." comes back in `mmpersona.proposed_concepts` (the whole photo: no face model here),
+    with the kept photo's hash; POST /v1/concepts/proposed makes the concept; bob cannot use alice's photo; a bad
+    box is a 400 that stores nothing; without a kept turn the photo is sent as a data URL."""
+    client = api.client("alice")
+    reply = client.chat.completions.create(model="m", messages=ask("This is my friend Anna.", OTHER), max_tokens=1,
+                                           extra_body={"conversation": "new"})
+    (anna,) = reply.model_extra["mmpersona"]["proposed_concepts"]
+    assert (anna["name"], anna["category"], anna["info"], anna["box"], anna["source"]) == \
+        ("Anna", "person", "my friend", None, "photo")
+    assert anna["image"] and reply.model_extra["mmpersona"]["conversation"]
+    body = {k: anna[k] for k in ("name", "category", "info", "box", "image")}
+    with api.http("alice") as alice, api.http("bob") as bob:
+        assert bob.post("/v1/concepts/proposed", json=body).status_code == 404  # alice's photo, not his
+        r = alice.post("/v1/concepts/proposed", json={**body, "box": [0, 0, 999, 10]})
+        assert r.status_code == 400 and "not inside" in error_of(r)["message"]
+        assert alice.get("/v1/concepts/Anna").status_code == 404
+        r = alice.post("/v1/concepts/proposed", json=body)
+        assert r.status_code == 201 and r.json()["category"] == "person" and len(r.json()["images"]) == 1
+        assert alice.get("/v1/concepts/Anna").json()["info"] == "my friend"
+        plain = client.chat.completions.create(model="m", messages=ask("Meet Rex, my dog.", OTHER), max_tokens=1)
+        (rex,) = plain.model_extra["mmpersona"]["proposed_concepts"]
+        assert rex["image"] is None  # not kept: the client sends the photo
+        r = alice.post("/v1/concepts/proposed", json={**{k: rex[k] for k in ("name", "category", "info")},
+                                                      "box": [0, 0, 32, 32], "image": data_url(OTHER)})
+        assert r.status_code == 201 and r.json()["category"] == "dog"
+        for name in ("Anna", "Rex"):
+            assert alice.delete(f"/v1/concepts/{name}").status_code == 200
+        for c in alice.get("/v1/conversations").json()["data"]:
+            alice.delete(f"/v1/conversations/{c['id']}")
+
+
 def test_a_continued_conversation_stays_within_the_request_limits(api):
     """The kept turns put before a request's messages never take it past `max_history` messages nor
     `max_history_chars` (the newest turns are kept); the last kept photo is used unless the request sends one."""
@@ -579,7 +611,8 @@ def test_openapi_documents_every_route_and_the_key(api):
     spec = httpx.get(f"{api.url}/openapi.json").json()
     for path in ("/v1/chat/completions", "/v1/images/generations", "/v1/concepts", "/v1/concepts/{ref}",
                  "/v1/concepts/{ref}/images", "/v1/concepts/search", "/v1/profile/events", "/v1/memory",
-                 "/v1/memory/{entry_id}", "/v1/conversations", "/v1/conversations/{conversation_id}", "/health"):
+                 "/v1/memory/{entry_id}", "/v1/conversations", "/v1/conversations/{conversation_id}",
+                 "/v1/concepts/proposed", "/health"):
         assert path in spec["paths"], path
     assert any(s.get("scheme") == "bearer" for s in spec["components"]["securitySchemes"].values())
     assert httpx.get(f"{api.url}/docs").status_code == 200

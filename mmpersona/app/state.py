@@ -227,9 +227,10 @@ class App:
             stream = pipe.stream(image, question, user=user, history=turns)
             for piece in stream:
                 shown[-1]["content"] += piece
-                yield shown, [], "", "", "answering...", "", [], kept
+                yield shown, [], "", "", "answering...", "", [], kept, []
         answer = stream.result
         from concept_db import ConceptDBError
+        from concept_db.types import MmpersonaError, content_hash
 
         if conversation is not None:
             try:
@@ -247,7 +248,7 @@ class App:
         shown[-1]["content"] = answer.answer or "(the model gave an empty answer)"
         where = boxes_html(image, answer.retrieved)
         used = self.memory_text("Remembered and used", answer.memory)
-        yield shown, rows, thumbs, where, status, used, [], kept
+        yield shown, rows, thumbs, where, status, used, [], kept, []
         try:
             with self._vlm_lock:  # after the answer: reading the message may need the model (`memory_extractor`)
                 proposed = pipe.remember(user, question, answer, source="chat")
@@ -255,10 +256,39 @@ class App:
             logger.info("no memory proposals for this turn: %s", e)
             proposed = []
         waiting = [e for e in proposed if e.status == "proposed"]
+        new = []
+        if kept is not None and photo is not None:  # a new concept is made from the kept turn's photo
+            try:
+                with self._vlm_lock:  # the face model or the detector finds its region
+                    new = [{**p.to_dict(), "image": content_hash(photo)}
+                           for p in pipe.propose_concepts(user, question, image, answer)]
+            except MmpersonaError as e:
+                logger.info("no concept proposals for this turn: %s", e)
         text = "\n\n".join(t for t in (used, self.memory_text("Remember this?", waiting),
-                                        self.memory_text("Remembered", [e for e in proposed if e.status != "proposed"]))
+                                        self.memory_text("Remembered", [e for e in proposed if e.status != "proposed"]),
+                                        self.concepts_text(new))
                             if t)
-        yield shown, rows, thumbs, where, status, text, [e.id for e in waiting], kept
+        yield shown, rows, thumbs, where, status, text, [e.id for e in waiting], kept, new
+
+    @staticmethod
+    def concepts_text(proposals: list[dict]) -> str:
+        if not proposals:
+            return ""
+        where = lambda p: f"the region {p['box']}" if p["box"] else "the whole photo"  # noqa: E731
+        return "New concept? (Add it: one click)\n" + "\n".join(
+            f"• {p['handle']} ({p['category'] or 'no category'}{', ' + p['info'] if p['info'] else ''}), from "
+            f"{where(p)}" for p in proposals)
+
+    def add_proposed_concepts(self, user: str, proposals: list[dict]) -> str:
+        """Make the concepts a turn proposed (`concepts_text`), each from its region of the kept turn's photo."""
+        from mmpersona import load_image
+        from pipelines.introductions import accept
+
+        added = []
+        for p in proposals:
+            photo = load_image(self.db.store.image_bytes(user, p["image"]))
+            added.append(accept(self.db, user, {k: v for k, v in p.items() if k != "image"}, photo).handle)
+        return f"added {', '.join(added)}"
 
     # ------------------------------------------------------------------ kept conversations
 

@@ -58,9 +58,12 @@ def chat(
         if question is not None:
             answer = chat_session.ask(question)
             proposed = pipe.remember(s.user, question, answer, source="chat") if remember else []
+            concepts = pipe.propose_concepts(s.user, question, chat_session.image, answer) if remember else []
             emit(s, {**answer.to_dict(), "proposed": [e.to_dict() for e in proposed],
+                     "proposed_concepts": [p.to_dict() for p in concepts],
                      "conversation": chat_session.conversation_id},
-                 "\n".join([_answer_text(answer), *_proposed_lines(proposed), *_kept_line(chat_session)]))
+                 "\n".join([_answer_text(answer), *_proposed_lines(proposed),
+                            *[_concept_command(p, image) for p in concepts], *_kept_line(chat_session)]))
             return
         if conversation is not None:
             typer.echo(f"continuing {conversation} ({len(chat_session.history) // 2} earlier turns)", err=True)
@@ -114,8 +117,37 @@ def _interactive(s, pipe, session, remember: bool) -> None:
             if remember:  # after the answer is out: proposing never delays it
                 for text in _proposed_lines(pipe.remember(s.user, line, session.answers[-1], source="chat")):
                     typer.echo(text, err=True)
+                _confirm_concepts(s, pipe, session, line)
         except MmpersonaError as e:  # one bad turn does not end the conversation
             typer.echo(f"error: {e}", err=True)
+
+
+def _where(p) -> str:
+    return f"the region {','.join(map(str, p.box))} ({p.source})" if p.box else "the whole photo"
+
+
+def _concept_command(p, image) -> str:
+    """How to confirm a concept proposal after a one-shot question: one command."""
+    import shlex
+
+    box = f" --box {','.join(map(str, p.box))}" if p.box else ""
+    photo = shlex.quote(str(image)) if image is not None else "PHOTO"
+    return (f"new concept? {p.handle} ({p.category or 'no category'}) from {_where(p)}: mmpersona concepts add "
+            f"{shlex.quote(p.name)} --image {photo}{box} --category {shlex.quote(p.category)} "
+            f"--info {shlex.quote(p.info)}")
+
+
+def _confirm_concepts(s, pipe, session, line: str) -> None:
+    """Concepts the user just introduced ("this is my friend Anna"): each added with one 'y'."""
+    for p in pipe.propose_concepts(s.user, line, session.image, session.answers[-1]):
+        try:
+            said = input(f"add {p.handle} ({p.category or 'no category'}{', ' + p.info if p.info else ''}) "
+                         f"from {_where(p)}? [y/N] ").strip().lower()
+        except EOFError:
+            return
+        if said in {"y", "yes"}:
+            concept = pipe.add_proposed(s.user, p, session.image)
+            typer.echo(f"added {concept.handle}", err=True)
 
 
 def _retrieved_line(answer) -> str:

@@ -27,11 +27,27 @@ def concepts_add(
     category: str = typer.Option("", "--category", help="e.g. dog, person, mug."),
     info: str = typer.Option("", "--info", help="What the model should know about it."),
     alias: Optional[list[str]] = typer.Option(None, "--alias", help="Another handle for it (repeatable)."),
+    box: Optional[str] = typer.Option(None, "--box", help="X0,Y0,X1,Y1: only this region of the one --image "
+                                                          "(as a chat's concept proposal gives it)."),
 ) -> None:
     """Register a concept with its reference images (embedded once, stored by content hash)."""
     s = settings(ctx)
     with open_db(s) as db:
-        c = db.add(s.user, name, image, category=category, info=info, aliases=alias or [])
+        if box is not None:
+            from pipelines.introductions import accept
+
+            from ..images import load_image
+
+            if len(image) != 1:
+                raise MmpersonaError("--box is a region of one photo: give exactly one --image")
+            try:
+                region = [int(v) for v in box.split(",")]
+            except ValueError:
+                raise MmpersonaError(f"--box is X0,Y0,X1,Y1 in pixels, got {box!r}") from None
+            c = accept(db, s.user, {"name": name, "category": category, "info": info, "box": region,
+                                    "aliases": alias or []}, load_image(image[0]))
+        else:
+            c = db.add(s.user, name, image, category=category, info=info, aliases=alias or [])
     emit(s, c.to_dict(), f"added {concept_line(c)}")
 
 

@@ -78,6 +78,19 @@ class SearchRequest(BaseModel):
     min_score: float | None = Field(None, allow_inf_nan=False)
 
 
+class ProposedConcept(BaseModel):
+    """A concept proposed in a chat response (`mmpersona.proposed_concepts`), as proposed or edited."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=66)
+    category: str = ""
+    info: str = ""
+    box: list[int] | None = Field(None, min_length=4, max_length=4,
+                                  description="[x0, y0, x1, y1] in the photo's pixels (null: the whole photo).")
+    image: str = Field(..., description="The photo: the content hash of one of your stored images (a kept "
+                                        "conversation's turn) or a data URL.")
+
+
 class EventRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["like", "dislike", "pair", "prompt"]

@@ -31,9 +31,11 @@ def chat_tab(gr, app: App, guarded, demo, memory_tick) -> None:
                            interactive=False, elem_id="chat-retrieved")
     ch_memory = gr.Textbox(label="Memory", interactive=False, lines=3, elem_id="chat-memory")
     ch_proposed = gr.State([])  # this turn's proposals, waiting for the user's yes
+    ch_new_concepts = gr.State([])  # concepts this turn introduced ("this is my friend Anna"), waiting too
     with gr.Row():
         ch_keep = gr.Button("Remember this", size="sm", elem_id="chat-remember")
         ch_drop = gr.Button("Don't remember", size="sm", elem_id="chat-forget")
+        ch_add = gr.Button("Add the new concept", size="sm", elem_id="chat-add-concept")
 
     def ask(image, question, history, regions, conversation, request: gr.Request):
         try:
@@ -46,7 +48,8 @@ def chat_tab(gr, app: App, guarded, demo, memory_tick) -> None:
     # one chat at a time on the shared model: the others wait in Gradio's queue (where a user who leaves is
     # dropped), not in a thread blocked on the model's lock; generation has a queue of its own
     asked = ch_btn.click(ask, [ch_image, ch_q, chatbot, ch_regions, ch_conv],
-                         [chatbot, ch_rows, ch_thumbs, ch_boxes, ch_status, ch_memory, ch_proposed, ch_conv],
+                         [chatbot, ch_rows, ch_thumbs, ch_boxes, ch_status, ch_memory, ch_proposed, ch_conv,
+                          ch_new_concepts],
                          api_name="chat", concurrency_id="vlm", concurrency_limit=1)
 
     def past(conversation, request: gr.Request):
@@ -93,5 +96,12 @@ def chat_tab(gr, app: App, guarded, demo, memory_tick) -> None:
                   api_name="remember")
     ch_drop.click(settle(False), [ch_proposed, memory_tick], [ch_memory, ch_proposed, memory_tick],
                   api_name="forget")
+    @guarded
+    def add_concepts(proposals, request: gr.Request):
+        if not proposals:
+            return "no new concept in this turn", []
+        return app.add_proposed_concepts(app.user(request), list(proposals)), []
+
+    ch_add.click(add_concepts, [ch_new_concepts], [ch_memory, ch_new_concepts], api_name="add_new_concept")
     # Stop: the answer's generator is closed, which ends the generation at its next token (AnswerStream)
     ch_stop.click(None, None, None, cancels=[asked], api_visibility="private")

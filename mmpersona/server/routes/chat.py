@@ -236,7 +236,33 @@ class Memo:
     async def after(self, answer: Any) -> dict[str, Any]:
         """The `mmpersona` field of the answer, once the turn is kept and its proposals are stored."""
         kept = await self.keep(answer)
-        return personal(answer, await self.propose(answer), kept)
+        out = personal(answer, await self.propose(answer), kept)
+        out["proposed_concepts"] = await self.new_concepts(answer, kept)
+        return out
+
+    async def new_concepts(self, answer: Any, kept: str | None) -> list[dict[str, Any]]:
+        """Concepts the user introduced ("this is my friend Anna", `pipelines.introductions`), each with its
+        region of the photo: the free face the answer's retrieval found, else the whole photo (no model runs for
+        it here). `image` is the photo's content hash when the turn was kept (confirm with
+        `POST /v1/concepts/proposed`), else null (send the photo along)."""
+        from pipelines.introductions import introductions, propose_concepts
+
+        talk, pipe = self.talk, self.srv.chat.loaded()
+        if not self.req.remember or talk.image is None or pipe is None or not introductions(talk.question):
+            return []
+
+        def read() -> list[dict[str, Any]]:
+            photo = load_image(talk.image)
+            found = propose_concepts(self.srv.db, chosen(self.srv, self.req).retriever, self.user, talk.question,
+                                     photo, answer.retrieved, detect=False)
+            image = content_hash(talk.image) if kept else None
+            return [{**p.to_dict(), "image": image} for p in found]
+
+        try:
+            return await run_in_threadpool(read)
+        except Exception as e:  # noqa: BLE001 - proposals are never worth an answer
+            log.info("no concept proposals for this turn: %s", e)
+            return []
 
     async def keep(self, answer: Any) -> str | None:
         """The exchange appended to its kept conversation (started first for 'new'); returns the conversation's id

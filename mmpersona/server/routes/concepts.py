@@ -15,7 +15,7 @@ from ..dependencies import Server, server, user_of
 from ..errors import ApiError
 from ..media import data_url_bytes, media_type
 from ..scheduler import Watch
-from ..schemas import INT_MAX, ConceptPatch, SearchRequest
+from ..schemas import INT_MAX, ConceptPatch, ProposedConcept, SearchRequest
 
 router = APIRouter(tags=["concepts"])
 
@@ -47,6 +47,25 @@ async def concepts_create(request: Request,
     async with Watch(request) as watch:
         concept = await srv.worker.run(lambda: srv.db.add(user, name, datas, category=category, info=info,
                                                           aliases=aliases), user=user, stop=watch.stop)
+    return concept.to_dict()
+
+
+@router.post("/v1/concepts/proposed", status_code=201)
+async def concepts_from_proposal(body: ProposedConcept, request: Request, user: str = Depends(user_of),
+                                 srv: Server = Depends(server)) -> dict[str, Any]:
+    """Confirm a concept a chat turn proposed (`mmpersona.proposed_concepts`, "this is my friend Anna"): made from
+    the proposal's region of the photo, named by the content hash of a kept turn's photo or sent as a data URL."""
+    from pipelines.introductions import accept
+
+    async with Watch(request) as watch:
+        if body.image.startswith("data:"):
+            data = data_url_bytes(body.image, "image")
+        else:
+            data = await run_in_threadpool(srv.db.store.image_bytes, user, body.image)
+        watch.on_end((await srv.decode.acquire(encoded_pixels(data))).release)
+        photo = await run_in_threadpool(load_image, data)
+        proposal = body.model_dump(exclude={"image"})
+        concept = await srv.worker.run(lambda: accept(srv.db, user, proposal, photo), user=user, stop=watch.stop)
     return concept.to_dict()
 
 
