@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-QUOTA = {"MMPERSONA_QUOTA_IMAGES": "12", "MMPERSONA_QUOTA_EVENTS": "12", "MMPERSONA_QUOTA_MB": "8"}
+QUOTA = {"MMPERSONA_QUOTA_IMAGES": "12", "MMPERSONA_QUOTA_EVENTS": "12", "MMPERSONA_QUOTA_MB": "8",
+         "MMPERSONA_QUOTA_MEMORY": "6", "MMPERSONA_QUOTA_TURNS": "4"}
 
 
 def _png(seed: int, size: int = 48) -> bytes:
@@ -138,6 +139,9 @@ def alice_view(alice, photo: str) -> dict:
     return {"greedy": chat(), "seeded": chat(seed=11, temperature=1.3), "text": search(text="a pet"),
             "photo": search(image=photo), "concepts": alice.get("/v1/concepts").json(),
             "profile": alice.get("/v1/profile").json(), "events": alice.get("/v1/profile/events").json(),
+            "memory": alice.get("/v1/memory").json(), "conversations": alice.get("/v1/conversations").json(),
+            "turns": [alice.get(f"/v1/conversations/{c['id']}").json()
+                      for c in alice.get("/v1/conversations").json()["data"]],
             "generated": (r.status_code, hashlib.sha256(r.content).hexdigest() if r.status_code != 200 else
                           hashlib.sha256(base64.b64decode(r.json()["data"][0]["b64_json"])).hexdigest())}
 
@@ -171,7 +175,54 @@ def cases(url: str, work: Path, keys_path: Path, alice_ids: dict[str, str]) -> l
                                                   b"Content-Length: 99999999999999999999\r\n\r\n" + body))]
 
     mine = alice_ids["cat"]
-    return [
+    entry, chat, photo_hash = alice_ids["memory"], alice_ids["conversation"], alice_ids["turn_image"]
+
+    def memory_flood(bob, anon):  # past the memory quota: his own entries refused, nobody else's touched
+        return [bob.post("/v1/memory", json={"text": f"The cat sleeps in room {i}.", "topic": "bed"})
+                for i in range(8)]
+
+    def turn_flood(bob, anon):  # past the turns quota: refused before any model work
+        return [bob.post("/v1/chat/completions", json=ask(f"turn {i}", data_url(img), conversation="new",
+                                                          remember=False)) for i in range(6)]
+
+    extra = [
+        ("memory-alice-entry", lambda b, a: [b.get(f"/v1/memory?concept={mine}"),
+                                             b.patch(f"/v1/memory/{entry}", json={"status": "accepted"}),
+                                             b.patch(f"/v1/memory/{entry}", json={"text": "bob was here"}),
+                                             b.delete(f"/v1/memory/{entry}")], "refused"),
+        ("memory-bad-fields", lambda b, a: [b.post("/v1/memory", json={"text": "x" * 100_000}),
+                                            b.post("/v1/memory", json={"text": "nul\u0000"}),
+                                            b.post("/v1/memory", json={"text": " "}),
+                                            b.post("/v1/memory", json={"text": "ok", "topic": "t" * 500}),
+                                            b.post("/v1/memory", json={"text": "ok", "owner": "alice"}),
+                                            b.patch("/v1/memory/x", json={"status": "rejected"})], "refused"),
+        ("memory-alice-words", lambda b, a: [b.post("/v1/memory", json={"text": "The cat sleeps in the garage now.",
+                                                                         "topic": "bed"}),
+                                             b.post("/v1/chat/completions",
+                                                    json=ask("The cat is eleven now. I feed the cat <|im_end|>.",
+                                                             data_url(_png(1))))], "accepted"),
+        ("memory-quota", memory_flood, "mixed"),
+        ("conversation-alice-id", lambda b, a: [b.post("/v1/chat/completions",
+                                                       json=ask("mine now?", conversation=chat)),
+                                                b.get(f"/v1/conversations/{chat}"),
+                                                b.patch(f"/v1/conversations/{chat}", json={"title": "bob's"}),
+                                                b.delete(f"/v1/conversations/{chat}"),
+                                                b.get(f"/v1/media/{photo_hash}")], "refused"),
+        ("conversation-bad-ids", lambda b, a: [b.post("/v1/chat/completions", json=ask("hi", conversation="x" * 65)),
+                                               b.post("/v1/chat/completions", json=ask("hi", conversation=["new"])),
+                                               b.get("/v1/conversations/" + "0" * 32),
+                                               b.get("/v1/conversations?limit=100000")], "refused"),
+        ("conversation-quota", turn_flood, "mixed"),
+        ("proposed-alice-photo", lambda b, a: [b.post("/v1/concepts/proposed",
+                                                      json={"name": "Anna", "image": photo_hash}),
+                                               b.post("/v1/concepts/proposed",
+                                                      json={"name": "Anna", "image": data_url(img),
+                                                            "box": [0, 0, 10**9, 10**9]}),
+                                               b.post("/v1/concepts/proposed",
+                                                      json={"name": "cat", "image": "../../etc/passwd"})],
+         "refused"),
+    ]
+    return extra + [
         ("int-chat-seed", lambda b, a: [b.post("/v1/chat/completions", json=ask("hi", seed=big))], "refused"),
         ("int-chat-seed-negative", lambda b, a: [b.post("/v1/chat/completions", json=ask("hi", seed=-1))], "refused"),
         ("int-max-tokens", lambda b, a: [b.post("/v1/chat/completions", json=ask("hi", max_tokens=big))], "refused"),
@@ -389,6 +440,14 @@ def run(work: Path, *, only: set[str] | None = None) -> dict:
             ids[name] = r.json()["id"]
         alice.post("/v1/profile/events", json={"kind": "like", "image": data_url(_png(7))})
         photo = data_url(_png(1))
+        r = alice.post("/v1/memory", json={"text": "The cat sleeps on the sofa.", "concept": "cat", "topic": "bed"})
+        assert r.status_code == 201, r.text
+        ids["memory"] = r.json()["id"]
+        r = alice.post("/v1/chat/completions", json=ask("This is my cat.", data_url(_png(5)), conversation="new",
+                                                        remember=False))
+        assert r.status_code == 200, r.text
+        ids["conversation"] = r.json()["mmpersona"]["conversation"]
+        ids["turn_image"] = alice.get(f"/v1/conversations/{ids['conversation']}").json()["data"][0]["image"]
         results = run_cases(cases(url, work, keys_path, ids), bob, anon, log, lambda: alice_view(alice, photo),
                             [str(work), str(keys_path), str(ROOT)], only)
         rss = peak_rss_mb(proc.pid)

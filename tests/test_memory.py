@@ -231,6 +231,28 @@ def test_the_memory_benchmark_runs_and_scores_the_memory_layer(tiny_cache):
     assert 0 < result["memory_tokens_per_turn"] <= 300
 
 
+def test_eval_bench_memory_runs_the_simulated_user_through_the_cli(tiny_cache, tmp_path):
+    """`mmpersona eval bench memory`: the simulated user in a fresh database, scored; report.json (each question
+    with what its prompt held) and report.md in --out; the oracle's memory layer finds every needed entry."""
+    import json
+
+    from test_cli import run_cli
+
+    out = tmp_path / "report"
+    result = json.loads(run_cli("--preset", "tiny", "--device", "cpu", "--json", "eval", "bench", "memory",
+                                "--subjects", "6", "--sessions", "3", "--extractor", "oracle", "--max-new-tokens", "2",
+                                "--out", str(out)).stdout)
+    assert result["needed_recall"] == 1.0 and result["stale_rate"] == 0.0 and result["counts"]["questions"] > 6
+    assert 0 <= result["answer_accuracy"] <= 1 and "questions" not in result
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["questions"]) == result["counts"]["questions"] and all(q["in_prompt"] for q in report["questions"])
+    assert "| needed entry in the prompt | 1.0 |" in (out / "report.md").read_text()
+    bad = run_cli("--preset", "tiny", "eval", "bench", "memory", "--extractor", "psychic", check=False)
+    assert bad.returncode == 2 and "psychic" in bad.stderr
+    bad = run_cli("--preset", "tiny", "eval", "bench", "yollava", check=False)
+    assert bad.returncode == 2 and "ROOT" in bad.stderr
+
+
 def test_the_vlm_extractor_keeps_only_what_validates():
     from pipelines.memory import VLMExtractor
 

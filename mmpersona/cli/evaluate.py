@@ -65,10 +65,10 @@ def evaluate_cmd(
 @app.command("bench")
 def eval_bench_cmd(
     ctx: typer.Context,
-    benchmark: str = typer.Argument(..., help="yollava, repic, myvlm, mc-llava or mmpb."),
-    root: Path = typer.Argument(..., help="yollava: the yollava-data folder; repic: the RePIC folder; myvlm: its "
-                                          "data_root; mc-llava: the dataset folder; mmpb: the folder of "
-                                          "dataset.csv."),
+    benchmark: str = typer.Argument(..., help="yollava, repic, myvlm, mc-llava, mmpb or memory."),
+    root: Optional[Path] = typer.Argument(None, help="yollava: the yollava-data folder; repic: the RePIC folder; "
+                                                     "myvlm: its data_root; mc-llava: the dataset folder; mmpb: the "
+                                                     "folder of dataset.csv; memory: none (a simulated user)."),
     recognition: Optional[Path] = typer.Option(None, "--recognition",
                                                help="yollava: RAP's recognition_test.json (default: generated)."),
     visual_qa: Optional[Path] = typer.Option(None, "--visual-qa", help="yollava: yollava-visual-qa.json."),
@@ -104,8 +104,16 @@ def eval_bench_cmd(
                                         help="Distractor counts to run at, e.g. 0,100,1000 (default: 0 and all)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     seed: int = typer.Option(0, "--seed"),
+    subjects: int = typer.Option(60, "--subjects", min=1, help="memory: people, pets and objects simulated."),
+    sessions: int = typer.Option(8, "--sessions", min=2, help="memory: sessions told before the questions."),
+    extractor: str = typer.Option("model", "--extractor",
+                                  help="memory: model (the chat model reads each sentence; the rule extractor for "
+                                       "the tiny models), rule, or oracle (the memory layer alone)."),
+    paraphrase: float = typer.Option(0.3, "--paraphrase", min=0.0, max=1.0,
+                                     help="memory: the share of new states said in other words."),
 ) -> None:
-    """A peer benchmark in its published layout, methods side by side, scored by the peer's own rule."""
+    """A peer benchmark in its published layout, methods side by side, scored by the peer's own rule; or
+    `memory`: a simulated user's memory over sessions (`pipelines.memory_eval`)."""
     import tempfile
 
     from pipelines.peers import datasets
@@ -115,6 +123,11 @@ def eval_bench_cmd(
     from ..conceptdb import ConceptDB
 
     s = settings(ctx)
+    if benchmark == "memory":
+        return _memory_bench(s, out, subjects=subjects, sessions=sessions, seed=seed, extractor=extractor,
+                             paraphrase=paraphrase, max_new_tokens=max_new_tokens)
+    if root is None:
+        raise MmpersonaError(f"{benchmark} needs the dataset's folder (ROOT)")
     if benchmark == "yollava":
         bench = datasets.yollava(root, recognition=recognition, visual_qa=visual_qa, text_qa=text_qa,
                                  database=database)
@@ -129,7 +142,7 @@ def eval_bench_cmd(
     elif benchmark == "mmpb":
         bench = datasets.mmpb(root, description=description)
     else:
-        raise MmpersonaError(f"unknown benchmark {benchmark!r}; valid: yollava, repic, myvlm, mc-llava, mmpb")
+        raise MmpersonaError(f"unknown benchmark {benchmark!r}; valid: yollava, repic, myvlm, mc-llava, mmpb, memory")
     with tempfile.TemporaryDirectory(prefix="mmpersona-eval-") as tmp:
         with ConceptDB(Path(tmp) / "eval.db", embedder=s.overrides.get("embedder"), preset=s.preset,
                        device=s.device, dtype=s.dtype) as db:
@@ -144,6 +157,31 @@ def eval_bench_cmd(
             report = run(pipe, s.user, bench, method or list(ANSWER_METHODS), out=out, limit=limit,
                          progress=not s.json, seed=seed, distractors=extra, sizes=counts, learn_steps=learn_steps)
     emit(s, report, (out / "report.md").read_text(encoding="utf-8") + f"\nreport: {out / 'report.json'}")
+
+
+def _memory_bench(s, out: Path, **options) -> None:
+    """`eval bench memory`: the simulated user in a fresh database; report.json and report.md in `out`."""
+    import tempfile
+
+    from pipelines.memory_eval import markdown, simulate
+    from pipelines.vlm import PersonalizedVLMPipeline
+
+    from ..conceptdb import ConceptDB
+
+    if options["extractor"] not in ("model", "rule", "oracle"):
+        raise MmpersonaError(f"unknown --extractor {options['extractor']!r}; valid: model, rule, oracle")
+    max_new_tokens = options.pop("max_new_tokens")
+    with tempfile.TemporaryDirectory(prefix="mmpersona-eval-memory-") as tmp:
+        with ConceptDB(Path(tmp) / "eval.db", embedder=s.overrides.get("embedder"), preset=s.preset,
+                       device=s.device, dtype=s.dtype) as db:
+            pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), preset=s.preset, device=s.device, dtype=s.dtype,
+                                           max_new_tokens=max_new_tokens)
+            report = simulate(pipe, s.user, progress=not s.json, **options)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+    emit(s, {k: v for k, v in report.items() if k != "questions"},
+         markdown(report) + f"\nreport: {out / 'report.json'}")
 
 
 @app.command("score")
