@@ -3,12 +3,14 @@ bit-identical whether or not other users exist and whatever they stored, hostile
 
 Hypothesis draws sequences of other users' operations (adds with forged vectors and with copies of alice's
 own images and query photos, forged and squatting archive imports, deletes, edits, likes, settings, memory
-entries in alice's words and attached to her concepts, erasure) and runs them between alice's steps; alice's
-outputs (retrieval results and scores, her memory for each turn, the rendered VLM prompt,
-the calibrated threshold, her reward model's scores, her stored vectors) must equal those of a run in which
+entries in alice's words and attached to her concepts, kept chats about her photos and their deletion, erasure)
+and runs them between alice's steps; alice's outputs (retrieval results and scores, her memory for each turn, the
+rendered VLM prompt, the calibrated threshold, her reward model's scores, her stored vectors, her kept
+conversation, its turns and its photo) must equal those of a run in which
 nobody else exists. On both backends.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -49,6 +51,8 @@ def alice_run(db: ConceptDB, others: list[tuple], tmp: Path) -> dict:
     db.store.add_memory(ALICE, "The cat sleeps on the balcony.", concept_id=cat.id, kind="state", topic="bed",
                         valid_from=1.7e9 + 86400)
     db.store.add_memory(ALICE, "I walk the dog at dawn.")
+    chat = db.store.start_conversation(ALICE, "alice's chat", created=1.7e9, updated=1.7e9)
+    db.store.add_turn(ALICE, chat.id, "Where is the cat?", "On the balcony.", image=POOL[3], created=1.7e9 + 1)
     run_others(db, chunks[1], tmp)
     retriever = Retriever(db)
     builder = PromptBuilder()
@@ -75,6 +79,10 @@ def alice_run(db: ConceptDB, others: list[tuple], tmp: Path) -> dict:
     out["vectors"] = {c.name: {e: (h, m.tobytes()) for e, (h, m) in db.store.vectors(ALICE, c.id).items()}
                       for c in db.list(ALICE)}
     out["concepts"] = [(c.name, c.category, c.info, c.aliases, c.images, c.version) for c in db.list(ALICE)]
+    out["conversations"] = [(c.title, c.turns, c.created, c.updated) for c in db.store.conversations(ALICE)]
+    turns = db.store.turns(ALICE, chat.id)
+    out["turns"] = [(t.question, t.answer, t.image, t.created) for t in turns]
+    out["turn_photo"] = hashlib.sha256(db.store.image_bytes(ALICE, turns[0].image)).hexdigest()
     return out
 
 
@@ -120,6 +128,12 @@ def run_others(db: ConceptDB, ops: list[tuple], tmp: Path) -> None:
                 target = db.get(ALICE if seed % 3 == 0 else owner, name).id
                 db.store.add_memory(owner, "The cat sleeps at dawn in the kitchen.", concept_id=target,
                                     kind="state", topic="bed", valid_from=1.7e9 + seed)
+            elif kind == "chat":  # alice's photo and question in their own kept chat
+                c = db.store.start_conversation(owner)
+                db.store.add_turn(owner, c.id, "Where is the cat?", "In the garage.", image=datas[0])
+            elif kind == "chat_rm":  # their chats deleted: a photo alice's turn holds must stay
+                for c in db.store.conversations(owner):
+                    db.store.delete_conversation(owner, c.id)
             elif kind == "memory_rm":
                 for e in db.store.memory(owner)[:1]:
                     db.store.delete_memory(owner, e.id)
@@ -131,7 +145,7 @@ def run_others(db: ConceptDB, ops: list[tuple], tmp: Path) -> None:
 
 operations = st.tuples(
     st.sampled_from(["add", "add_forged", "import_forged", "import_squat", "delete", "edit", "like", "setting",
-                     "memory", "memory_rm", "erase"]),
+                     "memory", "memory_rm", "chat", "chat_rm", "erase"]),
     st.sampled_from(OTHERS),
     st.sampled_from(NAMES),
     st.lists(st.integers(0, len(POOL) - 1), min_size=1, max_size=3),
