@@ -276,12 +276,7 @@ class SQLStore:
 
     def all_concepts(self, owner: str, *, page: int = 500) -> list[Concept]:
         """Every concept of the owner, by name (read a page at a time)."""
-        out: list[Concept] = []
-        while True:
-            got = self.list(owner, limit=page, offset=len(out))
-            out += got
-            if len(got) < page:
-                return out
+        return _paged(lambda offset: self.list(owner, limit=page, offset=offset), page)
 
     def count(self, owner: str) -> int:
         check_owner(owner)
@@ -986,12 +981,7 @@ class SQLStore:
 
     def all_conversations(self, owner: str, *, page: int = 500) -> list[Conversation]:
         """Every kept chat of the owner (read a page at a time), the most recently continued first."""
-        out: list[Conversation] = []
-        while True:
-            batch = self.conversations(owner, limit=page, offset=len(out))
-            out += batch
-            if len(batch) < page:
-                return out
+        return _paged(lambda offset: self.conversations(owner, limit=page, offset=offset), page)
 
     def turns(self, owner: str, conversation_id: str, *, last: int | None = None) -> list[Turn]:
         """A kept chat's turns, oldest first (the `last` ones only, when given)."""
@@ -1152,6 +1142,16 @@ def _memory_fields(text: Any, kind: Any, topic: Any, status: Any, source: Any) -
         raise InvalidConceptError("a state needs a topic (what it is the state of, e.g. 'age' or 'bed'): a newer "
                                   "state of the same concept and topic replaces it")
     return text, kind, topic, status, check_text(source, "memory source", 200)
+
+
+def _paged(read: Any, page: int) -> list:
+    """Every row `read(offset)` gives, a page at a time, until a page comes back short."""
+    out: list = []
+    while True:
+        got = read(len(out))
+        out += got
+        if len(got) < page:
+            return out
 
 
 def _title(title: Any) -> str:

@@ -89,15 +89,21 @@ class MemoryIndex:
     def select(self, user: str, question: str, concept_ids: Sequence[str], *,
                max_chars: int = MEMORY_CHARS) -> "list[MemoryEntry]":
         """The entries for one turn, in the order to render: those of `concept_ids` (the turn's concepts, in
-        their order; each concept's newest first), then the other entries most relevant to `question`."""
+        their order; within a concept, the entries sharing the question's rarer words first, then the newest),
+        then the other entries most relevant to `question`."""
         if max_chars <= 0:
             return []
         index = self._index(user)
         if not index.entries:
             return []
         rank = {cid: i for i, cid in enumerate(concept_ids)}
-        about = [e for e in index.entries if e.concept_id in rank]
-        about.sort(key=lambda e: rank[e.concept_id])  # stable: newest first within a concept
+        question_terms = set(words(question))
+        # within a concept: relevance to the question, then newest (the index is newest first): when a concept's
+        # entries are over the budget, the ones the question is about are kept
+        about = sorted(((rank[e.concept_id], -sum(index.idf.get(t, 0.0) for t in ts & question_terms), i, e)
+                        for i, (e, ts) in enumerate(zip(index.entries, index.terms, strict=True))
+                        if e.concept_id in rank), key=lambda t: t[:3])
+        about = [e for *_, e in about]
         # the question's words that the turn's concepts' own entries already hold draw no other entry in: asked
         # where <kiko>'s bed is, the other pets' beds are not what the user wants to know
         asked = set(words(question)).difference(*(ts for e, ts in zip(index.entries, index.terms, strict=True)

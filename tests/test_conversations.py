@@ -115,7 +115,8 @@ def test_the_quota_bounds_conversations_turns_and_their_photos(tmp_path):
 
 
 def test_migrating_a_user_keeps_their_conversations_as_they_were(tmp_path):
-    from concept_db.migrate import migrate, summarize
+    from concept_db.migrate import migrate
+    from test_memory import same_after_migration
 
     src = open_store(tmp_path / "a.db")
     chat = src.start_conversation("alice", "Bo")
@@ -128,10 +129,7 @@ def test_migrating_a_user_keeps_their_conversations_as_they_were(tmp_path):
     src.add_turn("alice", chat.id, "And now?", "Still here.")  # a re-run copies only the new turn
     again = migrate(src, tmp_path / "b.db")
     assert again.owners[0].copied["turns"] == 1 and again.owners[0].copied["conversations"] == 0
-    dst = open_store(tmp_path / "b.db")
-    assert summarize(dst, "alice") == summarize(src, "alice")
-    src.close()
-    dst.close()
+    same_after_migration(src, tmp_path / "b.db", "alice")
 
 
 # ------------------------------------------------------------------------------------------ the pipeline and the CLI

@@ -102,7 +102,7 @@ def test_the_quota_bounds_memory_entries(tmp_path):
 
 
 def test_migrating_a_user_keeps_their_memory_as_it_was(tmp_path):
-    from concept_db.migrate import migrate, summarize
+    from concept_db.migrate import migrate
 
     src = open_store(tmp_path / "a.db")
     bo = concept(src, "alice", "bo")
@@ -112,10 +112,19 @@ def test_migrating_a_user_keeps_their_memory_as_it_was(tmp_path):
     src.add_memory("alice", "I like hiking.", status="proposed", source="chat")
     report = migrate(src, tmp_path / "b.db")
     assert report.owners[0].counts["memory"] == 3 and report.owners[0].copied["memory"] == 3
-    dst = open_store(tmp_path / "b.db")
-    assert summarize(dst, "alice") == summarize(src, "alice")
-    src.close()
-    dst.close()
+    same_after_migration(src, tmp_path / "b.db", "alice")
+
+
+def same_after_migration(src, target, owner: str) -> None:
+    """`owner` in the migrated `target` is what they are in `src` (counts and digest); both stores closed."""
+    from concept_db.migrate import summarize
+
+    dst = open_store(target)
+    try:
+        assert summarize(dst, owner) == summarize(src, owner)
+    finally:
+        src.close()
+        dst.close()
 
 
 # ------------------------------------------------------------------------------------------ choosing and proposing
@@ -154,6 +163,24 @@ def test_a_turn_gets_its_concepts_entries_then_relevant_ones_within_the_budget(t
     # a change of the user's data is seen at once
     s.delete_memory("alice", age.id)
     assert [e.id for e in index.select("alice", "Where does Bo sleep?", [bo.id])] == [bed.id]
+    s.close()
+
+
+def test_a_concepts_entries_over_the_budget_keep_the_ones_the_question_is_about(tmp_path):
+    """Many entries about the turn's concept, more than the budget holds: the one sharing the question's words is
+    kept, though it is the oldest (LCMP's long-term questions: the newest entries alone missed them)."""
+    from pipelines.memory import MemoryIndex
+
+    s = open_store(tmp_path / "m.db")
+    bo = concept(s, "alice", "bo")
+    t0 = time.time() - 30 * DAY
+    tuna = s.add_memory("alice", "Bo's favourite food is tuna packed in oil.", concept_id=bo.id, valid_from=t0)
+    later = [s.add_memory("alice", f"Bo did something else on day {i}, nothing to do with eating at all.",
+                          concept_id=bo.id, valid_from=t0 + (i + 1) * DAY) for i in range(12)]
+    index = MemoryIndex(_DB(s))
+    chosen = index.select("alice", "Which food does <bo> love the most?", [bo.id], max_chars=300)
+    assert chosen[0].id == tuna.id and sum(len(e.text) for e in chosen) <= 300
+    assert [e.id for e in chosen[1:]] == [e.id for e in reversed(later)][: len(chosen) - 1]  # then the newest
     s.close()
 
 

@@ -65,10 +65,11 @@ def evaluate_cmd(
 @app.command("bench")
 def eval_bench_cmd(
     ctx: typer.Context,
-    benchmark: str = typer.Argument(..., help="yollava, repic, myvlm, mc-llava, mmpb or memory."),
+    benchmark: str = typer.Argument(..., help="yollava, repic, myvlm, mc-llava, mmpb, lcmp or memory."),
     root: Optional[Path] = typer.Argument(None, help="yollava: the yollava-data folder; repic: the RePIC folder; "
                                                      "myvlm: its data_root; mc-llava: the dataset folder; mmpb: the "
-                                                     "folder of dataset.csv; memory: none (a simulated user)."),
+                                                     "folder of dataset.csv; lcmp: TAME's repository (or its "
+                                                     "data/); memory: none (a simulated user)."),
     recognition: Optional[Path] = typer.Option(None, "--recognition",
                                                help="yollava: RAP's recognition_test.json (default: generated)."),
     visual_qa: Optional[Path] = typer.Option(None, "--visual-qa", help="yollava: yollava-visual-qa.json."),
@@ -108,9 +109,13 @@ def eval_bench_cmd(
     sessions: int = typer.Option(8, "--sessions", min=2, help="memory: sessions told before the questions."),
     extractor: str = typer.Option("model", "--extractor",
                                   help="memory: model (the chat model reads each sentence; the rule extractor for "
-                                       "the tiny models), rule, or oracle (the memory layer alone)."),
+                                       "the tiny models), rule, or oracle (the memory layer alone); lcmp: model or "
+                                       "verbatim (each user turn kept whole)."),
     paraphrase: float = typer.Option(0.3, "--paraphrase", min=0.0, max=1.0,
                                      help="memory: the share of new states said in other words."),
+    context: str = typer.Option("memory", "--context",
+                                help="lcmp: memory (the entries each question selects) or history (also the "
+                                     "told turns as chat history)."),
 ) -> None:
     """A peer benchmark in its published layout, methods side by side, scored by the peer's own rule; or
     `memory`: a simulated user's memory over sessions (`pipelines.memory_eval`)."""
@@ -128,6 +133,9 @@ def eval_bench_cmd(
                              paraphrase=paraphrase, max_new_tokens=max_new_tokens)
     if root is None:
         raise MmpersonaError(f"{benchmark} needs the dataset's folder (ROOT)")
+    if benchmark == "lcmp":
+        return _lcmp_bench(s, root, out, context=context, extractor=extractor, limit=limit,
+                           max_new_tokens=max_new_tokens)
     if benchmark == "yollava":
         bench = datasets.yollava(root, recognition=recognition, visual_qa=visual_qa, text_qa=text_qa,
                                  database=database)
@@ -142,7 +150,8 @@ def eval_bench_cmd(
     elif benchmark == "mmpb":
         bench = datasets.mmpb(root, description=description)
     else:
-        raise MmpersonaError(f"unknown benchmark {benchmark!r}; valid: yollava, repic, myvlm, mc-llava, mmpb, memory")
+        raise MmpersonaError(f"unknown benchmark {benchmark!r}; valid: yollava, repic, myvlm, mc-llava, mmpb, lcmp, "
+                             "memory")
     with tempfile.TemporaryDirectory(prefix="mmpersona-eval-") as tmp:
         with ConceptDB(Path(tmp) / "eval.db", embedder=s.overrides.get("embedder"), preset=s.preset,
                        device=s.device, dtype=s.dtype) as db:
@@ -157,6 +166,27 @@ def eval_bench_cmd(
             report = run(pipe, s.user, bench, method or list(ANSWER_METHODS), out=out, limit=limit,
                          progress=not s.json, seed=seed, distractors=extra, sizes=counts, learn_steps=learn_steps)
     emit(s, report, (out / "report.md").read_text(encoding="utf-8") + f"\nreport: {out / 'report.json'}")
+
+
+def _lcmp_bench(s, root: Path, out: Path, *, context: str, extractor: str, limit: int | None,
+                max_new_tokens: int) -> None:
+    """`eval bench lcmp`: TAME's LCMP through the toolkit's memory (`pipelines.peers.lcmp`), in a fresh database."""
+    import tempfile
+
+    from pipelines.peers.lcmp import markdown, run_lcmp
+    from pipelines.vlm import PersonalizedVLMPipeline
+
+    from ..conceptdb import ConceptDB
+
+    with tempfile.TemporaryDirectory(prefix="mmpersona-eval-lcmp-") as tmp:
+        with ConceptDB(Path(tmp) / "eval.db", embedder=s.overrides.get("embedder"), preset=s.preset,
+                       device=s.device, dtype=s.dtype) as db:
+            pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), preset=s.preset, device=s.device, dtype=s.dtype,
+                                           max_new_tokens=max_new_tokens)
+            report = run_lcmp(pipe, root, context=context, extractor=extractor, limit=limit, out=out,
+                              progress=not s.json)
+    emit(s, report, markdown(report) + f"\nreport: {out / 'report.json'}; TAME's evaluator reads "
+                                       f"{out / 'predictions.jsonl'}")
 
 
 def _memory_bench(s, out: Path, **options) -> None:
