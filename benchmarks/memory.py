@@ -86,13 +86,67 @@ def main() -> None:
         state["i"] += 1
 
     ratio, base_ms = paired(ask(off), with_memory, args.runs)
+    during = reading_delay(pipe, user, sample, args.max_new_tokens, runs=max(3, args.runs // 4))
     result["targets"] = {**result["targets"], "answer_latency_ratio": 1.0}
     out = {k: result[k] for k in ("needed_recall", "stale_rate", "memory_tokens_per_turn", "memory_ms",
                                   "memory_ms_unchanged")}
     out.update(answer_latency_ratio=round(ratio, 3), answer_ms_without_memory=round(base_ms, 1),
-               extract_ms=result["extract_ms"], answer_accuracy=result["answer_accuracy"], counts=c,
+               extract_ms=result["extract_ms"], answer_accuracy=result["answer_accuracy"], **during, counts=c,
                targets=result["targets"], vlm=args.vlm)
     print(json.dumps(out))
+
+
+def reading_delay(pipe, user: str, questions: list[str], max_new_tokens: int, runs: int) -> dict:
+    """A server's answer that arrives while the model reads an earlier turn for memory (`VLMExtractor`, 256
+    tokens, on the model worker's background lane), against the same answer with the model idle: median ratios of
+    the answer's latency (queued to done), with the reading giving way (`submit_idle(yields=True)`, the server's
+    way) and without."""
+    import statistics
+    import threading
+    import time
+
+    from mmpersona.server.worker import ModelWorker
+    from pipelines.memory import VLMExtractor
+
+    worker = ModelWorker(queue_size=4)
+
+    def answer():
+        pipe.answer_as("retrieval", None, questions[0], user=user, do_sample=False, min_new_tokens=max_new_tokens)
+
+    def reading(stop=None):  # the chat model reads a turn: a full 256-token generation
+        VLMExtractor(lambda messages, **kw: pipe.generate(messages, stop=stop, min_new_tokens=256, **kw)
+                     ).propose(pipe.db, user, "Kiko's bed is on the balcony now. Kiko turned four.")
+
+    def latency() -> float:
+        t = time.perf_counter()
+        worker.submit(answer, user=user).result()
+        return time.perf_counter() - t
+
+    out = {}
+    try:
+        for name, yields in (("answer_latency_ratio_during_reading", True),
+                             ("answer_latency_ratio_during_reading_not_giving_way", False)):
+            ratios = []
+            for _ in range(runs):
+                alone = latency()
+                started = threading.Event()
+
+                def job(stop=None, started=started):
+                    started.set()
+                    return reading(stop)
+
+                future = worker.submit_idle(job, user="reader", yields=yields)
+                started.wait(30)
+                time.sleep(0.002)
+                ratios.append(latency() / alone)
+                try:
+                    future.result(60)
+                except Exception:  # noqa: BLE001 - a reading that gave up: not what is measured
+                    pass
+            out[name] = round(statistics.median(ratios), 3)
+    finally:
+        worker.close()
+    return out
 
 
 if __name__ == "__main__":

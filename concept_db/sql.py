@@ -955,6 +955,9 @@ class SQLStore:
                             float(created) if created is not None else now,
                             float(updated) if updated is not None else now)
         with self._tx() as c:
+            if conversation_id is not None and c.execute("SELECT 1 FROM conversations WHERE id = ?",
+                                                         (chat.id,)).fetchone() is not None:
+                raise InvalidConceptError(f"conversation id {chat.id!r} is taken (ids are unique across users)")
             self._charge(c, owner, conversations=1)
             self._insert(c, "conversations", [(chat.id, owner, chat.title, chat.created, chat.updated)])
             self._bump(c, owner)

@@ -12,6 +12,7 @@ a method of its own. Edits to the concept database take effect on the next call.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -381,15 +382,16 @@ class PersonalizedVLMPipeline:
 
         return accept(self.db, user, proposal, load_image(image))
 
-    def memory_extractor(self) -> Any:
+    def memory_extractor(self, stop: "threading.Event | None" = None) -> Any:
         """What reads memory proposals from a message: the chat model itself (`VLMExtractor`: a structured prompt,
-        its JSON validated), or for the tiny test models, whose random weights cannot, the documented
-        `RuleExtractor`."""
+        its JSON validated; setting `stop` ends its generation at the next token), or for the tiny test models,
+        whose random weights cannot, the documented `RuleExtractor`."""
         from .memory import RuleExtractor, VLMExtractor
 
         if self.vlm.spec.source == "tiny":
             return RuleExtractor()
-        return VLMExtractor(self.generate, special_tokens=self.prompts.special_tokens)
+        generate = self.generate if stop is None else functools.partial(self.generate, stop=stop)
+        return VLMExtractor(generate, special_tokens=self.prompts.special_tokens)
 
     def grounding(self, image: "Image.Image | None") -> Grounding | None:
         """How the prompt says where region-retrieved concepts are in `image` (None: it does not)."""

@@ -36,6 +36,9 @@ def fill(store):
         store.add_memory(owner, "c0 was three.", concept_id=first.id, kind="state", topic="age", valid_from=1.0e9)
         store.add_memory(owner, "c0 is four.", concept_id=first.id, kind="state", topic="age")
         store.add_memory(owner, f"I am {owner}.", status="proposed", source="chat")
+        chat = store.start_conversation(owner, "about c0")
+        store.add_turn(owner, chat.id, "Is this c0?", "Yes.", image=b"shared-a")  # a photo a pair also holds
+        store.add_turn(owner, chat.id, "And now?", "Still c0.", image=f"{owner}-turn".encode())
 
 
 @pytest.mark.pg
@@ -46,7 +49,7 @@ def test_sqlite_to_postgres_and_back(tmp_path, pg_url):
     assert [o.owner for o in report.owners] == ["alice", "bob"]
     alice = report.owners[0]
     assert alice.counts == {"concepts": 7, "images": 14, "vectors": 15, "tensors": 1, "events": 2, "blobs": 1,
-                            "settings": 1, "memory": 3}
+                            "settings": 1, "memory": 3, "conversations": 1, "turns": 2}
     assert alice.copied["concepts"] == 7 and alice.copied["events"] == 2
     dst = open_store(pg_url)
     for owner in ("alice", "bob"):

@@ -4,10 +4,11 @@ every public operation, and erasing one user. Long runs: `python scripts/reliabi
 import inspect
 
 import numpy as np
+import pytest
 from safetensors.numpy import save
 
 import scripts
-from concept_db import ConceptNotFound
+from concept_db import ConceptNotFound, InvalidConceptError
 from concept_db.types import Quota, Usage
 
 reliability = scripts.load("reliability")
@@ -61,6 +62,8 @@ def populate(store, owner, seed=0):
                      valid_from=1.7e9)
     store.add_memory(owner, f"{owner}-dog sleeps on the sofa.", concept_id=c.id, kind="state", topic="bed")
     store.add_memory(owner, f"{owner} is a nurse.", status="proposed")
+    chat = store.start_conversation(owner, f"{owner}'s chat")
+    store.add_turn(owner, chat.id, "Where is the dog?", "In the hall.", image=f"{owner}-turn".encode())
     return c
 
 
@@ -70,7 +73,17 @@ def cross_owner_calls(store, victim):
     q = vec(0)
     event = store.profile_events("alice")[0]
     entry = store.memory("alice")[0]
+    chat = store.conversations("alice")[0]
+    turn_photo = store.turns("alice", chat.id)[0].image
     return {
+        "conversation": lambda: store.conversation("mallory", chat.id),
+        "conversations": lambda: store.conversations("mallory"),
+        "all_conversations": lambda: store.all_conversations("mallory"),
+        "turns": lambda: store.turns("mallory", chat.id),
+        "add_turn": lambda: store.add_turn("mallory", chat.id, "pwned?", "yes", image=b"alice-turn"),
+        "rename_conversation": lambda: store.rename_conversation("mallory", chat.id, "pwned"),
+        "delete_conversation": lambda: store.delete_conversation("mallory", chat.id),
+        "turn_photo": lambda: store.image_bytes("mallory", turn_photo),
         "memory": lambda: store.memory("mallory"),
         "memory_entry": lambda: store.memory_entry("mallory", entry.id),
         "add_memory": lambda: store.add_memory("mallory", "pwned", concept_id=cid),
@@ -116,7 +129,7 @@ def cross_owner_calls(store, victim):
 
 
 # operations that take no owner, or only write the caller's own data (checked to leave the victim alone below)
-NOT_OWNER_SCOPED = {"add", "add_many", "add_profile_event", "put_blob", "set_setting", "owners",
+NOT_OWNER_SCOPED = {"add", "add_many", "add_profile_event", "put_blob", "set_setting", "owners", "start_conversation",
                     "embedder_dims", "transaction", "optimize", "close", "schema_version", "url",
                     "quota",  # the per-owner limits: a setting of the store, the same for every owner
                     # the server's API keys (PostgreSQL): found by key id, checked by their hash (test_scheduler)
@@ -144,6 +157,12 @@ def test_isolation_every_public_operation(store):
     store.put_blob("mallory", "reward", save({"w": np.ones(2, np.float32)}), model="m")
     store.set_setting("mallory", "threshold", 0.9)
     store.add_memory("mallory", "alice-dog sleeps in the garage.", kind="state", topic="bed")
+    alices = store.conversations("alice")[0]
+    with pytest.raises(InvalidConceptError, match="taken"):  # her conversation's id cannot be made his
+        store.start_conversation("mallory", "mine", conversation_id=alices.id)
+    his = store.start_conversation("mallory", alices.title)
+    store.add_turn("mallory", his.id, "Where is the dog?", "In the garage.", image=b"alice-turn")
+    store.delete_conversation("mallory", his.id)  # her turn's photo, which his held too, stays hers
     assert store.search("alice", vec(0), embedder="e", k=5)[0].concept.owner == "alice"
     # the victim's data is untouched
     assert reliability_snapshot(store, "alice") == before
@@ -163,7 +182,7 @@ def test_erase_user_removes_everything_of_theirs_and_only_theirs(store):
     assert store.erase_owner("alice") == 1
     q = store._conn.execute
     for table in ("concepts", "handles", "embeddings", "owner_settings", "profile_events", "owner_blobs",
-                  "memory_entries"):
+                  "memory_entries", "conversations", "conversation_turns"):
         assert q(f"SELECT count(*) FROM {table} WHERE owner = ?", ("alice",)).fetchone()[0] == 0, table
     assert q("SELECT count(*) FROM tensors WHERE concept_id NOT IN (SELECT id FROM concepts)").fetchone()[0] == 0
     remaining = {r[0] for r in q("SELECT data FROM images")}

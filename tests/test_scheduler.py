@@ -94,6 +94,66 @@ def test_a_flooding_user_is_refused_while_another_is_served_first():
     worker.close()
 
 
+def test_background_work_that_gives_way_stops_for_a_request_and_starts_again_after():
+    """`submit_idle(yields=True)` (a model's memory reading): a request queued while it runs sets its `stop`, so
+    the request starts within a step instead of after the whole reading; the reading then starts again from the
+    beginning and completes; after `IDLE_RETRIES` restarts it gives up (Cancelled), never blocking anyone."""
+    from mmpersona.cancel import Cancelled
+
+    worker = ModelWorker(queue_size=4)
+    steps, starts = 200, []
+
+    def reading(stop):  # a generation: one step every 5 ms, ending at its next step once `stop` is set
+        starts.append(time.perf_counter())
+        for _ in range(steps):
+            if stop.is_set():
+                raise Cancelled()
+            time.sleep(0.005)
+        return "read"
+
+    later = worker.submit_idle(reading, user="alice", yields=True)
+    deadline = time.monotonic() + 5
+    while not starts:
+        assert time.monotonic() < deadline, "the reading never started"
+        time.sleep(0.005)
+    time.sleep(0.05)
+    asked = time.perf_counter()
+    answer = worker.submit(lambda: time.perf_counter(), user="bob")
+    began = answer.result(5)
+    assert began - asked < 0.1  # not the reading's 1 s
+    assert later.result(10) == "read" and len(starts) == 2 and worker.yielded == 1
+    gives_up = worker.submit_idle(reading, user="alice", yields=True)
+    expected = len(starts)
+    for _ in range(ModelWorker.IDLE_RETRIES + 1):  # each start is stopped by a request
+        expected += 1
+        deadline = time.monotonic() + 5
+        while len(starts) < expected:
+            assert time.monotonic() < deadline, "the reading did not start again"
+            time.sleep(0.005)
+        worker.submit(lambda: None, user="bob").result(5)
+    with pytest.raises(Cancelled):
+        gives_up.result(10)
+    plain = worker.submit_idle(lambda: "plain", user="carol")  # without `yields`: called with no argument
+    assert plain.result(5) == "plain"
+    parked = ModelWorker(queue_size=2)
+    hold = threading.Event()
+    parked.submit(lambda: hold.wait(5))
+    while not parked.busy:
+        time.sleep(0.01)
+    pending = parked.submit_idle(reading, yields=True)
+    hold.set()
+    deadline = time.monotonic() + 5
+    while not pending.running():
+        assert time.monotonic() < deadline, "the reading never started"
+        time.sleep(0.005)
+    parked.submit(lambda: time.sleep(0.2))  # it gives way, and waits to start again when the worker closes
+    time.sleep(0.05)
+    parked.close()
+    with pytest.raises(Cancelled):
+        pending.result(5)
+    worker.close()
+
+
 def test_background_work_runs_only_when_no_request_waits_and_never_takes_a_requests_place():
     """`submit_idle` (memory readings after a response): not counted in the queue, started only when nothing
     else waits, bounded per user and in all; closing drops what has not started."""

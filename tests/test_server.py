@@ -404,7 +404,7 @@ def test_memory_through_http_from_a_chat_turn_to_the_next_answer(api, monkeypatc
     for the tiny preset's models; the talkative test model is a local folder, which gets the model's own.)"""
     from pipelines.memory import RuleExtractor
 
-    monkeypatch.setattr(type(api.vlm), "memory_extractor", lambda self: RuleExtractor())
+    monkeypatch.setattr(type(api.vlm), "memory_extractor", lambda self, stop=None: RuleExtractor())
     client = api.client("alice")
     reply = client.chat.completions.create(model="m", messages=ask("Bo turned four last week. Is <bo> happy?", BO),
                                            max_tokens=2)
@@ -574,7 +574,13 @@ def test_a_model_extractor_reads_memory_after_the_response(api, monkeypatch):
     from pipelines.memory import VLMExtractor
 
     said = '[{"about": "<bo>", "kind": "state", "topic": "food", "text": "Bo eats salmon now."}]'
-    monkeypatch.setattr(type(api.vlm), "memory_extractor", lambda self: VLMExtractor(lambda messages, **_: said))
+    stops = []
+
+    def extractor(self, stop=None):  # the reading gives way to requests: it is handed the job's `stop`
+        stops.append(stop)
+        return VLMExtractor(lambda messages, **_: said)
+
+    monkeypatch.setattr(type(api.vlm), "memory_extractor", extractor)
     reply = api.client("alice").chat.completions.create(model="m", messages=ask("We feed <bo> salmon now.", BO),
                                                         max_tokens=2)
     assert reply.model_extra["mmpersona"]["proposed"] == []
@@ -584,6 +590,7 @@ def test_a_model_extractor_reads_memory_after_the_response(api, monkeypatch):
                    if e["text"] == "Bo eats salmon now." and e["topic"] == "food"]:
             assert time.monotonic() < deadline, "the proposal never arrived"
             time.sleep(0.05)
+        assert any(isinstance(stop, threading.Event) for stop in stops)
         for e in alice.get("/v1/memory").json()["data"]:
             alice.delete(f"/v1/memory/{e['id']}")
 

@@ -73,11 +73,15 @@ async def awaited(future: Future, stop: threading.Event | None, *, job: Future |
 
 
 class _Job:
-    __slots__ = ("fn", "future", "stop", "key", "item")
+    __slots__ = ("fn", "future", "stop", "key", "item", "yields", "restarts", "user", "started")
 
     def __init__(self, fn: Callable[..., Any], future: Future, stop: threading.Event | None, key: Any = None,
-                 item: Any = None):
+                 item: Any = None, yields: bool = False, user: str = ""):
         self.fn, self.future, self.stop, self.key, self.item = fn, future, stop, key, item
+        self.yields = yields  # background work that gives way to requests (`submit_idle`)
+        self.restarts = 0  # a job that gives way: how many more times it may start again
+        self.user = user
+        self.started = False  # a background job that gave way has started before (its future is running)
 
 
 class ModelWorker:
@@ -104,12 +108,14 @@ class ModelWorker:
         self._ticks = itertools.count()
         self._waiting = 0
         self._idle: deque[tuple[str, _Job]] = deque()  # `submit_idle`: run only when no other job waits
+        self._running: _Job | None = None  # the background job running now, if it gives way (`submit_idle`)
         self._closed = False
         self._mean_seconds = 1.0  # a running mean of job durations, for Retry-After
         self.busy = False
         self.done = 0  # jobs run
         self.dropped = 0  # jobs dropped before they started: their caller was gone
         self.stopped = 0  # jobs stopped while running (they raised `Cancelled`)
+        self.yielded = 0  # background jobs stopped to give way to a request, to start again later
         self.seconds = 0.0  # time spent running jobs
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -129,12 +135,21 @@ class ModelWorker:
     #: `submit_idle` jobs one user may have waiting
     IDLE_PER_USER = 2
 
-    def submit_idle(self, fn: Callable[[], Any], *, user: str = "") -> Future:
+    #: how many times a background job that gives way (`submit_idle(yields=True)`) is started again
+    IDLE_RETRIES = 3
+
+    def submit_idle(self, fn: Callable[..., Any], *, user: str = "", yields: bool = False) -> Future:
         """Queue `fn` at the lowest priority: it starts only when no other job waits (work no response waits for,
         such as reading a chat turn for memory). Bounded apart from the queue, so it never takes a request's place:
         at most `queue_size` such jobs, `IDLE_PER_USER` from one user; raises `QueueFull` past that. It never
-        delays a job that is waiting when it could start; one that arrives while it runs waits for it."""
-        job = _Job(fn, Future(), None)
+        delays a job that is waiting when it could start.
+
+        `yields`: `fn(stop)` gives way to requests. When a job is queued while it runs, `stop` is set (a generation
+        ends at its next token), and it is started again from the beginning once nothing waits, at most
+        `IDLE_RETRIES` times (then its future raises `Cancelled`). Without it, a job that arrives while it runs
+        waits for it."""
+        job = _Job(fn, Future(), threading.Event() if yields else None, yields=yields, user=user)
+        job.restarts = self.IDLE_RETRIES if yields else 0
         with self._cond:
             if self._closed:
                 raise RuntimeError("the model worker is closed")
@@ -181,6 +196,8 @@ class ModelWorker:
                 mine = self._queues[user] = deque()
             mine.append(job)
             self._waiting += 1
+            if self._running is not None:  # background work gives way (`submit_idle(yields=True)`)
+                self._running.stop.set()
             self._cond.notify()
         return job.future
 
@@ -251,7 +268,11 @@ class ModelWorker:
                     return None
                 self._cond.wait()
             if not self._queues:  # nothing else waits: background work (`submit_idle`)
-                return [self._idle.popleft()[1]]
+                job = self._idle.popleft()[1]
+                if job.yields:
+                    job.stop.clear()
+                    self._running = job
+                return [job]
             user = min(self._queues, key=lambda u: self._started.get(u, -1))  # ties: first in arrival order
             job = self._queues[user].popleft()
             self._waiting -= 1
@@ -295,7 +316,13 @@ class ModelWorker:
         while (batch := self._next()) is not None:
             live = []
             for job in batch:
-                if not job.future.set_running_or_notify_cancel():  # its caller cancelled it
+                if job.yields:  # background work that gives way: its `stop` is for that, not its caller's
+                    if job.started or job.future.set_running_or_notify_cancel():
+                        job.started = True
+                        live.append(job)
+                    else:
+                        self.dropped += 1
+                elif not job.future.set_running_or_notify_cancel():  # its caller cancelled it
                     self.dropped += 1
                 elif job.stop is not None and job.stop.is_set():
                     job.future.set_exception(Cancelled())
@@ -307,7 +334,9 @@ class ModelWorker:
             self.busy = True
             t = time.perf_counter()
             try:
-                if live[0].key is None:
+                if live[0].yields:
+                    results = [live[0].fn(live[0].stop)]
+                elif live[0].key is None:
                     results = [live[0].fn()]
                 else:
                     results = live[0].fn([job.item for job in live])
@@ -319,23 +348,43 @@ class ModelWorker:
                     else:
                         job.future.set_result(result)
             except BaseException as e:  # noqa: BLE001 - handed to the callers
+                if self._gave_way(live[0], e):
+                    continue
                 self.stopped += isinstance(e, Cancelled) * len(live)
                 for job in live:
                     if not job.future.done():
                         job.future.set_exception(e)
             finally:
+                with self._cond:
+                    self._running = None
                 took = time.perf_counter() - t
                 self.busy = False
                 self.done += len(live)
                 self.seconds += took
                 self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * took
 
+    def _gave_way(self, job: _Job, error: BaseException) -> bool:
+        """A background job stopped for a request (`submit_idle(yields=True)`): queued again, first among the
+        background jobs, while it has retries left (its future stays pending)."""
+        with self._cond:
+            self._running = None
+            if not (job.yields and isinstance(error, Cancelled) and job.stop.is_set()) or self._closed \
+                    or job.restarts <= 0:
+                return False
+            job.restarts -= 1
+            self._idle.appendleft((job.user, job))
+            self.yielded += 1
+            return True
+
     def close(self) -> None:
         """Let queued jobs finish (background jobs not yet started are dropped), then stop the thread."""
         with self._cond:
             self._closed = True
             for _, job in self._idle:
-                job.future.cancel()
+                if job.started:  # gave way and waits to start again: its future is running
+                    job.future.set_exception(Cancelled())
+                else:
+                    job.future.cancel()
             self._idle.clear()
             self._cond.notify()
         self._thread.join(timeout=60)

@@ -290,22 +290,28 @@ class Memo:
         reading is a model job of its own, queued after this response is complete, and its proposals are listed
         by `GET /v1/memory?status=proposed`. A full memory quota, a full queue or a bad proposal costs the
         proposals, never the answer. The model's reading starts only when no request waits for the model
-        (`ModelWorker.submit_idle`), and is skipped when the model has no time for it."""
+        (`ModelWorker.submit_idle`), gives way to a request that arrives while it runs (stopped at its next token
+        and started again later), and is skipped when the model has no time for it."""
         if not self.req.remember:
             return []
         from pipelines.memory import RuleExtractor, propose
 
         pipe = self.srv.chat.loaded()
         extractor = pipe.memory_extractor() if pipe is not None else RuleExtractor()
-        job = partial(propose, self.srv.db, self.user, self.question, [r.concept for r in answer.retrieved],
-                      extractor=extractor, source="chat")
+        concepts = [r.concept for r in answer.retrieved]
         if isinstance(extractor, RuleExtractor):
+            job = partial(propose, self.srv.db, self.user, self.question, concepts, extractor=extractor,
+                          source="chat")
             return [e.to_dict() for e in await self._guarded(run_in_threadpool(job))]
         if pipe.vlm.remote is not None:
-            work = self._remote_reading(pipe, extractor, [r.concept for r in answer.retrieved])
+            work = self._remote_reading(pipe, extractor, concepts)
         else:
+            def reading(stop):  # gives way: a request that arrives stops it at its next token (and it starts again)
+                return propose(self.srv.db, self.user, self.question, concepts,
+                               extractor=pipe.memory_extractor(stop=stop), source="chat")
+
             try:  # at the lowest priority: it never takes a request's place nor delays one that waits
-                work = asyncio.wrap_future(self.srv.worker.submit_idle(job, user=self.user))
+                work = asyncio.wrap_future(self.srv.worker.submit_idle(reading, user=self.user, yields=True))
             except QueueFull as e:
                 log.info("no memory proposals for this turn: %s", e)
                 return []
