@@ -21,7 +21,7 @@ Patterns (the first that matches a sentence decides; a NAME is a capitalised wor
 |---|---|---|
 | this is / that's / here is / meet / say hi to (my RELATION,) NAME | NAME | RELATION |
 | this is / meet NAME, my RELATION | NAME | RELATION |
-| NAME is my RELATION (in a turn about a photo) | NAME | RELATION |
+| NAME is my RELATION (a people word, or a pet's or thing's: `THING_WORDS`) | NAME | RELATION |
 Questions are skipped."""
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 PERSON_WORDS = frozenset("""friend sister brother mom mum mother dad father wife husband son daughter partner boyfriend
 girlfriend fiance fiancee colleague coworker co-worker boss grandma grandmother grandpa grandfather granny aunt uncle
 cousin niece nephew neighbour neighbor roommate flatmate baby kid child teacher coach buddy pal bestie best""".split())
+#: what "NAME is my RELATION" may introduce besides people ("Today is my birthday" introduces nobody)
+THING_WORDS = frozenset("""dog puppy cat kitten pet bird parrot budgie hamster rabbit bunny fish turtle tortoise horse
+pony guinea pig lizard snake car bike bicycle motorbike scooter guitar piano violin mug cup backpack bag doll toy
+teddy plant tree house boat camera laptop phone watch""".split())
 _NAME = r"(?:<(?P<{0}b>[^<>\s]{{1,64}})>|(?P<{0}>[A-Z][\w'’-]{{0,63}}))"
 _RELATION = r"(?P<{0}>(?:best |little |big |older |younger |new |old )?[a-z][a-z-]{{1,20}})"
 _CUE = r"(?:this is|that is|that's|here is|here's|meet|say hi to|say hello to)"
@@ -104,6 +108,8 @@ def introductions(message: str) -> list[Introduction]:
             relation = m.groupdict().get("rel") or ""
             relation = " ".join(relation.lower().split())
             if relation in _NOT_NAMES:
+                continue
+            if pattern is _PATTERNS[3] and relation.split()[-1] not in PERSON_WORDS | THING_WORDS:
                 continue
             if all(i.name.lower() != name.lower() for i in out):
                 out.append(Introduction(name, relation))

@@ -20,6 +20,8 @@ from pipelines.introductions import ConceptProposal, head_and_shoulders, introdu
     ("This is my dog.", []),  # no name
     ("this is my dog rex", []),  # not a name: lower case
     ("This is the best day. That's it.", []),
+    ("Today is my birthday. Monday is my day off.", []),  # not a person, pet or thing word
+    ("Rex is my puppy", [("Rex", "puppy", "puppy")]),
     ("This is my friend Anna. this is my friend Anna", [("Anna", "friend", "person")]),  # once
 ])
 def test_introductions_are_read_by_their_documented_patterns(message, expected):

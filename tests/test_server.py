@@ -766,11 +766,21 @@ def test_a_seed_changes_no_one_elses_draws(api):
     import torch
 
     sampled = {"temperature": 1.5, "max_tokens": 6}
+    worker = api.app.state.worker
     with api.http("alice") as alice, api.http("bob") as bob:
         def answer(who, **extra):
             r = who.post("/v1/chat/completions", json={"messages": ask("Tell me about it.", BO), **sampled, **extra})
             assert r.status_code == 200, r.text
+            settle()
             return r.json()["choices"][0]["message"]["content"]
+
+        def settle():
+            # the memory reading queued after a response is a generation too: while one runs, torch's global
+            # state is its fork (`own_draws`), so the state is compared once the model is quiet
+            deadline = time.monotonic() + 60
+            while not worker.quiet:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
 
         answer(alice)  # the model is loaded and warm
         before = torch.get_rng_state()
@@ -785,6 +795,7 @@ def test_a_seed_changes_no_one_elses_draws(api):
                                                                  stream=True, seed=5, temperature=1.5,
                                                                  max_tokens=6))
         assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == seeded
+        settle()
         assert torch.equal(torch.get_rng_state(), before)
 
 

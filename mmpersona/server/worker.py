@@ -124,6 +124,12 @@ class ModelWorker:
     def waiting(self) -> int:
         return self._waiting
 
+    @property
+    def quiet(self) -> bool:
+        """Nothing runs or waits, background work included."""
+        with self._cond:
+            return not self.busy and not self._queues and not self._idle
+
     def retry_after(self, waiting: int | None = None) -> int:
         return max(1, math.ceil(self._mean_seconds * ((self._waiting if waiting is None else waiting) + 1)))
 
