@@ -119,7 +119,6 @@ def summarize(store: "SQLStore", owner: str) -> tuple[dict[str, int], str]:
     return {k: counts[k] for k in KINDS}, digest.hexdigest()
 
 
-
 def migrate_owner(source: "SQLStore", target: "SQLStore", owner: str, *, batch: int = 200,
                   on_progress: Callable[[int], None] | None = None) -> OwnerMigration:
     """Copy one owner's data that the target lacks, then verify the owner's counts and digest."""

@@ -970,7 +970,7 @@ class SQLStore:
             "WHERE t.conversation_id = c.id) FROM conversations c WHERE c.id = ? AND c.owner = ?",
             (conversation_id, owner)).fetchone()
         if row is None:
-            raise ConceptNotFound(f"user {owner!r} has no conversation {str(conversation_id)[:64]!r}")
+            raise _no_conversation(owner, conversation_id)
         return _conversation(row)
 
     def conversations(self, owner: str, *, limit: int = 100, offset: int = 0) -> list[Conversation]:
@@ -1011,7 +1011,7 @@ class SQLStore:
             row = c.execute(f"SELECT title, updated FROM conversations WHERE id = ? AND owner = ?{self._FOR_UPDATE}",
                             (conversation_id, owner)).fetchone()
             if row is None:
-                raise ConceptNotFound(f"user {owner!r} has no conversation {str(conversation_id)[:64]!r}")
+                raise _no_conversation(owner, conversation_id)
             known = digest is not None and c.execute(
                 "SELECT 1 FROM conversation_turns WHERE owner = ? AND image = ? LIMIT 1", (owner, digest)).fetchone()
             self._charge(c, owner, turns=1, size=len(blob) if blob is not None and not known else 0)
@@ -1033,7 +1033,7 @@ class SQLStore:
         with self._tx() as c:
             if c.execute("UPDATE conversations SET title = ?, updated = ? WHERE id = ? AND owner = ?",
                          (title, time.time(), conversation_id, owner)).rowcount == 0:
-                raise ConceptNotFound(f"user {owner!r} has no conversation {str(conversation_id)[:64]!r}")
+                raise _no_conversation(owner, conversation_id)
             self._bump(c, owner)
         return self.conversation(owner, conversation_id)
 
@@ -1043,7 +1043,7 @@ class SQLStore:
         with self._tx() as c:
             if c.execute("SELECT 1 FROM conversations WHERE id = ? AND owner = ?",
                          (conversation_id, owner)).fetchone() is None:
-                raise ConceptNotFound(f"user {owner!r} has no conversation {str(conversation_id)[:64]!r}")
+                raise _no_conversation(owner, conversation_id)
             hashes = [r[0] for r in c.execute("SELECT DISTINCT image FROM conversation_turns WHERE conversation_id = ? "
                                               "AND image IS NOT NULL", (conversation_id,))]
             c.execute("DELETE FROM conversation_turns WHERE conversation_id = ?", (conversation_id,))
@@ -1155,6 +1155,10 @@ def _paged(read: Any, page: int) -> list:
         out += got
         if len(got) < page:
             return out
+
+
+def _no_conversation(owner: str, conversation_id: Any) -> ConceptNotFound:
+    return ConceptNotFound(f"user {owner!r} has no conversation {str(conversation_id)[:64]!r}")
 
 
 def _title(title: Any) -> str:

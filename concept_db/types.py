@@ -370,6 +370,8 @@ class MemoryEntry:
 
 
 MAX_TURN_TEXT = 64_000  # a kept turn's question, and its answer
+#: the conversation id a client gives to start a kept conversation with its turn (CLI, HTTP API, app)
+NEW_CONVERSATION = "new"
 MAX_CONVERSATION_TITLE = 200
 
 

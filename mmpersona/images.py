@@ -100,15 +100,7 @@ def load_image_bytes(
 
     A PIL image is encoded as PNG. Use this to store what the user gave while refusing bad input up front.
     """
-    from PIL import Image
-
-    if isinstance(source, Image.Image):
-        buf = io.BytesIO()
-        load_image(source, max_pixels=max_pixels).save(buf, format="PNG")
-        return buf.getvalue()
-    data = read_image_bytes(source, max_bytes=max_bytes)
-    _decode(data, describe(source), max_pixels)
-    return data
+    return load_image_with_bytes(source, max_pixels=max_pixels, max_bytes=max_bytes)[1]
 
 
 def load_image_with_bytes(

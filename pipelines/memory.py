@@ -106,7 +106,7 @@ class MemoryIndex:
         about = [e for *_, e in about]
         # the question's words that the turn's concepts' own entries already hold draw no other entry in: asked
         # where <kiko>'s bed is, the other pets' beds are not what the user wants to know
-        asked = set(words(question)).difference(*(ts for e, ts in zip(index.entries, index.terms, strict=True)
+        asked = question_terms.difference(*(ts for e, ts in zip(index.entries, index.terms, strict=True)
                                                   if e.concept_id in rank))
         scored = []
         for i, (e, ts) in enumerate(zip(index.entries, index.terms, strict=True)):

@@ -211,7 +211,7 @@ class Retriever:
         """The faces in `image` (each with its vector), largest first; remembered by its pixels for this user only,
         as `image_vector` is (a chat's turns about one photo detect once; a detection's 0.1-0.8 s never tells a
         user that another sent the same photo)."""
-        key = self._pixels_key(f"faces:{self.face.name}", image)
+        key = self._faces_key(image)
         found = self._cache.get(user, key)
         if found is None:
             found = self.face.detect(image)
@@ -223,7 +223,10 @@ class Retriever:
         here)."""
         if self.face is None:
             return []
-        return list(self._cache.get(user, self._pixels_key(f"faces:{self.face.name}", image)) or [])
+        return list(self._cache.get(user, self._faces_key(image)) or [])
+
+    def _faces_key(self, image: "Image.Image") -> str:
+        return self._pixels_key(f"faces:{self.face.name}", image)
 
     def by_faces(self, user: str, image: "Image.Image", *, faces: "list[Face] | None" = None,
                  min_score: float | None = None, people: frozenset[str] | None = None) -> list[RetrievedConcept]:

@@ -11,16 +11,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from concept_db.types import NEW_CONVERSATION
+
 from .config import (MAX_HISTORY_CHARS, MAX_HISTORY_TURNS, MAX_IMAGES_PER_ADD, MAX_MESSAGE_CHARS, MAX_PROMPT_CHARS,
                      MAX_QUESTION_CHARS, OPEN_PAIRS, PROFILE_SHOWN, SINGLE_USER, TASTE_GOAL, TASTE_PROMPTS, THUMB_SIZE,
                      TRAIN_EVERY)
 from .render import boxes_html, cards_html, data_uri, grid_html, image_uri, png_bytes
 
 logger = logging.getLogger("mmpersona.app")
-
-
-#: `App.chat(conversation=...)`: start a kept conversation with this turn
-NEW_CONVERSATION = "new"
 
 
 class Refused(ValueError):

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from concept_db.types import NEW_CONVERSATION
+
 from ..errors import MmpersonaError
 from .settings import emit, open_db, settings
 
@@ -41,12 +43,12 @@ def chat(
     from pipelines.vlm import PersonalizedVLMPipeline
 
     s = settings(ctx)
-    if image is None and session in (None, "new"):
+    if image is None and session in (None, NEW_CONVERSATION):
         raise MmpersonaError("give the photo with --image (or continue a kept conversation with --session ID)")
     if keep is False and session is not None:
         raise MmpersonaError("--session keeps the conversation: leave out --no-keep")
     with open_db(s) as db:
-        conversation = None if session in (None, "new") else db.store.conversation(s.user, session).id
+        conversation = None if session in (None, NEW_CONVERSATION) else db.store.conversation(s.user, session).id
         pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), detector=s.overrides.get("detector"),
                                        regions=regions, assign=assign, boxes=boxes, marks=marks, verify=verify,
                                        instance=(s.overrides.get("instance") or True) if instance else False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -119,13 +120,11 @@ def eval_bench_cmd(
 ) -> None:
     """A peer benchmark in its published layout, methods side by side, scored by the peer's own rule; or
     `memory`: a simulated user's memory over sessions (`pipelines.memory_eval`)."""
-    import tempfile
 
     from pipelines.peers import datasets
     from pipelines.peers.run import register, run
-    from pipelines.vlm import ANSWER_METHODS, PersonalizedVLMPipeline
+    from pipelines.vlm import ANSWER_METHODS
 
-    from ..conceptdb import ConceptDB
 
     s = settings(ctx)
     if benchmark == "memory":
@@ -152,61 +151,55 @@ def eval_bench_cmd(
     else:
         raise MmpersonaError(f"unknown benchmark {benchmark!r}; valid: yollava, repic, myvlm, mc-llava, mmpb, lcmp, "
                              "memory")
+    with _fresh_pipeline(s, max_new_tokens) as pipe:
+        register(pipe.db, s.user, bench.concepts)
+        extra = datasets.concept_folders(distractors) if distractors is not None else []
+        try:
+            counts = [int(x) for x in sizes.split(",")] if sizes else None
+        except ValueError as e:
+            raise MmpersonaError(f"--sizes expects comma-separated counts, got {sizes!r}") from e
+        report = run(pipe, s.user, bench, method or list(ANSWER_METHODS), out=out, limit=limit,
+                     progress=not s.json, seed=seed, distractors=extra, sizes=counts, learn_steps=learn_steps)
+    emit(s, report, (out / "report.md").read_text(encoding="utf-8") + f"\nreport: {out / 'report.json'}")
+
+
+@contextmanager
+def _fresh_pipeline(s, max_new_tokens: int):
+    """The chat pipeline of the CLI's models over a fresh, temporary concept database."""
+    import tempfile
+
+    from pipelines.vlm import PersonalizedVLMPipeline
+
+    from ..conceptdb import ConceptDB
+
     with tempfile.TemporaryDirectory(prefix="mmpersona-eval-") as tmp:
         with ConceptDB(Path(tmp) / "eval.db", embedder=s.overrides.get("embedder"), preset=s.preset,
                        device=s.device, dtype=s.dtype) as db:
-            register(db, s.user, bench.concepts)
-            pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), preset=s.preset, device=s.device, dtype=s.dtype,
-                                           max_new_tokens=max_new_tokens)
-            extra = datasets.concept_folders(distractors) if distractors is not None else []
-            try:
-                counts = [int(x) for x in sizes.split(",")] if sizes else None
-            except ValueError as e:
-                raise MmpersonaError(f"--sizes expects comma-separated counts, got {sizes!r}") from e
-            report = run(pipe, s.user, bench, method or list(ANSWER_METHODS), out=out, limit=limit,
-                         progress=not s.json, seed=seed, distractors=extra, sizes=counts, learn_steps=learn_steps)
-    emit(s, report, (out / "report.md").read_text(encoding="utf-8") + f"\nreport: {out / 'report.json'}")
+            yield PersonalizedVLMPipeline(db, vlm=s.vlm(), preset=s.preset, device=s.device, dtype=s.dtype,
+                                          max_new_tokens=max_new_tokens)
 
 
 def _lcmp_bench(s, root: Path, out: Path, *, context: str, extractor: str, limit: int | None,
                 max_new_tokens: int) -> None:
     """`eval bench lcmp`: TAME's LCMP through the toolkit's memory (`pipelines.peers.lcmp`), in a fresh database."""
-    import tempfile
-
     from pipelines.peers.lcmp import markdown, run_lcmp
-    from pipelines.vlm import PersonalizedVLMPipeline
 
-    from ..conceptdb import ConceptDB
-
-    with tempfile.TemporaryDirectory(prefix="mmpersona-eval-lcmp-") as tmp:
-        with ConceptDB(Path(tmp) / "eval.db", embedder=s.overrides.get("embedder"), preset=s.preset,
-                       device=s.device, dtype=s.dtype) as db:
-            pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), preset=s.preset, device=s.device, dtype=s.dtype,
-                                           max_new_tokens=max_new_tokens)
-            report = run_lcmp(pipe, root, context=context, extractor=extractor, limit=limit, out=out,
-                              progress=not s.json)
+    with _fresh_pipeline(s, max_new_tokens) as pipe:
+        report = run_lcmp(pipe, root, context=context, extractor=extractor, limit=limit, out=out,
+                          progress=not s.json)
     emit(s, report, markdown(report) + f"\nreport: {out / 'report.json'}; TAME's evaluator reads "
                                        f"{out / 'predictions.jsonl'}")
 
 
 def _memory_bench(s, out: Path, **options) -> None:
     """`eval bench memory`: the simulated user in a fresh database; report.json and report.md in `out`."""
-    import tempfile
-
     from pipelines.memory_eval import markdown, simulate
-    from pipelines.vlm import PersonalizedVLMPipeline
-
-    from ..conceptdb import ConceptDB
 
     if options["extractor"] not in ("model", "rule", "oracle"):
         raise MmpersonaError(f"unknown --extractor {options['extractor']!r}; valid: model, rule, oracle")
     max_new_tokens = options.pop("max_new_tokens")
-    with tempfile.TemporaryDirectory(prefix="mmpersona-eval-memory-") as tmp:
-        with ConceptDB(Path(tmp) / "eval.db", embedder=s.overrides.get("embedder"), preset=s.preset,
-                       device=s.device, dtype=s.dtype) as db:
-            pipe = PersonalizedVLMPipeline(db, vlm=s.vlm(), preset=s.preset, device=s.device, dtype=s.dtype,
-                                           max_new_tokens=max_new_tokens)
-            report = simulate(pipe, s.user, progress=not s.json, **options)
+    with _fresh_pipeline(s, max_new_tokens) as pipe:
+        report = simulate(pipe, s.user, progress=not s.json, **options)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     (out / "report.md").write_text(markdown(report), encoding="utf-8")

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from concept_db.types import content_hash
+from concept_db.types import NEW_CONVERSATION, content_hash
 
 from ...cancel import Cancelled
 from ...images import encoded_pixels, load_image
@@ -258,8 +258,12 @@ class Memo:
             image = content_hash(talk.image) if kept else None
             return [{**p.to_dict(), "image": image} for p in found]
 
-        try:
-            return await run_in_threadpool(read)
+        try:  # the photo is decoded again (the answer's copy may be released): within the server's pixel budget
+            hold = await self.srv.decode.acquire(encoded_pixels(talk.image))
+            try:
+                return await run_in_threadpool(read)
+            finally:
+                hold.release()
         except Exception as e:  # noqa: BLE001 - proposals are never worth an answer
             log.info("no concept proposals for this turn: %s", e)
             return []
@@ -421,15 +425,13 @@ class Conversation:
     kept: str | None = None  # the kept conversation this turn goes to (NEW_CONVERSATION: one started for it)
 
 
-NEW_CONVERSATION = "new"
-#: earlier turns of a kept conversation put before the request's messages (within the request limits)
-RESUMED_TURNS = 16
-
-
 def resume(talk: Conversation, conversation_id: str, user: str, srv: Server) -> None:
     """Continue a kept conversation (`conversation` in the request): its last turns before the request's messages,
     within the limits on history, and its last photo when the request sends none; the quota checked for the turn
-    to be kept. Unknown ids (another user's included) are a 404 before any model work."""
+    to be kept. Unknown ids (another user's included) are a 404 before any model work. At most `RESUMED_TURNS`
+    kept turns, as a continued `ChatSession` has."""
+    from pipelines.vlm import RESUMED_TURNS
+
     store, limits = srv.db.store, srv.limits
     kept_image = None
     if conversation_id != NEW_CONVERSATION:
