@@ -30,8 +30,11 @@ from .prompt import Grounding, PromptBudget, PromptBuilder, defuse, printable_me
 from .retrieval import RetrievedConcept, Retriever
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from PIL import Image
 
+    from concept_db.types import Turn
     from mmpersona.conceptdb import ConceptDB
     from mmpersona.models import Detector, LoadedVLM
 
@@ -593,6 +596,26 @@ class _Either:
 
 #: earlier turns of a kept conversation given to the model when it is continued (the prompt budget may use fewer)
 RESUMED_TURNS = 16
+#: and at most this many characters of them (the server's default `max_history_chars`): a kept turn may hold
+#: 64,000 characters, which no real checkpoint's context would take 16 times
+RESUMED_CHARS = 32_000
+
+
+def turn_messages(question: str, answer: str) -> list[dict[str, Any]]:
+    """One earlier turn as chat history: text only (the current image is attached to the current turn only)."""
+    return [{"role": "user", "content": [{"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+def resumed_history(turns: "Sequence[Turn]", max_chars: int = RESUMED_CHARS) -> list[dict[str, Any]]:
+    """Kept turns (oldest first) as chat history: the newest of them, as many as fit in `max_chars`."""
+    out: list[dict[str, Any]] = []
+    for t in reversed(turns):
+        max_chars -= len(t.question) + len(t.answer)
+        if max_chars < 0:
+            break
+        out[:0] = turn_messages(t.question, t.answer)
+    return out
 
 
 class ChatSession:
@@ -601,7 +624,7 @@ class ChatSession:
     With `keep=True` the conversation is kept in the concept database (`store.start_conversation` at its first
     turn, then each question, answer and photo: `add_turn`), and `conversation_id` names it; pass that id as
     `conversation` (`pipe.chat(user, conversation=id)`) to continue it later, with its last `RESUMED_TURNS` turns
-    as the history and its last photo as the image. A turn that would go past the user's quota is refused before
+    (within `RESUMED_CHARS`) as the history and its last photo as the image. A turn that would go past the user's quota is refused before
     the model runs; an answer stopped before its end is not kept."""
 
     def __init__(self, pipe: PersonalizedVLMPipeline, user: str, image: ImageInput | None = None, *,
@@ -618,8 +641,7 @@ class ChatSession:
         if conversation is not None:
             store = pipe.db.store
             turns = store.turns(user, conversation, last=RESUMED_TURNS)
-            for t in turns:
-                self._add_history(t.question, t.answer)
+            self.history = resumed_history(turns)
             if image is None and turns and turns[-1].image:
                 self._image, self._photo = load_image_with_bytes(store.image_bytes(user, turns[-1].image))
                 self._kept = self._photo
@@ -669,7 +691,7 @@ class ChatSession:
                           size=len(self._photo) if self._photo is not None and self._photo is not self._kept else 0)
 
     def _remember(self, question: str, answer: VLMAnswer) -> None:
-        self._add_history(question, answer.answer)
+        self.history += turn_messages(question, answer.answer)
         self.answers.append(answer)
         if self.keep:
             store = self.pipe.db.store
@@ -678,7 +700,3 @@ class ChatSession:
             store.add_turn(self.user, self.conversation_id, question, answer.answer, image=self._photo)
             self._kept = self._photo
 
-    def _add_history(self, question: str, answer: str) -> None:
-        # earlier turns stay as text: the current image is attached to the current turn only
-        self.history += [{"role": "user", "content": [{"type": "text", "text": question}]},
-                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]

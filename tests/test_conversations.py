@@ -169,6 +169,16 @@ def test_a_kept_chat_session_is_continued_with_its_history_and_photo(tmp_path, t
         assert not pipe.chat("alice").keep and pipe.chat("alice", red).ask("Not kept?").answer is not None
         assert len(db.store.conversations("alice")) == 1
 
+        from pipelines.vlm import RESUMED_CHARS
+
+        long = db.store.start_conversation("alice")  # kept turns of 14,000 characters: the newest that fit
+        for i in range(4):
+            db.store.add_turn("alice", long.id, f"{i}" * 7_000, f"{i}" * 7_000, image=png("red"))
+        resumed = pipe.chat("alice", conversation=long.id).history
+        assert [m["content"][0]["text"][:1] for m in resumed] == ["2", "2", "3", "3"]
+        assert sum(len(m["content"][0]["text"]) for m in resumed) <= RESUMED_CHARS
+        db.store.delete_conversation("alice", long.id)
+
         stream = again.stream("Stopped halfway?")
         next(iter(stream), None)
         stream.close()  # the client stopped the answer: not kept

@@ -184,7 +184,7 @@ def run_lcmp(pipe: Any, root: str | Path, *, context: str = "memory", extractor:
     from mmpersona.images import load_image
 
     from ..memory import AUTO_ACCEPT_SETTING, words
-    from ..vlm import RESUMED_TURNS
+    from ..vlm import RESUMED_TURNS, resumed_history
 
     if context not in ("memory", "history"):
         raise MmpersonaError(f"unknown LCMP context {context!r}; valid: memory, history")
@@ -198,7 +198,6 @@ def run_lcmp(pipe: Any, root: str | Path, *, context: str = "memory", extractor:
         concept = db.add(user, c.name, [c.photo], category=c.category)
         db.store.set_setting(user, AUTO_ACCEPT_SETTING, True)
         kept = db.store.start_conversation(user, f"LCMP {c.id}")
-        history: list[dict[str, Any]] = []
         for turn in c.history:
             said = " ".join(turn["text"].replace("[IMAGE]", " ").split())
             if extractor == "verbatim":
@@ -207,9 +206,8 @@ def run_lcmp(pipe: Any, root: str | Path, *, context: str = "memory", extractor:
                 pipe.remember(user, said, source=f"lcmp {turn['kind']}")
             db.store.add_turn(user, kept.id, said, turn["response"],
                               image=turn["image"].read_bytes() if turn["image"] else None)
-            history += [{"role": "user", "content": [{"type": "text", "text": said}]},
-                        {"role": "assistant", "content": [{"type": "text", "text": turn["response"]}]}]
-        history = history[-2 * RESUMED_TURNS:] if context == "history" else []
+        # as a continued kept conversation has it (`ChatSession`)
+        history = resumed_history(db.store.turns(user, kept.id, last=RESUMED_TURNS)) if context == "history" else []
         for q in c.questions:
             answer = pipe(load_image(q.image) if q.image else None, _asked(q), user=user, history=history)
             system = answer.messages[0]["content"][0]["text"] if answer.messages else ""

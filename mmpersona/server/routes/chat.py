@@ -430,7 +430,7 @@ def resume(talk: Conversation, conversation_id: str, user: str, srv: Server) -> 
     within the limits on history, and its last photo when the request sends none; the quota checked for the turn
     to be kept. Unknown ids (another user's included) are a 404 before any model work. At most `RESUMED_TURNS`
     kept turns, as a continued `ChatSession` has."""
-    from pipelines.vlm import RESUMED_TURNS
+    from pipelines.vlm import RESUMED_TURNS, resumed_history
 
     store, limits = srv.db.store, srv.limits
     kept_image = None
@@ -439,14 +439,7 @@ def resume(talk: Conversation, conversation_id: str, user: str, srv: Server) -> 
         room = min(RESUMED_TURNS, (limits.max_history - len(talk.history)) // 2)
         turns = store.turns(user, chat.id, last=room) if room > 0 else []
         budget = limits.max_history_chars - sum(len(p["text"]) for m in talk.history for p in m["content"])
-        earlier: list[dict[str, Any]] = []
-        for t in reversed(turns):  # the newest turns first, while they fit
-            budget -= len(t.question) + len(t.answer)
-            if budget < 0:
-                break
-            earlier[:0] = [{"role": "user", "content": [{"type": "text", "text": t.question}]},
-                           {"role": "assistant", "content": [{"type": "text", "text": t.answer}]}]
-        talk.history[:0] = earlier
+        talk.history[:0] = resumed_history(turns, budget)
         last = turns[-1:] or (store.turns(user, chat.id, last=1) if chat.turns else [])
         last_image = last[0].image if last else None
         if talk.image is None and last_image is not None:
