@@ -49,7 +49,13 @@ class DPOConfig:
     """rank / alpha: LoRA size; beta: DPO strength; steps, lr; early stopping after `patience` checks (every
     `eval_every` steps) without a better average loss; mixed_precision for accelerate; gradient_checkpointing
     in the UNet; resolution: training image size (None: the UNet's native size, 512 for SD 1.5, 1024 for
-    SDXL; a multiple of 64)."""
+    SDXL; a multiple of 64).
+
+    Diversity watch: every `diversity_every` steps, `diversity_images` images of the user's latest pair prompt
+    (seeds 0, 1, ...; `diversity_steps` denoising steps) are generated with the LoRA and their diversity (mean
+    pairwise CLIP distance) compared with vanilla's for the same prompt and seeds. Below `diversity_floor` x
+    vanilla's, "stop" ends training with the LoRA of the last check that kept the floor (none: the first
+    check's), "warn" logs it and goes on; both are in `DPOResult.diversity`. diversity_floor 0: not watched."""
 
     rank: int = 4
     alpha: int | None = None
@@ -62,8 +68,20 @@ class DPOConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = True
     resolution: int | None = None
+    diversity_floor: float = 0.8
+    diversity_action: str = "stop"
+    diversity_every: int = 50
+    diversity_images: int = 4
+    diversity_steps: int = 20
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.diversity_floor <= 1.0:
+            raise MmpersonaError(f"DPOConfig.diversity_floor must be in [0, 1], got {self.diversity_floor}")
+        if self.diversity_action not in ("stop", "warn"):
+            raise MmpersonaError(f"DPOConfig.diversity_action must be 'stop' or 'warn', got {self.diversity_action!r}")
+        if self.diversity_every < 1 or self.diversity_images < 2 or self.diversity_steps < 1:
+            raise MmpersonaError("DPOConfig: diversity_every and diversity_steps must be at least 1, "
+                                 "diversity_images at least 2")
         if self.rank < 1 or self.steps < 1 or self.eval_every < 1 or self.patience < 1:
             raise MmpersonaError("DPOConfig: rank, steps, eval_every and patience must be at least 1")
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
@@ -79,11 +97,15 @@ class DPOResult:
     seconds: float = 0.0
     stopped_early: bool = False
     pairs: int = 0
+    diversity: list[dict[str, Any]] = field(default_factory=list)  # each check: step, ratio to vanilla's
+    diversity_stopped: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "pairs": self.pairs, "first_loss": self.losses[0] if self.losses else None,
                 "last_loss": self.losses[-1] if self.losses else None, "seconds": round(self.seconds, 3),
-                "stopped_early": self.stopped_early}
+                "stopped_early": self.stopped_early, "diversity": self.diversity,
+                "diversity_stopped": self.diversity_stopped, "warnings": self.warnings}
 
 
 def _size(pipe) -> int:
@@ -257,6 +279,78 @@ def lora_state_dict(pipe) -> dict:
     return {f"unet.{k}": v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
+class DiversityWatch:
+    """The LoRA's images against vanilla's, same prompt and seeds (`DPOConfig`'s diversity watch)."""
+
+    def __init__(self, t2i: "LoadedT2I", db: "ConceptDB", prompt: str, config: DPOConfig, params: list):
+        self.t2i, self.db, self.prompt, self.config, self.params = t2i, db, prompt, config, params
+        self.size = config.resolution or _size(t2i.pipeline)
+        self.vanilla = 0.0
+        self.kept: list | None = None  # the LoRA's weights at the last check that kept the floor
+
+    def sample(self) -> list:
+        import torch
+
+        pipe = self.t2i.pipeline
+        kwargs: dict[str, Any] = {}
+        if pipe.unet.encoder_hid_proj is not None:  # an IP-Adapter is loaded: a neutral image prompt (scale 0)
+            dim = pipe.image_encoder.config.projection_dim
+            kwargs["ip_adapter_image_embeds"] = [torch.zeros(2, 1, dim, device=self.t2i.device, dtype=pipe.unet.dtype)]
+        n = self.config.diversity_images
+        before = getattr(pipe, "_progress_bar_config", None)
+        pipe.set_progress_bar_config(disable=True)
+        training = pipe.unet.training
+        pipe.unet.eval()
+        try:
+            with torch.no_grad():
+                return pipe(self.prompt, num_inference_steps=self.config.diversity_steps, num_images_per_prompt=n,
+                            generator=[torch.Generator("cpu").manual_seed(i) for i in range(n)], height=self.size,
+                            width=self.size, **kwargs).images
+        finally:
+            pipe.unet.train(training)
+            if before is None:
+                del pipe._progress_bar_config
+            else:
+                pipe._progress_bar_config = before
+
+    def diversity(self) -> float:
+        from mmpersona.diversity import diversity
+
+        return diversity(self.db.embedder.embed_images(self.sample()))
+
+    def start(self) -> None:
+        unet = self.t2i.pipeline.unet
+        unet.disable_adapters()
+        try:
+            self.vanilla = self.diversity()
+        finally:
+            unet.enable_adapters()
+        self.keep()
+
+    def keep(self) -> None:
+        self.kept = [p.detach().clone() for p in self.params]
+
+    def check(self, step: int, result: "DPOResult") -> bool:
+        """Measure; True when training should stop (the floor broken under "stop": the kept weights are back)."""
+        ratio = self.diversity() / self.vanilla if self.vanilla > 0 else 1.0
+        ok = ratio >= self.config.diversity_floor
+        result.diversity.append({"step": step, "ratio": round(ratio, 4), "kept_floor": ok})
+        if ok:
+            self.keep()
+            return False
+        message = (f"the LoRA's images are {ratio:.2f} x as diverse as vanilla's at step {step}, under the floor of "
+                   f"{self.config.diversity_floor}")
+        if self.config.diversity_action == "warn":
+            logger.warning("%s", message)
+            result.warnings.append(message)
+            return False
+        for p, kept in zip(self.params, self.kept or [], strict=True):
+            p.data.copy_(kept)
+        result.diversity_stopped = True
+        result.warnings.append(f"{message}: stopped, with the LoRA of the last check that kept it")
+        return True
+
+
 def train_dpo_lora(t2i: "LoadedT2I", db: "ConceptDB", user: str, config: DPOConfig | None = None, *,
                    progress: bool = True, save: bool = True) -> DPOResult:
     """Train the user's LoRA on their pairs and store it; the pipeline is left as it was."""
@@ -287,7 +381,13 @@ def train_dpo_lora(t2i: "LoadedT2I", db: "ConceptDB", user: str, config: DPOConf
     result = DPOResult(0, pairs=len(items))
     best, stale, window = float("inf"), 0, []
     start = time.perf_counter()
+    watch = None
     try:
+        if config.diversity_floor > 0:
+            from mmpersona.preferences import PreferenceProfile
+
+            watch = DiversityWatch(t2i, db, PreferenceProfile(db, user).events("pair")[-1].prompt, config, params)
+            watch.start()
         unet.train()
         for step in tqdm(range(config.steps), desc=f"DPO LoRA for {user}", disable=not progress, unit="step"):
             item = items[rng.randrange(len(items))]
@@ -304,6 +404,8 @@ def train_dpo_lora(t2i: "LoadedT2I", db: "ConceptDB", user: str, config: DPOConf
                                      "already, so try `--dtype float32` or a smaller --beta")
             result.losses.append(value)
             result.steps = step + 1
+            if watch is not None and result.steps % config.diversity_every == 0 and watch.check(result.steps, result):
+                break
             window.append(result.losses[-1])
             if (step + 1) % config.eval_every == 0:
                 avg = sum(window) / len(window)
@@ -315,6 +417,9 @@ def train_dpo_lora(t2i: "LoadedT2I", db: "ConceptDB", user: str, config: DPOConf
                     if stale >= config.patience:
                         result.stopped_early = True
                         break
+        if (watch is not None and not result.diversity_stopped and result.steps
+                and (not result.diversity or result.diversity[-1]["step"] != result.steps)):
+            watch.check(result.steps, result)  # the weights kept are checked too
         unet.eval()
         if save:
             state = lora_state_dict(pipe)

@@ -294,13 +294,19 @@ class ViperStrategy(Strategy):
 
 @dataclass
 class RerankConfig:
-    """candidates: images generated per image returned; the reward model keeps the best."""
+    """candidates: images generated per image returned; the reward model keeps the best. diversity_floor: when a
+    call returns several images, their diversity (mean pairwise CLIP distance) is kept at least this share of
+    all the candidates' (a vanilla call's, in expectation), by maximal marginal relevance when the best by score
+    alone fall below it (`mmpersona.diversity.select_diverse`); 0 turns it off."""
 
     candidates: int = 4
+    diversity_floor: float = 0.8
 
     def __post_init__(self):
         if self.candidates < 1:
             raise MmpersonaError(f"RerankConfig.candidates must be at least 1, got {self.candidates}")
+        if not 0.0 <= float(self.diversity_floor) <= 1.0:
+            raise MmpersonaError(f"RerankConfig.diversity_floor must be in [0, 1], got {self.diversity_floor}")
 
 
 @register_strategy("rerank")
@@ -316,7 +322,15 @@ class RerankStrategy(Strategy):
         cond.notes["rerank"] = {"candidates": self.config.candidates, "cold_start": False}
 
     def select(self, run, images, scores, n):
-        return sorted(range(len(images)), key=lambda i: -scores[i])[:n]
+        if n < 2 or not self.config.diversity_floor or run.vectors is None:
+            return sorted(range(len(images)), key=lambda i: -scores[i])[:n]
+        from mmpersona.diversity import select_diverse
+
+        vectors = [run.vectors[id(image)] for image in images]
+        order, info = select_diverse(scores, vectors, n, float(self.config.diversity_floor))
+        if run.notes is not None and "rerank" in run.notes:
+            run.notes["rerank"]["diversity"] = info
+        return order[:n]
 
 
 def _candidates(strategies: "Sequence[Strategy]") -> int:
@@ -347,6 +361,8 @@ class Run:
         self.user = user
         self.profile: "PreferenceProfile" = PreferenceProfile(pipeline.db, user)
         self._reward = None
+        self.vectors: dict[int, Any] | None = None  # id(image) -> its embedder vector, once scored
+        self.notes: dict[str, Any] | None = None  # the conditioning's notes (for the sidecar)
 
     @property
     def reward(self):
@@ -476,6 +492,7 @@ class PersonalizedT2IPipeline:
         """Apply the strategies in order; returns the conditioning and the per-call state."""
         run = Run(self, user)
         cond = Conditioning(prompt)
+        run.notes = cond.notes
         for s in strategies:
             s.apply(run, cond)
         return cond, run
@@ -550,8 +567,7 @@ class PersonalizedT2IPipeline:
         scores = self.score(run, images, prompt)
         order = list(range(total))
         for s in chosen:
-            order = [order[i] for i in s.select(run, [images[j] for j in order], [scores[j] for j in order],
-                                                len(order))]
+            order = [order[i] for i in s.select(run, [images[j] for j in order], [scores[j] for j in order], n)]
         keep = order[:n]
         elapsed = time.perf_counter() - start
         meta_common = {
@@ -572,7 +588,9 @@ class PersonalizedT2IPipeline:
         if model.cold_start:
             return [0.0] * len(images)
         emb = self.db.embedder
-        return [float(s) for s in model.score(emb.embed_images(images), emb.embed_texts([prompt])[0])]
+        vectors = emb.embed_images(images)
+        run.vectors = {id(image): vector for image, vector in zip(images, vectors, strict=True)}
+        return [float(s) for s in model.score(vectors, emb.embed_texts([prompt])[0])]
 
     def adapter_ref(self, ref: Any = None) -> str:
         ref = ref if ref is not None else self.adapter

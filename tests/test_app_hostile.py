@@ -217,7 +217,7 @@ def test_a_pair_is_answered_once_however_fast_the_clicks(tmp_path):
 
     app = gradio_app.App("tiny", tmp_path / "a.db", "cpu")
     app._t2i_pipe = _Pipe()
-    pair = app.taste_pair("alice", "", 0)
+    pair = app.taste_pair("alice", "", 0, "random")
     start, results = threading.Barrier(10), []
 
     def click(which):
@@ -238,7 +238,7 @@ def test_a_pair_is_answered_once_however_fast_the_clicks(tmp_path):
     with pytest.raises(Refused, match="answered already"):  # a skip of an answered pair too
         app.answer_pair("alice", pair)
     with pytest.raises(Refused):  # the pair is alice's: another user cannot answer it either
-        app.taste_choose("bob", app.taste_pair("alice", "", 1), "A", "")
+        app.taste_choose("bob", app.taste_pair("alice", "", 1, "random"), "A", "")
     assert app.db.store.profile_events("bob", "pair") == []
     app.db.close()
 
@@ -256,14 +256,14 @@ def test_a_second_answer_through_gradio_is_refused_without_a_traceback(server, c
     real, app._t2i_pipe = app._t2i_pipe, pipe
     try:
         alice = logged_in(url, "alice", "pw-a")
-        run_in_session(alice, "taste_pair", ["", None], "alice-taste")
+        run_in_session(alice, "taste_pair", ["", None, "random"], "alice-taste")
         shown = next(iter(app._open_pairs["alice"]))  # the id the page now shows (and sends with each click)
         capfd.readouterr()
         before = len(app.db.store.profile_events("alice", "pair"))
         answers: dict[str, dict] = {}
         for name in ["taste_choose_a", "taste_choose_b"] * 5:
             joined = alice.post("/gradio_api/queue/join", json={
-                "data": ["", None, shown, "", None], "fn_index": fn_index(alice, name), "session_hash": "alice-taste"})
+                "data": ["", None, shown, "", None, "random"], "fn_index": fn_index(alice, name), "session_hash": "alice-taste"})
             assert joined.status_code == 200, joined.text
         # Gradio closes a session's stream whenever none of its events is pending: when the clicks are answered
         # faster than they are sent, the rest arrive on a stream opened again (the session keeps its messages)
@@ -294,7 +294,7 @@ def test_events_outside_gradios_queue_are_off(server):
     url, _ = server
     alice = logged_in(url, "alice", "pw-a")
     for route in ("/gradio_api/run/taste_pair", "/gradio_api/api/taste_pair"):
-        r = alice.post(route, json={"data": ["", None], "session_hash": "alice-run"})
+        r = alice.post(route, json={"data": ["", None, "random"], "session_hash": "alice-run"})
         assert r.status_code == 404, (route, r.text)
 
 

@@ -1,5 +1,7 @@
 """The app's settings: what one request may ask of the shared models, and the defaults of its tabs."""
 
+from pipelines.taste import TASTE_PROMPTS as _TASTE_PROMPTS
+
 SINGLE_USER = "default"
 STRATEGY_CHOICES = ["attributes", "ip_adapter", "subject", "rerank", "lora"]
 
@@ -15,11 +17,7 @@ CACHE_SECONDS = 3600  # Gradio deletes its cached uploads and outputs older than
 THUMB_SIZE = 160
 MAX_IMAGES = 4  # images per generation, each with its own feedback buttons
 # Taste onboarding: pairs generated from these prompts (or the user's own), the user picks one of each pair.
-TASTE_PROMPTS = [
-    "a cozy reading corner by a window", "a portrait of an old fisherman", "a mountain lake at dawn",
-    "a bowl of ramen on a wooden table", "a city street at night in the rain", "a cat asleep on a sofa",
-    "a lighthouse on a rocky coast", "a bouquet of wild flowers",
-]
+TASTE_PROMPTS = list(_TASTE_PROMPTS)
 TASTE_GOAL = 8  # choices the progress counts towards (PPD personalizes from as few as four)
 TRAIN_EVERY = 4  # choices between two background trainings of the reward model
 PROFILE_SHOWN = 100  # profile entries listed (the newest), each with its thumbnails and remove button

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from concept_db.types import NEW_CONVERSATION
+from pipelines.taste import ShownPairs
 
 from .config import (MAX_HISTORY_CHARS, MAX_HISTORY_TURNS, MAX_IMAGES_PER_ADD, MAX_MESSAGE_CHARS, MAX_PROMPT_CHARS,
                      MAX_QUESTION_CHARS, OPEN_PAIRS, PROFILE_SHOWN, SINGLE_USER, TASTE_GOAL, TASTE_PROMPTS, THUMB_SIZE,
@@ -55,6 +56,7 @@ class App:
         # user -> ids of the taste pairs shown and not yet answered (each answered once), the newest OPEN_PAIRS
         self._open_pairs: dict[str, OrderedDict[str, None]] = {}
         self._pairs_lock = threading.Lock()
+        self._taste_shown = ShownPairs()  # the pairs the active order showed each user (skips included)
 
     def user(self, request: Any) -> str:
         name = getattr(request, "username", None) if request is not None else None
@@ -363,25 +365,45 @@ class App:
 
         return PreferenceProfile(self.db, user)
 
-    def taste_pair(self, user: str, prompts: str, step: int) -> dict[str, Any]:
-        """The onboarding's next pair: two images of one prompt (the user's prompts, one per line, or the built-in
-        set), made without personalization from two seeds. Kept in the page's session state as PNG bytes, with an
-        id: the pair can be answered once (`answer_pair`)."""
+    def taste_pair(self, user: str, prompts: str, step: int, order: str = "active",
+                   progress: Any = None) -> dict[str, Any]:
+        """The onboarding's next pair: two images of one prompt, made without personalization. `order` "active":
+        the most informative pair for this user of the shared pool of the built-in prompts (`pipelines.taste`;
+        the pool is generated on first use, a chunk at a time, each chunk queued like any generation);
+        "random", or the user's own prompts (one per line): the fixed order, two fresh images of the next prompt.
+        Kept in the page's session state as PNG bytes, with an id: the pair can be answered once
+        (`answer_pair`)."""
+        from pipelines.taste import ORDERS, active_pair, fixed_pair, taste_pool
+
+        if order not in ORDERS:
+            raise ValueError(f"the order must be one of {', '.join(ORDERS)}, got {order!r}")
         own = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
         if any(len(p) > MAX_PROMPT_CHARS for p in own):
             raise ValueError(f"a prompt is over the limit of {MAX_PROMPT_CHARS} characters")
-        pool = own or TASTE_PROMPTS
-        prompt = pool[step % len(pool)]
         pipe = self.t2i_pipe
-        with self._t2i_lock:
-            result = pipe(prompt, user=user, n=2, steps=self.steps, seed=1000 + 2 * step, strategies=[])
+        pair = None
+        if order == "active" and not own:
+            pool = taste_pool(pipe, self.steps)
+
+            def locked(job):
+                with self._t2i_lock:
+                    return job()
+
+            pool.ensure(pipe, user, run=locked, progress=progress)
+            pair = active_pair(pool, pipe, user, self._taste_shown.of(user), seed=step)
+            if pair is not None:
+                self._taste_shown.add(user, pair)
+        if pair is None:  # the fixed order (or every pair of the pool answered)
+            with self._t2i_lock:
+                pair = fixed_pair(pipe, user, own or TASTE_PROMPTS, step, self.steps)
         pair_id = secrets.token_urlsafe(12)
         with self._pairs_lock:
             shown = self._open_pairs.setdefault(user, OrderedDict())
             shown[pair_id] = None
             while len(shown) > OPEN_PAIRS:  # only this user's own newer pairs forget their older ones
                 shown.popitem(last=False)
-        return {"prompt": prompt, "images": [png_bytes(img) for img in result.images], "step": step, "id": pair_id}
+        return {"prompt": pair.prompt, "images": list(pair.images), "step": step, "id": pair_id, "order": pair.order,
+                "information": pair.information}
 
     def answer_pair(self, user: str, pair: dict | None, shown: str | None = None) -> None:
         """Mark a pair of `taste_pair` answered (chosen or skipped), or refuse it (`Refused`) if it was answered

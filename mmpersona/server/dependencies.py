@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from pipelines.taste import ShownPairs
 
 from .errors import ApiError
 
@@ -34,6 +36,7 @@ class Server:
     decode: "PixelBudget"
     chat: "Served"
     images: "Served"
+    taste: ShownPairs = field(default_factory=ShownPairs)  # the pairs `next-pair` showed each user
 
 
 bearer = HTTPBearer(auto_error=False, description="An API key from `mmpersona keys create --user NAME`.")

@@ -15,6 +15,11 @@ def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
     pair_id = gr.Textbox(visible=False, elem_id="taste-pair-id")
     gr.Markdown("Pick the image you like better in each pair. Every choice goes into your profile; after every "
                 f"{TRAIN_EVERY} choices your personal reward model trains in the background.")
+    t_order = gr.Radio([("Most informative first", "active"), ("Fixed order", "random")], value="active",
+                       label="Which pairs", elem_id="taste-order",
+                       info="Most informative: the pair whose answer teaches your profile the most, from a shared "
+                            "set of images of the built-in prompts (made once, on first use). Your own prompts "
+                            "always go in the fixed order.")
     t_prompts = gr.Textbox(label="Your own prompts (optional, one per line)", lines=2, elem_id="taste-prompts")
     start_btn = gr.Button("Show me a pair", variant="primary", elem_id="taste-start")
     t_prompt = gr.Markdown(elem_id="taste-prompt")
@@ -36,36 +41,39 @@ def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
                 cards_html([(image_uri_bytes(p["images"][1]), "B")], empty=""))
 
     @guarded
-    def next_pair(prompts, current, request: gr.Request, progress=gr.Progress()):
+    def next_pair(prompts, current, order, request: gr.Request, progress=gr.Progress()):
         user = app.user(request)
         progress(0, desc="generating a pair")
         step = (current or {}).get("step", len(app.profile(user).events("pair")) - 1) + 1
-        p = app.taste_pair(user, prompts, step)
+        p = app.taste_pair(user, prompts, step, order, progress=pool_progress(progress))
         return (p, *show(p), app.taste_progress(user), "")
 
-    def choose(which, prompts, current, seen, comment, count, request, progress):
+    def pool_progress(progress):
+        return lambda share: progress(share, desc="making the shared set of images (once)")
+
+    def choose(which, prompts, current, seen, comment, count, order, request, progress):
         user = app.user(request)
         msg = app.taste_choose(user, current, which, comment, shown=seen or None)
         training = app.training_status(user).startswith("training")
         progress(0, desc="generating the next pair")
-        p = app.taste_pair(user, prompts, current["step"] + 1)
+        p = app.taste_pair(user, prompts, current["step"] + 1, order, progress=pool_progress(progress))
         return (p, *show(p), app.taste_progress(user), msg, "", count + 1, app.training_status(user),
                 gr.Timer(active=training))
 
     @guarded
-    def choose_a(prompts, current, seen, comment, count, request: gr.Request, progress=gr.Progress()):
-        return choose("A", prompts, current, seen, comment, count, request, progress)
+    def choose_a(prompts, current, seen, comment, count, order, request: gr.Request, progress=gr.Progress()):
+        return choose("A", prompts, current, seen, comment, count, order, request, progress)
 
     @guarded
-    def choose_b(prompts, current, seen, comment, count, request: gr.Request, progress=gr.Progress()):
-        return choose("B", prompts, current, seen, comment, count, request, progress)
+    def choose_b(prompts, current, seen, comment, count, order, request: gr.Request, progress=gr.Progress()):
+        return choose("B", prompts, current, seen, comment, count, order, request, progress)
 
     @guarded
-    def skip(prompts, current, seen, request: gr.Request, progress=gr.Progress()):
+    def skip(prompts, current, seen, order, request: gr.Request, progress=gr.Progress()):
         user = app.user(request)
         app.answer_pair(user, current, seen or None)  # a skip answers the pair too: once
         progress(0, desc="generating the next pair")
-        p = app.taste_pair(user, prompts, current["step"] + 1)
+        p = app.taste_pair(user, prompts, current["step"] + 1, order, progress=pool_progress(progress))
         return (p, *show(p), app.taste_progress(user), "skipped")
 
     @guarded
@@ -80,12 +88,12 @@ def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
 
     shown = [pair, pair_id, t_prompt, t_a, t_b, t_progress]
     t2i = {"concurrency_id": "t2i", "concurrency_limit": 1}  # each makes the next pair: the generation queue
-    start_btn.click(next_pair, [t_prompts, pair], [*shown, t_status], api_name="taste_pair", **t2i)
+    start_btn.click(next_pair, [t_prompts, pair, t_order], [*shown, t_status], api_name="taste_pair", **t2i)
     chosen = [*shown, t_status, t_comment, profile_tick, t_reward, timer]
-    a_btn.click(choose_a, [t_prompts, pair, pair_id, t_comment, profile_tick], chosen, api_name="taste_choose_a",
+    a_btn.click(choose_a, [t_prompts, pair, pair_id, t_comment, profile_tick, t_order], chosen, api_name="taste_choose_a",
                 **t2i)
-    b_btn.click(choose_b, [t_prompts, pair, pair_id, t_comment, profile_tick], chosen, api_name="taste_choose_b",
+    b_btn.click(choose_b, [t_prompts, pair, pair_id, t_comment, profile_tick, t_order], chosen, api_name="taste_choose_b",
                 **t2i)
-    skip_btn.click(skip, [t_prompts, pair, pair_id], [*shown, t_status], api_name="taste_skip", **t2i)
+    skip_btn.click(skip, [t_prompts, pair, pair_id, t_order], [*shown, t_status], api_name="taste_skip", **t2i)
     timer.tick(poll, None, [t_reward, timer], api_visibility="private")
     demo.load(load, None, [t_progress, t_reward], api_visibility="private")

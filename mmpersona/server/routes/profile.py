@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from concept_db import ProfileChanged
@@ -13,6 +14,7 @@ from ...images import encoded_pixels
 from ..dependencies import Server, server, user_of
 from ..errors import ApiError
 from ..media import data_url_bytes
+from ..scheduler import Watch
 from ..schemas import AttributesBody, EventRequest
 
 router = APIRouter(tags=["profile"])
@@ -28,6 +30,43 @@ def profile(srv: Server, user: str):
 def profile_show(user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
     """Counts, attributes and the reward model's state."""
     return profile(srv, user).summary()
+
+
+@router.get("/v1/profile/next-pair")
+async def next_pair(request: Request, order: Literal["active", "random"] = "active", step: int | None = None,
+                    user: str = Depends(user_of), srv: Server = Depends(server)) -> dict[str, Any]:
+    """The next two images to choose between, to learn your taste (record your choice as a `pair` event with
+    `prompt`, `chosen` and `rejected`).
+
+    `order` "active" (default): the pair whose answer is expected to teach your profile the most, from a pool of
+    vanilla images of built-in prompts shared by every user (no one's data; generated on first use, two images
+    per queued job, so other requests go between them); a pair you were shown is not shown again. "random": the
+    fixed order, two fresh images of the built-in prompt number `step` (default: your number of choices)."""
+    from pipelines.taste import TASTE_PROMPTS, active_pair, fixed_pair, taste_pool
+
+    limits = srv.limits
+    if step is not None and not 0 <= step <= 1_000_000:
+        raise ApiError(400, f"step must be between 0 and 1000000, got {step}")
+    async with Watch(request) as watch:
+        pipe = srv.images.loaded() or await srv.worker.run(srv.images.get, user=user, stop=watch.stop)
+        steps = limits.default_steps
+        pair = None
+        if order == "active":
+            pool = taste_pool(pipe, steps)
+            for chunk in pool.chunks():
+                await srv.worker.run(lambda c=chunk: pool.fill(pipe, c, user, stop=watch.stop), user=user,
+                                     stop=watch.stop)
+            pair = await srv.worker.run(lambda: active_pair(pool, pipe, user, srv.taste.of(user)), user=user,
+                                        stop=watch.stop)
+            if pair is not None:
+                srv.taste.add(user, pair)
+        if pair is None:  # the fixed order, or every pair of the pool answered
+            at = step if step is not None else len(profile(srv, user).events("pair"))
+            pair = await srv.worker.run(lambda: fixed_pair(pipe, user, TASTE_PROMPTS, at, steps, stop=watch.stop),
+                                        user=user, stop=watch.stop)
+    encoded = [base64.b64encode(data).decode("ascii") for data in pair.images]
+    return {"object": "profile.pair", "prompt": pair.prompt, "order": pair.order, "information": pair.information,
+            "seeds": list(pair.seeds), "images": [{"b64_json": data} for data in encoded]}
 
 
 @router.get("/v1/profile/events")
