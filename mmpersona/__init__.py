@@ -34,6 +34,7 @@ _EXPORTS = {
     "PromptBudget": "pipelines.prompt",
     "PersonalizedT2IPipeline": "pipelines.t2i",
     "T2IResult": "pipelines.t2i",
+    "personalize": "pipelines.personalize",
     "PreferenceProfile": "mmpersona.preferences",
     "RewardModel": "mmpersona.reward",
 }
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
                          UnknownPresetError)
     from .images import load_image
     from pipelines.prompt import PromptBudget
+    from pipelines.personalize import personalize
     from pipelines.t2i import PersonalizedT2IPipeline, T2IResult
 
     from .preferences import PreferenceProfile

@@ -34,12 +34,14 @@ _EXPORTS = {
     "T2IResult": "pipelines.t2i",
     "register_strategy": "pipelines.t2i",
     "PreferenceAdapter": "pipelines.preference_adapter",
+    "personalize": "pipelines.personalize",
     "train_adapter": "pipelines.adapter_training",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .adapter_training import train_adapter
+    from .personalize import personalize
     from .preference_adapter import PreferenceAdapter
     from .prompt import PromptBudget, PromptBuilder
     from .retrieval import RetrievedConcept, Retriever

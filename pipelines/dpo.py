@@ -302,10 +302,10 @@ class DiversityWatch:
         training = pipe.unet.training
         pipe.unet.eval()
         try:
-            with torch.no_grad():
-                return pipe(self.prompt, num_inference_steps=self.config.diversity_steps, num_images_per_prompt=n,
-                            generator=[torch.Generator("cpu").manual_seed(i) for i in range(n)], height=self.size,
-                            width=self.size, **kwargs).images
+            with torch.no_grad():  # one image at a time: training's memory plus one sample's, as in generation
+                return [pipe(self.prompt, num_inference_steps=self.config.diversity_steps,
+                             generator=torch.Generator("cpu").manual_seed(i), height=self.size, width=self.size,
+                             **kwargs).images[0] for i in range(n)]
         finally:
             pipe.unet.train(training)
             if before is None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -37,8 +38,6 @@ from mmpersona.errors import MmpersonaError
 from .caching import UserCache
 
 if TYPE_CHECKING:
-    import threading
-
     from PIL import Image
 
     from mmpersona.conceptdb import ConceptDB
@@ -294,15 +293,25 @@ class ViperStrategy(Strategy):
 
 @dataclass
 class RerankConfig:
-    """candidates: images generated per image returned; the reward model keeps the best. diversity_floor: when a
+    """candidates: images generated per image returned; the best are kept by the personal reward model, and with
+    `population` (a population scorer: "pickscore", a hub id, "tiny:pickscore", or a name in the pipeline's
+    `scorers`) by `mmpersona.scorers.combine` of the two: a user with no choices yet is ranked by the population
+    scorer alone, their own reward weighs as much at `population_prior` choices. diversity_floor: when a
     call returns several images, their diversity (mean pairwise CLIP distance) is kept at least this share of
     all the candidates' (a vanilla call's, in expectation), by maximal marginal relevance when the best by score
     alone fall below it (`mmpersona.diversity.select_diverse`); 0 turns it off."""
 
     candidates: int = 4
     diversity_floor: float = 0.8
+    population: str | None = None
+    population_prior: float = 8.0
 
     def __post_init__(self):
+        if self.population is not None and (not isinstance(self.population, str) or not self.population.strip()):
+            raise MmpersonaError("RerankConfig.population must be a scorer name, hub id or folder (a str); put your "
+                                 "own scorer object in `PersonalizedT2IPipeline.scorers` under a name")
+        if not float(self.population_prior) > 0:
+            raise MmpersonaError(f"RerankConfig.population_prior must be positive, got {self.population_prior}")
         if self.candidates < 1:
             raise MmpersonaError(f"RerankConfig.candidates must be at least 1, got {self.candidates}")
         if not 0.0 <= float(self.diversity_floor) <= 1.0:
@@ -314,12 +323,16 @@ class RerankStrategy(Strategy):
     config_cls = RerankConfig
 
     def apply(self, run, cond):
-        if run.reward.cold_start:  # every score would be 0: extra candidates would be generated for nothing
+        population = self.config.population
+        if run.reward.cold_start and population is None:  # every score would be 0: candidates made for nothing
             cond.notes["rerank"] = {"candidates": 1, "cold_start": True,
                                     "skipped": "no personal reward model yet: one candidate per image"}
             return
         cond.candidates = max(cond.candidates, self.config.candidates)
-        cond.notes["rerank"] = {"candidates": self.config.candidates, "cold_start": False}
+        cond.notes["rerank"] = {"candidates": self.config.candidates, "cold_start": run.reward.cold_start}
+        if population is not None:
+            run.population = (population, float(self.config.population_prior))
+            cond.notes["rerank"]["population"] = population
 
     def select(self, run, images, scores, n):
         if n < 2 or not self.config.diversity_floor or run.vectors is None:
@@ -362,6 +375,8 @@ class Run:
         self.profile: "PreferenceProfile" = PreferenceProfile(pipeline.db, user)
         self._reward = None
         self.vectors: dict[int, Any] | None = None  # id(image) -> its embedder vector, once scored
+        self.population: tuple[str, float] | None = None  # (scorer, prior choices) when reranking with one
+        self.parts: dict[str, list[float]] = {}  # the personal and population scores, per candidate
         self.notes: dict[str, Any] | None = None  # the conditioning's notes (for the sidecar)
 
     @property
@@ -442,6 +457,11 @@ class PersonalizedT2IPipeline:
         self.ip_cache = UserCache()  # IP-Adapter image embeddings, per user
         self.adapter = adapter
         self._adapters: dict[str, Any] = {}
+        self.preset = preset
+        #: population scorers by name (`RerankConfig.population`): loaded on first use, or your own object with
+        #: `name` and `score(images, prompt)` put here
+        self.scorers: dict[str, Any] = {}
+        self._scorers_lock = threading.Lock()
 
     def _strategies(self, names: Sequence[str]) -> list[Strategy]:
         if isinstance(names, str):
@@ -580,17 +600,40 @@ class PersonalizedT2IPipeline:
         }
         return T2IResult([images[i] for i in keep], [scores[i] for i in keep],
                          [{**meta_common, "seed": seeds[i], "reward_score": scores[i],
+                           **{name: values[i] for name, values in run.parts.items()},
                            "candidate": i, "candidates": total} for i in keep])
 
     def score(self, run: Run, images: list, prompt: str) -> list[float]:
-        """Personal reward scores (0 for a cold-start user)."""
+        """Personal reward scores (0 for a cold-start user); with a population scorer in the rerank, both combined
+        (`mmpersona.scorers.combine`), each kept in `run.parts`."""
+        from mmpersona.scorers import combine
+
         model = run.reward
-        if model.cold_start:
+        if model.cold_start and run.population is None:
             return [0.0] * len(images)
         emb = self.db.embedder
         vectors = emb.embed_images(images)
         run.vectors = {id(image): vector for image, vector in zip(images, vectors, strict=True)}
-        return [float(s) for s in model.score(vectors, emb.embed_texts([prompt])[0])]
+        personal = None if model.cold_start else [float(s) for s in model.score(vectors, emb.embed_texts([prompt])[0])]
+        if run.population is None:
+            return personal
+        ref, prior = run.population
+        population = [float(s) for s in self.population_scorer(ref).score(images, prompt)]
+        run.parts = {"population_score": population}
+        if personal is not None:
+            run.parts["personal_score"] = personal
+        choices = 0 if model.cold_start else model.pairs + model.likes + model.dislikes
+        return [float(s) for s in combine(personal, population, choices, prior)]
+
+    def population_scorer(self, ref: str):
+        """The population scorer `ref` names: one put in `scorers` under that name, or loaded once (on the
+        pipeline's device) by `mmpersona.scorers.load_scorer`."""
+        from mmpersona.scorers import load_scorer
+
+        with self._scorers_lock:
+            if ref not in self.scorers:
+                self.scorers[ref] = load_scorer(ref, preset=self.preset, device=self.t2i.device)
+            return self.scorers[ref]
 
     def adapter_ref(self, ref: Any = None) -> str:
         ref = ref if ref is not None else self.adapter

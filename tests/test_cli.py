@@ -19,7 +19,7 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, cwd=None) -
 def test_models_list_json(tiny_cache):
     data = json.loads(run_cli("--preset", "tiny", "--json", "models", "list").stdout)
     rows = {r["role"]: r for r in data["roles"]}
-    assert set(rows) == {"embedder", "vlm", "detector", "instance", "face", "t2i", "t2i_xl"}
+    assert set(rows) == {"embedder", "vlm", "detector", "instance", "face", "t2i", "t2i_xl", "scorer"}
     assert all(r["available"] for role, r in rows.items() if role != "face")  # built by tiny_cache
     assert rows["face"]["source"] == "pypi" and rows["face"]["id"] == "pypi:dlib-face"  # fetched on first use
     assert rows["vlm"]["id"] == "tiny:qwen2.5-vl"

@@ -29,6 +29,7 @@ ROLES: dict[str, str] = {
     "face": "face detector and face embedder that match person concepts by face",
     "t2i": "Stable Diffusion 1.5-family text-to-image pipeline (with IP-Adapter)",
     "t2i_xl": "Stable Diffusion XL text-to-image pipeline (with IP-Adapter)",
+    "scorer": "population preference scorer (PickScore) reranking beside the personal reward",
 }
 
 
@@ -84,6 +85,8 @@ PRESETS: dict[str, dict[str, ModelSpec]] = {
             "t2i_xl", "stabilityai/stable-diffusion-xl-base-1.0",
             ip_adapter=IPAdapterSpec("h94/IP-Adapter", "sdxl_models", "ip-adapter_sdxl.safetensors"),
         ),
+        # CLIP-H fine-tuned on Pick-a-Pic's choices; its processor is CLIP-H's (mmpersona.scorers)
+        "scorer": ModelSpec("scorer", "yuvalkirstain/PickScore_v1"),
     },
     # Architecturally real, randomly initialised, built offline in seconds: for tests, CI and demos.
     "tiny": {
@@ -101,6 +104,7 @@ PRESETS: dict[str, dict[str, ModelSpec]] = {
             "t2i_xl", "tiny:sdxl",
             ip_adapter=IPAdapterSpec("tiny:ip-adapter", "sdxl_models", "ip-adapter_sdxl.safetensors"),
         ),
+        "scorer": ModelSpec("scorer", "tiny:pickscore"),
     },
 }
 

@@ -518,6 +518,26 @@ def build_dinov2(folder: Path) -> None:
                       do_convert_rgb=True).save_pretrained(str(folder))
 
 
+def build_pickscore(folder: Path) -> None:
+    """A population scorer of PickScore's kind: a transformers CLIPModel (projection, learned logit scale) with a
+    CLIPProcessor whose image side resizes the short edge and centre-crops, as laion/CLIP-ViT-H-14's does at 224,
+    here at 32 pixels."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok = clip_tokenizer(folder / "_tok")
+    config = CLIPConfig(text_config=_text_encoder_config(tok).to_dict(),
+                        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=16, logit_scale_init_value=4.6052)
+    _seed()
+    CLIPModel(config).eval().save_pretrained(str(folder))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
+                                resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                image_std=[0.26862954, 0.26130258, 0.27577711])
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(str(folder))
+    shutil.rmtree(folder / "_tok")
+
+
 def _text_encoder_config(tok, **extra):
     from transformers import CLIPTextConfig
 
@@ -759,6 +779,8 @@ TINY_MODELS: dict[str, TinyModel] = {
         TinyModel("sd-trained", "t2i", "SD 1.5-family pipeline trained a few CPU minutes on a synthetic domain (hue, "
                   "brightness, shape): vanilla samples cover it, a preference can move them", build_sd_trained,
                   requires=("sd",)),
+        TinyModel("pickscore", "scorer", "PickScore-style population scorer (transformers CLIPModel + CLIPProcessor)",
+                  build_pickscore),
         TinyModel("ip-adapter", "ip_adapter", "IP-Adapter for tiny SD and SDXL (h94/IP-Adapter layout)",
                   build_ip_adapter, requires=("sd", "sdxl")),
     )
