@@ -12,8 +12,12 @@ every hue, brightness and kind) and the tiny CLIP embedder. Each synthetic user 
   8 other pairs of theirs. `win_rate_vs_vanilla`: how often an image generated through
   `PersonalizedT2IPipeline(strategies=["preference"])` is nearer the user's hue than the vanilla image of the same
   seed, measured in pixel space (`synthetic.measure`); ties count half.
-- `lora_win_rate_vs_vanilla`: the same for per-user Diffusion-DPO LoRAs (`train_dpo_lora`), users with 8 pairs.
+- `lora_win_rate_vs_vanilla`: the same for per-user Diffusion-DPO LoRAs (`train_dpo_lora`), 8 users with 8 pairs
+  each and 8 seeds, averaged over the training seeds `--lora-seeds` (0, 1, 2: each user's LoRA trained once per
+  seed); `lora_win_rate_min` the worst seed's, `lora_win_rate_by_seed` each.
 - `ratio_vs_vanilla`: generation time with the adapter over without (median of interleaved runs).
+- `vanilla_hue_coverage`: the share of 12 hue sectors 32 vanilla samples reach; a build under about 0.75 does not
+  cover the domain, and no per-user training can move it toward most users.
 
 Targets (issue "Preference embeddings through a trained adapter"): heldout_pair_accuracy >= 0.7,
 win_rate_vs_vanilla >= 0.75, lora_win_rate_vs_vanilla >= 0.75, ratio_vs_vanilla <= 1.05. Final JSON line:
@@ -56,13 +60,25 @@ def win_rate(pipe, users, seeds, strategies, steps) -> float:
     return wins / (len(users) * seeds)
 
 
+def hue_coverage(pipe, steps, n: int = 32, bins: int = 12) -> float:
+    """The share of `bins` equal hue sectors that `n` vanilla samples of the generic prompt reach: a build of the
+    trained preset whose samples do not cover the hues cannot be moved toward most users' (a seed-1 build
+    collapsed to two hues, and every LoRA on it stayed near 0.5)."""
+    from mmpersona.models import synthetic
+
+    images = pipe(synthetic.GENERIC_PROMPT, user="coverage", n=n, steps=steps, seed=0, strategies=[]).images
+    hit = {int(h * bins) % bins for h, _, share in map(synthetic.measure, images) if share >= 0.05}
+    return len(hit) / bins
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-users", type=int, default=200)
     parser.add_argument("--heldout-users", type=int, default=24)
     parser.add_argument("--steps", type=int, default=1000, help="adapter training steps")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per held-out user")
-    parser.add_argument("--lora-users", type=int, default=4)
+    parser.add_argument("--lora-users", type=int, default=8)
+    parser.add_argument("--lora-seeds", default="0,1,2", help="training seeds each LoRA user is trained with")
     parser.add_argument("--lora-steps", type=int, default=200)
     parser.add_argument("--gen-steps", type=int, default=20, help="denoising steps per image")
     parser.add_argument("--runs", type=int, default=7, help="timing runs")
@@ -98,16 +114,20 @@ def main() -> None:
         print(json.dumps({"stage": "adapter", "win_rate_vs_vanilla": round(wins, 4)}), flush=True)
 
         lora_users = synthetic.planted_users("lora-", args.lora_users, rng)
-        lora_seconds = []
         for user in lora_users:
             profile = PreferenceProfile(db, user.name)
             for a, b in user.pairs(rng, 8):
                 profile.compare(synthetic.GENERIC_PROMPT, a, b)
-            start = time.perf_counter()
-            train_dpo_lora(t2i, db, user.name, DPOConfig(steps=args.lora_steps), progress=False)
-            lora_seconds.append(time.perf_counter() - start)
-        lora_wins = win_rate(pipe, lora_users, 8, ["lora"], args.gen_steps)
-        print(json.dumps({"stage": "lora", "lora_win_rate_vs_vanilla": round(lora_wins, 4),
+        lora_seconds, by_seed = [], {}
+        for seed in [int(x) for x in args.lora_seeds.split(",")]:  # each user's LoRA trained again per seed
+            for user in lora_users:
+                start = time.perf_counter()
+                train_dpo_lora(t2i, db, user.name, DPOConfig(steps=args.lora_steps, seed=seed), progress=False)
+                lora_seconds.append(time.perf_counter() - start)
+            by_seed[seed] = round(win_rate(pipe, lora_users, 8, ["lora"], args.gen_steps), 4)
+            print(json.dumps({"stage": "lora", "seed": seed, "lora_win_rate_vs_vanilla": by_seed[seed]}), flush=True)
+        lora_wins = sum(by_seed.values()) / len(by_seed)
+        print(json.dumps({"stage": "lora", "lora_win_rate_vs_vanilla": round(lora_wins, 4), "by_seed": by_seed,
                           "seconds_per_user": round(sum(lora_seconds) / len(lora_seconds), 2)}), flush=True)
 
         who = heldout[0].name
@@ -119,9 +139,11 @@ def main() -> None:
             pipe(synthetic.GENERIC_PROMPT, user=who, n=4, steps=args.gen_steps, strategies=["preference"])
 
         ratio, vanilla_ms = paired(vanilla, adapted, args.runs)
+        coverage = hue_coverage(pipe, args.gen_steps)
         db.close()
     print(json.dumps({"heldout_pair_accuracy": result.heldout_pair_accuracy, "win_rate_vs_vanilla": round(wins, 4),
-                      "lora_win_rate_vs_vanilla": round(lora_wins, 4), "train_seconds": round(result.seconds, 2),
+                      "lora_win_rate_vs_vanilla": round(lora_wins, 4), "lora_win_rate_min": min(by_seed.values()),
+                      "lora_win_rate_by_seed": by_seed, "vanilla_hue_coverage": round(coverage, 4), "train_seconds": round(result.seconds, 2),
                       "ratio_vs_vanilla": round(ratio, 4), "vanilla_ms": round(vanilla_ms, 1), "train_users": len(train), "heldout_users": len(heldout),
                       "pairs_per_heldout_user": config.context, "adapter_steps": config.steps,
                       "lora_pairs": 8, "lora_steps": args.lora_steps,

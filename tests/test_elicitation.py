@@ -117,6 +117,8 @@ def test_the_pipelines_rerank_reports_and_keeps_the_floor(db, tiny_cache):
     out = floored("a ball", user="alice", n=3, steps=2, seed=0)
     note = out.metadata[0]["notes"]["rerank"]["diversity"]
     assert note["diversity"] >= 0.8 * note["candidates_diversity"] - 1e-9
+    # measured on the 3 images returned, not on all 12 candidates (the selection sees the n asked for)
+    assert note["diversity"] == pytest.approx(diversity(db.embedder.embed_images(out.images)), abs=1e-5)
     plain = PersonalizedT2IPipeline(db, t2i=floored.t2i, strategies=["rerank"],
                                     configs={"rerank": RerankConfig(diversity_floor=0)})
     out0 = plain("a ball", user="alice", n=3, steps=2, seed=0)

@@ -96,8 +96,15 @@ def profile_train_reward(ctx: typer.Context) -> None:
 @app.command("train-lora")
 def profile_train_lora(
     ctx: typer.Context,
-    steps: int = typer.Option(200, "--steps", min=1), rank: int = typer.Option(4, "--rank", min=1),
-    beta: float = typer.Option(2000.0, "--beta"), lr: float = typer.Option(1e-4, "--lr"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default 200)."),
+    rank: Optional[int] = typer.Option(None, "--rank", min=1, help="LoRA rank (default 16)."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="DPO strength (default 2000)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 3e-4)."),
+    diversity_floor: Optional[float] = typer.Option(
+        None, "--diversity-floor", min=0.0, max=1.0,
+        help="Stop (or warn) when the LoRA's images fall under this share of vanilla's diversity (default 0.8; "
+             "0: not watched)."),
+    diversity_action: Optional[str] = typer.Option(None, "--diversity-action", help="stop (default) or warn."),
     xl: bool = typer.Option(False, "--xl", help="Train for the SDXL model (t2i_xl) instead of SD 1.5."),
     resolution: Optional[int] = typer.Option(None, "--resolution", min=64,
                                              help="Training image size (default: the model's own, 512 / 1024 for "
@@ -113,10 +120,14 @@ def profile_train_lora(
     with open_db(s) as db:
         t2i = load_t2i(s.overrides.get(role), role=role, preset=s.preset, device=s.device, dtype=s.dtype,
                        ip_adapter=False)
-        result = train_dpo_lora(t2i, db, s.user, DPOConfig(steps=steps, rank=rank, beta=beta, lr=lr,
-                                                           resolution=resolution), progress=not s.json)
+        given = {"steps": steps, "rank": rank, "beta": beta, "lr": lr, "resolution": resolution,
+                 "diversity_floor": diversity_floor, "diversity_action": diversity_action}
+        config = DPOConfig(**{k: v for k, v in given.items() if v is not None})
+        result = train_dpo_lora(t2i, db, s.user, config, progress=not s.json)
+    warnings = "".join(f"\nwarning: {w}" for w in result.warnings)
     emit(s, {**result.to_dict(), "model": t2i.spec.id},
-         f"trained a LoRA for {t2i.spec.id} on {result.pairs} pairs: {result.steps} steps, {result.seconds:.1f}s")
+         f"trained a LoRA for {t2i.spec.id} on {result.pairs} pairs: {result.steps} steps, {result.seconds:.1f}s"
+         + warnings)
 
 
 @app.command("reset")

@@ -42,7 +42,7 @@ async def next_pair(request: Request, order: Literal["active", "random"] = "acti
     vanilla images of built-in prompts shared by every user (no one's data; generated on first use, two images
     per queued job, so other requests go between them); a pair you were shown is not shown again. "random": the
     fixed order, two fresh images of the built-in prompt number `step` (default: your number of choices)."""
-    from pipelines.taste import TASTE_PROMPTS, active_pair, fixed_pair, taste_pool
+    from pipelines.taste import TASTE_PROMPTS, fixed_pair, pick_pair, taste_pool, user_choices
 
     limits = srv.limits
     if step is not None and not 0 <= step <= 1_000_000:
@@ -56,8 +56,9 @@ async def next_pair(request: Request, order: Literal["active", "random"] = "acti
             for chunk in pool.chunks():
                 await srv.worker.run(lambda c=chunk: pool.fill(pipe, c, user, stop=watch.stop), user=user,
                                      stop=watch.stop)
-            pair = await srv.worker.run(lambda: active_pair(pool, pipe, user, srv.taste.of(user)), user=user,
-                                        stop=watch.stop)
+            # the user's image vectors through the model worker (new ones are embedded), the choice beside it
+            choices = await srv.worker.run(lambda: user_choices(pipe, user), user=user, stop=watch.stop)
+            pair = await run_in_threadpool(pick_pair, pool, choices, srv.taste.of(user))
             if pair is not None:
                 srv.taste.add(user, pair)
         if pair is None:  # the fixed order, or every pair of the pool answered
