@@ -95,6 +95,9 @@ class TastePool:
         from concept_db.types import content_hash
 
         p, first, count = chunk
+        with self._lock:  # filled meanwhile by another request (the worker runs one job at a time)
+            if all((p, first + i) in self._items for i in range(count)):
+                return
         result = pipe(self.prompts[p], user=user, n=count, steps=self.steps, seed=first, strategies=[], stop=stop)
         pngs = [png_bytes(image) for image in result.images]
         vectors = pipe.db.embedder.embed_images(result.images)

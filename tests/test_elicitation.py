@@ -131,13 +131,14 @@ def test_the_pipelines_rerank_reports_and_keeps_the_floor(db, tiny_cache):
 def test_the_taste_pool_asks_the_most_informative_pair_and_only_your_choices_change_it(tmp_path, tiny_cache):
     import gradio_app
     from concept_db.types import content_hash
-    from pipelines.taste import POOL_SEEDS, TASTE_PROMPTS, taste_pool
+    from pipelines.taste import POOL_SEED, POOL_SEEDS, TASTE_PROMPTS, taste_pool
 
     app = gradio_app.App("tiny", tmp_path / "a.db", "cpu")
     try:
         bob_first = app.taste_pair("bob", "", 0)
         pool = taste_pool(app.t2i_pipe, app.steps)
         assert len(pool.images()) == len(TASTE_PROMPTS) * POOL_SEEDS and pool.complete
+        pool.fill(None, (0, POOL_SEED, 2), "bob")  # a chunk filled meanwhile is not generated again (no model)
         by_hash = {i.key: i for i in pool.images()}
         keys = [content_hash(x) for x in bob_first["images"]]
         assert bob_first["order"] == "active" and all(k in by_hash for k in keys)
