@@ -33,7 +33,6 @@ and diversity_ratio_lora >= 0.8 with rerank_win_rate and lora_win_rate >= 0.75. 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import random
 import statistics
@@ -46,12 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CANDIDATES = 4  # rerank's default
 POOL_SEEDS = 6  # pipelines.taste.POOL_SEEDS: the pool's groups of images a pair may come from
-
-
-def png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def generate(pipe, seeds: list[int], steps: int) -> list:
@@ -139,6 +132,7 @@ def cross_win(user, mine: list, vanilla: list) -> float:
 def rerank_stage(db, t2i, users, args, rng) -> dict:
     """Diversity of a `rerank` call's 4 images against vanilla's 4 (same seeds), floor on and off."""
     from mmpersona.diversity import diversity
+    from mmpersona.images import png_bytes
     from mmpersona.models import synthetic
     from mmpersona.preferences import PreferenceProfile
     from pipelines import PersonalizedT2IPipeline
@@ -152,7 +146,7 @@ def rerank_stage(db, t2i, users, args, rng) -> dict:
     for user in users:
         profile = PreferenceProfile(db, user.name)
         for a, b in user.pairs(rng, args.rerank_pairs):
-            profile.compare(synthetic.GENERIC_PROMPT, png(a), png(b))
+            profile.compare(synthetic.GENERIC_PROMPT, png_bytes(a), png_bytes(b))
         profile.train_reward()
         for call in range(args.rerank_calls):
             seed = 20_000 + 16 * call
@@ -177,6 +171,7 @@ def lora_stage(db, t2i, args, rng) -> dict:
     """Per-user DPO LoRAs (8 pairs each, as benchmarks/preference_adapter.py): win rate and diversity against
     vanilla on 8 seeds, with the diversity watch on."""
     from mmpersona.diversity import diversity
+    from mmpersona.images import png_bytes
     from mmpersona.models import synthetic
     from mmpersona.preferences import PreferenceProfile
     from pipelines import PersonalizedT2IPipeline
@@ -189,7 +184,7 @@ def lora_stage(db, t2i, args, rng) -> dict:
     for user in users:
         profile = PreferenceProfile(db, user.name)
         for a, b in user.pairs(rng, 8):
-            profile.compare(synthetic.GENERIC_PROMPT, png(a), png(b))
+            profile.compare(synthetic.GENERIC_PROMPT, png_bytes(a), png_bytes(b))
         trained = train_dpo_lora(t2i, db, user.name, DPOConfig(steps=args.lora_steps), progress=False)
         stopped += trained.diversity_stopped
         seeds = list(range(8))

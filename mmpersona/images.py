@@ -115,11 +115,16 @@ def load_image_with_bytes(
 
     if isinstance(source, Image.Image):
         img = load_image(source, max_pixels=max_pixels)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return img, buf.getvalue()
+        return img, png_bytes(img)
     data = read_image_bytes(source, max_bytes=max_bytes)
     return _decode(data, describe(source), max_pixels), data
+
+
+def png_bytes(image: "Image.Image") -> bytes:
+    """A PIL image encoded as PNG (lossless: the bytes a generated image is kept and hashed as)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def encoded_pixels(data: bytes) -> int:

@@ -300,9 +300,10 @@ class DiversityWatch:
 
         pipe = self.t2i.pipeline
         kwargs: dict[str, Any] = {}
-        if pipe.unet.encoder_hid_proj is not None:  # an IP-Adapter is loaded: a neutral image prompt (scale 0)
-            dim = pipe.image_encoder.config.projection_dim
-            kwargs["ip_adapter_image_embeds"] = [torch.zeros(2, 1, dim, device=self.t2i.device, dtype=pipe.unet.dtype)]
+        # an IP-Adapter is loaded: a neutral image prompt for both halves of classifier-free guidance (scale 0)
+        neutral = neutral_image_embeds(pipe, 2, self.t2i.device, pipe.unet.dtype)
+        if neutral is not None:
+            kwargs["ip_adapter_image_embeds"] = neutral
         n = self.config.diversity_images
         before = getattr(pipe, "_progress_bar_config", None)
         pipe.set_progress_bar_config(disable=True)

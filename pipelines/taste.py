@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from mmpersona.errors import MmpersonaError
+from mmpersona.images import png_bytes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,19 +72,12 @@ class TastePool:
         self._lock = threading.Lock()
 
     def chunks(self) -> list[tuple[int, int, int]]:
-        """The (prompt index, first seed, count) of each chunk not generated yet."""
+        """The (prompt index, first seed, count) of each chunk not generated yet (`fill` adds chunks whole)."""
         with self._lock:
             have = set(self._items)
-        out = []
-        for p in range(len(self.prompts)):
-            missing = [POOL_SEED + p * 100 + s for s in range(self.seeds) if (p, POOL_SEED + p * 100 + s) not in have]
-            for i in range(0, len(missing), CHUNK):
-                part = missing[i:i + CHUNK]
-                if part == list(range(part[0], part[0] + len(part))):
-                    out.append((p, part[0], len(part)))
-                else:
-                    out += [(p, s, 1) for s in part]
-        return out
+        return [(p, POOL_SEED + p * 100 + i, min(CHUNK, self.seeds - i))
+                for p in range(len(self.prompts)) for i in range(0, self.seeds, CHUNK)
+                if (p, POOL_SEED + p * 100 + i) not in have]
 
     @property
     def complete(self) -> bool:
@@ -119,14 +113,6 @@ class TastePool:
     def images(self) -> list[PoolImage]:
         with self._lock:
             return [self._items[k] for k in sorted(self._items)]
-
-
-def png_bytes(image) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def user_choices(pipe: "PersonalizedT2IPipeline", user: str) -> tuple["np.ndarray", "np.ndarray", set[frozenset[str]]]:

@@ -17,7 +17,8 @@ from pipelines.taste import ShownPairs
 from .config import (MAX_HISTORY_CHARS, MAX_HISTORY_TURNS, MAX_IMAGES_PER_ADD, MAX_MESSAGE_CHARS, MAX_PROMPT_CHARS,
                      MAX_QUESTION_CHARS, OPEN_PAIRS, PROFILE_SHOWN, SINGLE_USER, TASTE_GOAL, TASTE_PROMPTS, THUMB_SIZE,
                      TRAIN_EVERY)
-from .render import boxes_html, cards_html, data_uri, grid_html, image_uri, png_bytes
+from ..images import png_bytes
+from .render import boxes_html, cards_html, data_uri, grid_html, image_uri
 
 logger = logging.getLogger("mmpersona.app")
 
@@ -57,6 +58,8 @@ class App:
         self._open_pairs: dict[str, OrderedDict[str, None]] = {}
         self._pairs_lock = threading.Lock()
         self._taste_shown = ShownPairs()  # the pairs the active order showed each user (skips included)
+        self._pool_lock = threading.Lock()
+        self._pool_thread: threading.Thread | None = None  # generating the shared taste pool
 
     def user(self, request: Any) -> str:
         name = getattr(request, "username", None) if request is not None else None
@@ -365,15 +368,15 @@ class App:
 
         return PreferenceProfile(self.db, user)
 
-    def taste_pair(self, user: str, prompts: str, step: int, order: str = "active",
-                   progress: Any = None) -> dict[str, Any]:
+    def taste_pair(self, user: str, prompts: str, step: int, order: str = "active") -> dict[str, Any]:
         """The onboarding's next pair: two images of one prompt, made without personalization. `order` "active":
-        the most informative pair for this user of the shared pool of the built-in prompts (`pipelines.taste`;
-        the pool is generated on first use, a chunk at a time, each chunk queued like any generation);
+        the most informative pair for this user of the shared pool of the built-in prompts (`pipelines.taste`);
         "random", or the user's own prompts (one per line): the fixed order, two fresh images of the next prompt.
+        The pool is generated once, in a thread of its own a chunk at a time under the generation lock (no
+        request holds the generation queue while it is made); until it is complete the fixed order answers.
         Kept in the page's session state as PNG bytes, with an id: the pair can be answered once
         (`answer_pair`)."""
-        from pipelines.taste import ORDERS, active_pair, fixed_pair, taste_pool
+        from pipelines.taste import ORDERS, active_pair, fixed_pair
 
         if order not in ORDERS:
             raise ValueError(f"the order must be one of {', '.join(ORDERS)}, got {order!r}")
@@ -383,17 +386,12 @@ class App:
         pipe = self.t2i_pipe
         pair = None
         if order == "active" and not own:
-            pool = taste_pool(pipe, self.steps)
-
-            def locked(job):
-                with self._t2i_lock:
-                    return job()
-
-            pool.ensure(pipe, user, run=locked, progress=progress)
-            pair = active_pair(pool, pipe, user, self._taste_shown.of(user), seed=step)
-            if pair is not None:
-                self._taste_shown.add(user, pair)
-        if pair is None:  # the fixed order (or every pair of the pool answered)
+            pool = self.taste_pool(user)
+            if pool.complete:
+                pair = active_pair(pool, pipe, user, self._taste_shown.of(user), seed=step)
+                if pair is not None:
+                    self._taste_shown.add(user, pair)
+        if pair is None:  # the fixed order (the pool not made yet, or every pair of it answered)
             with self._t2i_lock:
                 pair = fixed_pair(pipe, user, own or TASTE_PROMPTS, step, self.steps)
         pair_id = secrets.token_urlsafe(12)
@@ -404,6 +402,28 @@ class App:
                 shown.popitem(last=False)
         return {"prompt": pair.prompt, "images": list(pair.images), "step": step, "id": pair_id, "order": pair.order,
                 "information": pair.information}
+
+    def taste_pool(self, user: str):
+        """The shared taste pool, its generation started (once) if it is not complete."""
+        from pipelines.taste import taste_pool
+
+        pipe = self.t2i_pipe
+        pool = taste_pool(pipe, self.steps)
+        with self._pool_lock:
+            if not pool.complete and (self._pool_thread is None or not self._pool_thread.is_alive()):
+                def locked(job):
+                    with self._t2i_lock:
+                        return job()
+
+                def fill():
+                    try:
+                        pool.ensure(pipe, user, run=locked)
+                    except Exception:  # the fixed order goes on answering; the next request starts it again
+                        logger.exception("the taste pool could not be generated")
+
+                self._pool_thread = threading.Thread(target=fill, name="taste-pool", daemon=True)
+                self._pool_thread.start()
+        return pool
 
     def answer_pair(self, user: str, pair: dict | None, shown: str | None = None) -> None:
         """Mark a pair of `taste_pair` answered (chosen or skipped), or refuse it (`Refused`) if it was answered

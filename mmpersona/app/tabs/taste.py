@@ -18,8 +18,9 @@ def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
     t_order = gr.Radio([("Most informative first", "active"), ("Fixed order", "random")], value="active",
                        label="Which pairs", elem_id="taste-order",
                        info="Most informative: the pair whose answer teaches your profile the most, from a shared "
-                            "set of images of the built-in prompts (made once, on first use). Your own prompts "
-                            "always go in the fixed order.")
+                            "set of images of the built-in prompts (made once, in the background, on first use: "
+                            "the fixed order answers until it is ready). Your own prompts always go in the fixed "
+                            "order.")
     t_prompts = gr.Textbox(label="Your own prompts (optional, one per line)", lines=2, elem_id="taste-prompts")
     start_btn = gr.Button("Show me a pair", variant="primary", elem_id="taste-start")
     t_prompt = gr.Markdown(elem_id="taste-prompt")
@@ -45,18 +46,15 @@ def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
         user = app.user(request)
         progress(0, desc="generating a pair")
         step = (current or {}).get("step", len(app.profile(user).events("pair")) - 1) + 1
-        p = app.taste_pair(user, prompts, step, order, progress=pool_progress(progress))
+        p = app.taste_pair(user, prompts, step, order)
         return (p, *show(p), app.taste_progress(user), "")
-
-    def pool_progress(progress):
-        return lambda share: progress(share, desc="making the shared set of images (once)")
 
     def choose(which, prompts, current, seen, comment, count, order, request, progress):
         user = app.user(request)
         msg = app.taste_choose(user, current, which, comment, shown=seen or None)
         training = app.training_status(user).startswith("training")
         progress(0, desc="generating the next pair")
-        p = app.taste_pair(user, prompts, current["step"] + 1, order, progress=pool_progress(progress))
+        p = app.taste_pair(user, prompts, current["step"] + 1, order)
         return (p, *show(p), app.taste_progress(user), msg, "", count + 1, app.training_status(user),
                 gr.Timer(active=training))
 
@@ -73,7 +71,7 @@ def taste_tab(gr, app: App, guarded, demo, profile_tick) -> None:
         user = app.user(request)
         app.answer_pair(user, current, seen or None)  # a skip answers the pair too: once
         progress(0, desc="generating the next pair")
-        p = app.taste_pair(user, prompts, current["step"] + 1, order, progress=pool_progress(progress))
+        p = app.taste_pair(user, prompts, current["step"] + 1, order)
         return (p, *show(p), app.taste_progress(user), "skipped")
 
     @guarded
