@@ -56,7 +56,10 @@ class DPOConfig:
     express the user's preference was luck: on the planted-hue world, 8 users' LoRAs won 0.73 / 0.61 / 0.75
     against vanilla with training seeds 0 / 1 / 2, and no change of beta, learning rate, pairs per step or
     mirrored pairs at rank 4 closed that gap. At rank 16 the seeds agree (0.73 / 0.73 / 0.72), and lr 3e-4 lifts
-    them (0.80 / 0.77 / 0.78). Rank 16 is 4x the stored LoRA (SD 1.5: about 13 MB).
+    them (0.80 / 0.77 / 0.78). Rank 16 is 4x the stored LoRA (SD 1.5: about 13 MB). On builds of the trained
+    tiny preset that check their own hue coverage (three builds: seeds 0, 1, 2, on 2 threads and 1) the same 8
+    users' LoRAs win 0.80-0.95 over training seeds 0, 1, 2 (0.45-0.55 on an unchecked build that had collapsed to
+    two hues: what a LoRA can reach depends first on what its base model can draw).
 
     Diversity watch: every `diversity_every` steps, `diversity_images` images of the user's latest pair prompt
     (seeds 0, 1, ...; `diversity_steps` denoising steps) are generated with the LoRA and their diversity (mean

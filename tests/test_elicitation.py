@@ -3,6 +3,7 @@ pool through the app and the API, and the LoRA's diversity watch."""
 
 import base64
 import io
+import itertools
 import time
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from mmpersona import ConceptDB, MmpersonaError
+from mmpersona import diversity as diversity_module
 from mmpersona.diversity import diversity, select_diverse
 from mmpersona.elicitation import information, next_pair, posterior
 
@@ -71,7 +73,7 @@ def test_an_answered_direction_is_worth_less_than_an_open_one():
     assert gain[1] > gain[0] * 2, gain
 
 
-def test_a_rerank_keeps_its_diversity_floor():
+def test_a_rerank_keeps_its_diversity_floor(monkeypatch):
     rng = np.random.default_rng(1)
     cluster = unit(rng.normal(size=8))
     near = unit(cluster + 0.05 * rng.normal(size=(4, 8)))  # the best four look alike
@@ -80,10 +82,20 @@ def test_a_rerank_keeps_its_diversity_floor():
     scores = [10, 9, 8, 7] + list(rng.uniform(0, 6, size=12))
     order, info = select_diverse(scores, vectors, 4, 0.8)
     assert diversity(vectors[:4]) < 0.8 * diversity(vectors)  # the plain top four break the floor
-    assert diversity(vectors[order[:4]]) >= 0.8 * diversity(vectors) and info["mmr_weight"] > 0
+    assert diversity(vectors[order[:4]]) >= 0.8 * diversity(vectors) and info["method"] == "exact"
     assert order[0] == 0 and sorted(order) == list(range(16))  # the best stays first; every candidate ordered
+    # the highest total score the floor allows: no set of 4 holding the best that keeps the floor scores more
+    keep = [c for c in itertools.combinations(range(1, 16), 3)
+            if diversity(vectors[[0, *c]]) >= 0.8 * diversity(vectors)]
+    assert sum(scores[i] for i in order[:4]) == pytest.approx(max(scores[0] + sum(scores[i] for i in c) for c in keep))
+    # past EXACT_SETS sets, greedy MMR keeps the floor too, and scores no more than the exact choice
+    monkeypatch.setattr(diversity_module, "EXACT_SETS", 0)
+    greedy, info = select_diverse(scores, vectors, 4, 0.8)
+    assert info["method"] == "mmr" and info["mmr_weight"] > 0 and greedy[0] == 0
+    assert diversity(vectors[greedy[:4]]) >= 0.8 * diversity(vectors)
+    assert sum(scores[i] for i in greedy[:4]) <= sum(scores[i] for i in order[:4]) + 1e-9
     plain, info = select_diverse(scores, vectors, 4, 0.0)
-    assert plain[:4] == [0, 1, 2, 3] and info["mmr_weight"] == 0
+    assert plain[:4] == [0, 1, 2, 3] and info["method"] == "top"
     spread = unit(rng.normal(size=(8, 8)))
     assert select_diverse(list(range(8, 0, -1)), spread, 3, 0.5)[0][:3] == [0, 1, 2]  # the floor already holds
 
@@ -177,6 +189,7 @@ def test_next_pair_through_http(tmp_path, tiny_embedder, tiny_cache):
 
     from mmpersona.server import KeyStore, ServeConfig, create_app
     from pipelines import PersonalizedT2IPipeline
+    from pipelines.taste import taste_pool
     from servers import in_thread
 
     db = ConceptDB(tmp_path / "c.db", embedder=tiny_embedder)
@@ -189,6 +202,16 @@ def test_next_pair_through_http(tmp_path, tiny_embedder, tiny_cache):
             return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key[user]}"}, timeout=120)
 
         with client("alice") as alice, client("bob") as bob:
+            # the first request does not wait for the shared pool: the fixed order answers while the model makes it
+            # in the background, between requests
+            early = alice.get("/v1/profile/next-pair")
+            assert early.status_code == 200, early.text
+            assert early.json()["order"] == "random" and early.json()["seeds"] == [1000, 1001]
+            pool = taste_pool(t2i, 2)
+            deadline = time.monotonic() + 300
+            while not pool.complete and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert pool.complete
             first = alice.get("/v1/profile/next-pair")
             assert first.status_code == 200, first.text
             body = first.json()

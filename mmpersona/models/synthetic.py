@@ -88,6 +88,25 @@ def hue_distance(a: float, b: float) -> float:
     return min(d, 1 - d)
 
 
+def hue_coverage(images: "list[Image.Image]", bins: int = 12) -> float:
+    """The share of `bins` equal hue sectors that the shapes of `images` reach (images without a shape reach
+    none): how much of the domain a generator's samples cover."""
+    hit = {int(hue * bins) % bins for hue, _, share in map(measure, images) if share >= 0.05}
+    return len(hit) / bins
+
+
+def hue_error(images: "list[Image.Image]", drawn: "list[Drawn]") -> float:
+    """Median hue distance between what `images` show and what `drawn` says they should (0.5 without a shape):
+    how well an autoencoder's reconstructions keep colour."""
+    import numpy as np
+
+    errors = []
+    for image, d in zip(images, drawn, strict=True):
+        hue, _, share = measure(image)
+        errors.append(0.5 if share < 0.05 else hue_distance(hue, d.hue))
+    return float(np.median(errors))
+
+
 def batch(rng: random.Random, n: int, size: int = 64) -> tuple["np.ndarray", list[Drawn]]:
     """`n` samples as a float32 array (n, 3, size, size) in [-1, 1], and what each shows."""
     import numpy as np

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UnknownPresetError
+from ..errors import MmpersonaError, UnknownPresetError
 from ..libraries import silenced
 from ..paths import cache_dir
 from . import published
@@ -30,7 +30,7 @@ from . import published
 logger = logging.getLogger(__name__)
 
 #: Bump when a builder changes, so stale builds in users' caches are not reused.
-TINY_VERSION = 3
+TINY_VERSION = 4
 SEED = 0
 
 # The real checkpoints the tiny VLMs stand in for; their published files (chat templates, processor limits,
@@ -599,9 +599,30 @@ def build_sd(folder: Path) -> None:
     shutil.rmtree(folder / "_tok")
 
 
-#: what the trained tiny text-to-image preset trains, and for how long (about 4 minutes on 2 CPU cores)
-TRAINED_SD = {"size": 32, "images": 4096, "vae_steps": 450, "vae_batch": 32, "unet_steps": 2000, "unet_batch": 128,
-              "generic_share": 0.45, "uncond_share": 0.1}
+#: what the trained tiny text-to-image preset trains, for how long (about 4 minutes on 2 CPU cores), and the checks
+#: its build must pass before it is kept: the VAE keeps hue (median error of reconstructions), and samples of the
+#: generic prompt cover the hues (share of 12 sectors that 64 samples reach). Each part trains its first steps,
+#: then on in rounds until its check passes, up to its maximum.
+TRAINED_SD = {"size": 32, "images": 4096, "vae_steps": 600, "vae_batch": 32, "unet_steps": 2000, "unet_batch": 128,
+              "generic_share": 0.45, "uncond_share": 0.1,
+              "vae_max_steps": 1500, "vae_round": 150, "vae_hue_error": 0.04,
+              "unet_max_steps": 5000, "unet_round": 500, "hue_coverage": 0.75}
+
+
+class TinyBuildError(MmpersonaError):
+    """A tiny model's build did not pass its own check (it is not kept)."""
+
+
+def _trained_until(train_step, check, first: int, most: int, every: int, passes) -> tuple[int, float]:
+    """Train `first` steps, then rounds of `every` until `passes(check())` or `most` steps; (steps, last check)."""
+    done = 0
+    while True:
+        for _ in range(first if done == 0 else every):
+            train_step()
+        done += first if done == 0 else every
+        value = check()
+        if passes(value) or done + every > most:
+            return done, value
 
 
 def build_sd_trained(folder: Path) -> None:
@@ -624,13 +645,15 @@ def build_sd_trained(folder: Path) -> None:
     rng, g = random.Random(SEED), torch.Generator().manual_seed(SEED)
     images, drawn = synthetic.batch(rng, cfg["images"], cfg["size"])
     x_all = torch.from_numpy(images)
+    held_out, held_drawn = synthetic.batch(random.Random(SEED + 7919), 128, cfg["size"])  # for the VAE's check
+    held_out = torch.from_numpy(held_out)
     vae = AutoencoderKL(block_out_channels=[16, 32, 32, 32], in_channels=3, out_channels=3,
                         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                         latent_channels=4, norm_num_groups=8, sample_size=cfg["size"], layers_per_block=1,
                         scaling_factor=0.18215, force_upcast=True)
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
-    vae.train()
-    for _ in range(cfg["vae_steps"]):
+
+    def vae_step() -> None:
         x = x_all[torch.randint(0, len(x_all), (cfg["vae_batch"],), generator=g)]
         posterior = vae.encode(x).latent_dist
         loss = torch.nn.functional.mse_loss(vae.decode(posterior.sample(generator=g)).sample, x) \
@@ -638,6 +661,24 @@ def build_sd_trained(folder: Path) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+    def vae_hue_error() -> float:
+        # 450 steps learned colour on one machine and not on another (median hue error 0.02 against 0.12: the
+        # build's floats depend on its CPU kernels and thread count), and every sample of that build came out in
+        # two hues
+        vae.eval()
+        with torch.no_grad():
+            out = vae.decode(vae.encode(held_out).latent_dist.mean).sample
+        vae.train()
+        return synthetic.hue_error(base.image_processor.postprocess(out, output_type="pil"), held_drawn)
+
+    vae.train()
+    vae_steps, vae_error = _trained_until(vae_step, vae_hue_error, cfg["vae_steps"], cfg["vae_max_steps"],
+                                          cfg["vae_round"], lambda e: e <= cfg["vae_hue_error"])
+    if vae_error > cfg["vae_hue_error"]:
+        raise TinyBuildError(f"tiny:sd-trained: its VAE did not learn colour in {vae_steps} steps (median hue "
+                             f"error {vae_error:.3f} > {cfg['vae_hue_error']}); delete {tiny_root()} and build "
+                             "again, and report it with your CPU and torch version if it persists")
     vae.eval()
     with torch.no_grad():  # the latents once, and a scaling factor that gives them unit variance (as SD's does)
         dists = [vae.encode(x_all[i:i + 512]).latent_dist for i in range(0, len(x_all), 512)]
@@ -658,9 +699,9 @@ def build_sd_trained(folder: Path) -> None:
     own = torch.tensor([index[d.caption()] for d in drawn])
     noise_schedule = DDPMScheduler.from_config(base.scheduler.config)  # the training schedule SD 1.5 was trained on
     opt = torch.optim.AdamW(unet.parameters(), lr=2e-3)
-    unet.train()
     n = cfg["unet_batch"]
-    for _ in range(cfg["unet_steps"]):
+
+    def unet_step() -> None:
         i = torch.randint(0, len(x_all), (n,), generator=g)
         z = (mean[i] + std[i] * torch.randn(mean[i].shape, generator=g)) * vae.config.scaling_factor
         r = torch.rand(n, generator=g)  # each image under its caption, the generic prompt, or none (for guidance)
@@ -674,11 +715,35 @@ def build_sd_trained(folder: Path) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet.eval(), scheduler=base.scheduler,
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=base.scheduler,
                                    safety_checker=None, image_encoder=None, requires_safety_checker=False,
                                    feature_extractor=base.feature_extractor)
+    pipe.set_progress_bar_config(disable=True)
+
+    def coverage() -> float:
+        unet.eval()
+        with torch.no_grad():
+            samples = pipe(synthetic.GENERIC_PROMPT, num_images_per_prompt=64, num_inference_steps=20,
+                           generator=torch.Generator().manual_seed(0)).images
+        unet.train()
+        return synthetic.hue_coverage(samples)
+
+    unet.train()
+    unet_steps, hue_coverage = _trained_until(unet_step, coverage, cfg["unet_steps"], cfg["unet_max_steps"],
+                                              cfg["unet_round"], lambda c: c >= cfg["hue_coverage"])
+    if hue_coverage < cfg["hue_coverage"]:
+        raise TinyBuildError(f"tiny:sd-trained: its samples reach {hue_coverage:.2f} of the hues after {unet_steps} "
+                             f"UNet steps (< {cfg['hue_coverage']}); delete {tiny_root()} and build again, and "
+                             "report it with your CPU and torch version if it persists")
+    unet.eval()
+    pipe.set_progress_bar_config(disable=False)
     pipe.save_pretrained(str(folder))  # no fp16 variant: it stands in for no published repository
-    (folder / "training.json").write_text(json.dumps({**cfg, "seed": SEED, "domain": "mmpersona.models.synthetic",
+    checks = {"vae_steps_trained": vae_steps, "vae_hue_error_measured": round(vae_error, 4),
+              "unet_steps_trained": unet_steps, "hue_coverage_measured": round(hue_coverage, 4)}
+    logger.info("tiny:sd-trained passed its checks: %s", checks)
+    (folder / "training.json").write_text(json.dumps({**cfg, **checks, "seed": SEED,
+                                                      "domain": "mmpersona.models.synthetic",
                                                       "generic_prompt": synthetic.GENERIC_PROMPT}, indent=1))
 
 

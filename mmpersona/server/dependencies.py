@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ class Server:
     chat: "Served"
     images: "Served"
     taste: ShownPairs = field(default_factory=ShownPairs)  # the pairs `next-pair` showed each user
+    taste_filling: threading.Lock = field(default_factory=threading.Lock)  # held while the taste pool is generated
 
 
 bearer = HTTPBearer(auto_error=False, description="An API key from `mmpersona keys create --user NAME`.")

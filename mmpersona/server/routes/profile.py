@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+import logging
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
@@ -17,7 +18,15 @@ from ..media import data_url_bytes
 from ..scheduler import Watch
 from ..schemas import AttributesBody, EventRequest
 
+if TYPE_CHECKING:
+    from pipelines.taste import TastePool
+
 router = APIRouter(tags=["profile"])
+logger = logging.getLogger(__name__)
+#: the model worker's queue the shared taste pool is generated in (no API user's share: their names have no NUL)
+POOL_QUEUE = "\x00taste-pool"
+#: the user the pool's images are generated for: vanilla images (no strategy), so no one's profile is read
+POOL_USER = "taste-pool"
 
 
 def profile(srv: Server, user: str):
@@ -39,9 +48,11 @@ async def next_pair(request: Request, order: Literal["active", "random"] = "acti
     `prompt`, `chosen` and `rejected`).
 
     `order` "active" (default): the pair whose answer is expected to teach your profile the most, from a pool of
-    vanilla images of built-in prompts shared by every user (no one's data; generated on first use, two images
-    per queued job, so other requests go between them); a pair you were shown is not shown again. "random": the
-    fixed order, two fresh images of the built-in prompt number `step` (default: your number of choices)."""
+    vanilla images of built-in prompts shared by every user (no one's data); a pair you were shown is not shown
+    again. The pool is generated in the background, two images at a time while the model has nothing else to do
+    (started by the first such request); until it is complete the fixed order answers (the answer's `order` says
+    which). "random": the fixed order, two fresh images of the built-in prompt number `step` (default: your
+    number of choices)."""
     from pipelines.taste import TASTE_PROMPTS, fixed_pair, pick_pair, taste_pool, user_choices
 
     limits = srv.limits
@@ -53,21 +64,52 @@ async def next_pair(request: Request, order: Literal["active", "random"] = "acti
         pair = None
         if order == "active":
             pool = taste_pool(pipe, steps)
-            for chunk in pool.chunks():
-                await srv.worker.run(lambda c=chunk: pool.fill(pipe, c, user, stop=watch.stop), user=user,
-                                     stop=watch.stop)
-            # the user's image vectors through the model worker (new ones are embedded), the choice beside it
-            choices = await srv.worker.run(lambda: user_choices(pipe, user), user=user, stop=watch.stop)
-            pair = await run_in_threadpool(pick_pair, pool, choices, srv.taste.of(user))
-            if pair is not None:
-                srv.taste.add(user, pair)
-        if pair is None:  # the fixed order, or every pair of the pool answered
+            if pool.complete:
+                # the user's image vectors through the model worker (new ones are embedded), the choice beside it
+                choices = await srv.worker.run(lambda: user_choices(pipe, user), user=user, stop=watch.stop)
+                pair = await run_in_threadpool(pick_pair, pool, choices, srv.taste.of(user))
+                if pair is not None:
+                    srv.taste.add(user, pair)
+            else:
+                fill_in_background(srv, pipe, pool)
+        if pair is None:  # the fixed order, the pool not complete yet, or every pair of it answered
             at = step if step is not None else len(profile(srv, user).events("pair"))
             pair = await srv.worker.run(lambda: fixed_pair(pipe, user, TASTE_PROMPTS, at, steps, stop=watch.stop),
                                         user=user, stop=watch.stop)
     encoded = [base64.b64encode(data).decode("ascii") for data in pair.images]
     return {"object": "profile.pair", "prompt": pair.prompt, "order": pair.order, "information": pair.information,
             "seeds": list(pair.seeds), "images": [{"b64_json": data} for data in encoded]}
+
+
+def fill_in_background(srv: Server, pipe, pool: "TastePool") -> None:
+    """Generate the shared taste pool unless that is under way: one chunk per background job of the model worker
+    (`submit_idle`: it starts only when no request waits and gives way to one that arrives), each queuing the next
+    when it ends. No request waits for the pool (the first one used to wait for all 48 images)."""
+    from ...cancel import Cancelled
+    from ..worker import QueueFull
+
+    if pool.complete or not srv.taste_filling.acquire(blocking=False):
+        return
+
+    def chunk(stop) -> None:
+        todo = pool.chunks()
+        if todo:
+            pool.fill(pipe, todo[0], POOL_USER, stop=stop)
+
+    def ended(future) -> None:
+        srv.taste_filling.release()
+        error = future.exception() if not future.cancelled() else Cancelled()
+        if error is None or isinstance(error, Cancelled):  # given way too often: queued again, behind requests
+            fill_in_background(srv, pipe, pool)
+        else:  # the fixed order goes on answering; the next request starts it again
+            logger.warning("the taste pool could not be generated: %s", error)
+
+    try:
+        future = srv.worker.submit_idle(chunk, user=POOL_QUEUE, yields=True)
+    except (QueueFull, RuntimeError):  # busy with other background work, or closing: a later request starts it
+        srv.taste_filling.release()
+        return
+    future.add_done_callback(ended)
 
 
 @router.get("/v1/profile/events")
