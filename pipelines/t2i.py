@@ -298,8 +298,8 @@ class RerankConfig:
     `scorers`) by `mmpersona.scorers.combine` of the two: a user with no choices yet is ranked by the population
     scorer alone, their own reward weighs as much at `population_prior` choices. diversity_floor: when a
     call returns several images, their diversity (mean pairwise CLIP distance) is kept at least this share of
-    all the candidates' (a vanilla call's, in expectation), by maximal marginal relevance when the best by score
-    alone fall below it (`mmpersona.diversity.select_diverse`); 0 turns it off."""
+    all the candidates' (a vanilla call's, in expectation), by the best-scoring set that keeps it when the best
+    by score alone fall below it (`mmpersona.diversity.select_diverse`); 0 turns it off."""
 
     candidates: int = 4
     diversity_floor: float = 0.8

@@ -10,8 +10,9 @@ Two orders:
 - "random": the fixed order the tab had, two fresh images of the next prompt in turn (its seeds follow the
   step); also the order for a user's own prompts, which no shared pool holds.
 
-With the trained tiny preset's planted-hue users, reranking wins at least 75% against vanilla from a median of 4
-choices on in the active order, from 17.5 in the fixed order (`benchmarks/elicitation.py`, 32 users).
+With the trained tiny preset's planted-hue users, reranking wins at least 75% against vanilla from a median of 5
+choices on in the active order, from 14 in the fixed order (`benchmarks/elicitation.py`, 32 users; 7 against 22
+and 6 against 18.5 on two other builds of the preset).
 """
 
 from __future__ import annotations

@@ -613,6 +613,10 @@ class TinyBuildError(MmpersonaError):
     """A tiny model's build did not pass its own check (it is not kept)."""
 
 
+_RETRY = ("Nothing was kept: the next use builds it again. Its floats follow the CPU and the thread count "
+          "(MMPERSONA_BUILD_THREADS=1 builds another); if it fails again, report it with your CPU and torch version")
+
+
 def _trained_until(train_step, check, first: int, most: int, every: int, passes) -> tuple[int, float]:
     """Train `first` steps, then rounds of `every` until `passes(check())` or `most` steps; (steps, last check)."""
     done = 0
@@ -677,8 +681,7 @@ def build_sd_trained(folder: Path) -> None:
                                           cfg["vae_round"], lambda e: e <= cfg["vae_hue_error"])
     if vae_error > cfg["vae_hue_error"]:
         raise TinyBuildError(f"tiny:sd-trained: its VAE did not learn colour in {vae_steps} steps (median hue "
-                             f"error {vae_error:.3f} > {cfg['vae_hue_error']}); delete {tiny_root()} and build "
-                             "again, and report it with your CPU and torch version if it persists")
+                             f"error {vae_error:.3f} > {cfg['vae_hue_error']}). {_RETRY}")
     vae.eval()
     with torch.no_grad():  # the latents once, and a scaling factor that gives them unit variance (as SD's does)
         dists = [vae.encode(x_all[i:i + 512]).latent_dist for i in range(0, len(x_all), 512)]
@@ -734,8 +737,7 @@ def build_sd_trained(folder: Path) -> None:
                                               cfg["unet_round"], lambda c: c >= cfg["hue_coverage"])
     if hue_coverage < cfg["hue_coverage"]:
         raise TinyBuildError(f"tiny:sd-trained: its samples reach {hue_coverage:.2f} of the hues after {unet_steps} "
-                             f"UNet steps (< {cfg['hue_coverage']}); delete {tiny_root()} and build again, and "
-                             "report it with your CPU and torch version if it persists")
+                             f"UNet steps (< {cfg['hue_coverage']}). {_RETRY}")
     unet.eval()
     pipe.set_progress_bar_config(disable=False)
     pipe.save_pretrained(str(folder))  # no fp16 variant: it stands in for no published repository
