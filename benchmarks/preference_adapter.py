@@ -30,7 +30,6 @@ heldout_pair_accuracy, win_rate_vs_vanilla, lora_win_rate_vs_vanilla, train_seco
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import random
 import sys
@@ -41,12 +40,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from t2i_overhead import paired  # noqa: E402  (the benchmarks' shared timing)
-
-
-def png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def win_rate(pipe, users, seeds, strategies, steps) -> float:
@@ -86,6 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mmpersona import ConceptDB
+    from mmpersona.images import png_bytes
     from mmpersona.models import load_t2i, synthetic
     from mmpersona.preferences import PreferenceProfile
     from pipelines import PersonalizedT2IPipeline
@@ -100,7 +94,7 @@ def main() -> None:
         heldout = synthetic.planted_users("heldout-", args.heldout_users, rng)
         rows = []
         for user, n in [(u, 16) for u in train] + [(u, 12) for u in heldout]:
-            rows += [PairRow(user.name, synthetic.GENERIC_PROMPT, png(a), png(b)) for a, b in user.pairs(rng, n)]
+            rows += [PairRow(user.name, synthetic.GENERIC_PROMPT, png_bytes(a), png_bytes(b)) for a, b in user.pairs(rng, n)]
         config = AdapterTrainConfig(steps=args.steps)
         result = train_adapter(t2i, db.embedder, rows, Path(tmp) / "adapter", config,
                                heldout=[u.name for u in heldout], progress=False)

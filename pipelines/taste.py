@@ -38,6 +38,8 @@ POOL_SEEDS = 6  # images per prompt in the shared pool: 8 x 6 = 48 images, 120 p
 POOL_SEED = 1000  # the pool's first seed (each prompt's seeds follow)
 CHUNK = 2  # pool images generated per queued job: the cost of one fixed-order pair
 HISTORY = 512  # the user's most recent choices the active order reads
+#: the user the pool's images are generated for: vanilla images (no strategy), so no one's profile is read
+POOL_USER = "taste-pool"
 ORDERS = ("active", "random")
 
 

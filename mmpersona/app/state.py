@@ -386,7 +386,7 @@ class App:
         pipe = self.t2i_pipe
         pair = None
         if order == "active" and not own:
-            pool = self.taste_pool(user)
+            pool = self.taste_pool()
             if pool.complete:
                 pair = active_pair(pool, pipe, user, self._taste_shown.of(user), seed=step)
                 if pair is not None:
@@ -403,9 +403,9 @@ class App:
         return {"prompt": pair.prompt, "images": list(pair.images), "step": step, "id": pair_id, "order": pair.order,
                 "information": pair.information}
 
-    def taste_pool(self, user: str):
+    def taste_pool(self):
         """The shared taste pool, its generation started (once) if it is not complete."""
-        from pipelines.taste import taste_pool
+        from pipelines.taste import POOL_USER, taste_pool
 
         pipe = self.t2i_pipe
         pool = taste_pool(pipe, self.steps)
@@ -417,7 +417,7 @@ class App:
 
                 def fill():
                     try:
-                        pool.ensure(pipe, user, run=locked)
+                        pool.ensure(pipe, POOL_USER, run=locked)
                     except Exception:  # the fixed order goes on answering; the next request starts it again
                         logger.exception("the taste pool could not be generated")
 

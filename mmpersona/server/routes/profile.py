@@ -25,8 +25,6 @@ router = APIRouter(tags=["profile"])
 logger = logging.getLogger(__name__)
 #: the model worker's queue the shared taste pool is generated in (no API user's share: their names have no NUL)
 POOL_QUEUE = "\x00taste-pool"
-#: the user the pool's images are generated for: vanilla images (no strategy), so no one's profile is read
-POOL_USER = "taste-pool"
 
 
 def profile(srv: Server, user: str):
@@ -85,6 +83,8 @@ def fill_in_background(srv: Server, pipe, pool: "TastePool") -> None:
     """Generate the shared taste pool unless that is under way: one chunk per background job of the model worker
     (`submit_idle`: it starts only when no request waits and gives way to one that arrives), each queuing the next
     when it ends. No request waits for the pool (the first one used to wait for all 48 images)."""
+    from pipelines.taste import POOL_USER
+
     from ...cancel import Cancelled
     from ..worker import QueueFull
 
